@@ -7,6 +7,7 @@ patch that reproduces the upstream failure with the patch removed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import types
@@ -182,7 +183,8 @@ def patch_torch_norm_sequence_parallel() -> None:
     def new(cls, config, hidden_size, eps=1e-5, **kwargs):
         sequence_parallel = config.sequence_parallel
         if sequence_parallel:
-            config = dataclasses.replace(config, sequence_parallel=False)
+            config = copy.copy(config)  # not dataclasses.replace: that re-runs __post_init__
+            config.sequence_parallel = False
         norm = original_new(cls, config, hidden_size, eps, **kwargs)
         for param in norm.parameters():
             param.sequence_parallel = sequence_parallel

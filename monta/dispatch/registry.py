@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import (
@@ -40,7 +40,8 @@ class MoNTAMoELayer(MoELayer):
             return
         # Build with a stock dispatcher, then swap in ours: the parent's constructor rejects
         # names it does not know.
-        stock_config = dataclasses.replace(config, moe_token_dispatcher_type="alltoall")
+        stock_config = copy.copy(config)
+        stock_config.moe_token_dispatcher_type = "alltoall"
         super().__init__(stock_config, submodules, layer_number, pg_collection)
         self.config = config
         self.token_dispatcher = DISPATCHERS[name](

@@ -1,0 +1,159 @@
+"""Command-line flags, named as in Megatron-LM so existing launch scripts carry over.
+
+Only the flags MoNTA implements are accepted; an unknown flag is an error, never ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+# Dispatchers megatron-core builds itself, plus those registered by MoNTA (see monta.dispatch).
+DISPATCHER_CHOICES = ("alltoall", "allgather")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=4)
+    g.add_argument("--hidden-size", type=int, default=256)
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="expert/MLP hidden size; default 4 × hidden (× 2/3 with --swiglu)")
+    g.add_argument("--num-attention-heads", type=int, default=8)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--kv-channels", type=int, default=None)
+    g.add_argument("--seq-length", type=int, default=256)
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="defaults to --seq-length")
+    g.add_argument("--position-embedding-type", choices=("rope", "learned_absolute", "none"),
+                   default="rope")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="RMSNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU experts (gated SiLU)")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+
+def _add_moe_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("mixture of experts")
+    g.add_argument("--num-experts", type=int, default=8)
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-token-dispatcher-type", default="alltoall",
+                   help=f"one of {', '.join(DISPATCHER_CHOICES)} (and those MoNTA registers)")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
+    g.add_argument("--moe-router-load-balancing-type", choices=("aux_loss", "seq_aux_loss", "none"),
+                   default="aux_loss")
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+                   help="tokens per expert above capacity are dropped; default dropless")
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
+    g.add_argument("--moe-grouped-gemm", action="store_true")
+
+
+def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("parallelism (DP = world size / (TP · PP))")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="defaults to --tensor-model-parallel-size")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--distributed-backend", choices=("gloo", "nccl"), default=None,
+                   help="default: nccl with CUDA, gloo without")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+
+
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: micro batch × DP (one micro-batch per step)")
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root",
+                                                "WSD"), default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="defaults to --train-iters")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--use-cpu-initialization", action="store_true",
+                   help="initialise full weights on the CPU and slice them (layout-independent)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM, save a checkpoint at the end of the step and exit 0")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="exit (after saving) when the iteration is a multiple of this")
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="prefix of .bin/.idx, or weight prefix weight prefix …")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
+                   choices=("SentencePieceTokenizer",))
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--mock-data", action="store_true",
+                   help="random tokens instead of --data-path (for smoke tests)")
+    g.add_argument("--vocab-size", type=int, default=None, help="vocabulary for --mock-data")
+
+
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only; start at iteration 0 with a fresh optimizer")
+    g.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
+
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=100)
+    g.add_argument("--eval-iters", type=int, default=5)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--no-progress-bar", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain_moe.py",
+        description="Pre-train a GPT Mixture-of-Experts model with MoNTA (run under torchrun).",
+        allow_abbrev=False,
+    )
+    for add in (_add_model_args, _add_moe_args, _add_parallel_args, _add_training_args,
+                _add_data_args, _add_checkpoint_args, _add_logging_args):
+        add(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse flags and fill derived defaults (no validation against the world size here)."""
+    args = build_parser().parse_args(argv)
+    if args.expert_tensor_parallel_size is None:
+        args.expert_tensor_parallel_size = args.tensor_model_parallel_size
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.ffn_hidden_size is None:
+        ffn = 4 * args.hidden_size
+        args.ffn_hidden_size = int(ffn * 2 / 3) if args.swiglu else ffn
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    return args

@@ -1,0 +1,204 @@
+"""Checkpoints with megatron-core ``dist_checkpointing`` (``torch_dist``), saved atomically.
+
+Layout (Megatron-LM's, so its tools recognise it)::
+
+    SAVE/latest_checkpointed_iteration.txt     the tracker: the last *complete* iteration
+    SAVE/iter_0000100/                         one checkpoint (any TP/PP/EP layout can load it)
+    SAVE/iter_0000200.tmp/                     a save in progress; never read
+
+Every rank writes its shards into ``iter_N.tmp``; only when all have finished does rank 0 rename
+it to ``iter_N`` and then replace the tracker (``os.replace``, atomic on POSIX). A crash at any
+point leaves the previous checkpoint and the tracker untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel import random as mrandom
+
+logger = logging.getLogger(__name__)
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the file and the fix."""
+
+
+@dataclass
+class TrainState:
+    """Loop position, saved in every checkpoint."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+    skipped_iterations: int = 0
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> int | None:
+    """The last complete iteration under ``root``, or None when nothing was saved yet."""
+    path = os.path.join(root, TRACKER_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path} should hold an iteration number, found {text[:40]!r}; "
+                              f"fix or delete it")
+    return int(text)
+
+
+def find_checkpoint(load: str, required: bool) -> str | None:
+    """Locate the checkpoint ``--load`` points to and check its files, before any collective.
+
+    ``load`` is either a save root (with a tracker) or one ``iter_N`` directory. With
+    ``required=False`` (``--load`` equal to ``--save``: auto-resume) an empty root means a
+    fresh start.
+    """
+    if os.path.isfile(os.path.join(load, "metadata.json")):
+        path = load
+    else:
+        if not os.path.isdir(load) or (iteration := read_tracker(load)) is None:
+            if not required:
+                return None
+            what = "does not exist" if not os.path.isdir(load) else f"has no {TRACKER_FILENAME}"
+            raise CheckpointError(f"--load {load} {what}: point it at a directory written by "
+                                  f"--save (or drop --load to start from scratch)")
+        path = checkpoint_dir(load, iteration)
+    verify_checkpoint_files(path)
+    return path
+
+
+def verify_checkpoint_files(path: str) -> None:
+    """File-level checks of a torch_dist checkpoint (cheap, local, no collectives)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path} named by the tracker is missing; the "
+                              f"tracker is stale — point --load at an existing iter_* directory")
+    for required in ("metadata.json", "common.pt"):
+        file = os.path.join(path, required)
+        if not os.path.isfile(file) or os.path.getsize(file) == 0:
+            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {required} is "
+                                  f"missing or empty; load an earlier iter_* directory")
+    if not any(name.endswith(".distcp") for name in os.listdir(path)):
+        raise CheckpointError(f"checkpoint {path} holds no tensor shards (*.distcp)")
+
+
+def _rng_state() -> dict:
+    tracker = mrandom.get_cuda_rng_tracker()
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tracker.get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    mrandom.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state_dict(model, optimizer, scheduler, train_state, args, with_optimizer: bool,
+                        with_rng: bool, is_loading: bool) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    state: dict = {"checkpoint_version": CHECKPOINT_VERSION}
+    if len(model) == 1:
+        state["model"] = model[0].sharded_state_dict()
+    else:
+        for i, chunk in enumerate(model):
+            state[f"model{i}"] = chunk.sharded_state_dict()
+    if with_optimizer:
+        model_state = {k: v for k, v in state.items() if k.startswith("model")}
+        merged = model_state["model"] if "model" in model_state else {
+            k: v for chunk in model_state.values() for k, v in chunk.items()}
+        state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading)
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    state["train_state"] = asdict(train_state)
+    state["world_size"] = world
+    state["args"] = vars(args).copy()
+    if with_rng:
+        # One RNG state per rank: exact resume on the same layout. A different world size
+        # cannot reuse them (see load_checkpoint).
+        state["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,),
+                                           replica_id=0)
+    return state
+
+
+def save_checkpoint(root: str, train_state: TrainState, model, optimizer, scheduler,
+                    args: argparse.Namespace) -> str:
+    """Save atomically into ``root/iter_N``; returns that path."""
+    iteration = train_state.iteration
+    final_dir, tmp_dir = checkpoint_dir(root, iteration), checkpoint_dir(root, iteration) + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):
+            if name.endswith(".tmp"):  # left by a save that crashed
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        os.makedirs(tmp_dir)
+    dist.barrier()
+    state = _sharded_state_dict(model, optimizer, scheduler, train_state, args,
+                                with_optimizer=not args.no_save_optim, with_rng=True,
+                                is_loading=False)
+    dist_checkpointing.save(state, tmp_dir)
+    dist.barrier()
+    if rank == 0:
+        if os.path.isdir(final_dir):  # re-saving an iteration: keep the old one until replaced
+            shutil.rmtree(final_dir)
+        os.rename(tmp_dir, final_dir)
+        tracker_tmp = os.path.join(root, TRACKER_FILENAME + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER_FILENAME))
+    dist.barrier()
+    return final_dir
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, args: argparse.Namespace) -> TrainState:
+    """Load ``path`` (found and verified by :func:`find_checkpoint`) into model/optimizer.
+
+    Resharding is free: any TP/PP/EP layout loads any other's checkpoint. Optimizer and
+    RNG state are skipped for ``--finetune``, ``--no-load-optim`` / ``--no-load-rng``, and RNG
+    also when the world size changed (per-rank streams no longer line up).
+    """
+    common = dist_checkpointing.load_common_state_dict(path)
+    saved_world = common.get("world_size")
+    with_optimizer = not (args.finetune or args.no_load_optim) and "optimizer" in common
+    with_rng = (not (args.finetune or args.no_load_rng)
+                and saved_world == dist.get_world_size())
+    if saved_world != dist.get_world_size() and not args.no_load_rng and dist.get_rank() == 0:
+        logger.warning("checkpoint saved with world size %s, running with %s: RNG state not "
+                       "restored", saved_world, dist.get_world_size())
+    state = _sharded_state_dict(model, optimizer, scheduler, TrainState(), args,
+                                with_optimizer=with_optimizer, with_rng=with_rng, is_loading=True)
+    loaded = dist_checkpointing.load(state, path)
+    if len(model) == 1:
+        model[0].load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(model):
+            chunk.load_state_dict(loaded[f"model{i}"])
+    if with_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if with_rng:
+        _set_rng_state(loaded["rng_state"])
+    if args.finetune:
+        return TrainState()
+    return TrainState(**loaded["train_state"])
+

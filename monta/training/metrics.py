@@ -1,0 +1,149 @@
+"""What a step reports: progress bar, Megatron-style log line, TensorBoard scalars, expert load.
+
+Only the reporting rank (the last rank: it holds the loss under pipeline parallelism) prints
+or writes; the collectives that gather the numbers run on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe import moe_utils
+
+logger = logging.getLogger(__name__)
+
+
+def is_reporting_rank() -> bool:
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+class ExpertLoadTracker:
+    """Counts tokens routed to each expert of each MoE layer, summed over every rank.
+
+    Hooks each router's forward, whose second output is the routing map [tokens, experts].
+    """
+
+    def __init__(self, model_chunks, num_layers: int, num_experts: int):
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self._handles = []
+        for chunk in model_chunks:
+            for name, module in chunk.named_modules():
+                if name.endswith("mlp.router"):
+                    self._handles.append(module.register_forward_hook(self._hook))
+
+    def _hook(self, router, _inputs, outputs) -> None:
+        routing_map = outputs[1]
+        # layer_number is 1-based and global across pipeline stages
+        self.counts[router.layer_number - 1] += routing_map.detach().sum(dim=0).to(
+            device="cpu", dtype=torch.float64)
+
+    def reduce_and_reset(self) -> torch.Tensor:
+        """[layers, experts] token counts since the last call, summed over all ranks."""
+        counts = self.counts.to(dtype=torch.float32)
+        if torch.cuda.is_available():
+            counts = counts.cuda()
+        # TP ranks route their own sequence shards, DP ranks their own data, PP stages own
+        # layers: every routed token is counted exactly once in the world sum.
+        dist.all_reduce(counts)
+        self.counts.zero_()
+        return counts.cpu()
+
+
+def reduce_aux_loss(num_microbatches: int) -> float | None:
+    """Mean load-balancing loss per MoE layer for the last step (megatron's tracker)."""
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    if "load_balancing_loss" not in tracker:
+        return None
+    moe_utils.reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
+    value = tracker["load_balancing_loss"]["values"].float().mean().item() / num_microbatches
+    moe_utils.clear_aux_losses_tracker()
+    return value
+
+
+class TrainingReporter:
+    """Progress bar + periodic log line + TensorBoard, on the reporting rank only."""
+
+    def __init__(self, args, start_iteration: int):
+        self.enabled = is_reporting_rank()
+        self.writer = None
+        self.bar = None
+        if not self.enabled:
+            return
+        if args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=args.tensorboard_dir)
+        if not args.no_progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=args.train_iters, initial=start_iteration, desc="train",
+                            unit="it", dynamic_ncols=True, file=sys.stdout,
+                            mininterval=1.0, disable=None)
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def step(self, iteration: int, scalars: dict[str, float], expert_load: torch.Tensor | None,
+             log_line: bool) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{scalars['lm loss']:.4f}", lr=f"{scalars['lr']:.2e}",
+                                 tok_s=f"{scalars['tokens/s']:.0f}", refresh=False)
+        if self.writer is not None:
+            for name, value in scalars.items():
+                if value is not None and math.isfinite(value):
+                    self.writer.add_scalar(name, value, iteration)
+            if expert_load is not None:
+                self._write_expert_load(iteration, expert_load)
+        if log_line:
+            self.print(format_log_line(iteration, scalars))
+
+    def _write_expert_load(self, iteration: int, load: torch.Tensor) -> None:
+        # fraction of routed tokens per expert; 1/E everywhere is perfect balance
+        fractions = load / load.sum(dim=1, keepdim=True).clamp(min=1)
+        for layer in range(fractions.size(0)):
+            for expert in range(fractions.size(1)):
+                self.writer.add_scalar(f"expert-load/layer{layer + 1}/expert{expert}",
+                                       fractions[layer, expert].item(), iteration)
+        imbalance = (fractions.max(dim=1).values * fractions.size(1)).mean().item()
+        self.writer.add_scalar("expert-load/max-over-mean", imbalance, iteration)
+
+    def scalars(self, name: str, values: dict[str, float], iteration: int) -> None:
+        if self.enabled and self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{name}/{key}", value, iteration)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def format_log_line(iteration: int, s: dict[str, float]) -> str:
+    """Megatron-LM's familiar one-line format."""
+    parts = [
+        f" iteration {iteration:8d}/{int(s['train_iters']):8d}",
+        f"consumed samples: {int(s['consumed samples']):12d}",
+        f"elapsed time per iteration (ms): {s['iteration-time'] * 1000:.1f}",
+        f"learning rate: {s['lr']:.6E}",
+        f"global batch size: {int(s['global batch size']):5d}",
+        f"lm loss: {s['lm loss']:.6E}",
+    ]
+    if s.get("load_balancing_loss") is not None:
+        parts.append(f"load_balancing_loss: {s['load_balancing_loss']:.6E}")
+    parts += [f"grad norm: {s['grad-norm']:.3f}", f"tokens/s: {s['tokens/s']:.0f}",
+              f"skipped iterations: {int(s['skipped iterations'])}"]
+    return " | ".join(parts) + " |"

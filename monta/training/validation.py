@@ -1,0 +1,130 @@
+"""Checks that run before any process group exists, so bad input fails fast instead of hanging.
+
+Every error names the flags involved and their values, and says what to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from monta.parallel import ParallelDims
+
+
+class ConfigError(ValueError):
+    """A flag combination or input that cannot work; the message says how to fix it."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_parallel_dims(args: argparse.Namespace, world_size: int) -> ParallelDims:
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    ep, etp = args.expert_model_parallel_size, args.expert_tensor_parallel_size
+    for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                        ("--expert-model-parallel-size", ep), ("--expert-tensor-parallel-size", etp)):
+        _require(value >= 1, f"{flag} must be >= 1, got {value}")
+    _require(world_size % (tp * pp) == 0,
+             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} × "
+             f"--pipeline-model-parallel-size {pp} = {tp * pp}; launch a multiple of {tp * pp} "
+             f"ranks or change the sizes")
+    _require(world_size % (etp * ep * pp) == 0,
+             f"world size {world_size} is not divisible by --expert-tensor-parallel-size {etp} × "
+             f"--expert-model-parallel-size {ep} × --pipeline-model-parallel-size {pp} = "
+             f"{etp * ep * pp}")
+    return ParallelDims(world_size, tp, pp, ep, etp)
+
+
+def validate_model(args: argparse.Namespace, dims: ParallelDims) -> None:
+    heads, groups = args.num_attention_heads, args.num_query_groups
+    _require(args.hidden_size % heads == 0,
+             f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {heads}")
+    _require(heads % dims.tp == 0,
+             f"--num-attention-heads {heads} is not divisible by --tensor-model-parallel-size "
+             f"{dims.tp}")
+    _require(heads % groups == 0,
+             f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}")
+    _require(groups % dims.tp == 0,
+             f"--num-query-groups {groups} is not divisible by --tensor-model-parallel-size "
+             f"{dims.tp}")
+    _require(args.num_layers % dims.pp == 0,
+             f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size "
+             f"{dims.pp}")
+    _require(args.num_experts >= 1, f"--num-experts must be >= 1, got {args.num_experts}")
+    _require(args.num_experts % dims.ep == 0,
+             f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size "
+             f"{dims.ep}")
+    _require(1 <= args.moe_router_topk <= args.num_experts,
+             f"--moe-router-topk {args.moe_router_topk} must be between 1 and --num-experts "
+             f"{args.num_experts}")
+    _require(args.ffn_hidden_size % dims.etp == 0,
+             f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by "
+             f"--expert-tensor-parallel-size {dims.etp}")
+    _require(dims.tp == 1 or args.sequence_parallel,
+             f"MoE with --tensor-model-parallel-size {dims.tp} needs --sequence-parallel (each TP "
+             f"rank routes its own sequence shard; without it every rank would dispatch the same "
+             f"tokens)")
+    _require(args.seq_length % dims.tp == 0 or not args.sequence_parallel,
+             f"--seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size "
+             f"{dims.tp} (required by --sequence-parallel)")
+    _require(args.seq_length <= args.max_position_embeddings,
+             f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+             f"{args.max_position_embeddings}")
+    if args.moe_pad_expert_input_to_capacity:
+        _require(args.moe_expert_capacity_factor is not None,
+                 "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+
+
+def validate_dispatcher(args: argparse.Namespace, known: set[str]) -> None:
+    _require(args.moe_token_dispatcher_type in known,
+             f"unknown --moe-token-dispatcher-type {args.moe_token_dispatcher_type!r}; choose one "
+             f"of {', '.join(sorted(known))}")
+
+
+def validate_batch(args: argparse.Namespace, dims: ParallelDims) -> None:
+    mbs = args.micro_batch_size
+    _require(mbs >= 1, f"--micro-batch-size must be >= 1, got {mbs}")
+    if args.global_batch_size is None:
+        args.global_batch_size = mbs * dims.dp
+    gbs = args.global_batch_size
+    _require(gbs % (mbs * dims.dp) == 0,
+             f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} × "
+             f"data-parallel size {dims.dp} = {mbs * dims.dp}")
+    _require(args.train_iters >= 1, f"--train-iters must be >= 1, got {args.train_iters}")
+    _require(args.lr_warmup_iters <= args.lr_decay_iters,
+             f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters "
+             f"{args.lr_decay_iters}")
+    _require(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
+
+
+def validate_paths(args: argparse.Namespace) -> None:
+    if args.mock_data:
+        _require(args.vocab_size is not None or args.tokenizer_model is not None,
+                 "--mock-data needs --vocab-size or --tokenizer-model")
+    else:
+        _require(args.data_path is not None,
+                 "no --data-path given; run tools/preprocess_data.py and pass its output prefix "
+                 "(or use --mock-data)")
+        _require(args.tokenizer_model is not None,
+                 "no --tokenizer-model given; pass the sentencepiece .model the data was "
+                 "preprocessed with")
+    if args.tokenizer_model is not None:
+        _require(os.path.isfile(args.tokenizer_model),
+                 f"--tokenizer-model {args.tokenizer_model} does not exist")
+    if args.save_interval is not None:
+        _require(args.save is not None, "--save-interval needs --save DIR")
+        _require(args.save_interval >= 1, f"--save-interval must be >= 1, got {args.save_interval}")
+    if args.exit_signal_handler:
+        _require(args.save is not None, "--exit-signal-handler needs --save DIR to save into")
+
+
+def validate_args(args: argparse.Namespace, world_size: int, dispatchers: set[str]) -> ParallelDims:
+    """Validate everything that can be checked without communication."""
+    dims = validate_parallel_dims(args, world_size)
+    validate_model(args, dims)
+    validate_dispatcher(args, dispatchers)
+    validate_batch(args, dims)
+    validate_paths(args)
+    return dims

@@ -1,0 +1,40 @@
+"""Pre-train a GPT Mixture-of-Experts model with MoNTA.
+
+    # 4 CPU ranks: TP2 + sequence parallel, EP2, 8 experts, top-2, bundled data
+    torchrun --nproc-per-node 4 pretrain_moe.py \
+        --tensor-model-parallel-size 2 --sequence-parallel --expert-model-parallel-size 2 \
+        --num-experts 8 --moe-router-topk 2 --data-path data/bundled_text_document \
+        --tokenizer-model monta/data/bundled/tokenizer.model --save checkpoints/demo
+
+    # see every flag (Megatron-LM names)
+    python pretrain_moe.py --help
+"""
+
+import logging
+import os
+import sys
+
+from monta.compat.warnings_filter import quiet_known_warnings
+from monta.training.arguments import parse_args
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=os.environ.get("MONTA_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_known_warnings()
+    args = parse_args(argv)
+    from monta.training.checkpointing import CheckpointError
+    from monta.training.pretrain import ConfigError, pretrain
+
+    try:
+        pretrain(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
