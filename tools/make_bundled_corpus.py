@@ -96,7 +96,9 @@ def _docstring_documents(stdlib: str) -> Iterator[Tuple[str, str]]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output-dir", default=os.path.join(_REPO_ROOT, "monta", "data", "bundled"))
+    parser.add_argument(
+        "--output-dir", default=os.path.join(_REPO_ROOT, "monta", "data", "bundled")
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

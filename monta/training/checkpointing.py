@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -112,15 +113,20 @@ def _set_rng_state(state: dict) -> None:
     mrandom.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _unwrap(chunk):
+    """The GPTModel inside megatron's DDP wrapper (whose state-dict keys gain ``module.``)."""
+    return getattr(chunk, "module", chunk)
+
+
 def _sharded_state_dict(model, optimizer, scheduler, train_state, args, with_optimizer: bool,
                         with_rng: bool, is_loading: bool) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     state: dict = {"checkpoint_version": CHECKPOINT_VERSION}
     if len(model) == 1:
-        state["model"] = model[0].sharded_state_dict()
+        state["model"] = _unwrap(model[0]).sharded_state_dict()
     else:
         for i, chunk in enumerate(model):
-            state[f"model{i}"] = chunk.sharded_state_dict()
+            state[f"model{i}"] = _unwrap(chunk).sharded_state_dict()
     if with_optimizer:
         model_state = {k: v for k, v in state.items() if k.startswith("model")}
         merged = model_state["model"] if "model" in model_state else {
@@ -155,6 +161,7 @@ def save_checkpoint(root: str, train_state: TrainState, model, optimizer, schedu
                                 with_optimizer=not args.no_save_optim, with_rng=True,
                                 is_loading=False)
     dist_checkpointing.save(state, tmp_dir)
+    _maybe_stall_for_fault_test(iteration)
     dist.barrier()
     if rank == 0:
         if os.path.isdir(final_dir):  # re-saving an iteration: keep the old one until replaced
@@ -168,6 +175,13 @@ def save_checkpoint(root: str, train_state: TrainState, model, optimizer, schedu
         os.replace(tracker_tmp, os.path.join(root, TRACKER_FILENAME))
     dist.barrier()
     return final_dir
+
+
+def _maybe_stall_for_fault_test(iteration: int) -> None:
+    """Fault drills kill the job mid-save; this widens that window on request (env only)."""
+    stall_at = os.environ.get("MONTA_TEST_STALL_SAVE_AT_ITER")
+    if stall_at is not None and int(stall_at) == iteration:
+        time.sleep(float(os.environ.get("MONTA_TEST_STALL_SAVE_S", "60")))
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler, args: argparse.Namespace) -> TrainState:
@@ -189,10 +203,10 @@ def load_checkpoint(path: str, model, optimizer, scheduler, args: argparse.Names
                                 with_optimizer=with_optimizer, with_rng=with_rng, is_loading=True)
     loaded = dist_checkpointing.load(state, path)
     if len(model) == 1:
-        model[0].load_state_dict(loaded["model"])
+        _unwrap(model[0]).load_state_dict(loaded["model"])
     else:
         for i, chunk in enumerate(model):
-            chunk.load_state_dict(loaded[f"model{i}"])
+            _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["opt_param_scheduler"])

@@ -23,7 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from monta import parallel
 from monta.compat import apply_cpu_patches
-from monta.data.dataset import build_data_iterator, build_gpt_datasets
+from monta.data.dataset import build_data_iterator, build_gpt_datasets, parse_data_path
 from monta.data.indexed import check_data_prefix
 from monta.data.mock import MockGPTDataset
 from monta.data.tokenizer import build_tokenizer
@@ -44,10 +44,14 @@ def preflight(args: argparse.Namespace, world_size: int):
         config = transformer_config_from_args(args)
     except (AssertionError, ValueError) as error:  # megatron-core's own __post_init__ checks
         raise ConfigError(f"invalid model configuration: {error}") from error
-    tokenizer = build_tokenizer(args.tokenizer_model) if args.tokenizer_model else None
-    if not args.mock_data:
-        for prefix in args.data_path[1::2] if len(args.data_path) > 1 else args.data_path:
-            check_data_prefix(prefix)
+    try:
+        tokenizer = build_tokenizer(args.tokenizer_model) if args.tokenizer_model else None
+        if not args.mock_data:
+            prefixes, _weights = parse_data_path(args.data_path)
+            for prefix in prefixes:
+                check_data_prefix(prefix)
+    except (OSError, ValueError) as error:  # missing or corrupt tokenizer / data files
+        raise ConfigError(str(error)) from error
     vocab_size = tokenizer.vocab_size if tokenizer is not None else args.vocab_size
     load_path = None
     if args.load:
@@ -107,8 +111,8 @@ def build_optimizer(args, model):
 
 def build_datasets(args, tokenizer, vocab_size: int):
     evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters
-    num_samples = (args.train_iters * args.global_batch_size, evals * args.global_batch_size,
-                   args.eval_iters * args.global_batch_size)
+    # no test-split samples: nothing reads them, and a tiny corpus may leave that split empty
+    num_samples = (args.train_iters * args.global_batch_size, evals * args.global_batch_size, 0)
     if args.mock_data:
         return tuple(MockGPTDataset(n, args.seq_length, vocab_size, args.seed + 7919 * i)
                      for i, n in enumerate(num_samples))

@@ -1,0 +1,133 @@
+"""End-to-end `torchrun pretrain_moe.py` jobs on 4 CPU ranks: pipeline parallelism, exact
+resume, a kill during a save, and SIGTERM. Losses are read back from the TensorBoard files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from monta.training.checkpointing import find_checkpoint, read_tracker
+
+from tests.conftest import REPO, TINY_MODEL, free_port, run_torchrun
+
+
+def scalars(tensorboard_dir: Path, tag: str) -> dict[int, float]:
+    events = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def job_args(data_prefix, tokenizer_model, run: Path, *extra) -> list[str]:
+    return [*TINY_MODEL, "--data-path", data_prefix, "--tokenizer-model", tokenizer_model,
+            "--tensorboard-dir", str(run / "tb"), "--log-interval", "1", "--eval-iters", "0",
+            *extra]
+
+
+def test_pipeline_parallel_training(tiny_data_prefix, tokenizer_model, tmp_path):
+    """TP1 · PP2 · EP2 · DP2 through megatron-core's 1F1B schedule, 2 micro-batches per step."""
+    result = run_torchrun(
+        job_args(tiny_data_prefix, tokenizer_model, tmp_path, "--pipeline-model-parallel-size",
+                 "2", "--expert-model-parallel-size", "2", "--global-batch-size", "8",
+                 "--train-iters", "4", "--save", str(tmp_path / "ckpt")),
+        nproc=4, timeout_s=240)
+    assert result.returncode == 0, result.output[-4000:]
+    assert "PP=2" in result.output and "DP=2" in result.output
+    losses = scalars(tmp_path / "tb", "lm loss")
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert all(2.0 < value < 12.0 for value in losses.values()), losses
+    assert read_tracker(str(tmp_path / "ckpt")) == 4
+
+
+def test_resume_reproduces_losses_exactly(tiny_data_prefix, tokenizer_model, tmp_path):
+    """Iterations 4..6 after resuming from iteration 3 equal the uninterrupted run's, bit for bit
+    (TP2 + SP, EP2, dropout on: model, Adam state, LR schedule, RNG and data position restored)."""
+    common = ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+              "--expert-model-parallel-size", "2", "--hidden-dropout", "0.1",
+              "--attention-dropout", "0.1", "--global-batch-size", "8", "--train-iters", "6",
+              "--lr-warmup-iters", "2"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    first = run_torchrun(job_args(tiny_data_prefix, tokenizer_model, full, *common, "--save",
+                                  str(full / "ckpt"), "--save-interval", "3"),
+                         nproc=4, timeout_s=240)
+    assert first.returncode == 0, first.output[-4000:]
+    second = run_torchrun(job_args(tiny_data_prefix, tokenizer_model, resumed, *common, "--load",
+                                   str(full / "ckpt" / "iter_0000003"), "--save",
+                                   str(resumed / "ckpt")),
+                          nproc=4, timeout_s=240)
+    assert second.returncode == 0, second.output[-4000:]
+    assert "resumed from" in second.output
+    reference, after = scalars(full / "tb", "lm loss"), scalars(resumed / "tb", "lm loss")
+    assert sorted(after) == [4, 5, 6]
+    assert [after[i] for i in (4, 5, 6)] == [reference[i] for i in (4, 5, 6)]
+    assert scalars(resumed / "tb", "lr")[4] == scalars(full / "tb", "lr")[4]
+    assert len({reference[i] for i in range(1, 7)}) == 6  # the loss actually moves
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tiny_data_prefix, tokenizer_model, tmp_path):
+    save = tmp_path / "ckpt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+               "--master-port", str(free_port()), str(REPO / "pretrain_moe.py"),
+               *job_args(tiny_data_prefix, tokenizer_model, tmp_path, "--expert-model-parallel-size",
+                         "2", "--train-iters", "6", "--save", str(save), "--save-interval", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MONTA_TEST_STALL_SAVE_AT_ITER": "4"}
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (save / "iter_0000004.tmp").is_dir() and time.monotonic() < deadline:
+            assert job.poll() is None, "job ended before the second save"
+            time.sleep(0.05)
+        assert (save / "iter_0000004.tmp").is_dir(), "second save never started"
+        time.sleep(1.0)  # shards of iteration 4 are on disk, the rename has not happened
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=30)
+    assert read_tracker(str(save)) == 2
+    assert find_checkpoint(str(save), required=True).endswith("iter_0000002")
+    assert not (save / "iter_0000004").exists()
+    # the surviving checkpoint resumes, and the next save clears the half-written one
+    resumed = run_torchrun(job_args(tiny_data_prefix, tokenizer_model, tmp_path / "again",
+                                    "--expert-model-parallel-size", "2", "--train-iters", "3",
+                                    "--load", str(save), "--save", str(save)),
+                           nproc=4, timeout_s=240)
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert "at iteration 2" in resumed.output
+    assert read_tracker(str(save)) == 3 and not (save / "iter_0000004.tmp").exists()
+
+
+def test_sigterm_saves_and_exits_cleanly(tiny_data_prefix, tokenizer_model, tmp_path):
+    save, log = tmp_path / "ckpt", tmp_path / "log.txt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+               "--master-port", str(free_port()), str(REPO / "pretrain_moe.py"),
+               *job_args(tiny_data_prefix, tokenizer_model, tmp_path, "--expert-model-parallel-size",
+                         "2", "--train-iters", "100000", "--save", str(save),
+                         "--exit-signal-handler")]
+    with open(log, "w") as out:
+        job = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "iteration        2/" not in log.read_text() and time.monotonic() < deadline:
+            assert job.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        # like a scheduler's preemption notice: SIGTERM to every training process
+        for worker in psutil.Process(job.pid).children(recursive=True):
+            worker.send_signal(signal.SIGTERM)
+        returncode = job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert returncode == 0, output[-4000:]
+    assert "exiting at iteration" in output and "(SIGTERM)" in output
+    saved = read_tracker(str(save))
+    assert saved is not None and 2 <= saved < 100000
+    find_checkpoint(str(save), required=True)
