@@ -26,8 +26,10 @@ $(DATA_PREFIX).bin: $(DEPS) monta/data/bundled/corpus.jsonl.gz $(TOKENIZER)
 		--json-keys text --output-prefix data/bundled --tokenizer-type SentencePieceTokenizer \
 		--tokenizer-model $(TOKENIZER) --append-eod --workers 2
 
+# A fresh run each time: runs/demo is the demo's scratch directory.
 demo: $(DEPS) data
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/quickstart_cpu.sh
+	rm -rf runs/demo
+	PATH="$(CURDIR)/$(BIN):$$PATH" RUN_DIR=runs/demo bash examples/quickstart_cpu.sh
 
 # Default suite (CI): everything not marked slow or gpu. pytest exits non-zero (5) on "no tests".
 test: $(DEPS)

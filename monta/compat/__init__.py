@@ -7,6 +7,6 @@ patch has a canary test in ``tests/compat`` that fails once megatron-core stops 
 it, so this layer shrinks as upstream improves.
 """
 
-from monta.compat.cpu_patches import PATCHES, apply_cpu_patches, applied_patches
+from monta.compat.cpu_patches import PATCHES, apply_cpu_patches, applied_patches, patch_disabled
 
-__all__ = ["PATCHES", "apply_cpu_patches", "applied_patches"]
+__all__ = ["PATCHES", "apply_cpu_patches", "applied_patches", "patch_disabled"]

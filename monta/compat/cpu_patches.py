@@ -20,6 +20,17 @@ logger = logging.getLogger(__name__)
 
 _CPU = torch.device("cpu")
 _APPLIED: list[str] = []
+# patch name -> [(object, attribute, original value or _MISSING)], so a canary can switch one off
+_ORIGINALS: dict[str, list[tuple[object, str, object]]] = {}
+_MISSING = object()
+_current_patch: list[str] = []
+
+
+def _replace(obj: object, attr: str, value: object) -> None:
+    original = obj.__dict__.get(attr, _MISSING) if isinstance(obj, type) else getattr(
+        obj, attr, _MISSING)
+    _ORIGINALS.setdefault(_current_patch[-1], []).append((obj, attr, original))
+    setattr(obj, attr, value)
 
 
 def _cpu_current_device() -> torch.device:
@@ -30,13 +41,13 @@ def patch_cuda_current_device() -> None:
     """``torch.cuda.current_device()`` is megatron's buffer device almost everywhere
     (tensor-parallel mappings, linear layers, router, attention, RoPE, p2p buffers, DDP
     buckets, checkpoint saver). On a CPU-only build it raises; return the CPU device."""
-    torch.cuda.current_device = _cpu_current_device
+    _replace(torch.cuda, "current_device", _cpu_current_device)
 
 
 def patch_cuda_synchronize() -> None:
     """p2p with ``batch_p2p_sync`` and the async checkpoint writer call
     ``torch.cuda.synchronize()``; CPU collectives are already synchronous."""
-    torch.cuda.synchronize = lambda device=None: None
+    _replace(torch.cuda, "synchronize", lambda device=None: None)
 
 
 def patch_te_general_gemm() -> None:
@@ -45,7 +56,7 @@ def patch_te_general_gemm() -> None:
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+        _replace(moe_utils, "te_general_gemm", None)
 
 
 class _HostStream:
@@ -78,8 +89,9 @@ def patch_alltoall_dispatcher_streams() -> None:
     ``all_to_all_single`` raises. Skip the stream and hand gloo host arrays."""
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _HostStream()
-    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _dtoh_and_synchronize_on_host
+    _replace(MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream", _HostStream())
+    _replace(MoEAlltoAllTokenDispatcher, "_maybe_dtoh_and_synchronize",
+             _dtoh_and_synchronize_on_host)
 
 
 def _to_cpu_device(device):
@@ -127,7 +139,7 @@ def patch_cuda_literals() -> None:
 
     host_torch = _TorchWithCudaOnHost()
     for name in _CUDA_LITERAL_MODULES:
-        importlib.import_module(name).torch = host_torch
+        _replace(importlib.import_module(name), "torch", host_torch)
 
 
 def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -143,7 +155,7 @@ def patch_grad_clip_type_check() -> None:
     clip host grads the same way (in place, by ``max_norm / (total_norm + 1e-6)``)."""
     from megatron.core.optimizer import optimizer
 
-    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    _replace(optimizer, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
 
 
 def _gather_along_first_dim_padded(input_, group, output_split_sizes=None, use_global_buffer=False):
@@ -166,7 +178,7 @@ def patch_unequal_all_gather() -> None:
     gloo's ``all_gather`` requires equal sizes."""
     from megatron.core.tensor_parallel import mappings
 
-    mappings._gather_along_first_dim = _gather_along_first_dim_padded
+    _replace(mappings, "_gather_along_first_dim", _gather_along_first_dim_padded)
 
 
 def patch_torch_norm_sequence_parallel() -> None:
@@ -177,8 +189,6 @@ def patch_torch_norm_sequence_parallel() -> None:
     from megatron.core.transformer import torch_norm
 
     original_new = torch_norm.WrappedTorchNorm.__new__
-    if getattr(original_new, "_monta_patched", False):
-        return
 
     def new(cls, config, hidden_size, eps=1e-5, **kwargs):
         sequence_parallel = config.sequence_parallel
@@ -190,8 +200,7 @@ def patch_torch_norm_sequence_parallel() -> None:
             param.sequence_parallel = sequence_parallel
         return norm
 
-    new._monta_patched = True
-    torch_norm.WrappedTorchNorm.__new__ = new
+    _replace(torch_norm.WrappedTorchNorm, "__new__", staticmethod(new))
 
 
 def patch_rng_tracker() -> None:
@@ -220,19 +229,16 @@ def patch_rng_tracker() -> None:
                 self.states_[name] = torch.get_rng_state()
                 torch.set_rng_state(outer_state)
 
-    mrandom.CpuRNGStatesTracker = CpuRNGStatesTracker
-    original_initialize = mrandom.initialize_rng_tracker
-
     def initialize_rng_tracker(*args, force_reset: bool = False, **kwargs):
-        if mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED and not force_reset:
+        if (isinstance(mrandom._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker)
+                and mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED and not force_reset):
             return
         mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
         mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
-    initialize_rng_tracker.__wrapped__ = original_initialize
-    mrandom.initialize_rng_tracker = initialize_rng_tracker
-    # model_parallel_cuda_manual_seed seeds the CUDA default generator; route it to the CPU one.
-    torch.cuda.manual_seed = lambda seed: None
+    _replace(mrandom, "initialize_rng_tracker", initialize_rng_tracker)
+    # model_parallel_cuda_manual_seed also seeds the CUDA generator: nothing to seed on CPU
+    _replace(torch.cuda, "manual_seed", lambda seed: None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,11 +272,40 @@ def apply_cpu_patches(force: bool = False) -> list[str]:
     on_cpu = force or not torch.cuda.is_available()
     for patch in PATCHES:
         if patch.name not in _APPLIED and (on_cpu or not patch.cpu_only):
-            patch.apply()
-            _APPLIED.append(patch.name)
+            _apply(patch)
     logger.debug("megatron-core CPU patches applied: %s", ", ".join(_APPLIED))
     return list(_APPLIED)
 
 
 def applied_patches() -> list[str]:
     return list(_APPLIED)
+
+
+def _apply(patch: Patch) -> None:
+    _current_patch.append(patch.name)
+    try:
+        patch.apply()
+    finally:
+        _current_patch.pop()
+    _APPLIED.append(patch.name)
+
+
+@contextlib.contextmanager
+def patch_disabled(name: str):
+    """Temporarily restore megatron-core's original code for one applied patch (canary tests)."""
+    if name not in _APPLIED:
+        raise ValueError(f"patch {name!r} is not applied; applied: {_APPLIED}")
+    replaced = _ORIGINALS.pop(name, [])
+    current = [(obj, attr, getattr(obj, attr) if not isinstance(obj, type)
+                else obj.__dict__[attr]) for obj, attr, _ in replaced]
+    for obj, attr, original in reversed(replaced):
+        if original is _MISSING:
+            delattr(obj, attr)
+        else:
+            setattr(obj, attr, original)
+    try:
+        yield
+    finally:
+        for obj, attr, value in current:
+            setattr(obj, attr, value)
+        _ORIGINALS[name] = replaced
