@@ -114,8 +114,10 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _unwrap(chunk):
-    """The GPTModel inside megatron's DDP wrapper (whose state-dict keys gain ``module.``)."""
-    return getattr(chunk, "module", chunk)
+    """The GPTModel inside megatron's DDP / Float16Module wrappers (each adds ``module.``)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
 
 
 def _sharded_state_dict(model, optimizer, scheduler, train_state, args, with_optimizer: bool,

@@ -20,6 +20,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
 from monta import parallel
 from monta.compat import apply_cpu_patches
@@ -73,6 +74,9 @@ def build_model(args, config, vocab_size: int):
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if args.bf16:
+        # bf16 parameters and activations; the optimizer keeps fp32 master weights
+        model = Float16Module(config, model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,

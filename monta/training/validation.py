@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 
+import torch
+
 from monta.parallel import ParallelDims
 
 
@@ -120,6 +122,12 @@ def validate_paths(args: argparse.Namespace) -> None:
         _require(args.save is not None, "--exit-signal-handler needs --save DIR to save into")
 
 
+def validate_precision(args: argparse.Namespace, cuda_available: bool) -> None:
+    _require(not args.bf16 or cuda_available,
+             "--bf16 needs a GPU: megatron-core's mixed-precision optimizer (fp32 master weights) "
+             "is CUDA-only; drop --bf16 to train in fp32 on CPU")
+
+
 def validate_args(args: argparse.Namespace, world_size: int, dispatchers: set[str]) -> ParallelDims:
     """Validate everything that can be checked without communication."""
     dims = validate_parallel_dims(args, world_size)
@@ -127,4 +135,5 @@ def validate_args(args: argparse.Namespace, world_size: int, dispatchers: set[st
     validate_dispatcher(args, dispatchers)
     validate_batch(args, dims)
     validate_paths(args)
+    validate_precision(args, torch.cuda.is_available())
     return dims
