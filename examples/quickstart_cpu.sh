@@ -34,9 +34,9 @@ CMD=(torchrun --nproc-per-node "$NPROC" pretrain_moe.py
   # data and schedule
   --data-path "$DATA_PREFIX" --tokenizer-model "$TOKENIZER" --split 969,30,1
   --seq-length 128 --micro-batch-size 4 --global-batch-size 16
-  --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 20 --train-iters 200
-  --log-interval 20 --eval-interval 100 --eval-iters 4
-  --save "$RUN_DIR/checkpoints" --save-interval 100 --load "$RUN_DIR/checkpoints"
+  --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 20 --train-iters 150
+  --log-interval 20 --eval-interval 75 --eval-iters 4
+  --save "$RUN_DIR/checkpoints" --save-interval 75 --load "$RUN_DIR/checkpoints"
   --tensorboard-dir "$RUN_DIR/tensorboard" --exit-signal-handler
   ${EXTRA[@]+"${EXTRA[@]}"}
 )
