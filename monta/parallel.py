@@ -39,6 +39,27 @@ class ParallelDims:
                 f"EP={self.ep} ETP={self.etp} expert-DP={self.expert_dp}")
 
 
+_TOPOLOGY = None
+
+
+def set_topology(topology) -> None:
+    """Record the job's rank → node map (from :func:`monta.topology.detect_topology`)."""
+    global _TOPOLOGY
+    _TOPOLOGY = topology
+
+
+def get_topology():
+    """The job's topology. Before :func:`set_topology` (library use, tests): consecutive
+    ``MONTA_RANKS_PER_NODE`` ranks per node if that is set, else one node — no collectives."""
+    from monta.topology import Topology
+
+    if _TOPOLOGY is not None:
+        return _TOPOLOGY
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    per_node = int(os.environ.get("MONTA_RANKS_PER_NODE", world))
+    return Topology.uniform(world, per_node)
+
+
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 

@@ -5,20 +5,23 @@ from __future__ import annotations
 import copy
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import (
     MoEAllGatherTokenDispatcher,
-    MoEAlltoAllTokenDispatcher,
     MoETokenDispatcher,
 )
 
-# megatron-core's own dispatchers; the stock ``alltoall`` is our baseline.
-DISPATCHERS: dict[str, type[MoETokenDispatcher]] = {
-    "alltoall": MoEAlltoAllTokenDispatcher,
-    "allgather": MoEAllGatherTokenDispatcher,
-}
+from monta.dispatch.counted_alltoall import CountedAlltoAllTokenDispatcher
+from monta.dispatch.monta_dispatcher import DSTPTokenDispatcher, MoNTATokenDispatcher
 
-# Names megatron-core's MoELayer constructs itself.
-_STOCK = {"alltoall", "allgather", "flex"}
+DISPATCHERS: dict[str, type[MoETokenDispatcher]] = {
+    # megatron-core's stock all-to-all, unchanged apart from byte counters: the baseline
+    "alltoall": CountedAlltoAllTokenDispatcher,
+    "allgather": MoEAllGatherTokenDispatcher,
+    "monta": MoNTATokenDispatcher,
+    # DeepSpeed-MoE style: tokens replicated over TP, every TP rank sends all of them
+    "ds_tp": DSTPTokenDispatcher,
+}
 
 
 def register_dispatcher(name: str, cls: type[MoETokenDispatcher]) -> None:
@@ -30,16 +33,12 @@ class MoNTAMoELayer(MoELayer):
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
         name = config.moe_token_dispatcher_type
-        if name not in DISPATCHERS and name not in _STOCK:
-            raise ValueError(
-                f"unknown --moe-token-dispatcher-type {name!r}; "
-                f"choose one of {sorted(set(DISPATCHERS) | _STOCK)}"
-            )
-        if name in _STOCK:
-            super().__init__(config, submodules, layer_number, pg_collection)
-            return
-        # Build with a stock dispatcher, then swap in ours: the parent's constructor rejects
-        # names it does not know.
+        if name not in DISPATCHERS:
+            raise ValueError(f"unknown --moe-token-dispatcher-type {name!r}; "
+                             f"choose one of {sorted(DISPATCHERS)}")
+        pg_collection = pg_collection or get_default_pg_collection()
+        # The parent constructor only knows megatron's names: build it with the stock
+        # all-to-all, then swap in the registered class.
         stock_config = copy.copy(config)
         stock_config.moe_token_dispatcher_type = "alltoall"
         super().__init__(stock_config, submodules, layer_number, pg_collection)
@@ -50,3 +49,8 @@ class MoNTAMoELayer(MoELayer):
             config=config,
             pg_collection=pg_collection,
         )
+        self.token_dispatcher.layer_number = layer_number
+
+    def set_layer_number(self, layer_number: int):
+        super().set_layer_number(layer_number)
+        self.token_dispatcher.layer_number = layer_number

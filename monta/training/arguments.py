@@ -9,7 +9,7 @@ import argparse
 from typing import Sequence
 
 # Dispatchers megatron-core builds itself, plus those registered by MoNTA (see monta.dispatch).
-DISPATCHER_CHOICES = ("alltoall", "allgather")
+DISPATCHER_CHOICES = ("alltoall", "monta", "ds_tp", "allgather")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +52,17 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
                    help="tokens per expert above capacity are dropped; default dropless")
     g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
     g.add_argument("--moe-grouped-gemm", action="store_true")
+    g.add_argument("--monta-node-dedup", choices=("auto", "on", "off"), default="auto",
+                   help="monta dispatcher: send a token once per remote node and fan it out "
+                        "inside the node (auto: when top-k makes it pay)")
+
+
+def _add_topology_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("topology")
+    g.add_argument("--ranks-per-node", type=int, default=None,
+                   help="declare N consecutive ranks per node (emulated nodes on one host); "
+                        "default: torchrun's LOCAL_WORLD_SIZE / hostnames (env "
+                        "MONTA_RANKS_PER_NODE also works)")
 
 
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pre-train a GPT Mixture-of-Experts model with MoNTA (run under torchrun).",
         allow_abbrev=False,
     )
-    for add in (_add_model_args, _add_moe_args, _add_parallel_args, _add_training_args,
+    for add in (_add_model_args, _add_moe_args, _add_topology_args, _add_parallel_args, _add_training_args,
                 _add_data_args, _add_checkpoint_args, _add_logging_args):
         add(parser)
     return parser

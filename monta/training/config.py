@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from monta.dispatch.monta_dispatcher import DispatchOptions
+
 
 def params_dtype(args: argparse.Namespace) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float32
@@ -15,7 +17,7 @@ def params_dtype(args: argparse.Namespace) -> torch.dtype:
 
 def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
     dtype = params_dtype(args)
-    return TransformerConfig(
+    config = TransformerConfig(
         # model shape
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -61,3 +63,6 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=False,
     )
+    # MoNTA's own dispatcher options travel on the config, like megatron's moe_* fields
+    config.monta_dispatch = DispatchOptions(node_dedup=args.monta_node_dedup)
+    return config

@@ -30,6 +30,7 @@ from monta.data.mock import MockGPTDataset
 from monta.data.tokenizer import build_tokenizer
 from monta.dispatch import DISPATCHERS
 from monta.model import build_gpt_moe_model, pad_vocab_size
+from monta.topology import detect_topology, groups_from_parallel_state, validate_layout
 from monta.training import checkpointing
 from monta.training.config import transformer_config_from_args
 from monta.training.metrics import ExpertLoadTracker, TrainingReporter, reduce_aux_loss
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 def preflight(args: argparse.Namespace, world_size: int):
     """All local checks: flags, tokenizer, data files, checkpoint files. No communication."""
-    dims = validate_args(args, world_size, set(DISPATCHERS) | {"flex"})
+    dims = validate_args(args, world_size, set(DISPATCHERS))
     try:
         config = transformer_config_from_args(args)
     except (AssertionError, ValueError) as error:  # megatron-core's own __post_init__ checks
@@ -252,6 +253,9 @@ def pretrain(args: argparse.Namespace) -> None:
     dims, config, tokenizer, vocab_size, load_path = preflight(args, parallel.world_size_from_env())
     parallel.initialize_distributed(dims, args.distributed_backend, args.distributed_timeout_minutes)
     try:
+        topology = detect_topology(args.ranks_per_node)
+        parallel.set_topology(topology)
+        layout_warnings = validate_layout(topology, groups_from_parallel_state())
         parallel.set_seed(args.seed)
         model = build_model(args, config, vocab_size)
         optimizer, scheduler = build_optimizer(args, model)
@@ -259,7 +263,10 @@ def pretrain(args: argparse.Namespace) -> None:
         if load_path is not None:
             state = checkpointing.load_checkpoint(load_path, model, optimizer, scheduler, args)
         reporter = TrainingReporter(args, state.iteration)
-        reporter.print(f" parallel layout: {dims}; dispatcher: {args.moe_token_dispatcher_type}; "
+        for warning in layout_warnings:
+            reporter.print(f" warning: {warning}")
+        reporter.print(f" parallel layout: {dims}; {topology}; "
+                       f"dispatcher: {args.moe_token_dispatcher_type}; "
                        f"parameters on rank 0 of this stage: "
                        f"{sum(p.numel() for p in model[0].parameters()):,}")
         if load_path is not None:

@@ -36,6 +36,10 @@ def validate_parallel_dims(args: argparse.Namespace, world_size: int) -> Paralle
              f"world size {world_size} is not divisible by --expert-tensor-parallel-size {etp} × "
              f"--expert-model-parallel-size {ep} × --pipeline-model-parallel-size {pp} = "
              f"{etp * ep * pp}")
+    rpn = args.ranks_per_node
+    if rpn is not None:
+        _require(rpn >= 1 and world_size % rpn == 0,
+                 f"--ranks-per-node {rpn} does not divide the world size {world_size}")
     return ParallelDims(world_size, tp, pp, ep, etp)
 
 

@@ -1,0 +1,256 @@
+"""The MoNTA token dispatcher: topology-aware, TP-sharded, node-deduplicated.
+
+Shapes: H hidden, T tokens on this rank (its sequence-parallel shard), E experts, R = EP size.
+
+Dispatch, per MoE layer (each stage switchable, see :class:`DispatchOptions`)::
+
+    tokens [T, H] ──(ds_tp only: all-gather over TP)──►
+      stage A  all-to-all over EP: node_dedup → one copy per (token, remote node) to a gateway
+                                   flat       → one copy per (token, owner rank)
+      stage B  node_dedup only: all-to-all inside the node, gateway → the other owners
+      ETP      all-gather over expert-TP (intra-node): sharded experts see every token
+    rows [n, H] ──► sorted by local expert ──► megatron's experts module
+
+Combine mirrors it: the experts' outputs are already weighted by their router probabilities
+(megatron's experts apply ``permuted_probs``), so every hop back is a plain sum: per row over
+local experts, reduce-scatter over ETP, sum at the gateway over its node's owners (so a token
+crosses back once per node), then at the source over nodes. Autograd differentiates the
+composition (all-to-all ↔ all-to-all, all-gather ↔ reduce-scatter, gather ↔ scatter-add).
+
+The ``ds_tp`` baseline is the same class with ``tp_shard=False, node_dedup=False``: every TP
+rank dispatches all TP·T tokens, as DeepSpeed-MoE did, then keeps its own shard of the output.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+from monta import comm
+from monta.dispatch.plan import (
+    ExpertLayout,
+    ExpertOrder,
+    SendPlan,
+    order_by_local_expert,
+    plan_to_gateways,
+    plan_to_owners,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DispatchOptions:
+    """The dispatcher's switchable stages (flags ``--monta-*``)."""
+
+    tp_shard: bool = True
+    """Each TP rank dispatches only its sequence-parallel shard (False: the ``ds_tp`` baseline)."""
+    node_dedup: Literal["on", "off", "auto"] = "auto"
+    """One copy per (token, remote node) plus an intra-node fan-out; ``auto`` applies the cost
+    rule in :func:`node_dedup_pays`."""
+
+    @staticmethod
+    def from_config(config) -> "DispatchOptions":
+        return getattr(config, "monta_dispatch", None) or DispatchOptions()
+
+
+def node_dedup_pays(topk: int, num_nodes: int) -> bool:
+    """Uniform routing sends k copies flat but only u = N·(1 − (1 − 1/N)^k) with dedup; the
+    extra intra-node hop costs roughly one more pass over the rows, so require k/u ≥ 1.5."""
+    if num_nodes < 2 or topk < 2:
+        return False
+    distinct_nodes = num_nodes * (1 - (1 - 1 / num_nodes) ** topk)
+    return topk / distinct_nodes >= 1.5
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else group.size()
+
+
+def _exchange_counts(send_counts: list[int], group, device) -> list[int]:
+    """Row counts each peer will send us (a tiny all-to-all; split sizes must be host ints)."""
+    if _group_size(group) == 1:
+        return list(send_counts)
+    send = torch.tensor(send_counts, dtype=torch.int64, device=device)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.tolist()
+
+
+def _gather_counts(count: int, group, device) -> list[int]:
+    if _group_size(group) == 1:
+        return [count]
+    mine = torch.tensor([count], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(group.size())]
+    dist.all_gather(every, mine, group=group)
+    return [int(c.item()) for c in every]
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One all-to-all hop: what was sent from which local row and how much came back."""
+
+    plan: SendPlan
+    recv_splits: list[int]
+
+    @property
+    def num_kept(self) -> int:
+        return self.plan.kept_rows.numel()
+
+
+class MoNTATokenDispatcher(MoETokenDispatcher):
+    """megatron-core ``MoETokenDispatcher`` with MoNTA's topology-aware dispatch."""
+
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection):
+        super().__init__(config=config, pg_collection=pg_collection)
+        from monta.parallel import get_topology
+
+        self.num_local_experts = num_local_experts
+        self.local_expert_indices = list(local_expert_indices)
+        self.attn_tp_group = pg_collection.tp
+        self.attn_tp_size = _group_size(self.attn_tp_group)
+        self.options = DispatchOptions.from_config(config)
+        self.topology = get_topology()
+        ep_ranks = (dist.get_process_group_ranks(self.ep_group) if self.ep_size > 1
+                    else [dist.get_rank() if dist.is_initialized() else 0])
+        self.layout = ExpertLayout.contiguous(
+            config.num_moe_experts, [self.topology.node(r) for r in ep_ranks],
+            ep_ranks.index(dist.get_rank() if dist.is_initialized() else 0))
+        if self.options.node_dedup == "auto":
+            self.node_dedup = node_dedup_pays(config.moe_router_topk, self.layout.num_nodes)
+        else:
+            self.node_dedup = self.options.node_dedup == "on"
+        if not self.options.tp_shard and self.tp_size not in (1, self.attn_tp_size):
+            raise ValueError(f"ds_tp dispatch needs expert-TP size 1 or equal to TP "
+                             f"({self.attn_tp_size}), got {self.tp_size}")
+        self.layer_number = None
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def _tag(self, phase: str) -> str:
+        return f"layer{self.layer_number or 0}/{phase}"
+
+    def _a2a(self, x, send_splits, recv_splits, phase):
+        return comm.all_to_all_v(x, send_splits, recv_splits, group=self.ep_group,
+                                 topology=self.topology, tag=self._tag(phase))
+
+    def _send(self, stage: _Stage, x, probs, phase):
+        """Rows of ``x``/``probs`` per ``stage.plan``, across the EP group; returns received."""
+        plan = stage.plan
+        sent_probs = probs[plan.source_rows] * plan.masks
+        recv_x = self._a2a(x[plan.source_rows], plan.splits, stage.recv_splits, phase)
+        recv_probs = self._a2a(sent_probs, plan.splits, stage.recv_splits, phase + "/meta")
+        recv_mask = self._a2a(plan.masks.to(torch.uint8), plan.splits, stage.recv_splits,
+                              phase + "/meta").bool()
+        kept_probs = probs[plan.kept_rows] * plan.kept_masks
+        return (torch.cat([x[plan.kept_rows], recv_x]), torch.cat([kept_probs, recv_probs]),
+                torch.cat([plan.kept_masks, recv_mask]))
+
+    def _stage(self, plan: SendPlan, device) -> _Stage:
+        return _Stage(plan, _exchange_counts(plan.splits, self.ep_group, device))
+
+    # -- dispatch -------------------------------------------------------------------------
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        self.hidden_shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_shape[-1])  # [T, H]
+        self.num_local_tokens = x.size(0)
+        if not self.options.tp_shard and self.attn_tp_size > 1:
+            # ds_tp: every TP rank holds (and will send) all TP·T tokens of its TP group
+            sizes = [x.size(0)] * self.attn_tp_size
+            x = comm.all_gather_v(x, sizes, group=self.attn_tp_group, topology=self.topology,
+                                  tag=self._tag("tp_gather"))
+            probs = comm.all_gather_v(probs, sizes, group=self.attn_tp_group,
+                                      topology=self.topology, tag=self._tag("tp_gather/meta"))
+            routing_map = comm.all_gather_v(routing_map.to(torch.uint8), sizes,
+                                            group=self.attn_tp_group, topology=self.topology,
+                                            tag=self._tag("tp_gather/meta")).bool()
+        self.routing_map = routing_map
+        return x, probs
+
+    def token_dispatch(self, x, probs):
+        device = x.device
+        if self.node_dedup:
+            self.stage_a = self._stage(plan_to_gateways(self.routing_map, self.layout), device)
+            held_x, held_probs, held_mask = self._send(self.stage_a, x, probs, "dispatch/inter")
+            self.stage_b = self._stage(
+                plan_to_owners(held_mask, self.layout, only_node=self.layout.my_node), device)
+            rows = self._send(self.stage_b, held_x, held_probs, "dispatch/intra")
+            self.num_held = held_x.size(0)
+        else:
+            self.stage_a = self._stage(plan_to_owners(self.routing_map, self.layout), device)
+            self.stage_b = None
+            rows = self._send(self.stage_a, x, probs, "dispatch/flat")
+        rows_x, rows_probs, rows_mask = rows
+        self.etp_sizes = None
+        if self.options.tp_shard and self.tp_size > 1:
+            # sharded experts need every token routed to this EP rank from all ETP peers
+            self.etp_sizes = _gather_counts(rows_x.size(0), self.tp_group, device)
+            gather = lambda t, tag: comm.all_gather_v(  # noqa: E731
+                t, self.etp_sizes, group=self.tp_group, topology=self.topology,
+                tag=self._tag(tag))
+            rows_x = gather(rows_x, "dispatch/etp_gather")
+            rows_probs = gather(rows_probs, "dispatch/etp_gather/meta")
+            rows_mask = gather(rows_mask.to(torch.uint8), "dispatch/etp_gather/meta").bool()
+        self.rows_mask = rows_mask
+        return rows_x, rows_probs
+
+    def dispatch_postprocess(self, rows_x, rows_probs):
+        self.order: ExpertOrder = order_by_local_expert(self.rows_mask, self.local_expert_indices)
+        self.num_rows = rows_x.size(0)
+        permuted_probs = rows_probs[self.order.rows, self.order.experts]
+        return rows_x[self.order.rows], self.order.tokens_per_expert, permuted_probs
+
+    # -- combine --------------------------------------------------------------------------
+    def combine_preprocess(self, expert_output):
+        rows_out = expert_output.new_zeros(self.num_rows, expert_output.size(-1))
+        rows_out = rows_out.index_add(0, self.order.rows, expert_output)
+        if self.etp_sizes is not None:
+            rows_out = comm.reduce_scatter_v(rows_out, self.etp_sizes, group=self.tp_group,
+                                             topology=self.topology,
+                                             tag=self._tag("combine/etp_reduce"))
+        elif not self.options.tp_shard and self.tp_size > 1:
+            # ds_tp: every expert-TP rank saw the same rows; sum their partial outputs
+            rows_out = comm.all_reduce_sum(rows_out, group=self.tp_group, topology=self.topology,
+                                           tag=self._tag("combine/etp_allreduce"))
+        return rows_out
+
+    def _return(self, stage: _Stage, rows_out, num_dest_rows, phase):
+        """Inverse of :meth:`_send`: sum each row's outputs back into the rows it came from."""
+        plan = stage.plan
+        back = self._a2a(rows_out[stage.num_kept:], stage.recv_splits, plan.splits, phase)
+        out = rows_out.new_zeros(num_dest_rows, rows_out.size(-1))
+        out = out.index_add(0, plan.kept_rows, rows_out[: stage.num_kept])
+        return out.index_add(0, plan.source_rows, back)
+
+    def token_combine(self, rows_out):
+        num_tokens = self.routing_map.size(0)
+        if self.stage_b is not None:
+            held_out = self._return(self.stage_b, rows_out, self.num_held, "combine/intra")
+            return self._return(self.stage_a, held_out, num_tokens, "combine/inter")
+        return self._return(self.stage_a, rows_out, num_tokens, "combine/flat")
+
+    def combine_postprocess(self, tokens_out):
+        if not self.options.tp_shard and self.attn_tp_size > 1:
+            rank = self.attn_tp_group.rank()
+            tokens_out = tokens_out[rank * self.num_local_tokens:(rank + 1) * self.num_local_tokens]
+        return tokens_out.view(self.hidden_shape)
+
+
+def inter_node_fraction(topk: int, num_nodes: int) -> float:
+    """u / k of DESIGN §2: the share of flat inter-node copies that node dedup keeps."""
+    return num_nodes * (1 - (1 - 1 / num_nodes) ** topk) / topk if num_nodes > 1 else math.nan
+
+
+class DSTPTokenDispatcher(MoNTATokenDispatcher):
+    """The DeepSpeed-MoE-style baseline: no TP sharding, no node dedup (the paper's 8×)."""
+
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection):
+        config = copy.copy(config)
+        config.monta_dispatch = DispatchOptions(tp_shard=False, node_dedup="off")
+        super().__init__(num_local_experts, local_expert_indices, config, pg_collection)

@@ -1,0 +1,157 @@
+"""Who sends which token where: pure index arithmetic on one rank, no communication.
+
+Legend: T tokens on this rank, E experts, R ranks in the EP group, N nodes they span,
+rows = (token, destination) copies. A routing *row* carries the token's hidden state plus
+its probabilities/mask restricted to the experts that live at the destination.
+
+Two shapes of dispatch:
+
+* flat: one copy per (token, destination rank) — megatron's all-to-all, but a token that picked
+  several experts on one rank crosses once, not once per expert;
+* node-deduplicated: one copy per (token, remote node), sent to a *gateway* on that node (the
+  rank owning the token's lowest-numbered expert there, so the copy is useful where it lands),
+  then fanned out inside the node to the other owners.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where experts live, in EP-group ranks and nodes.
+
+    Attributes:
+        owner_of_expert: [E] int64, EP-group rank holding each expert.
+        node_of_rank: [R] int64, node of each EP-group rank.
+        my_rank: this rank's index in the EP group.
+    """
+
+    owner_of_expert: torch.Tensor
+    node_of_rank: torch.Tensor
+    my_rank: int
+
+    @staticmethod
+    def contiguous(num_experts: int, node_of_rank: list[int], my_rank: int) -> "ExpertLayout":
+        """megatron's placement: rank r holds experts [r·E/R, (r+1)·E/R)."""
+        ranks = len(node_of_rank)
+        if num_experts % ranks:
+            raise ValueError(f"{num_experts} experts do not split over {ranks} EP ranks")
+        owner = torch.arange(num_experts) // (num_experts // ranks)
+        return ExpertLayout(owner, torch.tensor(node_of_rank, dtype=torch.int64), my_rank)
+
+    @property
+    def num_ranks(self) -> int:
+        return self.node_of_rank.numel()
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.node_of_rank.max().item()) + 1
+
+    @property
+    def my_node(self) -> int:
+        return int(self.node_of_rank[self.my_rank].item())
+
+    @property
+    def expert_node(self) -> torch.Tensor:
+        return self.node_of_rank[self.owner_of_expert]
+
+
+@dataclass(frozen=True)
+class SendPlan:
+    """Rows to build from local rows, grouped by destination for an all-to-all.
+
+    Attributes:
+        source_rows: [n] int64, index of the local row each outgoing row copies (in send order).
+        masks: [n, E] bool, the experts the outgoing row serves at its destination.
+        splits: per-destination row counts (python ints, length R); splits[my_rank] == 0.
+        kept_rows: [k] int64, local rows that stay here (this rank owns some of their experts).
+        kept_masks: [k, E] bool, the experts they serve here.
+    """
+
+    source_rows: torch.Tensor
+    masks: torch.Tensor
+    splits: list[int]
+    kept_rows: torch.Tensor
+    kept_masks: torch.Tensor
+
+
+def _group_by_destination(rows: torch.Tensor, dest: torch.Tensor, masks: torch.Tensor,
+                          num_ranks: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    order = torch.argsort(dest, stable=True)
+    splits = torch.bincount(dest, minlength=num_ranks).tolist()
+    return rows[order], masks[order], splits
+
+
+def plan_to_owners(mask: torch.Tensor, layout: ExpertLayout,
+                   only_node: int | None = None) -> SendPlan:
+    """One copy of each row per owner rank of its experts (optionally only owners on one node).
+
+    Args:
+        mask: [rows, E] bool, the experts each local row must reach.
+        layout: expert placement.
+        only_node: restrict to owners on this node (the intra-node fan-out), else all owners.
+    """
+    rank_of_expert = torch.nn.functional.one_hot(layout.owner_of_expert, layout.num_ranks).bool()
+    wants_rank = (mask.unsqueeze(-1) & rank_of_expert.unsqueeze(0)).any(dim=1)  # [rows, R]
+    if only_node is not None:
+        wants_rank &= (layout.node_of_rank == only_node).unsqueeze(0)
+    # [rows, R, E] -> the experts of row i that rank r owns
+    masks_per_rank = mask.unsqueeze(1) & rank_of_expert.t().unsqueeze(0)
+    keep = wants_rank[:, layout.my_rank]
+    kept_rows = torch.nonzero(keep).flatten()
+    wants_rank[:, layout.my_rank] = False
+    rows, ranks = torch.nonzero(wants_rank, as_tuple=True)
+    source_rows, masks, splits = _group_by_destination(rows, ranks, masks_per_rank[rows, ranks],
+                                                       layout.num_ranks)
+    return SendPlan(source_rows, masks, splits, kept_rows,
+                    masks_per_rank[kept_rows, layout.my_rank])
+
+
+def plan_to_gateways(mask: torch.Tensor, layout: ExpertLayout) -> SendPlan:
+    """One copy of each token per *remote* node it needs, to that node's gateway rank.
+
+    ``kept_rows`` are the tokens that need experts on this rank's own node (served by the
+    intra-node fan-out that follows); their ``kept_masks`` cover only those experts.
+    """
+    expert_node = layout.expert_node
+    node_of_expert = torch.nn.functional.one_hot(expert_node, layout.num_nodes).bool()  # [E, N]
+    masks_per_node = mask.unsqueeze(1) & node_of_expert.t().unsqueeze(0)  # [T, N, E]
+    needs_node = masks_per_node.any(dim=-1)  # [T, N]
+    my_node = layout.my_node
+    kept_rows = torch.nonzero(needs_node[:, my_node]).flatten()
+    needs_node[:, my_node] = False
+    rows, nodes = torch.nonzero(needs_node, as_tuple=True)
+    node_masks = masks_per_node[rows, nodes]
+    # gateway: owner of the lowest-numbered expert the token wants on that node
+    first_expert = node_masks.to(torch.int8).argmax(dim=-1)
+    gateways = layout.owner_of_expert[first_expert]
+    source_rows, masks, splits = _group_by_destination(rows, gateways, node_masks, layout.num_ranks)
+    return SendPlan(source_rows, masks, splits, kept_rows, masks_per_node[kept_rows, my_node])
+
+
+@dataclass(frozen=True)
+class ExpertOrder:
+    """Rows at the experts, sorted by local expert as megatron's experts module expects.
+
+    Attributes:
+        rows: [n] int64, which received row each expert input copies.
+        experts: [n] int64, the global expert id of each copy.
+        tokens_per_expert: [num_local_experts] int64 (CPU), copies per local expert.
+    """
+
+    rows: torch.Tensor
+    experts: torch.Tensor
+    tokens_per_expert: torch.Tensor
+
+
+def order_by_local_expert(mask: torch.Tensor, local_experts: list[int]) -> ExpertOrder:
+    """One copy per (row, selected local expert), grouped by expert in ascending order."""
+    local = mask[:, local_experts]  # [rows, L]
+    experts_idx, rows = torch.nonzero(local.t(), as_tuple=True)  # expert-major order
+    experts = torch.tensor(local_experts, dtype=torch.int64, device=mask.device)[experts_idx]
+    counts = local.sum(dim=0).to(device="cpu", dtype=torch.int64)
+    return ExpertOrder(rows, experts, counts)
