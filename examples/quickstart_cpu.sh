@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A small GPT-MoE on 4 CPU ranks: TP=2 + sequence parallel, EP=2, 8 experts, top-2, trained on
-# the bundled corpus. This is what `make demo` runs (after `make data`).
+# the bundled corpus with the MoNTA dispatcher over two emulated nodes (TP inside a node, EP
+# across). This is what `make demo` runs (after `make data`); it prints per-link MoE traffic.
 #
 #   bash examples/quickstart_cpu.sh             # train (~3 min on 2 cores)
 #   bash examples/quickstart_cpu.sh --dry-run   # print the resolved command and layout only
@@ -30,7 +31,8 @@ CMD=(torchrun --nproc-per-node "$NPROC" pretrain_moe.py
   --position-embedding-type rope --rotary-base 10000
   --untie-embeddings-and-output-weights --disable-bias-linear
   --num-experts 8 --moe-router-topk 2 --moe-aux-loss-coeff 1e-2
-  --moe-token-dispatcher-type alltoall
+  # MoNTA's dispatcher; ranks 0-1 and 2-3 form two emulated nodes, so EP crosses "nodes"
+  --moe-token-dispatcher-type monta --ranks-per-node 2
   # data and schedule
   --data-path "$DATA_PREFIX" --tokenizer-model "$TOKENIZER" --split 969,30,1
   --seq-length 128 --micro-batch-size 4 --global-batch-size 16
@@ -42,7 +44,7 @@ CMD=(torchrun --nproc-per-node "$NPROC" pretrain_moe.py
 )
 
 if (( DRY_RUN )); then
-  echo "layout: world=$NPROC TP=2 PP=1 DP=$((NPROC / 2)) EP=2 ETP=2 (8 experts, top-2)"
+  echo "layout: world=$NPROC TP=2 PP=1 DP=$((NPROC / 2)) EP=2 ETP=2 (8 experts, top-2); 2 ranks per node"
   printf '%q ' "${CMD[@]}"; echo
   exit 0
 fi

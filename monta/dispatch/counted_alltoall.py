@@ -12,6 +12,7 @@ import torch
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from monta import comm
+from monta.dispatch.stats import timed
 
 
 def _as_ints(splits) -> list[int]:
@@ -42,6 +43,7 @@ class CountedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             row_bytes = tensor[0:1].numel() * tensor.element_size()
             tensor.register_hook(lambda grad: self._count(rows, row_bytes, group, phase + "/bwd"))
 
+    @timed("dispatch")
     def token_dispatch(self, tokens, probs):
         out_tokens, out_probs = super().token_dispatch(tokens, probs)
         if self.ep_size > 1:
@@ -52,6 +54,7 @@ class CountedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             self._count_on_backward(out_tokens, received, self.ep_group, "dispatch/flat")
         return out_tokens, out_probs
 
+    @timed("dispatch")
     def dispatch_postprocess(self, tokens, probs):
         if self.tp_size > 1:
             row_bytes = tokens[0:1].numel() * tokens.element_size()
@@ -59,6 +62,7 @@ class CountedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                         "dispatch/etp_gather")
         return super().dispatch_postprocess(tokens, probs)
 
+    @timed("combine")
     def combine_preprocess(self, hidden_states):
         out = super().combine_preprocess(hidden_states)
         if self.tp_size > 1:
@@ -68,6 +72,7 @@ class CountedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                         "combine/etp_reduce")
         return out
 
+    @timed("combine")
     def token_combine(self, hidden_states, *args, **kwargs):
         out = super().token_combine(hidden_states, *args, **kwargs)
         if self.ep_size > 1:

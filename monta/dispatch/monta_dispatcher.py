@@ -34,6 +34,7 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from monta import comm
+from monta.dispatch.stats import timed
 from monta.dispatch.plan import (
     ExpertLayout,
     ExpertOrder,
@@ -173,6 +174,7 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         self.routing_map = routing_map
         return x, probs
 
+    @timed("dispatch")
     def token_dispatch(self, x, probs):
         device = x.device
         if self.node_dedup:
@@ -200,6 +202,7 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         self.rows_mask = rows_mask
         return rows_x, rows_probs
 
+    @timed("dispatch")
     def dispatch_postprocess(self, rows_x, rows_probs):
         self.order: ExpertOrder = order_by_local_expert(self.rows_mask, self.local_expert_indices)
         self.num_rows = rows_x.size(0)
@@ -207,6 +210,7 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         return rows_x[self.order.rows], self.order.tokens_per_expert, permuted_probs
 
     # -- combine --------------------------------------------------------------------------
+    @timed("combine")
     def combine_preprocess(self, expert_output):
         rows_out = expert_output.new_zeros(self.num_rows, expert_output.size(-1))
         rows_out = rows_out.index_add(0, self.order.rows, expert_output)
@@ -228,6 +232,7 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         out = out.index_add(0, plan.kept_rows, rows_out[: stage.num_kept])
         return out.index_add(0, plan.source_rows, back)
 
+    @timed("combine")
     def token_combine(self, rows_out):
         num_tokens = self.routing_map.size(0)
         if self.stage_b is not None:

@@ -14,6 +14,9 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe import moe_utils
 
+from monta import comm, parallel
+from monta.dispatch.stats import take_phase_seconds
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,6 +54,48 @@ class ExpertLoadTracker:
         dist.all_reduce(counts)
         self.counts.zero_()
         return counts.cpu()
+
+
+def reduce_moe_traffic(num_layers: int, num_steps: int) -> torch.Tensor:
+    """Dispatcher traffic since the last call, per layer, for the whole job, per step.
+
+    Returns:
+        [num_layers, 4]: intra bytes, inter bytes (summed over all ranks, forward + backward,
+        payload + routing metadata), dispatch seconds, combine seconds (mean over ranks).
+    """
+    table = torch.zeros(num_layers, 4, dtype=torch.float64)
+    for tag, links in comm.LINK_BYTES.by_tag().items():
+        layer = _layer_of(tag)
+        if layer is not None:
+            table[layer - 1, 0] += links["intra"]
+            table[layer - 1, 1] += links["inter"]
+    for tag, seconds in take_phase_seconds().items():
+        layer = _layer_of(tag)
+        if layer is not None:
+            table[layer - 1, 2 if tag.endswith("/dispatch") else 3] += seconds
+    comm.LINK_BYTES.reset()
+    reduced = table.to(device=parallel.device())
+    dist.all_reduce(reduced)
+    reduced = reduced.cpu() / num_steps
+    reduced[:, 2:] /= dist.get_world_size()
+    return reduced
+
+
+def _layer_of(tag: str) -> int | None:
+    head = tag.split("/", 1)[0]
+    if head.startswith("layer") and head[5:].isdigit() and int(head[5:]) > 0:
+        return int(head[5:])
+    return None
+
+
+def format_traffic(traffic: torch.Tensor) -> str:
+    """One line per log interval: the whole job's MoE dispatcher traffic per step."""
+    mb = traffic[:, :2].sum(0) / 1e6
+    per_layer = " ".join(
+        f"L{i + 1}={row[0] / 1e6:.2f}/{row[1] / 1e6:.2f}MB,{row[2] * 1e3:.1f}/{row[3] * 1e3:.1f}ms"
+        for i, row in enumerate(traffic))
+    return (f" moe dispatcher traffic per step: intra-node {mb[0]:.3f} MB | inter-node "
+            f"{mb[1]:.3f} MB | per layer intra/inter, dispatch/combine: {per_layer}")
 
 
 def reduce_aux_loss(num_microbatches: int) -> float | None:
@@ -93,7 +138,7 @@ class TrainingReporter:
             print(message, flush=True)
 
     def step(self, iteration: int, scalars: dict[str, float], expert_load: torch.Tensor | None,
-             log_line: bool) -> None:
+             traffic: torch.Tensor | None, log_line: bool) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
@@ -106,8 +151,24 @@ class TrainingReporter:
                     self.writer.add_scalar(name, value, iteration)
             if expert_load is not None:
                 self._write_expert_load(iteration, expert_load)
+            if traffic is not None:
+                self._write_traffic(iteration, traffic)
         if log_line:
             self.print(format_log_line(iteration, scalars))
+            if traffic is not None and traffic[:, :2].sum() > 0:
+                self.print(format_traffic(traffic))
+
+    def _write_traffic(self, iteration: int, traffic: torch.Tensor) -> None:
+        totals = traffic.sum(0)
+        self.writer.add_scalar("moe-comm/intra-bytes-per-step", totals[0].item(), iteration)
+        self.writer.add_scalar("moe-comm/inter-bytes-per-step", totals[1].item(), iteration)
+        for layer, (intra, inter, dispatch_s, combine_s) in enumerate(traffic.tolist(), 1):
+            self.writer.add_scalar(f"moe-comm/layer{layer}/intra-bytes", intra, iteration)
+            self.writer.add_scalar(f"moe-comm/layer{layer}/inter-bytes", inter, iteration)
+            self.writer.add_scalar(f"moe-time/layer{layer}/dispatch-ms", dispatch_s * 1e3,
+                                   iteration)
+            self.writer.add_scalar(f"moe-time/layer{layer}/combine-ms", combine_s * 1e3,
+                                   iteration)
 
     def _write_expert_load(self, iteration: int, load: torch.Tensor) -> None:
         # fraction of routed tokens per expert; 1/E everywhere is perfect balance

@@ -22,18 +22,24 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from monta import parallel
+from monta import comm, parallel
 from monta.compat import apply_cpu_patches
 from monta.data.dataset import build_data_iterator, build_gpt_datasets, parse_data_path
 from monta.data.indexed import check_data_prefix
 from monta.data.mock import MockGPTDataset
 from monta.data.tokenizer import build_tokenizer
 from monta.dispatch import DISPATCHERS
+from monta.dispatch.stats import PHASE_SECONDS, take_phase_seconds
 from monta.model import build_gpt_moe_model, pad_vocab_size
 from monta.topology import detect_topology, groups_from_parallel_state, validate_layout
 from monta.training import checkpointing
 from monta.training.config import transformer_config_from_args
-from monta.training.metrics import ExpertLoadTracker, TrainingReporter, reduce_aux_loss
+from monta.training.metrics import (
+    ExpertLoadTracker,
+    TrainingReporter,
+    reduce_aux_loss,
+    reduce_moe_traffic,
+)
 from monta.training.validation import ConfigError, validate_args
 
 logger = logging.getLogger(__name__)
@@ -173,7 +179,9 @@ def evaluate(args, model, valid_iterator, num_microbatches: int) -> float:
         chunk.eval()
     losses = []
     forward_backward = get_forward_backward_func()
-    with torch.no_grad():
+    saved_times = take_phase_seconds()
+    # evaluation traffic goes to a throwaway counter: the log reports training steps only
+    with torch.no_grad(), comm.count_bytes(comm.LinkBytes()):
         for _ in range(args.eval_iters):
             out = forward_backward(forward_step_func=forward_step, data_iterator=valid_iterator,
                                    model=model, num_microbatches=num_microbatches,
@@ -182,6 +190,8 @@ def evaluate(args, model, valid_iterator, num_microbatches: int) -> float:
             losses += [o["lm loss"] for o in out]
     for chunk in model:
         chunk.train()
+    take_phase_seconds()
+    PHASE_SECONDS.update(saved_times)
     return _mean_over_dp(losses)
 
 
@@ -195,6 +205,7 @@ def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = model[0].no_sync
     tokens_per_step = args.global_batch_size * args.seq_length
+    last_log_iteration = state.iteration
     while state.iteration < args.train_iters:
         start = time.perf_counter()
         for chunk in model:
@@ -226,7 +237,11 @@ def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_
             "train_iters": args.train_iters,
         }
         expert_load = load_tracker.reduce_and_reset() if log_now else None
-        reporter.step(state.iteration, scalars, expert_load, log_line=log_now)
+        traffic = None
+        if log_now:
+            traffic = reduce_moe_traffic(args.num_layers, state.iteration - last_log_iteration)
+            last_log_iteration = state.iteration
+        reporter.step(state.iteration, scalars, expert_load, traffic, log_line=log_now)
 
         if args.eval_interval and state.iteration % args.eval_interval == 0 \
                 and valid_iterator is not None:
