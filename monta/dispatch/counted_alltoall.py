@@ -19,6 +19,11 @@ def _as_ints(splits) -> list[int]:
     return [int(n) for n in (splits.tolist() if hasattr(splits, "tolist") else splits)]
 
 
+def _splits_or_even(splits, rows: int, parts: int) -> list[int]:
+    """megatron leaves the EP splits None in drop-and-pad mode: the all-to-all is then even."""
+    return [rows // parts] * parts if splits is None else _as_ints(splits)
+
+
 class CountedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """The baseline: megatron's flat all-to-all (one copy per (token, expert))."""
 
@@ -47,7 +52,8 @@ class CountedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     def token_dispatch(self, tokens, probs):
         out_tokens, out_probs = super().token_dispatch(tokens, probs)
         if self.ep_size > 1:
-            sent, received = _as_ints(self.input_splits), _as_ints(self.output_splits)
+            sent = _splits_or_even(self.input_splits, tokens.size(0), self.ep_size)
+            received = _splits_or_even(self.output_splits, out_tokens.size(0), self.ep_size)
             self._count(sent, tokens[0:1].numel() * tokens.element_size(), self.ep_group,
                         "dispatch/flat")
             self._count(sent, probs.element_size(), self.ep_group, "dispatch/flat/meta")
@@ -77,7 +83,8 @@ class CountedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         out = super().token_combine(hidden_states, *args, **kwargs)
         if self.ep_size > 1:
             row_bytes = hidden_states[0:1].numel() * hidden_states.element_size()
-            self._count(_as_ints(self.output_splits), row_bytes, self.ep_group, "combine/flat")
-            self._count_on_backward(out, _as_ints(self.input_splits), self.ep_group,
-                                    "combine/flat")
+            sent = _splits_or_even(self.output_splits, hidden_states.size(0), self.ep_size)
+            self._count(sent, row_bytes, self.ep_group, "combine/flat")
+            received = _splits_or_even(self.input_splits, out.size(0), self.ep_size)
+            self._count_on_backward(out, received, self.ep_group, "combine/flat")
         return out

@@ -1,0 +1,268 @@
+"""Run a megatron-core MoE layer on several ranks, case after case, and bring back what to compare.
+
+:func:`run_moe_layer_cases` is the rank body for :func:`monta.testing.run_distributed`: for one
+parallel layout it builds a ``MoNTAMoELayer`` per case, loads full weights rebuilt from the case's
+seed, runs forward and backward on this rank's token shard, reduces the gradients as megatron
+would, and gathers everything into full tensors. :func:`case_inputs` rebuilds the same inputs in
+any process, so the caller can run :mod:`monta.testing.moe_reference` on them and compare.
+
+Token shards: rank (dp, tp) holds shard ``dp·TP + tp`` of ``[shards, S, B, H]``; with SP that is
+its slice of the sequence, without TP its data-parallel micro-batch. Each shard is routed on its
+own, as each rank's router sees only its shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from monta.testing.moe_reference import MoEWeights, RoutingConfig, random_moe_weights
+from monta.testing.moe_sharding import (
+    finalize_grads,
+    gather_full_grads,
+    gather_shards,
+    load_full_weights,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoELayout:
+    """Parallel sizes of one job. DP = world/TP; expert DP = world/(EP·ETP); SP iff TP > 1."""
+
+    tp: int
+    ep: int
+    etp: int
+    world_size: int = 4
+
+    def __post_init__(self):
+        if self.world_size % self.tp or self.world_size % (self.ep * self.etp):
+            raise ValueError(
+                f"world_size {self.world_size} must be divisible by tp {self.tp} and by "
+                f"ep·etp {self.ep}·{self.etp}"
+            )
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.tp
+
+    @property
+    def expert_dp(self) -> int:
+        return self.world_size // (self.ep * self.etp)
+
+    @property
+    def name(self) -> str:
+        sp = "-sp" if self.tp > 1 else ""
+        return f"tp{self.tp}-ep{self.ep}-etp{self.etp}-dp{self.dp}{sp}"
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEShape:
+    """Model and micro-batch sizes: E experts, H hidden, F ffn, S tokens of sequence per shard."""
+
+    num_experts: int = 8
+    hidden_size: int = 16
+    ffn_hidden_size: int = 24
+    seq_per_shard: int = 8
+    micro_batch_size: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MoECase:
+    """One routing scenario, run with every layout."""
+
+    name: str
+    topk: int
+    capacity_factor: float | None = None
+    pad_to_capacity: bool = False
+    drop_policy: str = "probs"
+    pre_softmax: bool = False
+    hot_experts: tuple[int, ...] = ()
+    """Adversarial routing: these experts win top-k for every token (set ``topk`` of them)."""
+    seed: int = 0
+
+    def routing(self) -> RoutingConfig:
+        return RoutingConfig(
+            topk=self.topk,
+            capacity_factor=self.capacity_factor,
+            drop_policy=self.drop_policy,
+            pre_softmax=self.pre_softmax,
+        )
+
+
+def case_inputs(
+    layout: MoELayout, case: MoECase, shape: MoEShape
+) -> tuple[MoEWeights, torch.Tensor, torch.Tensor]:
+    """Deterministic full weights, tokens and upstream gradient of one case.
+
+    Returns:
+        (weights, tokens ``[shards, S, B, H]``, grad_output ``[shards, S, B, H]``), shards = world.
+    """
+    h = shape.hidden_size
+    gen = torch.Generator().manual_seed(10_000 + case.seed)
+    size = (layout.world_size, shape.seq_per_shard, shape.micro_batch_size, h)
+    tokens = torch.randn(size, generator=gen)
+    grad_output = torch.randn(size, generator=gen)
+    hot_direction = torch.ones(h) / h**0.5
+    if case.hot_experts:
+        # Every token gets the same component 3 along the hot direction: the hot experts' logits
+        # (≈ 9 and up) beat the others' (≈ N(0, 1)) for every token.
+        tokens = tokens - (tokens @ hot_direction).unsqueeze(-1) * hot_direction
+        tokens = tokens + 3.0 * hot_direction
+    weights = random_moe_weights(
+        shape.num_experts,
+        h,
+        shape.ffn_hidden_size,
+        seed=case.seed,
+        hot_experts=case.hot_experts,
+        hot_direction=hot_direction,
+    )
+    return weights, tokens, grad_output
+
+
+def _config(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type: str):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        moe_ffn_hidden_size=shape.ffn_hidden_size,
+        num_attention_heads=4,
+        num_moe_experts=shape.num_experts,
+        moe_router_topk=case.topk,
+        moe_router_pre_softmax=case.pre_softmax,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type=dispatcher_type,
+        moe_expert_capacity_factor=case.capacity_factor,
+        moe_pad_expert_input_to_capacity=case.pad_to_capacity,
+        moe_token_drop_policy=case.drop_policy,
+        moe_grouped_gemm=False,
+        tensor_model_parallel_size=layout.tp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        sequence_parallel=layout.tp > 1,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        params_dtype=torch.float32,
+    )
+
+
+def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type: str) -> dict:
+    """Build, load, run forward + backward, reduce grads, gather: one case on this rank."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.spec_utils import build_module
+
+    from monta.model import gpt_moe_layer_spec
+
+    config = _config(layout, case, shape, dispatcher_type)
+    layer = build_module(
+        gpt_moe_layer_spec(config).submodules.mlp,
+        config=config,
+        pg_collection=get_default_pg_collection(),
+    )
+    layer.train()
+    weights, tokens, grad_output = case_inputs(layout, case, shape)
+    num_params = load_full_weights(layer, weights)
+
+    # Rows each local expert computes (padding included), seen at the experts' input.
+    seen = {}
+
+    def record(_module, args):
+        seen["rows"] = args[0].shape[0]
+        seen["per_expert"] = torch.as_tensor(args[1]).to(torch.long).reshape(-1).clone()
+
+    hook = layer.experts.register_forward_pre_hook(record)
+
+    shard = ps.get_data_parallel_rank() * layout.tp + ps.get_tensor_model_parallel_rank()
+    x = tokens[shard].clone().requires_grad_(True)  # [S, B, H]
+    output, bias = layer(x)
+    if bias is not None:
+        raise AssertionError("the MoE layer returned an MLP bias; the reference has none")
+    output.backward(grad_output[shard])
+    hook.remove()
+
+    finalize_grads(
+        layer,
+        tp_group=ps.get_tensor_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        expert_dp_group=ps.get_expert_data_parallel_group(),
+    )
+    grads = gather_full_grads(layer)
+
+    # [E]: rows computed per expert, counted once per expert-TP group (its ranks share rows).
+    expert_rows = torch.zeros(shape.num_experts, dtype=torch.long)
+    if ps.get_expert_tensor_parallel_rank() == 0:
+        expert_rows[layer.local_expert_indices] += seen["per_expert"]
+    dist.all_reduce(expert_rows)
+    rank_rows = torch.zeros(layout.world_size, dtype=torch.long)
+    rank_rows[dist.get_rank()] = seen["rows"]
+    dist.all_reduce(rank_rows)
+
+    return {
+        "case": case,
+        "output": gather_shards(output.detach(), shard, layout.world_size),
+        "input_grad": gather_shards(x.grad, shard, layout.world_size),
+        "grads": grads,
+        "num_params_loaded": num_params,
+        "num_params_per_rank": sum(1 for _ in layer.parameters()),
+        "expert_rows": expert_rows,
+        "rank_rows": rank_rows,
+    }
+
+
+def run_moe_layer_cases(
+    rank: int,
+    world_size: int,
+    layout: MoELayout,
+    cases: list[MoECase],
+    shape: MoEShape,
+    dispatcher_types: tuple[str, ...] = ("alltoall",),
+) -> list[dict] | None:
+    """Rank body: every (dispatcher, case) pair under one layout, dispatcher-major.
+
+    Returns the gathered results on rank 0 (None elsewhere). Each result dict holds
+    ``dispatcher``, ``case``, ``output`` and ``input_grad`` ``[shards, S, B, H]``, ``grads``
+    (:class:`MoEWeights`, summed over DP replicas), ``expert_rows`` ``[E]`` (rows each expert
+    computed, padding included) and ``rank_rows`` ``[world]`` (rows each rank's experts computed).
+    """
+    from monta.compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    from megatron.core import parallel_state as ps
+
+    if world_size != layout.world_size:
+        raise ValueError(
+            f"layout {layout.name} needs world size {layout.world_size}, got {world_size}"
+        )
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+    )
+    try:
+        results = []
+        for dispatcher_type in dispatcher_types:
+            for case in cases:
+                try:
+                    result = _run_case(layout, case, shape, dispatcher_type)
+                except Exception as exc:
+                    raise RuntimeError(
+                        f"dispatcher {dispatcher_type!r}, case {case.name!r}, layout "
+                        f"{layout.name} failed"
+                    ) from exc
+                results.append({"dispatcher": dispatcher_type, **result})
+    finally:
+        ps.destroy_model_parallel()
+    return results if rank == 0 else None
