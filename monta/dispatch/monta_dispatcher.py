@@ -57,6 +57,17 @@ class DispatchOptions:
     """One copy per (token, remote node) plus an intra-node fan-out; ``auto`` applies the cost
     rule in :func:`node_dedup_pays`."""
 
+    chunks: int = 1
+    """Split each layer's tokens into this many chunks and pipeline them (inter-node all-to-all
+    of chunk i+1 overlapping the intra-node phases and experts of chunk i), forward and
+    backward; see :mod:`monta.dispatch.pipelined`."""
+
+    def __post_init__(self):
+        if self.chunks < 1:
+            raise ValueError(f"--monta-chunks must be >= 1, got {self.chunks}")
+        if self.node_dedup not in ("on", "off", "auto"):
+            raise ValueError(f"node_dedup must be on/off/auto, got {self.node_dedup!r}")
+
     @staticmethod
     def from_config(config) -> "DispatchOptions":
         return getattr(config, "monta_dispatch", None) or DispatchOptions()
@@ -257,5 +268,5 @@ class DSTPTokenDispatcher(MoNTATokenDispatcher):
 
     def __init__(self, num_local_experts, local_expert_indices, config, pg_collection):
         config = copy.copy(config)
-        config.monta_dispatch = DispatchOptions(tp_shard=False, node_dedup="off")
+        config.monta_dispatch = DispatchOptions(tp_shard=False, node_dedup="off", chunks=1)
         super().__init__(num_local_experts, local_expert_indices, config, pg_collection)

@@ -13,6 +13,8 @@ from megatron.core.transformer.moe.token_dispatcher import (
 
 from monta.dispatch.counted_alltoall import CountedAlltoAllTokenDispatcher
 from monta.dispatch.monta_dispatcher import DSTPTokenDispatcher, MoNTATokenDispatcher
+from monta.dispatch.pipelined import PipelinedMoE
+from monta.dispatch.stats import timed
 
 DISPATCHERS: dict[str, type[MoETokenDispatcher]] = {
     # megatron-core's stock all-to-all, unchanged apart from byte counters: the baseline
@@ -54,3 +56,24 @@ class MoNTAMoELayer(MoELayer):
     def set_layer_number(self, layer_number: int):
         super().set_layer_number(layer_number)
         self.token_dispatcher.layer_number = layer_number
+
+    def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
+        dispatcher = self.token_dispatcher
+        chunks = getattr(getattr(dispatcher, "options", None), "chunks", 1)
+        if chunks == 1 or intermediate_tensors is not None:
+            return super().forward(hidden_states, intermediate_tensors, padding_mask)
+        return self._pipelined_forward(hidden_states, padding_mask, chunks)
+
+    @timed("dispatch")  # with chunks the experts overlap the transfers: one number for all
+    def _pipelined_forward(self, hidden_states, padding_mask, chunks):
+        if self.use_shared_expert or self.config.moe_latent_size:
+            raise ValueError("--monta-chunks > 1 does not support shared experts or latent MoE")
+        if self.training and self.attn_tp_group.size() > 1 and not self.config.sequence_parallel:
+            raise ValueError("MoE with tensor parallelism needs sequence parallelism")
+        if padding_mask is not None:
+            padding_mask = padding_mask.transpose(0, 1).bool()
+        probs, routing_map = self.route(hidden_states, padding_mask)
+        dispatcher = self.token_dispatcher
+        x, probs = dispatcher.dispatch_preprocess(hidden_states, routing_map, probs)
+        output = PipelinedMoE(dispatcher, self.experts, chunks)(x, probs, dispatcher.routing_map)
+        return dispatcher.combine_postprocess(output), None

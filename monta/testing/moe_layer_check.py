@@ -157,8 +157,11 @@ def _config(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type: 
     )
 
 
-def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type: str) -> dict:
-    """Build, load, run forward + backward, reduce grads, gather: one case on this rank."""
+def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type) -> dict:
+    """Build, load, run forward + backward, reduce grads, gather: one case on this rank.
+
+    ``dispatcher_type`` is a registered name, or ``(name, DispatchOptions)`` for MoNTA's.
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
@@ -166,7 +169,11 @@ def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type
 
     from monta.model import gpt_moe_layer_spec
 
-    config = _config(layout, case, shape, dispatcher_type)
+    name, options = dispatcher_type if isinstance(dispatcher_type, tuple) else (dispatcher_type,
+                                                                                None)
+    config = _config(layout, case, shape, name)
+    if options is not None:  # a monta.dispatch.monta_dispatcher.DispatchOptions
+        config.monta_dispatch = options
     layer = build_module(
         gpt_moe_layer_spec(config).submodules.mlp,
         config=config,
@@ -179,9 +186,10 @@ def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type
     # Rows each local expert computes (padding included), seen at the experts' input.
     seen = {}
 
-    def record(_module, args):
-        seen["rows"] = args[0].shape[0]
-        seen["per_expert"] = torch.as_tensor(args[1]).to(torch.long).reshape(-1).clone()
+    def record(_module, args):  # summed: a pipelined dispatcher calls the experts per chunk
+        seen["rows"] = seen.get("rows", 0) + args[0].shape[0]
+        per_expert = torch.as_tensor(args[1]).to(torch.long).reshape(-1)
+        seen["per_expert"] = seen.get("per_expert", 0) + per_expert
 
     hook = layer.experts.register_forward_pre_hook(record)
 
