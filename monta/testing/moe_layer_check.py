@@ -274,3 +274,35 @@ def run_moe_layer_cases(
     finally:
         ps.destroy_model_parallel()
     return results if rank == 0 else None
+
+
+def run_mixed_cases(rank: int, world_size: int, layout: MoELayout, items: list) -> list | None:
+    """Rank body for fuzzing: each item is ``(case, shape, dispatcher, ranks_per_node)``, so
+    shapes, dispatcher options and the emulated node layout change from case to case."""
+    from monta.compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    from megatron.core import parallel_state as ps
+
+    from monta import parallel
+    from monta.topology import Topology
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+    )
+    try:
+        results = []
+        for case, shape, dispatcher, ranks_per_node in items:
+            parallel.set_topology(Topology.uniform(world_size, ranks_per_node))
+            try:
+                result = _run_case(layout, case, shape, dispatcher)
+            except Exception as exc:
+                raise RuntimeError(f"{dispatcher!r} {case} {shape} under {layout.name} with "
+                                   f"{ranks_per_node} ranks per node failed") from exc
+            results.append({"dispatcher": dispatcher, "shape": shape, **result})
+    finally:
+        parallel.set_topology(None)
+        ps.destroy_model_parallel()
+    return results if rank == 0 else None
