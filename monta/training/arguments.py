@@ -55,6 +55,9 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--monta-node-dedup", choices=("auto", "on", "off"), default="auto",
                    help="monta dispatcher: send a token once per remote node and fan it out "
                         "inside the node (auto: when top-k makes it pay)")
+    g.add_argument("--monta-chunks", type=int, default=1,
+                   help="monta dispatcher: pipeline each MoE layer over this many token chunks "
+                        "(inter-node transfers overlap intra-node ones and expert compute)")
 
 
 def _add_topology_args(parser: argparse.ArgumentParser) -> None:

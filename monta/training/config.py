@@ -64,5 +64,6 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         bias_dropout_fusion=False,
     )
     # MoNTA's own dispatcher options travel on the config, like megatron's moe_* fields
-    config.monta_dispatch = DispatchOptions(node_dedup=args.monta_node_dedup)
+    config.monta_dispatch = DispatchOptions(node_dedup=args.monta_node_dedup,
+                                            chunks=args.monta_chunks)
     return config

@@ -89,6 +89,15 @@ def validate_dispatcher(args: argparse.Namespace, known: set[str]) -> None:
              f"of {', '.join(sorted(known))}")
 
 
+def validate_monta_options(args: argparse.Namespace) -> None:
+    _require(args.monta_chunks >= 1, f"--monta-chunks must be >= 1, got {args.monta_chunks}")
+    if args.monta_chunks > 1 or args.monta_node_dedup == "on":
+        _require(args.moe_token_dispatcher_type == "monta",
+                 f"--monta-chunks {args.monta_chunks} / --monta-node-dedup "
+                 f"{args.monta_node_dedup} apply to --moe-token-dispatcher-type monta, not "
+                 f"{args.moe_token_dispatcher_type}")
+
+
 def validate_batch(args: argparse.Namespace, dims: ParallelDims) -> None:
     mbs = args.micro_batch_size
     _require(mbs >= 1, f"--micro-batch-size must be >= 1, got {mbs}")
@@ -137,6 +146,7 @@ def validate_args(args: argparse.Namespace, world_size: int, dispatchers: set[st
     dims = validate_parallel_dims(args, world_size)
     validate_model(args, dims)
     validate_dispatcher(args, dispatchers)
+    validate_monta_options(args)
     validate_batch(args, dims)
     validate_paths(args)
     validate_precision(args, torch.cuda.is_available())
