@@ -43,6 +43,13 @@ class ExpertLayout:
         owner = torch.arange(num_experts) // (num_experts // ranks)
         return ExpertLayout(owner, torch.tensor(node_of_rank, dtype=torch.int64), my_rank)
 
+    def on(self, device) -> "ExpertLayout":
+        """The same layout with its tensors on ``device`` (the routing map's)."""
+        if self.owner_of_expert.device == torch.device(device):
+            return self
+        return ExpertLayout(self.owner_of_expert.to(device), self.node_of_rank.to(device),
+                            self.my_rank)
+
     @property
     def num_ranks(self) -> int:
         return self.node_of_rank.numel()
@@ -95,6 +102,7 @@ def plan_to_owners(mask: torch.Tensor, layout: ExpertLayout,
         layout: expert placement.
         only_node: restrict to owners on this node (the intra-node fan-out), else all owners.
     """
+    layout = layout.on(mask.device)
     rank_of_expert = torch.nn.functional.one_hot(layout.owner_of_expert, layout.num_ranks).bool()
     wants_rank = (mask.unsqueeze(-1) & rank_of_expert.unsqueeze(0)).any(dim=1)  # [rows, R]
     if only_node is not None:
@@ -117,6 +125,7 @@ def plan_to_gateways(mask: torch.Tensor, layout: ExpertLayout) -> SendPlan:
     ``kept_rows`` are the tokens that need experts on this rank's own node (served by the
     intra-node fan-out that follows); their ``kept_masks`` cover only those experts.
     """
+    layout = layout.on(mask.device)
     expert_node = layout.expert_node
     node_of_expert = torch.nn.functional.one_hot(expert_node, layout.num_nodes).bool()  # [E, N]
     masks_per_node = mask.unsqueeze(1) & node_of_expert.t().unsqueeze(0)  # [T, N, E]
