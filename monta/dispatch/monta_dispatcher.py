@@ -155,11 +155,11 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
     def _send(self, stage: _Stage, x, probs, phase):
         """Rows of ``x``/``probs`` per ``stage.plan``, across the EP group; returns received."""
         plan = stage.plan
-        sent_probs = probs[plan.source_rows] * plan.masks
+        sent_probs, sent_mask = plan.compact(probs)
         recv_x = self._a2a(x[plan.source_rows], plan.splits, stage.recv_splits, phase)
         recv_probs = self._a2a(sent_probs, plan.splits, stage.recv_splits, phase + "/meta")
-        recv_mask = self._a2a(plan.masks.to(torch.uint8), plan.splits, stage.recv_splits,
-                              phase + "/meta").bool()
+        recv_mask = self._a2a(sent_mask, plan.splits, stage.recv_splits, phase + "/meta")
+        recv_probs, recv_mask = plan.expand(recv_probs, recv_mask, probs.size(1))
         kept_probs = probs[plan.kept_rows] * plan.kept_masks
         return (torch.cat([x[plan.kept_rows], recv_x]), torch.cat([kept_probs, recv_probs]),
                 torch.cat([plan.kept_masks, recv_mask]))

@@ -143,10 +143,11 @@ class PipelinedMoE:
         kw = dict(group=d.ep_group, topology=d.topology)
         hidden = start_all_to_all(x[plan.source_rows], plan.splits, recv,
                                   tag=d._tag(phase), **kw)
-        sent_probs = start_all_to_all(probs[plan.source_rows] * plan.masks, plan.splits, recv,
+        sent_probs, sent_mask = plan.compact(probs)
+        sent_probs = start_all_to_all(sent_probs, plan.splits, recv,
                                       tag=d._tag(phase + "/meta"), **kw)
-        mask, mask_handle = comm.all_to_all_v_async(plan.masks.to(torch.uint8), plan.splits,
-                                                    recv, tag=d._tag(phase + "/meta"), **kw)
+        mask, mask_handle = comm.all_to_all_v_async(sent_mask, plan.splits, recv,
+                                                    tag=d._tag(phase + "/meta"), **kw)
         return hidden, sent_probs, (mask, mask_handle)
 
     @staticmethod
@@ -154,9 +155,10 @@ class PipelinedMoE:
         (hidden, hidden_flight), (sent_probs, probs_flight), (mask, mask_handle) = pending
         hidden, sent_probs = wait(hidden, hidden_flight), wait(sent_probs, probs_flight)
         mask_handle.wait()
+        sent_probs, mask = plan.expand(sent_probs, mask, probs.size(1))
         kept_probs = probs[plan.kept_rows] * plan.kept_masks
         return (torch.cat([x[plan.kept_rows], hidden]), torch.cat([kept_probs, sent_probs]),
-                torch.cat([plan.kept_masks, mask.bool()]))
+                torch.cat([plan.kept_masks, mask]))
 
     def stage_dispatch_a(self, i, chunk: _Chunk):
         x, probs = chunk.tokens

@@ -77,6 +77,9 @@ class SendPlan:
         splits: per-destination row counts (python ints, length R); splits[my_rank] == 0.
         kept_rows: [k] int64, local rows that stay here (this rank owns some of their experts).
         kept_masks: [k, E] bool, the experts they serve here.
+        columns: [n, W] int64, the W experts the destination of each outgoing row can serve:
+            only those routing columns travel (W = E/R to an owner, E/N to a gateway).
+        recv_columns: [W] int64, the columns of the rows this rank receives.
     """
 
     source_rows: torch.Tensor
@@ -84,13 +87,44 @@ class SendPlan:
     splits: list[int]
     kept_rows: torch.Tensor
     kept_masks: torch.Tensor
+    columns: torch.Tensor
+    recv_columns: torch.Tensor
+
+    def compact(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing metadata of the outgoing rows, restricted to their destinations' experts.
+
+        Args:
+            probs: [rows, E], the local rows' router probabilities.
+        Returns:
+            ([n, W] probabilities (zero where not routed), [n, W] uint8 mask).
+        """
+        masks = torch.gather(self.masks, 1, self.columns)
+        sent = torch.gather(probs[self.source_rows], 1, self.columns) * masks
+        return sent, masks.to(torch.uint8)
+
+    def expand(self, probs: torch.Tensor, mask: torch.Tensor,
+               num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Received [m, W] metadata back to dense [m, E] (differentiable in ``probs``)."""
+        dense_probs = probs.new_zeros(probs.size(0), num_experts).index_add(
+            1, self.recv_columns, probs)
+        dense_mask = mask.new_zeros(mask.size(0), num_experts, dtype=torch.bool)
+        dense_mask[:, self.recv_columns] = mask.bool()
+        return dense_probs, dense_mask
 
 
 def _group_by_destination(rows: torch.Tensor, dest: torch.Tensor, masks: torch.Tensor,
-                          num_ranks: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                          num_ranks: int):
     order = torch.argsort(dest, stable=True)
     splits = torch.bincount(dest, minlength=num_ranks).tolist()
-    return rows[order], masks[order], splits
+    return rows[order], masks[order], splits, order
+
+
+def _experts_of(group_of_expert: torch.Tensor, num_groups: int) -> torch.Tensor | None:
+    """[groups, W] expert ids per rank (or node), or None when the groups differ in size."""
+    members = [torch.nonzero(group_of_expert == g).flatten() for g in range(num_groups)]
+    if len({m.numel() for m in members}) != 1:
+        return None
+    return torch.stack(members)
 
 
 def plan_to_owners(mask: torch.Tensor, layout: ExpertLayout,
@@ -113,10 +147,12 @@ def plan_to_owners(mask: torch.Tensor, layout: ExpertLayout,
     kept_rows = torch.nonzero(keep).flatten()
     wants_rank[:, layout.my_rank] = False
     rows, ranks = torch.nonzero(wants_rank, as_tuple=True)
-    source_rows, masks, splits = _group_by_destination(rows, ranks, masks_per_rank[rows, ranks],
-                                                       layout.num_ranks)
+    source_rows, masks, splits, order = _group_by_destination(
+        rows, ranks, masks_per_rank[rows, ranks], layout.num_ranks)
+    experts_of_rank = _experts_of(layout.owner_of_expert, layout.num_ranks)  # [R, E/R]
     return SendPlan(source_rows, masks, splits, kept_rows,
-                    masks_per_rank[kept_rows, layout.my_rank])
+                    masks_per_rank[kept_rows, layout.my_rank],
+                    experts_of_rank[ranks[order]], experts_of_rank[layout.my_rank])
 
 
 def plan_to_gateways(mask: torch.Tensor, layout: ExpertLayout) -> SendPlan:
@@ -138,8 +174,16 @@ def plan_to_gateways(mask: torch.Tensor, layout: ExpertLayout) -> SendPlan:
     # gateway: owner of the lowest-numbered expert the token wants on that node
     first_expert = node_masks.to(torch.int8).argmax(dim=-1)
     gateways = layout.owner_of_expert[first_expert]
-    source_rows, masks, splits = _group_by_destination(rows, gateways, node_masks, layout.num_ranks)
-    return SendPlan(source_rows, masks, splits, kept_rows, masks_per_node[kept_rows, my_node])
+    source_rows, masks, splits, order = _group_by_destination(rows, gateways, node_masks,
+                                                              layout.num_ranks)
+    experts_of_node = _experts_of(expert_node, layout.num_nodes)  # [N, E/N]
+    if experts_of_node is None:  # nodes hold different numbers of experts: send every column
+        every = torch.arange(mask.size(1), device=mask.device)
+        columns, recv_columns = every.expand(source_rows.numel(), -1), every
+    else:
+        columns, recv_columns = experts_of_node[nodes[order]], experts_of_node[my_node]
+    return SendPlan(source_rows, masks, splits, kept_rows, masks_per_node[kept_rows, my_node],
+                    columns, recv_columns)
 
 
 @dataclass(frozen=True)
