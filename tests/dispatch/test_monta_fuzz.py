@@ -3,7 +3,8 @@ gradient equal a single-process dense reference — over random shapes, routings
 
 ≥ 200 cases: top-k 1–8, 4–64 experts, layouts TP1·EP4, TP2·EP2+SP, TP2·EP2·ETP2+SP, TP1·EP2,
 one or two emulated nodes, node dedup on/off, 1–8 pipelined chunks, random and adversarial
-(all tokens to the same experts) routing, with and without capacity dropping; plus the ds_tp
+(all tokens to the same experts) routing, with and without capacity dropping (and megatron's
+pad-to-capacity); plus the ds_tp
 baseline. One spawned 4-rank job per layout runs all of its cases.
 """
 
@@ -33,8 +34,10 @@ def fuzz_items(layout: MoELayout, seed: int) -> list:
         all_on_rank0 = topk <= experts // layout.ep
         hot = tuple(range(topk)) if all_on_rank0 and rng.random() < 0.2 else ()
         capacity = rng.choice([None, None, None, 0.5, 1.0]) if not hot else None
+        pad = capacity is not None and rng.random() < 0.4  # megatron's drop-and-pad routing
         case = MoECase(f"fuzz{i}", topk=topk, pre_softmax=topk == 1 or rng.random() < 0.3,
-                       capacity_factor=capacity, hot_experts=hot, seed=seed * 1000 + i)
+                       capacity_factor=capacity, pad_to_capacity=pad, hot_experts=hot,
+                       seed=seed * 1000 + i)
         shape = MoEShape(num_experts=experts, hidden_size=rng.choice([8, 16]),
                          ffn_hidden_size=8 * layout.etp, seq_per_shard=rng.choice([2, 6, 12]),
                          micro_batch_size=rng.choice([1, 2]))
