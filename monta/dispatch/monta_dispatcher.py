@@ -39,6 +39,8 @@ from monta.dispatch.plan import (
     ExpertLayout,
     ExpertOrder,
     SendPlan,
+    all_columns,
+    only_columns,
     order_by_local_expert,
     plan_to_gateways,
     plan_to_owners,
@@ -207,9 +209,13 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
             gather = lambda t, tag: comm.all_gather_v(  # noqa: E731
                 t, self.etp_sizes, group=self.tp_group, topology=self.topology,
                 tag=self._tag(tag))
+            local = self.local_expert_indices
+            rows_probs, rows_mask = only_columns(rows_probs, rows_mask, local)
             rows_x = gather(rows_x, "dispatch/etp_gather")
             rows_probs = gather(rows_probs, "dispatch/etp_gather/meta")
-            rows_mask = gather(rows_mask.to(torch.uint8), "dispatch/etp_gather/meta").bool()
+            rows_mask = gather(rows_mask, "dispatch/etp_gather/meta")
+            rows_probs, rows_mask = all_columns(rows_probs, rows_mask, local,
+                                                self.config.num_moe_experts)
         self.rows_mask = rows_mask
         return rows_x, rows_probs
 

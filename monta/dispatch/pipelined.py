@@ -25,6 +25,8 @@ from monta import comm
 from monta.dispatch.plan import (
     ExpertOrder,
     SendPlan,
+    all_columns,
+    only_columns,
     order_by_local_expert,
     plan_to_gateways,
     plan_to_owners,
@@ -189,13 +191,14 @@ class PipelinedMoE:
                 if d.node_dedup else chunk.held)
         if d.tp_size > 1:
             x, probs, mask = rows
+            probs, mask = only_columns(probs, mask, d.local_expert_indices)
             chunk.etp_sizes = _gather_counts(x.size(0), d.tp_group, x.device)
             kw = dict(group=d.tp_group, topology=d.topology)
             chunk.pending = (
                 start_all_gather(x, chunk.etp_sizes, tag=d._tag("dispatch/etp_gather"), **kw),
                 start_all_gather(probs, chunk.etp_sizes, tag=d._tag("dispatch/etp_gather/meta"),
                                  **kw),
-                comm.all_gather_v_async(mask.to(torch.uint8), chunk.etp_sizes,
+                comm.all_gather_v_async(mask, chunk.etp_sizes,
                                         tag=d._tag("dispatch/etp_gather/meta"), **kw))
         else:
             chunk.pending = rows
@@ -207,7 +210,8 @@ class PipelinedMoE:
             (x, xf), (probs, pf), (mask, mask_handle) = chunk.pending
             x, probs = wait(x, xf), wait(probs, pf)
             mask_handle.wait()
-            mask = mask.bool()
+            probs, mask = all_columns(probs, mask, d.local_expert_indices,
+                                      d.config.num_moe_experts)
         else:
             x, probs, mask = chunk.pending
         chunk.order = order_by_local_expert(mask, d.local_expert_indices)

@@ -186,6 +186,22 @@ def plan_to_gateways(mask: torch.Tensor, layout: ExpertLayout) -> SendPlan:
                     columns, recv_columns)
 
 
+def only_columns(probs: torch.Tensor, mask: torch.Tensor, columns: list[int]):
+    """[rows, E] routing restricted to ``columns`` ([rows, W] probs, [rows, W] uint8 mask):
+    what travels in the expert-TP all-gather, whose rows only use this EP rank's experts."""
+    index = torch.tensor(columns, device=probs.device)
+    return probs[:, index], mask[:, index].to(torch.uint8)
+
+
+def all_columns(probs: torch.Tensor, mask: torch.Tensor, columns: list[int], num_experts: int):
+    """Inverse of :func:`only_columns` (differentiable in ``probs``)."""
+    index = torch.tensor(columns, device=probs.device)
+    dense_probs = probs.new_zeros(probs.size(0), num_experts).index_add(1, index, probs)
+    dense_mask = torch.zeros(mask.size(0), num_experts, dtype=torch.bool, device=mask.device)
+    dense_mask[:, index] = mask.bool()
+    return dense_probs, dense_mask
+
+
 @dataclass(frozen=True)
 class ExpertOrder:
     """Rows at the experts, sorted by local expert as megatron's experts module expects.
