@@ -245,40 +245,18 @@ def run_moe_layer_cases(
     (:class:`MoEWeights`, summed over DP replicas), ``expert_rows`` ``[E]`` (rows each expert
     computed, padding included) and ``rank_rows`` ``[world]`` (rows each rank's experts computed).
     """
-    from monta.compat import apply_cpu_patches
-
-    apply_cpu_patches()
-    from megatron.core import parallel_state as ps
-
     if world_size != layout.world_size:
         raise ValueError(
             f"layout {layout.name} needs world size {layout.world_size}, got {world_size}"
         )
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
-    )
-    try:
-        results = []
-        for dispatcher_type in dispatcher_types:
-            for case in cases:
-                try:
-                    result = _run_case(layout, case, shape, dispatcher_type)
-                except Exception as exc:
-                    raise RuntimeError(
-                        f"dispatcher {dispatcher_type!r}, case {case.name!r}, layout "
-                        f"{layout.name} failed"
-                    ) from exc
-                results.append({"dispatcher": dispatcher_type, **result})
-    finally:
-        ps.destroy_model_parallel()
-    return results if rank == 0 else None
+    items = [(case, shape, d, None) for d in dispatcher_types for case in cases]
+    return run_mixed_cases(rank, world_size, layout, items)
 
 
 def run_mixed_cases(rank: int, world_size: int, layout: MoELayout, items: list) -> list | None:
     """Rank body for fuzzing: each item is ``(case, shape, dispatcher, ranks_per_node)``, so
-    shapes, dispatcher options and the emulated node layout change from case to case."""
+    shapes, dispatcher options and the emulated node layout change from case to case
+    (``ranks_per_node=None``: the job's own topology)."""
     from monta.compat import apply_cpu_patches
 
     apply_cpu_patches()
@@ -295,12 +273,14 @@ def run_mixed_cases(rank: int, world_size: int, layout: MoELayout, items: list) 
     try:
         results = []
         for case, shape, dispatcher, ranks_per_node in items:
-            parallel.set_topology(Topology.uniform(world_size, ranks_per_node))
+            if ranks_per_node is not None:
+                parallel.set_topology(Topology.uniform(world_size, ranks_per_node))
             try:
                 result = _run_case(layout, case, shape, dispatcher)
             except Exception as exc:
-                raise RuntimeError(f"{dispatcher!r} {case} {shape} under {layout.name} with "
-                                   f"{ranks_per_node} ranks per node failed") from exc
+                raise RuntimeError(f"dispatcher {dispatcher!r}, case {case.name!r}, layout "
+                                   f"{layout.name}, {ranks_per_node} ranks per node failed"
+                                   ) from exc
             results.append({"dispatcher": dispatcher, "shape": shape, **result})
     finally:
         parallel.set_topology(None)
