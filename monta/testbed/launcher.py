@@ -200,6 +200,7 @@ def _inside_main(config: dict[str, Any]) -> int:
     # Die with the outer launcher, even if it is SIGKILLed (the ranks then die with us).
     set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != config["outer_pid"]:
+        say("the launcher that started this one is gone; not starting")
         return 1
     layout = Layout(config["nodes"], config["inter_gbit"], config["intra_gbit"])
     try:
@@ -271,12 +272,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "by rate-capped links, with torchrun's environment.",
         epilog="Exit codes: the first failing rank's; 124 timeout; 77 testbed unavailable.",
         usage="%(prog)s --nodes N --ranks-per-node G --inter-gbit R [options] -- COMMAND ...")
-    parser.add_argument("--nodes", type=int, default=2, help="node namespaces (default 2)")
-    parser.add_argument("--ranks-per-node", type=int, default=1,
-                        help="ranks per node; rank r runs on node r // G (default 1)")
-    parser.add_argument("--inter-gbit", type=float, default=1.0,
-                        help="inter-node cap per direction, Gbit/s (default 1; gloo reaches "
-                             "50-65%% of it)")
+    parser.add_argument("--nodes", type=int, help="node namespaces (required)")
+    parser.add_argument("--ranks-per-node", type=int,
+                        help="ranks per node; rank r runs on node r // G (required)")
+    parser.add_argument("--inter-gbit", type=float,
+                        help="inter-node cap per direction, Gbit/s (required)")
     parser.add_argument("--intra-gbit", type=float, default=None,
                         help="cap on each node's loopback, shared by its ranks (default none)")
     parser.add_argument("--master-port", type=int, default=29500,
@@ -289,6 +289,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.command = command
     if args.inside_config is None:
+        missing = [flag for flag in ("nodes", "ranks_per_node", "inter_gbit")
+                   if getattr(args, flag) is None]
+        if missing:
+            parser.error("missing " + ", ".join("--" + f.replace("_", "-") for f in missing))
         if args.nodes < 1 or args.ranks_per_node < 1:
             parser.error(f"--nodes and --ranks-per-node must be >= 1, got --nodes {args.nodes} "
                          f"--ranks-per-node {args.ranks_per_node}")
