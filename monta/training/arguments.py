@@ -14,44 +14,64 @@ DISPATCHER_CHOICES = ("alltoall", "monta", "ds_tp", "allgather")
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--num-layers", type=int, default=4)
-    g.add_argument("--hidden-size", type=int, default=256)
+    g.add_argument("--num-layers", type=int, default=4,
+                   help="transformer layers (each with an MoE MLP)")
+    g.add_argument("--hidden-size", type=int, default=256,
+                   help="model width H")
     g.add_argument("--ffn-hidden-size", type=int, default=None,
                    help="expert/MLP hidden size; default 4 × hidden (× 2/3 with --swiglu)")
-    g.add_argument("--num-attention-heads", type=int, default=8)
-    g.add_argument("--group-query-attention", action="store_true")
-    g.add_argument("--num-query-groups", type=int, default=None)
-    g.add_argument("--kv-channels", type=int, default=None)
-    g.add_argument("--seq-length", type=int, default=256)
+    g.add_argument("--num-attention-heads", type=int, default=8,
+                   help="query heads")
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="grouped-query attention (use --num-query-groups)")
+    g.add_argument("--num-query-groups", type=int, default=None,
+                   help="key/value heads with --group-query-attention (default: heads)")
+    g.add_argument("--kv-channels", type=int, default=None,
+                   help="head dimension (default hidden / heads)")
+    g.add_argument("--seq-length", type=int, default=256,
+                   help="tokens per sample")
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="defaults to --seq-length")
     g.add_argument("--position-embedding-type", choices=("rope", "learned_absolute", "none"),
                    default="rope")
-    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-base", type=int, default=10000,
+                   help="RoPE base θ (Mixtral: 1e6)")
     g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="RMSNorm")
-    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--norm-epsilon", type=float, default=1e-5,
+                   help="epsilon of the norms")
     g.add_argument("--swiglu", action="store_true", help="SwiGLU experts (gated SiLU)")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--disable-bias-linear", action="store_true")
-    g.add_argument("--hidden-dropout", type=float, default=0.0)
-    g.add_argument("--attention-dropout", type=float, default=0.0)
-    g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="separate output layer (Mixtral)")
+    g.add_argument("--disable-bias-linear", action="store_true",
+                   help="no biases in linear layers (Mixtral)")
+    g.add_argument("--hidden-dropout", type=float, default=0.0,
+                   help="dropout after attention and MLP")
+    g.add_argument("--attention-dropout", type=float, default=0.0,
+                   help="dropout on attention probabilities")
+    g.add_argument("--init-method-std", type=float, default=0.02,
+                   help="std of the normal weight init")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this × TP")
 
 
 def _add_moe_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("mixture of experts")
-    g.add_argument("--num-experts", type=int, default=8)
-    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--num-experts", type=int, default=8,
+                   help="experts per MoE layer")
+    g.add_argument("--moe-router-topk", type=int, default=2,
+                   help="experts per token")
     g.add_argument("--moe-token-dispatcher-type", default="alltoall",
                    help=f"one of {', '.join(DISPATCHER_CHOICES)} (and those MoNTA registers)")
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2,
+                   help="load-balancing loss weight")
     g.add_argument("--moe-router-load-balancing-type", choices=("aux_loss", "seq_aux_loss", "none"),
                    default="aux_loss")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None,
                    help="tokens per expert above capacity are dropped; default dropless")
-    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
-    g.add_argument("--moe-grouped-gemm", action="store_true")
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
+                   help="pad every expert to its capacity (drop-and-pad)")
+    g.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="grouped GEMM experts (GPU)")
     g.add_argument("--monta-node-dedup", choices=("auto", "on", "off"), default="auto",
                    help="monta dispatcher: send a token once per remote node and fan it out "
                         "inside the node (auto: when top-k makes it pay)")
@@ -70,37 +90,55 @@ def _add_topology_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("parallelism (DP = world size / (TP · PP))")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="TP: shards attention/MLP weights; keep inside a node")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="shard activations over TP along the sequence (required for MoE with TP > 1)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="PP: layer stages (1F1B schedule)")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="EP: experts split over ranks")
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
                    help="defaults to --tensor-model-parallel-size")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard optimizer state over DP")
     g.add_argument("--distributed-backend", choices=("gloo", "nccl"), default=None,
                    help="default: nccl with CUDA, gloo without")
-    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="collective timeout: a dead rank becomes an error, not a hang")
 
 
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument("--micro-batch-size", type=int, default=2,
+                   help="samples per rank per micro-batch")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="default: micro batch × DP (one micro-batch per step)")
-    g.add_argument("--train-iters", type=int, default=100)
-    g.add_argument("--lr", type=float, default=3e-4)
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--train-iters", type=int, default=100,
+                   help="optimizer steps")
+    g.add_argument("--lr", type=float, default=3e-4,
+                   help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0,
+                   help="learning rate at the end of decay")
     g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root",
                                                 "WSD"), default="cosine")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="defaults to --train-iters")
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--lr-warmup-iters", type=int, default=0,
+                   help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW weight decay")
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="gradient-norm clipping (0: off)")
+    g.add_argument("--adam-beta1", type=float, default=0.9,
+                   help="Adam β1")
+    g.add_argument("--adam-beta2", type=float, default=0.95,
+                   help="Adam β2")
+    g.add_argument("--adam-eps", type=float, default=1e-8,
+                   help="Adam ε")
+    g.add_argument("--seed", type=int, default=1234,
+                   help="random seed (weights, data order, dropout)")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 weights/activations with fp32 master weights (GPU)")
     g.add_argument("--use-cpu-initialization", action="store_true",
                    help="initialise full weights on the CPU and slice them (layout-independent)")
     g.add_argument("--exit-signal-handler", action="store_true",
@@ -113,10 +151,12 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="prefix of .bin/.idx, or weight prefix weight prefix …")
-    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--split", default="969,30,1",
+                   help="train,valid,test weights of the documents")
     g.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
-                   choices=("SentencePieceTokenizer",))
-    g.add_argument("--tokenizer-model", default=None)
+                   choices=("SentencePieceTokenizer",), help="tokenizer family")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="sentencepiece .model (the bundled one: monta/data/bundled/tokenizer.model)")
     g.add_argument("--mock-data", action="store_true",
                    help="random tokens instead of --data-path (for smoke tests)")
     g.add_argument("--vocab-size", type=int, default=None, help="vocabulary for --mock-data")
@@ -124,24 +164,36 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpointing")
-    g.add_argument("--save", default=None)
-    g.add_argument("--load", default=None)
-    g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--no-save-optim", action="store_true")
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--save", default=None,
+                   help="checkpoint directory to write")
+    g.add_argument("--load", default=None,
+                   help="checkpoint directory (or one iter_* dir) to resume from; equal to --save: auto-resume")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="save every N iterations (and at the end)")
+    g.add_argument("--no-save-optim", action="store_true",
+                   help="save weights without optimizer state")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="ignore the checkpoint's optimizer state")
+    g.add_argument("--no-load-rng", action="store_true",
+                   help="ignore the checkpoint's RNG state")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only; start at iteration 0 with a fresh optimizer")
-    g.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
+    g.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist",
+                   help="megatron-core dist_checkpointing format (reshardable)")
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging and evaluation")
-    g.add_argument("--log-interval", type=int, default=10)
-    g.add_argument("--eval-interval", type=int, default=100)
-    g.add_argument("--eval-iters", type=int, default=5)
-    g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--no-progress-bar", action="store_true")
+    g.add_argument("--log-interval", type=int, default=10,
+                   help="iterations between log lines / TensorBoard points")
+    g.add_argument("--eval-interval", type=int, default=100,
+                   help="iterations between validation runs")
+    g.add_argument("--eval-iters", type=int, default=5,
+                   help="validation batches per run (0: no validation)")
+    g.add_argument("--tensorboard-dir", default=None,
+                   help="write TensorBoard events here")
+    g.add_argument("--no-progress-bar", action="store_true",
+                   help="plain log lines only")
 
 
 def build_parser() -> argparse.ArgumentParser:
