@@ -117,7 +117,8 @@ class SweepConfig:
 
 
 def sweep(quick: bool) -> list[SweepConfig]:
-    """World 4 = 2 nodes × 2; world 8 = 2 nodes × 4 and 4 nodes × 2 (skipped with ``quick``)."""
+    """World 4 = 2 nodes × 2; world 8 = 2 nodes × 4 and 4 nodes × 2; world 16 = 2 nodes × 8
+    with TP 8 (all but world 4 skipped with ``quick``)."""
     topks = (1, 2, 4, 8)
     configs = [SweepConfig(4, 2, tp, ep, etp, k)
                for tp, ep, etp in ((1, 4, 1), (2, 2, 2)) for k in topks]
@@ -129,6 +130,9 @@ def sweep(quick: bool) -> list[SweepConfig]:
     configs.append(SweepConfig(8, 4, 1, 8, 1, 8, experts=64))
     configs += [SweepConfig(8, 2, 1, 8, 1, k) for k in topks]
     configs.append(SweepConfig(8, 2, 1, 8, 1, 8, experts=64))
+    # the MoNTA paper's TP = 8 inside each of 2 nodes (16 ranks; small sizes keep it cheap)
+    for tp, ep, etp in ((8, 2, 8), (8, 8, 1)):
+        configs += [SweepConfig(16, 8, tp, ep, etp, k) for k in (2, 4, 8)]
     return configs
 
 
@@ -176,7 +180,7 @@ def _run_job(rank: int, world_size: int, configs: list[SweepConfig]) -> list[dic
             torch.manual_seed(SEED)
             tconf = TransformerConfig(
                 num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=FFN_HIDDEN,
-                moe_ffn_hidden_size=FFN_HIDDEN, num_attention_heads=4, num_moe_experts=config.experts,
+                moe_ffn_hidden_size=FFN_HIDDEN, num_attention_heads=8, num_moe_experts=config.experts,
                 moe_router_topk=config.topk, moe_router_pre_softmax=config.topk == 1,
                 moe_router_load_balancing_type="none", moe_token_dispatcher_type=dispatcher,
                 tensor_model_parallel_size=config.tp, expert_model_parallel_size=config.ep,

@@ -1,0 +1,591 @@
+"""A/B of the MoE layer's dispatchers on the emulated multi-node testbed: wall time and link bytes.
+
+Launch (repo root, venv active; the testbed needs user + network namespaces)::
+
+    python bench/moe_ab.py                      # caps 0.4, 1, 4 Gbit/s + training (~35 min idle)
+    python bench/moe_ab.py --quick              # smoke run: 1 Gbit/s, top-2/8, 2 rounds
+    python bench/moe_ab.py --caps 1 --no-train --plot bench/results/moe_ab.png
+
+Writes ``bench/results/moe_ab.json`` (config, machine, git commit, load averages, every sample)
+and the tables as Markdown next to it (``.md``), and prints them. Measure only on an idle
+machine: the run records the 1-minute load average before and after every job and marks the
+result ``clean: false`` when any exceeds ``--max-load`` (2 cores shared with other work turn
+the timings into noise).
+
+What runs. One testbed job per inter-node cap (N nodes × G ranks, namespaces joined by
+tbf-capped veths, see ``monta/testbed``); inside it ``bench/moe_ab_worker.py`` builds, per
+parallel layout and top-k, one megatron-core MoE layer per candidate (same seed: same router,
+same experts, same routing, checked by digest), and times forward + backward of each on the same
+T tokens × h fp32 per rank, interleaved (every candidate once per round, start rotated) and
+repeated; medians are reported. Candidates:
+
+* layout TP1·EP4 (default; experts spread over both nodes, so node de-duplication has copies to
+  remove): stock ``alltoall`` (megatron-core's dispatcher + counters) and ``monta`` with node
+  dedup off/on × chunks 1/2/4/8. ``ds_tp`` is left out here: with TP = 1 it *is* monta/flat/c1;
+* layout TP2·EP2·ETP2 (tensor parallel inside a node; each node holds one EP rank, so dedup
+  has nothing to remove): ``ds_tp`` (DeepSpeed-style: tokens replicated over TP, every TP rank
+  sends all of them), stock ``alltoall``, ``monta`` TP-sharded with chunks 1 and 4.
+
+Reported per case:
+
+* ``layer ms``: median of forward + backward of the layer (max over ranks of end − start);
+* ``comm ms`` = layer ms − the median of a *no-comm* reference run in the same rounds: the same
+  layer with EP = TP = 1 on single-rank process groups (all experts local, megatron's stock
+  permutation, no collectives; the same routing and expert FLOPs per rank in expectation). So
+  comm ms is dispatch + combine, forward and backward, *including* the dispatcher's own
+  bookkeeping (plans, index ops) and minus whatever the candidate overlaps with compute. The
+  ``monta.dispatch.stats`` phase seconds are in the JSON too (``fwd_dispatch_combine_ms``) but
+  cover the forward only, and with chunks > 1 they include the experts (one number for the
+  pipeline), so the tables use the subtraction;
+* ``inter MB`` / ``intra MB``: payload bytes of one forward + backward summed over ranks, from
+  :mod:`monta.comm`'s counters (router probabilities and masks, ``/meta``, separately in the
+  JSON). The stock dispatcher's counters miss its backward expert-TP gather/reduce (intra only);
+* ratios vs stock ``alltoall`` of the same cap, layout and top-k: layer speedup, comm speedup,
+  inter bytes.
+
+Then a short full-training comparison (``pretrain_moe.py --mock-data``, ``--train-iters``
+iterations, TP1·EP4, stock ``alltoall`` vs ``monta`` with ``--train-monta-args``) at top-k
+``--train-topks`` on the ``--train-cap`` link, alternating the two ``--train-reps`` times;
+``iteration-time`` and ``moe-comm/inter-bytes-per-step`` are read from TensorBoard (median over
+the iterations after ``--train-skip``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "bench" / "results" / "moe_ab.json"
+STOCK = "alltoall"
+_MB = 1e6
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+def monta_candidate(node_dedup: str, chunks: int) -> dict[str, Any]:
+    kind = "dedup" if node_dedup == "on" else "flat"
+    return {"label": f"monta/{kind}/c{chunks}", "dispatcher": "monta", "node_dedup": node_dedup,
+            "chunks": chunks}
+
+
+def layouts(names: list[str], chunks: list[int]) -> list[dict[str, Any]]:
+    """The parallel layouts and their candidates (module docstring)."""
+    known = {
+        "tp1ep4": {"name": "TP1·EP4", "tp": 1, "ep": 4, "etp": 1, "candidates": [
+            {"label": STOCK, "dispatcher": STOCK},
+            *[monta_candidate(d, c) for d in ("off", "on") for c in chunks]]},
+        "tp2ep2etp2": {"name": "TP2·EP2·ETP2", "tp": 2, "ep": 2, "etp": 2, "candidates": [
+            {"label": "ds_tp", "dispatcher": "ds_tp"}, {"label": STOCK, "dispatcher": STOCK},
+            *[monta_candidate("off", c) for c in sorted({1, max(chunks)})]]},
+    }
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"unknown --layouts {bad}; choose from {sorted(known)}")
+    return [known[n] for n in names]
+
+
+def worker_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {"seed": args.seed, "hidden": args.hidden, "ffn_hidden": args.ffn_hidden,
+            "experts": args.experts, "tokens_per_rank": args.tokens, "reps": args.reps,
+            "topks": args.topks, "pg_timeout_s": args.timeout,
+            "layouts": layouts(args.layouts, args.chunks)}
+
+
+def load_average() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        return float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# Running the jobs
+# --------------------------------------------------------------------------------------------
+def _testbed_env() -> dict[str, str]:
+    # megatron's TE/apex import warnings are printed by every rank before any filter can run
+    return {"PYTHONWARNINGS": "ignore::UserWarning", "MONTA_LOG_LEVEL": "WARNING"}
+
+
+def run_layer_job(args: argparse.Namespace, cap: float, config: dict, loads: list) -> dict:
+    from monta.testbed import run_on_testbed
+
+    with tempfile.TemporaryDirectory(prefix="moe-ab-") as tmp:
+        cfg_path, out_path = Path(tmp) / "config.json", Path(tmp) / "result.json"
+        cfg_path.write_text(json.dumps(config))
+        before = load_average()
+        t0 = time.perf_counter()
+        result = run_on_testbed([sys.executable, "-m", "bench.moe_ab_worker", "--config",
+                                 str(cfg_path), "--out", str(out_path)],
+                                nodes=args.nodes, ranks_per_node=args.ranks_per_node,
+                                inter_gbit=cap, timeout_s=args.timeout, env=_testbed_env(),
+                                cwd=REPO)
+        seconds = time.perf_counter() - t0
+        loads.append({"job": f"layers cap {cap:g}", "before": before, "after": load_average(),
+                      "seconds": round(seconds, 1)})
+        if result.returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"layer job at {cap:g} Gbit/s failed (exit {result.returncode})"
+                               f":\n{result.output[-4000:]}")
+        data = json.loads(out_path.read_text())
+    data["job_seconds"] = seconds
+    data["veth_bytes"] = result.link_bytes
+    return data
+
+
+def tensorboard_scalars(tb_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags().get("scalars", []):
+        return {}
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def train_command(args: argparse.Namespace, topk: int, dispatcher: str, tb_dir: Path) -> list:
+    command = [
+        sys.executable, str(REPO / "pretrain_moe.py"), "--mock-data", "--vocab-size", "512",
+        "--num-layers", str(args.train_layers), "--hidden-size", str(args.hidden),
+        "--ffn-hidden-size", str(args.ffn_hidden), "--num-attention-heads", "8",
+        "--seq-length", str(args.train_seq_length), "--micro-batch-size",
+        str(args.tokens // args.train_seq_length),
+        "--global-batch-size", str(args.tokens // args.train_seq_length * args.nodes
+                                   * args.ranks_per_node),
+        "--swiglu", "--disable-bias-linear", "--normalization", "RMSNorm",
+        "--num-experts", str(args.experts), "--moe-router-topk", str(topk),
+        "--moe-router-load-balancing-type", "none",
+        "--expert-model-parallel-size", str(args.nodes * args.ranks_per_node),
+        "--train-iters", str(args.train_iters), "--log-interval", "1", "--eval-iters", "0",
+        "--eval-interval", str(args.train_iters + 1), "--no-progress-bar",
+        "--tensorboard-dir", str(tb_dir), "--moe-token-dispatcher-type", dispatcher]
+    if dispatcher == "monta":
+        command += args.train_monta_args.split()
+    return command
+
+
+def run_training(args: argparse.Namespace, loads: list) -> list[dict]:
+    from monta.testbed import run_on_testbed
+
+    samples: dict[tuple[int, str], list[dict]] = defaultdict(list)
+    for rep in range(args.train_reps):
+        for topk in args.train_topks:
+            order = (STOCK, "monta") if rep % 2 == 0 else ("monta", STOCK)  # alternate first
+            for dispatcher in order:
+                with tempfile.TemporaryDirectory(prefix="moe-ab-train-") as tmp:
+                    tb_dir = Path(tmp) / "tb"
+                    before = load_average()
+                    t0 = time.perf_counter()
+                    result = run_on_testbed(train_command(args, topk, dispatcher, tb_dir),
+                                            nodes=args.nodes, ranks_per_node=args.ranks_per_node,
+                                            inter_gbit=args.train_cap, timeout_s=args.timeout,
+                                            env=_testbed_env(), cwd=REPO)
+                    seconds = time.perf_counter() - t0
+                    loads.append({"job": f"train top{topk} {dispatcher} rep {rep}",
+                                  "before": before, "after": load_average(),
+                                  "seconds": round(seconds, 1)})
+                    if result.returncode != 0:
+                        raise RuntimeError(f"training top-{topk} {dispatcher} failed (exit "
+                                           f"{result.returncode}):\n{result.output[-4000:]}")
+                    times = tensorboard_scalars(tb_dir, "iteration-time")
+                    inter = tensorboard_scalars(tb_dir, "moe-comm/inter-bytes-per-step")
+                    intra = tensorboard_scalars(tb_dir, "moe-comm/intra-bytes-per-step")
+                kept = [times[s] for s in sorted(times) if s > args.train_skip]
+                if not kept:
+                    raise RuntimeError(f"no iteration-time after step {args.train_skip} in "
+                                       f"TensorBoard ({sorted(times)})")
+                samples[(topk, dispatcher)].append({
+                    "iteration_s": kept, "median_iteration_s": statistics.median(kept),
+                    "inter_bytes_per_step": statistics.median(inter[s] for s in inter
+                                                              if s > args.train_skip)
+                    if inter else None,
+                    "intra_bytes_per_step": statistics.median(intra[s] for s in intra
+                                                              if s > args.train_skip)
+                    if intra else None,
+                    "job_seconds": round(seconds, 1)})
+                print(f"[moe_ab] train top-{topk} {dispatcher} rep {rep + 1}: "
+                      f"{statistics.median(kept) * 1e3:.0f} ms/iteration ({seconds:.0f} s job)",
+                      flush=True)
+    rows = []
+    for topk in args.train_topks:
+        stock = samples[(topk, STOCK)]
+        stock_median = statistics.median(s for run in stock for s in run["iteration_s"])
+        for dispatcher in (STOCK, "monta"):
+            runs = samples[(topk, dispatcher)]
+            median = statistics.median(s for run in runs for s in run["iteration_s"])
+            rows.append({
+                "topk": topk, "dispatcher": dispatcher,
+                "monta_args": args.train_monta_args if dispatcher == "monta" else "",
+                "iteration_ms_median": median * 1e3,
+                "speedup_vs_alltoall": stock_median / median,
+                "inter_bytes_per_step": runs[0]["inter_bytes_per_step"],
+                "intra_bytes_per_step": runs[0]["intra_bytes_per_step"],
+                "runs": runs})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation, tables, JSON
+# --------------------------------------------------------------------------------------------
+def _is_meta(tag: str) -> bool:
+    return tag.endswith("/meta") or "/meta/" in tag
+
+
+def byte_totals(tags: dict[str, dict[str, int]]) -> dict[str, int]:
+    out = {"inter_bytes": 0, "intra_bytes": 0, "inter_meta_bytes": 0, "intra_meta_bytes": 0}
+    for tag, links in tags.items():
+        meta = "_meta" if _is_meta(tag) else ""
+        out[f"inter{meta}_bytes"] += links["inter"]
+        out[f"intra{meta}_bytes"] += links["intra"]
+    return out
+
+
+def build_rows(cap: float, job: dict) -> list[dict]:
+    """One row per (layout, top-k, candidate) of a cap, with ratios vs the stock dispatcher."""
+    groups: dict[tuple[str, int], dict[str, dict]] = defaultdict(dict)
+    for raw in job["rows"]:
+        groups[(raw["layout"]["name"], raw["topk"])][raw["candidate"]["label"]] = raw
+    rows = []
+    for (layout, topk), cands in groups.items():
+        digests = {raw["routing_digest"] for raw in cands.values()}
+        nocomm = statistics.median(cands["nocomm"]["times_s"])
+        stock = None
+        case_rows = []
+        for label, raw in cands.items():
+            layer = statistics.median(raw["times_s"])
+            fwd = [p["fwd_dispatch_s"] + p["fwd_combine_s"] for p in raw["phases"]]
+            row = {
+                "cap_gbit": cap, "layout": raw["layout"], "topk": topk,
+                "candidate": raw["candidate"], "label": label,
+                "layer_ms_median": layer * 1e3,
+                "layer_ms": [t * 1e3 for t in raw["times_s"]],
+                "nocomm_ms_median": nocomm * 1e3,
+                "comm_ms": (layer - nocomm) * 1e3 if label != "nocomm" else 0.0,
+                "fwd_dispatch_combine_ms": statistics.median(fwd) * 1e3,
+                **byte_totals(raw["tags"]),
+                "tags": raw["tags"], "routing_digest": raw["routing_digest"],
+                "same_routing_as_others": len(digests) == 1,
+            }
+            if label == STOCK:
+                stock = row
+            case_rows.append(row)
+        for row in case_rows:
+            if stock is None or row["label"] == "nocomm":
+                row.update(speedup_vs_alltoall=None, comm_speedup_vs_alltoall=None,
+                           inter_bytes_vs_alltoall=None)
+                continue
+            row["speedup_vs_alltoall"] = stock["layer_ms_median"] / row["layer_ms_median"]
+            # None when either comm time is <= 0: the no-comm reference was as slow (noise, or
+            # a candidate hiding all its communication behind compute)
+            row["comm_speedup_vs_alltoall"] = (stock["comm_ms"] / row["comm_ms"]
+                                               if row["comm_ms"] > 0 and stock["comm_ms"] > 0
+                                               else None)
+            row["inter_bytes_vs_alltoall"] = (row["inter_bytes"] / stock["inter_bytes"]
+                                              if stock["inter_bytes"] else None)
+        rows += case_rows
+    return rows
+
+
+def _f(value: float | None, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def markdown(result: dict) -> str:
+    meta = result
+    loads = result["load_average"]
+    lines = [
+        "# MoE layer A/B on the emulated testbed: forward + backward, median of "
+        f"{result['settings']['reps']} interleaved rounds",
+        "",
+        f"{meta['timestamp']} · commit {meta['git_commit'][:10]}"
+        f"{' (dirty tree)' if meta['git_dirty'] else ''} · {meta['machine']['platform']} · "
+        f"{meta['machine']['cpu_count']} CPUs · torch {meta['machine']['torch']} · "
+        f"megatron-core {meta['machine']['megatron_core']}",
+        "",
+        f"{result['settings']['nodes']} nodes × {result['settings']['ranks_per_node']} ranks, "
+        f"gloo; {result['settings']['tokens']} tokens × hidden {result['settings']['hidden']} "
+        f"fp32 per rank, FFN {result['settings']['ffn_hidden']}, "
+        f"{result['settings']['experts']} experts, SwiGLU. 1-min load average: max before a job "
+        f"{loads['max_before']:.2f}, max after {loads['max_after']:.2f} → "
+        f"**{'clean' if result['clean'] else 'NOT CLEAN (shared CPUs; timings are noisy)'}**.",
+        "",
+        "*layer* = fwd+bwd ms; *comm* = layer − no-comm reference (EP=TP=1, no collectives; "
+        "dispatch+combine fwd+bwd incl. bookkeeping, minus overlap); *inter/intra* = payload MB "
+        "per fwd+bwd summed over ranks (counters, no meta); ratios vs stock `alltoall`.",
+        "",
+    ]
+    for cap in result["caps"]:
+        lines += [f"## inter-node cap {cap:g} Gbit/s", "",
+                  "| layout | top-k | candidate | layer ms | comm ms | inter MB | intra MB | "
+                  "layer speedup | comm speedup | inter bytes ÷ stock |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in result["rows"]:
+            if row["cap_gbit"] != cap:
+                continue
+            lines.append(
+                f"| {row['layout']['name']} | {row['topk']} | {row['label']} "
+                f"| {row['layer_ms_median']:.0f} "
+                f"| {'—' if row['label'] == 'nocomm' else format(row['comm_ms'], '.0f')} "
+                f"| {row['inter_bytes'] / _MB:.1f} | {row['intra_bytes'] / _MB:.1f} "
+                f"| {_f(row['speedup_vs_alltoall'], '.2f')} "
+                f"| {_f(row['comm_speedup_vs_alltoall'], '.2f')} "
+                f"| {_f(row['inter_bytes_vs_alltoall'], '.2f')} |")
+        lines.append("")
+    lines += ["## Best candidate per case (layer speedup vs stock alltoall)", "",
+              "| cap Gbit/s | layout | top-k | best | layer speedup | best monta | "
+              "its layer speedup | its comm speedup |", "|---:|---|---:|---|---:|---|---:|---:|"]
+    for s in result["summary"]:
+        lines.append(f"| {s['cap_gbit']:g} | {s['layout']} | {s['topk']} | {s['best']} "
+                     f"| {s['best_speedup']:.2f} | {s['best_monta']} "
+                     f"| {s['best_monta_speedup']:.2f} "
+                     f"| {_f(s['best_monta_comm_speedup'], '.2f')} |")
+    if result.get("training"):
+        t = result["settings"]
+        lines += ["", f"## Full training step ({t['train_layers']} layers, TP1·EP4, "
+                  f"{t['train_cap']:g} Gbit/s, `--mock-data`, {t['train_iters']} iterations, "
+                  f"median over iterations > {t['train_skip']} of {t['train_reps']} runs each)",
+                  "", "| top-k | dispatcher | iteration ms | speedup | inter MB/step | "
+                  "intra MB/step |", "|---:|---|---:|---:|---:|---:|"]
+        for row in result["training"]:
+            name = row["dispatcher"] + (f" `{row['monta_args']}`" if row["monta_args"] else "")
+            lines.append(f"| {row['topk']} | {name} | {row['iteration_ms_median']:.0f} "
+                         f"| {row['speedup_vs_alltoall']:.2f} "
+                         f"| {_f(row['inter_bytes_per_step'] and row['inter_bytes_per_step'] / _MB, '.1f')} "
+                         f"| {_f(row['intra_bytes_per_step'] and row['intra_bytes_per_step'] / _MB, '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["label"] != "nocomm":
+            groups[(row["cap_gbit"], row["layout"]["name"], row["topk"])].append(row)
+    out = []
+    for (cap, layout, topk), cands in groups.items():
+        if not any(r["speedup_vs_alltoall"] for r in cands):
+            continue
+        best = max(cands, key=lambda r: r["speedup_vs_alltoall"] or 0)
+        montas = [r for r in cands if r["candidate"]["dispatcher"] == "monta"]
+        bm = max(montas, key=lambda r: r["speedup_vs_alltoall"] or 0)
+        out.append({"cap_gbit": cap, "layout": layout, "topk": topk, "best": best["label"],
+                    "best_speedup": best["speedup_vs_alltoall"], "best_monta": bm["label"],
+                    "best_monta_speedup": bm["speedup_vs_alltoall"],
+                    "best_monta_comm_speedup": bm["comm_speedup_vs_alltoall"]})
+    return out
+
+
+def plot(result: dict, path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"matplotlib is not importable: skipped the plot {path} (pip install matplotlib)"
+    layout_names = list(dict.fromkeys(r["layout"]["name"] for r in result["rows"]))
+    caps = result["caps"]
+    all_labels = list(dict.fromkeys(r["label"] for r in result["rows"] if r["label"] != "nocomm"))
+    cmap = plt.get_cmap("tab20" if len(all_labels) > 10 else "tab10")
+    color = {label: cmap(i) for i, label in enumerate(all_labels)}  # one colour per candidate
+    fig, axes = plt.subplots(len(layout_names), len(caps), squeeze=False,
+                             figsize=(5.5 * len(caps), 3.8 * len(layout_names)))
+    for i, layout in enumerate(layout_names):
+        for j, cap in enumerate(caps):
+            ax = axes[i][j]
+            rows = [r for r in result["rows"] if r["layout"]["name"] == layout
+                    and r["cap_gbit"] == cap]
+            topks = sorted({r["topk"] for r in rows})
+            labels = list(dict.fromkeys(r["label"] for r in rows if r["label"] != "nocomm"))
+            width = 0.8 / max(1, len(labels))
+            for k, label in enumerate(labels):
+                ys = [next((r["layer_ms_median"] for r in rows if r["topk"] == t
+                            and r["label"] == label), 0) for t in topks]
+                ax.bar([x + k * width for x in range(len(topks))], ys, width, label=label,
+                       color=color[label])
+            nocomm = [next(r["layer_ms_median"] for r in rows if r["topk"] == t
+                           and r["label"] == "nocomm") for t in topks]
+            for x, y in enumerate(nocomm):
+                ax.hlines(y, x - width / 2, x + 0.8 - width / 2, colors="black",
+                          linestyles="dashed", label="no-comm" if x == 0 else None)
+            ax.set_xticks([x + 0.4 - width / 2 for x in range(len(topks))],
+                          [f"top-{t}" for t in topks])
+            ax.set_ylabel("layer fwd+bwd (ms)")
+            ax.set_title(f"{layout}, {cap:g} Gbit/s", fontsize=10)
+            ax.grid(True, axis="y", alpha=0.3)
+            if j == 0:
+                ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"MoE layer A/B, {result['timestamp']}, "
+                 f"{'clean' if result['clean'] else 'NOT CLEAN: loaded machine'}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> dict[str, Any]:
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch": version("torch"),
+            "megatron_core": version("megatron-core")}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: cap 1 Gbit/s, top-2/8, chunks 1/4, 2 rounds, training "
+                             "top-8 once with 3 iterations")
+    parser.add_argument("--caps", type=_floats, default=[0.4, 1.0, 4.0],
+                        help="inter-node caps, Gbit/s per direction (one testbed job each)")
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--ranks-per-node", type=int, default=2)
+    parser.add_argument("--topks", type=_ints, default=[1, 2, 4, 8])
+    parser.add_argument("--chunks", type=_ints, default=[1, 2, 4, 8],
+                        help="monta --monta-chunks values (TP2 layout: 1 and the largest)")
+    parser.add_argument("--layouts", type=lambda s: s.split(","), default=["tp1ep4", "tp2ep2etp2"],
+                        help="comma-separated: tp1ep4, tp2ep2etp2")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved timed rounds")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank (SP shard)")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--ffn-hidden", type=int, default=64,
+                        help="expert FFN size; small so communication dominates on 2 cores")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--no-train", action="store_true", help="skip the training comparison")
+    parser.add_argument("--train-topks", type=_ints, default=[4, 8])
+    parser.add_argument("--train-cap", type=float, default=1.0, help="Gbit/s")
+    parser.add_argument("--train-iters", type=int, default=6)
+    parser.add_argument("--train-skip", type=int, default=2,
+                        help="iterations dropped from the median (warm-up)")
+    parser.add_argument("--train-reps", type=int, default=2,
+                        help="runs per (top-k, dispatcher), alternating which goes first")
+    parser.add_argument("--train-layers", type=int, default=2)
+    parser.add_argument("--train-seq-length", type=int, default=512,
+                        help="micro-batch = --tokens / this many sequences")
+    parser.add_argument("--train-monta-args", default="--monta-node-dedup on --monta-chunks 2",
+                        help="flags of the monta run")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="per testbed job, seconds")
+    parser.add_argument("--max-load", type=float, default=1.5,
+                        help="1-min load average above which the result is marked not clean")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="JSON path; the Markdown goes next to it (.md)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                        help="layer time per candidate, top-k and cap (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.caps, args.topks, args.reps = [1.0], [2, 8], 2
+        args.chunks = [1, 4]
+        args.train_topks, args.train_reps, args.train_iters, args.train_skip = [8], 1, 3, 1
+    if args.tokens % args.train_seq_length and not args.no_train:
+        parser.error(f"--tokens {args.tokens} must be a multiple of --train-seq-length "
+                     f"{args.train_seq_length}")
+    if args.train_iters <= args.train_skip and not args.no_train:
+        parser.error(f"--train-iters {args.train_iters} must exceed --train-skip "
+                     f"{args.train_skip}")
+    try:
+        layouts(args.layouts, args.chunks)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from monta.testbed import testbed_available
+
+    available, reason = testbed_available()
+    if not available:
+        print(f"[moe_ab] testbed unavailable: {reason}", file=sys.stderr)
+        return 77
+    start = time.perf_counter()
+    loads: list[dict] = []
+    first = load_average()
+    if first > args.max_load:
+        print(f"[moe_ab] warning: 1-min load average {first:.2f} > {args.max_load:g}: the "
+              f"timings will be noisy and the result is marked not clean", flush=True)
+    config = worker_config(args)
+    rows, veth, job_seconds = [], {}, {}
+    for cap in args.caps:
+        print(f"[moe_ab] cap {cap:g} Gbit/s: {len(args.layouts)} layout(s) x "
+              f"{len(args.topks)} top-k x candidates, {args.reps} rounds", flush=True)
+        job = run_layer_job(args, cap, config, loads)
+        rows += build_rows(cap, job)
+        veth[f"{cap:g}"] = job["veth_bytes"]
+        job_seconds[f"layers cap {cap:g}"] = round(job["job_seconds"], 1)
+        print(f"[moe_ab] cap {cap:g} Gbit/s done in {job['job_seconds']:.0f} s", flush=True)
+    training = [] if args.no_train else run_training(args, loads)
+    max_before = max(entry["before"] for entry in loads)
+    max_after = max(entry["after"] for entry in loads)
+    result = {
+        "benchmark": "moe_ab",
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain")),
+        "machine": machine(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        | {"worker_config": config},
+        "timing_method": "layer fwd+bwd, max over ranks of end - start after a barrier; comm = "
+                         "layer - no-comm reference (EP=TP=1 on single-rank groups, same routing)",
+        "load_average": {"max_before": max_before, "max_after": max_after, "per_job": loads},
+        "clean": max(max_before, max_after) <= args.max_load,
+        "caps": args.caps, "rows": rows, "summary": summarize(rows), "training": training,
+        "veth_bytes": veth,
+        "wall_seconds": {"total": round(time.perf_counter() - start, 1), **job_seconds},
+    }
+    table = markdown(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    if args.plot:
+        print(f"[moe_ab] {plot(result, args.plot)}")
+    print(f"[moe_ab] wrote {args.out} and {args.out.with_suffix('.md')} in "
+          f"{result['wall_seconds']['total']} s ({'clean' if result['clean'] else 'NOT clean'}: "
+          f"max 1-min load {max(max_before, max_after):.2f})", flush=True)
+    bad = [f"{r['cap_gbit']:g} {r['layout']['name']} top{r['topk']}" for r in rows
+           if not r["same_routing_as_others"]]
+    if bad:
+        print(f"[moe_ab] candidates saw different routings in: {sorted(set(bad))}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
