@@ -27,6 +27,14 @@ def main(argv=None) -> int:
     from monta.training.pretrain import ConfigError, pretrain
 
     try:
+        if args.auto_plan:
+            from monta.planner.auto import plan_for_args
+
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            try:
+                vars(args).update(plan_for_args(args, world_size, args.auto_plan))
+            except ValueError as error:  # no valid layout, unknown preset, ...
+                raise ConfigError(f"--auto-plan {args.auto_plan}: {error}") from error
         pretrain(args)
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
         rank = os.environ.get("RANK", "0")

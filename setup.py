@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["monta", "monta.*"]),
-    package_data={"monta.data": ["bundled/*"]},
+    package_data={"monta.data": ["bundled/*"],
+                  "monta.planner": ["presets/*.yaml", "presets/models/*.json"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.6",  # pinned in requirements.txt; GPU images bring their own build
@@ -22,6 +23,7 @@ setup(
         "tqdm",
         "psutil",  # used by megatron's checkpoint saver but not declared by megatron-core
         "pyyaml",
+        "matplotlib",  # tools/plan.py --plot, tools/bench_comm.py --plot
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "transformers"],

@@ -82,6 +82,10 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_topology_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("topology")
+    g.add_argument("--auto-plan", metavar="CLUSTER", default=None,
+                   help="choose TP/PP/EP/ETP, the dispatcher and its options with monta.planner "
+                        "for this cluster YAML or preset (a800_hdr200, h100_ndr400, "
+                        "testbed_1gbit); see tools/plan.py")
     g.add_argument("--ranks-per-node", type=int, default=None,
                    help="declare N consecutive ranks per node (emulated nodes on one host); "
                         "default: torchrun's LOCAL_WORLD_SIZE / hostnames (env "

@@ -1,0 +1,98 @@
+"""Compute time per rank: FLOPs of one layer (and the LM head) over achieved FLOP/s.
+
+Per rank, per micro-batch, forward (T = s·mbs/TP tokens in the rank's SP shard; q = heads ·
+head_dim, g = kv heads · head_dim; backward = 2 × forward, full recompute adds 1 × forward):
+
+    attention projections   2·T·(h·(q + 2g) + q·h)             at peak · gemm_efficiency
+    core attention (causal) 2·mbs·s²·q / TP                    at peak · attention_efficiency
+                            (QKᵀ and AV are 2·s²·q each; causal masking halves them)
+    router                  2·T·h·E                            at peak · gemm_efficiency
+    experts                 2·M·h·(ffn/ETP)·C                  at peak · eff(n)
+                            (M = 3 matrices with SwiGLU, 2 without; C = (row, expert) copies
+                            this rank computes, from the dispatcher's volume model)
+    LM head (last stage)    2·T·h·V_padded                     at peak · gemm_efficiency
+
+eff(n) = grouped_gemm_efficiency · n / (n + gemm_half_rows) with n rows per local expert GEMM
+(per chunk when the MoE layer is pipelined): small GEMMs are memory-bound. Elementwise work
+(norms, activations, permutes) and the optimizer step are not modelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from monta.planner.cluster import DeviceSpec
+from monta.planner.layout import Layout
+from monta.planner.model import ModelSpec, Workload
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    """Forward FLOPs per rank per micro-batch of one transformer layer."""
+
+    projections: float
+    """QKV and output projection (+ router)."""
+    core_attention: float
+    """QKᵀ, softmax·V (causal)."""
+    experts: float
+    """All (row, expert) GEMMs of this rank's local experts."""
+    rows_per_expert: float
+    """Rows one local expert GEMM sees per micro-batch (sets its efficiency)."""
+
+
+def tokens_per_rank(layout: Layout, workload: Workload) -> float:
+    """T = s · mbs / TP: the rank's sequence-parallel shard of one micro-batch."""
+    return workload.seq_length * workload.micro_batch_size / layout.tp
+
+
+def layer_flops(model: ModelSpec, layout: Layout, workload: Workload,
+                expert_copies: float) -> LayerFlops:
+    """Forward FLOPs of one layer on one rank (module docstring).
+
+    Args:
+        expert_copies: (row, expert) pairs this rank's experts compute per micro-batch.
+    """
+    t = tokens_per_rank(layout, workload)
+    h = model.hidden_size
+    projections = 2 * t * (model.attention_params() + h * model.num_experts)
+    core = 2 * workload.micro_batch_size * workload.seq_length ** 2 * model.q_width / layout.tp
+    ffn_shard = model.ffn_hidden_size / layout.etp
+    experts = 2 * model.expert_matrices * h * ffn_shard * expert_copies
+    local_experts = model.num_experts // layout.ep
+    return LayerFlops(projections, core, experts, expert_copies / local_experts)
+
+
+def lm_head_flops(model: ModelSpec, layout: Layout, workload: Workload) -> float:
+    """Forward FLOPs of the output layer per rank: 2 · T · h · V_padded (column-parallel over
+    TP, on the all-gathered sequence: s·mbs tokens × V/TP columns = T · V)."""
+    return 2 * tokens_per_rank(layout, workload) * model.hidden_size * model.padded_vocab(
+        layout.tp)
+
+
+def expert_efficiency(device: DeviceSpec, rows_per_gemm: float) -> float:
+    """eff(n) = grouped_gemm_efficiency · n / (n + gemm_half_rows)."""
+    n = max(rows_per_gemm, 1e-9)
+    return device.grouped_gemm_efficiency * n / (n + device.gemm_half_rows)
+
+
+def seconds(flops: float, device: DeviceSpec, efficiency: float) -> float:
+    """flops / (peak_tflops · 1e12 · efficiency)."""
+    return flops / (device.peak_tflops * 1e12 * efficiency)
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """Forward seconds of one layer on one rank."""
+
+    attention: float
+    """Projections + router + core attention."""
+    experts: float
+    """Expert GEMMs in one piece (chunks = 1)."""
+
+
+def layer_times(flops: LayerFlops, device: DeviceSpec, chunks: int = 1) -> LayerTimes:
+    """Seconds for ``flops``; the experts run as ``chunks`` GEMM rounds of 1/chunks the rows."""
+    attention = (seconds(flops.projections, device, device.gemm_efficiency)
+                 + seconds(flops.core_attention, device, device.attention_efficiency))
+    eff = expert_efficiency(device, flops.rows_per_expert / chunks)
+    return LayerTimes(attention, seconds(flops.experts, device, eff))
