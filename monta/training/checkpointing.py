@@ -149,7 +149,27 @@ def _sharded_state_dict(model, optimizer, scheduler, train_state, args, with_opt
 def save_checkpoint(root: str, train_state: TrainState, model, optimizer, scheduler,
                     args: argparse.Namespace) -> str:
     """Save atomically into ``root/iter_N``; returns that path."""
-    iteration = train_state.iteration
+    state = _sharded_state_dict(model, optimizer, scheduler, train_state, args,
+                                with_optimizer=not args.no_save_optim, with_rng=True,
+                                is_loading=False)
+    return _save_atomically(root, train_state.iteration, state)
+
+
+def save_model_only(root: str, model, args: argparse.Namespace,
+                    train_state: TrainState | None = None) -> str:
+    """Save weights only (no optimizer, scheduler or RNG state) atomically into ``root/iter_N``.
+
+    For conversion tools: the checkpoint loads like any other; :func:`load_checkpoint` then
+    starts a fresh optimizer. ``train_state`` defaults to iteration 0.
+    """
+    train_state = train_state or TrainState()
+    state = _sharded_state_dict(model, None, None, train_state, args, with_optimizer=False,
+                                with_rng=False, is_loading=False)
+    state["has_rng_state"] = False
+    return _save_atomically(root, train_state.iteration, state)
+
+
+def _save_atomically(root: str, iteration: int, state: dict) -> str:
     final_dir, tmp_dir = checkpoint_dir(root, iteration), checkpoint_dir(root, iteration) + ".tmp"
     rank = dist.get_rank()
     if rank == 0:
@@ -159,9 +179,6 @@ def save_checkpoint(root: str, train_state: TrainState, model, optimizer, schedu
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(tmp_dir)
     dist.barrier()
-    state = _sharded_state_dict(model, optimizer, scheduler, train_state, args,
-                                with_optimizer=not args.no_save_optim, with_rng=True,
-                                is_loading=False)
     dist_checkpointing.save(state, tmp_dir)
     _maybe_stall_for_fault_test(iteration)
     dist.barrier()
@@ -191,16 +208,24 @@ def load_checkpoint(path: str, model, optimizer, scheduler, args: argparse.Names
 
     Resharding is free: any TP/PP/EP layout loads any other's checkpoint. Optimizer and
     RNG state are skipped for ``--finetune``, ``--no-load-optim`` / ``--no-load-rng``, and RNG
-    also when the world size changed (per-rank streams no longer line up).
+    also when the world size changed (per-rank streams no longer line up). A weights-only
+    checkpoint (:func:`save_model_only`, e.g. a converted one) starts a fresh optimizer, with
+    the LR schedule moved on to the checkpoint's consumed samples.
     """
     common = dist_checkpointing.load_common_state_dict(path)
     saved_world = common.get("world_size")
-    with_optimizer = not (args.finetune or args.no_load_optim) and "optimizer" in common
-    with_rng = (not (args.finetune or args.no_load_rng)
+    has_optimizer = "optimizer" in common
+    has_rng = common.get("has_rng_state", True)
+    with_optimizer = not (args.finetune or args.no_load_optim) and has_optimizer
+    with_rng = (not (args.finetune or args.no_load_rng) and has_rng
                 and saved_world == dist.get_world_size())
-    if saved_world != dist.get_world_size() and not args.no_load_rng and dist.get_rank() == 0:
+    if (has_rng and saved_world != dist.get_world_size() and not args.no_load_rng
+            and dist.get_rank() == 0):
         logger.warning("checkpoint saved with world size %s, running with %s: RNG state not "
                        "restored", saved_world, dist.get_world_size())
+    if not has_optimizer and not (args.finetune or args.no_load_optim) and dist.get_rank() == 0:
+        logger.warning("checkpoint %s holds weights only (no optimizer state): starting a fresh "
+                       "optimizer", path)
     state = _sharded_state_dict(model, optimizer, scheduler, TrainState(), args,
                                 with_optimizer=with_optimizer, with_rng=with_rng, is_loading=True)
     loaded = dist_checkpointing.load(state, path)
@@ -216,5 +241,78 @@ def load_checkpoint(path: str, model, optimizer, scheduler, args: argparse.Names
         _set_rng_state(loaded["rng_state"])
     if args.finetune:
         return TrainState()
-    return TrainState(**loaded["train_state"])
+    train_state = TrainState(**loaded["train_state"])
+    if not has_optimizer and scheduler is not None and train_state.consumed_train_samples:
+        scheduler.step(increment=train_state.consumed_train_samples)
+    return train_state
 
+
+# Flags that fix the model's tensors and function; a checkpoint must match them to load.
+MODEL_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+              "num_query_groups", "kv_channels", "position_embedding_type", "rotary_base",
+              "normalization", "norm_epsilon", "swiglu", "untie_embeddings_and_output_weights",
+              "disable_bias_linear", "num_experts", "moe_router_topk")
+
+
+def model_arg_values(args: dict) -> dict:
+    """The :data:`MODEL_ARGS` of saved or parsed args, defaults resolved (query groups without
+    ``--group-query-attention`` = heads; kv channels unset = hidden / heads)."""
+    values = {name: args.get(name) for name in MODEL_ARGS}
+    heads = args.get("num_attention_heads")
+    if not args.get("group_query_attention") or values["num_query_groups"] is None:
+        values["num_query_groups"] = heads
+    if values["kv_channels"] is None and heads:
+        values["kv_channels"] = args.get("hidden_size") // heads
+    return values
+
+
+def check_model_args(path: str, args: argparse.Namespace, vocab_size: int | None,
+                     padded_vocab_size: int) -> None:
+    """Refuse, before any collective, a checkpoint built for a different model.
+
+    Compares :data:`MODEL_ARGS` with the checkpoint's saved args and the embedding rows with
+    this run's padded vocabulary (local file reads only).
+    """
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except Exception as error:  # a torn or foreign common.pt
+        raise CheckpointError(f"cannot read {path}/common.pt ({type(error).__name__}: {error}); "
+                              f"load an earlier iter_* directory") from error
+    saved = common.get("args")
+    if not isinstance(saved, dict):
+        return
+    ours, theirs = model_arg_values(vars(args)), model_arg_values(saved)
+    diffs = [f"--{name.replace('_', '-')} {ours[name]} here, {theirs[name]} in the checkpoint"
+             for name in MODEL_ARGS if ours[name] != theirs[name]]
+    saved_vocab = saved.get("vocab_size") if not saved.get("tokenizer_model") else None
+    if vocab_size is not None and saved_vocab is not None and saved_vocab != vocab_size:
+        diffs.append(f"vocabulary {vocab_size} here, {saved_vocab} in the checkpoint")
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was saved for a different model: " + "; ".join(diffs)
+            + ". Pass the checkpoint's model flags (a converted checkpoint lists them in "
+              "model_flags.txt next to its iter_* directories)")
+    rows = _embedding_rows(path)
+    if rows is not None and rows != padded_vocab_size:
+        tp = args.tensor_model_parallel_size
+        hint = (f"pass --make-vocab-size-divisible-by {rows // tp}" if rows % tp == 0 else
+                f"reshard it for --tensor-model-parallel-size {tp} with "
+                f"tools/convert_checkpoint.py reshard")
+        raise CheckpointError(
+            f"checkpoint {path} pads the vocabulary to {rows} rows, this run to "
+            f"{padded_vocab_size} (--make-vocab-size-divisible-by "
+            f"{args.make_vocab_size_divisible_by} × --tensor-model-parallel-size {tp}); {hint}")
+
+
+def _embedding_rows(path: str) -> int | None:
+    """Rows of the saved embedding (or output layer), from the checkpoint's ``.metadata``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception:  # not readable here: megatron's own load reports it
+        return None
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if key in metadata and hasattr(metadata[key], "size"):
+            return int(metadata[key].size[0])
+    return None

@@ -64,6 +64,10 @@ def preflight(args: argparse.Namespace, world_size: int):
     load_path = None
     if args.load:
         load_path = checkpointing.find_checkpoint(args.load, required=args.load != args.save)
+    if load_path is not None:
+        padded = pad_vocab_size(vocab_size, args.tensor_model_parallel_size,
+                                args.make_vocab_size_divisible_by)
+        checkpointing.check_model_args(load_path, args, vocab_size, padded)
     return dims, config, tokenizer, vocab_size, load_path
 
 
