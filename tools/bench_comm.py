@@ -1,0 +1,744 @@
+"""Measure collectives per link class (intra-node, inter-node) and write a cluster-spec YAML.
+
+    # the emulated 2-node testbed (repo root, venv active), ~1 min at 1 Gbit/s
+    python -m monta.testbed --nodes 2 --ranks-per-node 2 --inter-gbit 1 -- \\
+        python tools/bench_comm.py --out bench/results/cluster_testbed_1gbit.yaml \\
+            --plot bench/results/cluster_testbed_1gbit.png
+    # a real cluster (every node runs the same line)
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 tools/bench_comm.py \\
+        --out cluster.yaml
+    python tools/bench_comm.py --help                     # needs no torch.distributed
+
+What runs. The node of every rank comes from :func:`monta.topology.detect_topology` (torchrun's
+environment; ``--ranks-per-node`` overrides). From it the tool builds, on every rank, the
+*intra* groups (the ranks of one node) and the *inter* groups (the ranks with the same local
+index on every node), and the pairs ``(node0[0], node0[1])`` (intra) and
+``(node0[0], node1[0])`` (inter). Then:
+
+  1) a sweep of message sizes (``--min-size`` … ``--max-size``, ×``--factor``) of
+     point-to-point send/recv (one direction), all-to-all, all-gather and reduce-scatter
+     (:mod:`monta.comm`'s ``all_to_all_v`` / ``all_gather_v`` / ``reduce_scatter_v``) on the
+     first group (or pair) of each link class *alone*: the other ranks wait in a barrier. Every
+     repetition visits every (link, op) once, so link classes and ops are interleaved; an
+     (link, op) whose median exceeds ``--point-budget-s`` is not tried at larger sizes, which
+     bounds the run time on slow links;
+  2) an α-β fit per (link, op): ordinary least squares on ``t = α + bytes / β`` over the
+     medians (see :func:`fit_alpha_beta` for why unweighted). ``bytes`` is the payload one rank
+     sends off-rank in one op, read from :mod:`monta.comm`'s ``LinkBytes`` counters: S for
+     point-to-point, S·(W−1)/W for the collectives (S = the per-rank buffer: the all-to-all
+     input, the all-gather output, the reduce-scatter input; W = group size; nccl-tests calls
+     bytes/t the *bus bandwidth*);
+  3) contention: every rank runs an all-to-all over its inter group and an all-gather over its
+     node, first each alone, then both at once (one thread each); the all-gather's size is
+     chosen from the fit so that both take about as long alone. ``inter_under_intra`` =
+     t(all-to-all with the all-gather running) / t(all-to-all alone), ``intra_under_inter`` the
+     other way round (1.0 = no interference). This is the overlap MoNTA's chunk pipeline relies
+     on (inter-node all-to-all of chunk i+1 under the intra-node all-gather of chunk i).
+
+Timing: a barrier, then each member times its part. On one host (the testbed) the op's time is
+max(end) − min(start) over its members (``time.perf_counter`` is one clock for every process of a
+host, and a receiver's own duration would miss data sent before it left the barrier); across
+hosts, whose clocks are unrelated, it is the longest member's own duration. ``--inner`` ops run
+back to back per sample. Medians over ``--reps`` after ``--warmup``.
+
+Output (rank 0): the cluster spec (``--out``, YAML: nodes, ranks_per_node, links.{intra,inter}
+.{bandwidth_GBps, latency_us} from the all-to-all fit with the other ops' fits beside them,
+contention, measured_on, date), every measured point as JSON next to it (``.json``), a table on
+stdout and, with ``--plot``, bus bandwidth against message size per link class. GB = 1e9 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+OPS = ("p2p", "all_to_all", "all_gather", "reduce_scatter")
+LINKS = ("intra", "inter")
+FIT_OP = "all_to_all"  # the links' headline numbers: MoE dispatch is an all-to-all
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_GB = 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers (no torch): sizes, fits, tables; tested without a job
+# --------------------------------------------------------------------------------------------
+def parse_size(text: str) -> int:
+    """``"64K"`` -> 65536, ``"16M"`` -> 16777216, ``"4096"`` -> 4096 (binary units; B optional)."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in _UNITS and not value[-1:].isdigit() else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 65536, 64K, 16M)") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
+    return int(number * _UNITS[unit])
+
+
+def format_size(nbytes: float) -> str:
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return f"{value:.0f}{unit}" if value == int(value) else f"{value:.1f}{unit}"
+    return f"{nbytes:.0f}"
+
+
+def size_sweep(min_size: int, max_size: int, factor: float) -> list[int]:
+    if min_size > max_size or factor <= 1:
+        raise ValueError(f"need min_size <= max_size and factor > 1, got --min-size {min_size} "
+                         f"--max-size {max_size} --factor {factor}")
+    sizes, size = [], float(min_size)
+    while size <= max_size * (1 + 1e-9):
+        sizes.append(int(size))
+        size *= factor
+    return sizes
+
+
+def fit_alpha_beta(points: list[tuple[float, float]]) -> dict[str, float | None]:
+    """Fit ``t = α + x/β`` to ``(x bytes, t seconds)`` points by ordinary least squares.
+
+    Unweighted on purpose: the large messages, whose time is bandwidth, dominate, and the small
+    ones cannot pull β up (a tbf-capped link lets its burst of ~256 KB through at line rate).
+    A negative α is clamped to 0 and β refitted through the origin (β = Σx² / Σx·t); one
+    point gives α = 0, β = x/t.
+
+    Returns:
+        ``{"latency_s", "bandwidth_Bps", "points", "rel_rms"}`` (rel_rms: root mean square of
+        the relative residuals); bandwidth None when time does not grow with size.
+    """
+    pts = [(float(x), float(t)) for x, t in points if t > 0 and x > 0]
+    if not pts:
+        return {"latency_s": None, "bandwidth_Bps": None, "points": 0, "rel_rms": None}
+    alpha, c = 0.0, None  # c = 1/β, seconds per byte
+    n = len(pts)
+    if n >= 2:
+        mx = sum(x for x, _ in pts) / n
+        mt = sum(t for _, t in pts) / n
+        sxx = sum((x - mx) ** 2 for x, _ in pts)
+        if sxx > 0:
+            c = sum((x - mx) * (t - mt) for x, t in pts) / sxx
+            alpha = mt - c * mx
+    if c is None or alpha < 0:
+        alpha = 0.0
+        c = sum(x * t for x, t in pts) / sum(x * x for x, _ in pts)
+    rel = [((alpha + x * c) - t) / t for x, t in pts]
+    return {"latency_s": alpha, "bandwidth_Bps": 1 / c if c > 0 else None, "points": n,
+            "rel_rms": math.sqrt(sum(r * r for r in rel) / n)}
+
+
+def payload_bytes(op: str, size: int, world: int) -> int:
+    """Bytes one rank sends off-rank per op (what the counters must show; module docstring)."""
+    return size if op == "p2p" else size * (world - 1) // world
+
+
+def round_size(size: int, world: int) -> int:
+    """Largest multiple of 4·world bytes (fp32, even splits) not above ``size``, at least one."""
+    step = 4 * world
+    return max(step, size // step * step)
+
+
+def cluster_spec(result: dict[str, Any]) -> dict[str, Any]:
+    """The YAML document: headline link numbers from the ``FIT_OP`` fit, other fits beside."""
+    links = {}
+    for link, fits in result["fits"].items():
+        head = fits.get(FIT_OP) or next(iter(fits.values()))
+        links[link] = {
+            "bandwidth_GBps": _round(head["bandwidth_Bps"] / _GB if head["bandwidth_Bps"] else
+                                     None, 4),
+            "latency_us": _round(head["latency_s"] * 1e6 if head["latency_s"] is not None
+                                 else None, 1),
+            "fit_op": FIT_OP if FIT_OP in fits else next(iter(fits)),
+            "group_size": result["groups"][link]["size"],
+            "ops": {op: {"bandwidth_GBps": _round(f["bandwidth_Bps"] / _GB
+                                                  if f["bandwidth_Bps"] else None, 4),
+                         "latency_us": _round(f["latency_s"] * 1e6
+                                              if f["latency_s"] is not None else None, 1)}
+                    for op, f in fits.items()},
+        }
+    contention = result.get("contention") or {}
+    return {
+        "nodes": result["nodes"],
+        "ranks_per_node": result["ranks_per_node"],
+        "links": links,
+        "contention": {k: contention.get(k) for k in ("inter_under_intra", "intra_under_inter")},
+        "measured_on": result["measured_on"],
+        "date": result["date"],
+        "load_average": result["load_average"],
+        "foreign_cpu_cores": result["foreign_cpu_cores"],
+        "clean": result["clean"],
+        "source": "tools/bench_comm.py; GB = 1e9 bytes; bandwidth = payload bytes sent "
+                  "off-rank per rank / time; headline numbers from the fit_op fit",
+    }
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def table(result: dict[str, Any]) -> str:
+    """Bus bandwidth (GB/s) per (link, op) and size, the fits, and the contention factors."""
+    sizes = sorted({p["size"] for p in result["points"]})
+    by_key = {(p["link"], p["op"], p["size"]): p for p in result["points"]}
+    head = "| link | op | " + " | ".join(format_size(s) for s in sizes) + \
+        " | latency µs | GB/s (fit) | fit rel. rms |"
+    lines = [f"Bus bandwidth, GB/s (payload sent off-rank per rank / median time), "
+             f"{result['nodes']} node(s) x {result['ranks_per_node']} rank(s), "
+             f"{result['backend']}; 1-min load {result['load_average']['before'][0]:.2f} before, "
+             f"{result['load_average']['after'][0]:.2f} after; other processes "
+             f"{result['foreign_cpu_cores']} cores → "
+             f"{'clean' if result['clean'] else 'NOT CLEAN'}", "", head,
+             "|" + "---|" * (len(sizes) + 5)]
+    for link, fits in result["fits"].items():
+        for op, fit in fits.items():
+            cells = []
+            for s in sizes:
+                p = by_key.get((link, op, s))
+                cells.append(f"{p['busbw_GBps']:.3f}" if p else "—")
+            lat = "—" if fit["latency_s"] is None else f"{fit['latency_s'] * 1e6:.0f}"
+            bw = "—" if not fit["bandwidth_Bps"] else f"{fit['bandwidth_Bps'] / _GB:.3f}"
+            rms = "—" if fit["rel_rms"] is None else f"{fit['rel_rms']:.2f}"
+            lines.append(f"| {link} | {op} | " + " | ".join(cells) + f" | {lat} | {bw} | {rms} |")
+    c = result.get("contention")
+    if c:
+        lines += ["", "Contention (median time, ms; factor = together / alone):", "",
+                  "| op | size | alone | together | factor |", "|---|---|---:|---:|---:|",
+                  f"| inter all_to_all | {format_size(c['inter_size'])} "
+                  f"| {c['inter_alone_s'] * 1e3:.1f} | {c['inter_together_s'] * 1e3:.1f} "
+                  f"| {c['inter_under_intra']:.2f} |",
+                  f"| intra all_gather | {format_size(c['intra_size'])} "
+                  f"| {c['intra_alone_s'] * 1e3:.1f} | {c['intra_together_s'] * 1e3:.1f} "
+                  f"| {c['intra_under_inter']:.2f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> str:
+    """Bus bandwidth against message size, one panel per link class; returns a status line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"matplotlib is not importable: skipped the plot {path} (pip install matplotlib)"
+    import textwrap
+
+    links = list(result["fits"])
+    fig, axes = plt.subplots(1, len(links), figsize=(5.5 * len(links), 4.3), squeeze=False)
+    for ax, link in zip(axes[0], links):
+        sizes = sorted({p["size"] for p in result["points"] if p["link"] == link})
+        for op, fit in result["fits"][link].items():
+            pts = sorted((p["size"], p["bytes"], p["busbw_GBps"]) for p in result["points"]
+                         if p["link"] == link and p["op"] == op)
+            line, = ax.plot([s for s, _, _ in pts], [b for _, _, b in pts], marker="o",
+                            label=op)
+            if fit["bandwidth_Bps"]:  # the α-β model through the same sizes, dashed
+                model = [x / (fit["latency_s"] + x / fit["bandwidth_Bps"]) / _GB
+                         for _, x, _ in pts]
+                ax.plot([s for s, _, _ in pts], model, linestyle="--", color=line.get_color(),
+                        alpha=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [format_size(s) for s in sizes])
+        ax.set_xlabel("message size per rank (bytes)")
+        ax.set_ylabel("bus bandwidth (GB/s)")
+        ax.set_title(f"{link} (group of {result['groups'][link]['size']}); dashed: α-β fit")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    load = result["load_average"]
+    fig.suptitle("\n".join(textwrap.wrap(
+        f"{result['nodes']} node(s) x {result['ranks_per_node']} rank(s), {result['date']}, "
+        f"1-min load {load['before'][0]:.2f}/{load['after'][0]:.2f}: {result['measured_on']}",
+        width=110)), fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def load_average() -> list[float]:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return [math.nan] * 3
+
+
+def cpu_busy_seconds() -> float:
+    """CPU seconds the whole host has spent busy since boot, summed over cores (/proc/stat:
+    user + nice + system + irq + softirq); nan where there is no /proc/stat."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    except (OSError, ValueError):
+        return math.nan
+    user, nice, system, _idle, _iowait, irq, softirq = ticks
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads: gloo's included)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True,
+                              text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# The job (every rank)
+# --------------------------------------------------------------------------------------------
+class _Bench:
+    def __init__(self, args: argparse.Namespace):
+        import torch
+        import torch.distributed as dist
+
+        from monta import comm
+        from monta.topology import detect_topology
+
+        self.torch, self.dist, self.comm = torch, dist, comm
+        self.args = args
+        backend = args.backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.pg_timeout_s))
+        self.backend = backend
+        self.inner = args.inner or (1 if backend == "gloo" else 20)
+        self._streams: dict[int, Any] = {}
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # timing and barriers on host tensors: a gloo group even when the data go over NCCL
+        self.ctrl = dist.new_group(backend="gloo") if backend != "gloo" else None
+        self.topology = detect_topology(args.ranks_per_node, group=self.ctrl)
+        hosts: list[Any] = [None] * self.world
+        dist.all_gather_object(hosts, socket.gethostname(), group=self.ctrl)
+        self.one_host = len(set(hosts)) == 1  # one clock for every rank
+        self.nodes = self.topology.num_nodes
+        self.per_node = self.topology.ranks_per_node
+        self._make_groups()
+
+    # -- groups --------------------------------------------------------------------------
+    def _make_groups(self) -> None:
+        """Every rank creates every group, in the same order (torch.distributed requires it)."""
+        dist, topo = self.dist, self.topology
+        node_ranks = [list(topo.ranks_on_node(n)) for n in range(self.nodes)]
+        intra = node_ranks if self.per_node >= 2 else []
+        inter = ([[node_ranks[n][i] for n in range(self.nodes)] for i in range(self.per_node)]
+                 if self.nodes >= 2 else [])
+        self.groups: dict[str, list[tuple[list[int], Any]]] = {"intra": [], "inter": []}
+        for link, rank_lists in (("intra", intra), ("inter", inter)):
+            for ranks in rank_lists:
+                self.groups[link].append((ranks, dist.new_group(ranks)))
+        self.pairs: dict[str, tuple[list[int], Any]] = {}
+        if intra:
+            pair = node_ranks[0][:2]
+            self.pairs["intra"] = (pair, dist.new_group(pair))
+        if inter:
+            pair = [node_ranks[0][0], node_ranks[1][0]]
+            self.pairs["inter"] = (pair, dist.new_group(pair))
+        self.links = [link for link in LINKS if self.groups[link]]
+
+    def my_group(self, link: str) -> tuple[list[int], Any]:
+        for ranks, group in self.groups[link]:
+            if self.rank in ranks:
+                return ranks, group
+        raise AssertionError(f"rank {self.rank} is in no {link} group")
+
+    # -- timing --------------------------------------------------------------------------
+    def timed(self, parts: dict[str, tuple[list[int], Callable[[], None]]]) -> dict[str, float]:
+        """Run each part's callable on its members, concurrently (one thread per part), after a
+        barrier of the whole world; return each part's span max(end) − min(start) divided by
+        ``inner``, the number of back-to-back calls per sample (it amortises the barrier's skew
+        and the launch overhead on GPUs)."""
+        torch, dist = self.torch, self.dist
+        inner = self.inner
+        names = list(parts)
+        span = torch.full((3 * len(names),), -math.inf, dtype=torch.float64)
+        mine = [(i, fn) for i, (members, fn) in enumerate(parts.values()) if self.rank in members]
+
+        def run(i: int, fn: Callable[[], None]) -> None:
+            stream = self._stream(i)
+            start = time.perf_counter()
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    for _ in range(inner):
+                        fn()
+                stream.synchronize()
+            else:
+                for _ in range(inner):
+                    fn()
+            end = time.perf_counter()
+            span[3 * i], span[3 * i + 1], span[3 * i + 2] = -start, end, end - start
+
+        dist.barrier(group=self.ctrl)
+        if len(mine) == 1:
+            run(*mine[0])
+        elif mine:
+            threads = [threading.Thread(target=run, args=item) for item in mine[1:]]
+            for t in threads:
+                t.start()
+            run(*mine[0])
+            for t in threads:
+                t.join()
+        dist.all_reduce(span, op=dist.ReduceOp.MAX, group=self.ctrl)
+        if self.one_host:  # max(end) - min(start)
+            return {name: (span[3 * i] + span[3 * i + 1]).item() / inner
+                    for i, name in enumerate(names)}
+        return {name: span[3 * i + 2].item() / inner for i, name in enumerate(names)}
+
+    def _stream(self, i: int):
+        """The i-th part's CUDA stream (made once); None on CPU."""
+        if self.device.type != "cuda":
+            return None
+        if i not in self._streams:
+            self._streams[i] = self.torch.cuda.Stream()
+        return self._streams[i]
+
+    # -- ops -----------------------------------------------------------------------------
+    def op_fn(self, op: str, size: int, ranks: list[int], group: Any,
+              counter: Any) -> Callable[[], None]:
+        """A callable running one ``op`` of per-rank buffer ``size`` bytes over ``group``."""
+        torch, dist, comm = self.torch, self.dist, self.comm
+        world = len(ranks)
+        numel = size // 4
+        buf = torch.ones(numel, dtype=torch.float32, device=self.device)
+        kw = dict(group=group, topology=self.topology, tag=f"bench/{op}", counter=counter)
+        if op == "p2p":
+            src, dst = ranks[0], ranks[1]
+
+            rows = [numel if r == dst else 0 for r in dist.get_process_group_ranks(group)]
+
+            def p2p() -> None:
+                if self.rank == src:
+                    comm.count_sends(rows, 4, **kw)
+                    dist.send(buf, dst, group=group)
+                else:
+                    dist.recv(buf, src, group=group)
+            return p2p
+        if op == "all_to_all":
+            splits = [numel // world] * world
+            return lambda: comm.all_to_all_v_async(buf, splits, splits, **kw)[1].wait()
+        if op == "all_gather":
+            part = buf[: numel // world]
+            sizes = [numel // world] * world
+            return lambda: comm.all_gather_v_async(part, sizes, **kw)[1].wait()
+        if op == "reduce_scatter":
+            sizes = [numel // world] * world
+            return lambda: comm.reduce_scatter_v(buf, sizes, **kw)
+        raise ValueError(f"unknown op {op!r}; choose from {OPS}")
+
+    def _case(self, link: str, op: str) -> tuple[list[int], Any]:
+        if op == "p2p":
+            return self.pairs[link]
+        return self.groups[link][0]
+
+    # -- 1) the sweep --------------------------------------------------------------------
+    def sweep(self) -> list[dict[str, Any]]:
+        args = self.args
+        active = [(link, op) for link in self.links for op in args.ops]
+        points = []
+        for raw_size in size_sweep(args.min_size, args.max_size, args.factor):
+            if not active:
+                break
+            fns, sizes, counters = {}, {}, {}
+            for link, op in active:
+                ranks, group = self._case(link, op)
+                size = round_size(raw_size, len(ranks))
+                sizes[(link, op)] = size
+                counters[(link, op)] = self.comm.LinkBytes()
+                fns[(link, op)] = (ranks, self.op_fn(op, size, ranks, group, counters[(link, op)])
+                                   if self.rank in ranks else None)
+            times: dict[tuple[str, str], list[float]] = {key: [] for key in active}
+            for rep in range(args.warmup + args.reps):
+                for key in active:  # interleaved: every (link, op) once per repetition
+                    ranks, fn = fns[key]
+                    t = self.timed({"x": (ranks, fn or (lambda: None))})["x"]
+                    if rep >= args.warmup:
+                        times[key].append(t)
+            # bytes per op: the sender's counter over all repetitions (MAX over ranks)
+            sent = self.torch.tensor([counters[key].by_link()[key[0]] for key in active],
+                                     dtype=self.torch.float64) / (
+                (args.warmup + args.reps) * self.inner)
+            self.dist.all_reduce(sent, op=self.dist.ReduceOp.MAX, group=self.ctrl)
+            still = []
+            for key, nbytes in zip(active, sent.tolist()):
+                link, op = key
+                size, median = sizes[key], statistics.median(times[key])
+                nbytes = int(round(nbytes))
+                expect = payload_bytes(op, size, len(self._case(link, op)[0]))
+                if nbytes != expect:
+                    raise AssertionError(f"{link} {op} {size} B: counters say {nbytes} bytes "
+                                         f"sent, expected {expect}")
+                points.append({"link": link, "op": op, "size": size,
+                               "group_size": len(self._case(link, op)[0]), "bytes": nbytes,
+                               "median_s": median, "min_s": min(times[key]), "times_s": times[key],
+                               "busbw_GBps": nbytes / median / _GB,
+                               "algbw_GBps": size / median / _GB})
+                if median <= args.point_budget_s:
+                    still.append(key)
+                elif self.rank == 0:
+                    print(f"[bench_comm] {link} {op}: {median:.2f} s at {format_size(size)} "
+                          f"> --point-budget-s {args.point_budget_s:g}; no larger sizes",
+                          flush=True)
+            active = still
+            if self.rank == 0:
+                print(f"[bench_comm] {format_size(raw_size)} done", flush=True)
+        return points
+
+    # -- 3) contention -------------------------------------------------------------------
+    def contention(self, fits: dict[str, dict[str, dict]]) -> dict[str, Any] | None:
+        if "inter" not in self.links or "intra" not in self.links:
+            return None
+        args = self.args
+        inter_ranks, inter_group = self.my_group("inter")
+        intra_ranks, intra_group = self.my_group("intra")
+        everyone = list(range(self.world))
+        counter = self.comm.LinkBytes()
+        inter_size = round_size(args.contention_size, len(inter_ranks))
+        a2a = self.op_fn("all_to_all", inter_size, inter_ranks, inter_group, counter)
+        # every inter group at once: the nodes' links are shared as in a real dispatch
+        inter_alone = [self.timed({"a2a": (everyone, a2a)})["a2a"] for _ in range(args.warmup +
+                                                                                 args.reps)]
+        t_inter = statistics.median(inter_alone[args.warmup:])
+        fit = fits["intra"].get("all_gather") or next(iter(fits["intra"].values()))
+        w = len(intra_ranks)
+        if fit["bandwidth_Bps"]:
+            payload = max(0.0, t_inter - (fit["latency_s"] or 0.0)) * fit["bandwidth_Bps"]
+            intra_size = int(payload * w / (w - 1))
+        else:
+            intra_size = inter_size
+        intra_size = round_size(min(max(intra_size, args.min_size), args.contention_max_size), w)
+        ag = self.op_fn("all_gather", intra_size, intra_ranks, intra_group, counter)
+        samples: dict[str, list[float]] = {k: [] for k in
+                                           ("inter_alone", "intra_alone", "inter_tog", "intra_tog")}
+        for rep in range(args.warmup + args.reps):  # interleaved: alone, alone, together
+            a = self.timed({"a2a": (everyone, a2a)})["a2a"]
+            b = self.timed({"ag": (everyone, ag)})["ag"]
+            both = self.timed({"a2a": (everyone, a2a), "ag": (everyone, ag)})
+            if rep >= args.warmup:
+                samples["inter_alone"].append(a)
+                samples["intra_alone"].append(b)
+                samples["inter_tog"].append(both["a2a"])
+                samples["intra_tog"].append(both["ag"])
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        return {
+            "inter_op": "all_to_all", "inter_size": inter_size, "inter_group_size":
+                len(inter_ranks), "intra_op": "all_gather", "intra_size": intra_size,
+            "intra_group_size": w, "all_groups_at_once": True,
+            "inter_alone_s": med["inter_alone"], "intra_alone_s": med["intra_alone"],
+            "inter_together_s": med["inter_tog"], "intra_together_s": med["intra_tog"],
+            "inter_under_intra": round(med["inter_tog"] / med["inter_alone"], 3),
+            "intra_under_inter": round(med["intra_tog"] / med["intra_alone"], 3),
+            "samples_s": samples,
+        }
+
+    def close(self) -> None:
+        self.dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> int:
+    before = load_average()
+    started = time.perf_counter()
+    bench = _Bench(args)
+    try:
+        if not bench.links:
+            if bench.rank == 0:
+                print(f"[bench_comm] {bench.topology}: no rank pair shares a node and no two "
+                      f"nodes exist; nothing to measure", file=sys.stderr)
+            return 2
+        if bench.rank == 0:
+            print(f"[bench_comm] {bench.topology}; backend {bench.backend}; links "
+                  f"{', '.join(bench.links)}; ops {', '.join(args.ops)}; 1-min load "
+                  f"{before[0]:.2f}", flush=True)
+        # foreign load: host CPU time not spent by the ranks, over the measurement
+        bench.dist.barrier(group=bench.ctrl)
+        busy0, own0, wall0 = cpu_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+        points = bench.sweep()
+        fits: dict[str, dict[str, dict]] = {}
+        for link in bench.links:
+            for op in args.ops:
+                pts = [(p["bytes"], p["median_s"]) for p in points
+                       if p["link"] == link and p["op"] == op]
+                if pts:
+                    fits.setdefault(link, {})[op] = fit_alpha_beta(pts)
+        contention = None if args.no_contention else bench.contention(fits)
+        ranks_cpu = bench.torch.tensor([own_cpu_seconds() - own0], dtype=bench.torch.float64)
+        bench.dist.all_reduce(ranks_cpu, group=bench.ctrl)
+        busy1, wall1 = cpu_busy_seconds(), time.perf_counter()
+        if bench.rank != 0:
+            return 0
+        after = load_average()
+        # mean number of cores other processes kept busy (ranks of this job excluded; one host)
+        foreign = (busy1 - busy0 - ranks_cpu.item()) / (wall1 - wall0)
+        foreign = round(max(0.0, foreign), 3) if bench.one_host else None
+        # the load average after includes this job's own ranks: judge by the one before
+        clean = before[0] <= args.max_load and (foreign is None
+                                                 or foreign <= args.max_foreign_cores)
+        measured_on = args.measured_on or _describe_machine(bench)
+        result = {
+            "benchmark": "bench_comm",
+            "nodes": bench.nodes, "ranks_per_node": bench.per_node, "world_size": bench.world,
+            "backend": bench.backend, "device": str(bench.device), "inner": bench.inner,
+            "measured_on": measured_on,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git_commit(),
+            "load_average": {"before": before, "after": after},
+            "foreign_cpu_cores": foreign, "clean": clean,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
+            "groups": {link: {"size": len(bench._case(link, "all_to_all")[0]),
+                              "ranks": bench._case(link, "all_to_all")[0],
+                              "pair": bench.pairs[link][0]} for link in bench.links},
+            "points": points, "fits": fits, "contention": contention,
+            "wall_seconds": round(time.perf_counter() - started, 1),
+        }
+        spec = cluster_spec(result)
+        print(table(result), flush=True)
+        _write(args, result, spec)
+        if not clean:
+            print(f"[bench_comm] warning: NOT CLEAN: 1-min load average {before[0]:.2f} before "
+                  f"(limit {args.max_load:g}), other processes used {foreign} cores on average "
+                  f"(limit {args.max_foreign_cores:g}): the CPUs were shared", flush=True)
+        return 0
+    finally:
+        bench.close()
+
+
+def _describe_machine(bench: _Bench) -> str:
+    env = os.environ
+    what = ""
+    if env.get("TORCHELASTIC_RUN_ID") == "monta-testbed":
+        cap = _tbf_rate(env.get("GLOO_SOCKET_IFNAME", ""))
+        what = (f"emulated testbed (monta.testbed, network namespaces, veth capped by tbf at "
+                f"{cap or 'an unknown rate'}), ")
+    if bench.device.type == "cuda":
+        import torch
+
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"{os.cpu_count()} CPUs"
+    return (f"{what}{socket.gethostname()}, {platform.platform()}, {device}, "
+            f"{bench.backend}, torch {bench.torch.__version__}")
+
+
+def _tbf_rate(dev: str) -> str | None:
+    """The tbf rate on ``dev`` in this network namespace (``tc qdisc show``), e.g. "1Gbit"."""
+    if not dev:
+        return None
+    try:
+        shown = subprocess.run(["tc", "qdisc", "show", "dev", dev], capture_output=True,
+                               text=True, timeout=10).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if "tbf" in shown and "rate" in shown:
+        return shown[shown.index("rate") + 1]
+    return None
+
+
+def _write(args: argparse.Namespace, result: dict[str, Any], spec: dict[str, Any]) -> None:
+    import yaml
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(spec, sort_keys=False, default_flow_style=False))
+    out.with_suffix(".json").write_text(json.dumps(result | {"cluster_spec": spec}, indent=1)
+                                        + "\n")
+    print(f"[bench_comm] wrote {out} and {out.with_suffix('.json')} "
+          f"({result['wall_seconds']} s)", flush=True)
+    if args.plot:
+        print(f"[bench_comm] {plot(result, Path(args.plot))}", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tools/bench_comm.py",
+        description="Latency and bandwidth of p2p, all-to-all, all-gather and reduce-scatter per "
+                    "link class (intra-/inter-node), their contention, and a cluster-spec YAML. "
+                    "Run every rank under torchrun or python -m monta.testbed.",
+        epilog="Example: python -m monta.testbed --nodes 2 --ranks-per-node 2 --inter-gbit 1 -- "
+               "python tools/bench_comm.py --out bench/results/cluster_testbed_1gbit.yaml",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="cluster.yaml",
+                        help="cluster-spec YAML; every point goes to the same name with .json")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="bandwidth vs message size per link class (needs matplotlib)")
+    parser.add_argument("--min-size", type=parse_size, default=parse_size("64K"),
+                        help="smallest per-rank buffer (bytes; K/M/G suffixes)")
+    parser.add_argument("--max-size", type=parse_size, default=parse_size("16M"),
+                        help="largest per-rank buffer")
+    parser.add_argument("--factor", type=float, default=4.0, help="size step (geometric)")
+    parser.add_argument("--ops", type=lambda s: [op.strip() for op in s.split(",") if op.strip()],
+                        default=list(OPS), help="comma-separated subset of " + ",".join(OPS))
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per point")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
+    parser.add_argument("--inner", type=int, default=0,
+                        help="back-to-back ops per timed sample (0: 1 on gloo, 20 on nccl)")
+    parser.add_argument("--point-budget-s", type=float, default=1.0,
+                        help="stop growing an (link, op) once its median exceeds this")
+    parser.add_argument("--contention-size", type=parse_size, default=parse_size("4M"),
+                        help="per-rank all-to-all buffer of the contention test")
+    parser.add_argument("--contention-max-size", type=parse_size, default=parse_size("256M"),
+                        help="cap on the all-gather buffer chosen to match the all-to-all time")
+    parser.add_argument("--no-contention", action="store_true", help="skip the contention test")
+    parser.add_argument("--ranks-per-node", type=int, default=None,
+                        help="override the detected topology (emulation on one host)")
+    parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                        help="auto: nccl with CUDA, else gloo")
+    parser.add_argument("--measured-on", default=None,
+                        help="free text for the spec's measured_on (default: host, platform, "
+                             "devices, backend)")
+    parser.add_argument("--max-load", type=float, default=1.5,
+                        help="not clean when the 1-min load average before the run exceeds this")
+    parser.add_argument("--max-foreign-cores", type=float, default=0.25,
+                        help="not clean when other processes kept more cores than this busy "
+                             "during the run, on average (one-host jobs only)")
+    parser.add_argument("--pg-timeout-s", type=float, default=600.0,
+                        help="torch.distributed timeout")
+    args = parser.parse_args(argv)
+    bad = [op for op in args.ops if op not in OPS]
+    if bad or not args.ops:
+        parser.error(f"--ops must be a non-empty subset of {','.join(OPS)}, got {args.ops}")
+    if args.reps < 1 or args.warmup < 0:
+        parser.error(f"--reps must be >= 1 and --warmup >= 0, got --reps {args.reps} "
+                     f"--warmup {args.warmup}")
+    try:
+        size_sweep(args.min_size, args.max_size, args.factor)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        print("tools/bench_comm.py runs as the ranks of a job: launch it with torchrun or "
+              "python -m monta.testbed (see --help)", file=sys.stderr)
+        return 2
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
