@@ -437,6 +437,10 @@ def markdown(result: dict) -> str:
                   "", "| top-k | dispatcher | iteration ms | speedup | fwd dispatch+combine "
                   "ms/step | inter MB/step | intra MB/step |",
                   "|---:|---|---:|---:|---:|---:|---:|"]
+        lines.insert(len(lines) - 2, "*fwd dispatch+combine* = the `moe-time/layerL/"
+                     "{dispatch,combine}-ms` scalars summed over layers: forward only, and with "
+                     "`--monta-chunks` > 1 they include the experts (the pipeline is timed as "
+                     "one), so they do not compare across dispatchers; iteration time does.\n")
         for row in result["training"]:
             name = row["dispatcher"] + (f" `{row['monta_args']}`" if row["monta_args"] else "")
             mb = {link: row[f"{link}_bytes_per_step"] for link in ("inter", "intra")}

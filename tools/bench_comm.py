@@ -32,7 +32,9 @@ index on every node), and the pairs ``(node0[0], node0[1])`` (intra) and
      node, first each alone, then both at once (one thread each); the all-gather's size is
      chosen from the fit so that both take about as long alone. ``inter_under_intra`` =
      t(all-to-all with the all-gather running) / t(all-to-all alone), ``intra_under_inter`` the
-     other way round (1.0 = no interference). This is the overlap MoNTA's chunk pipeline relies
+     other way round (1.0 = no interference); medians over ``--contention-reps`` interleaved
+     rounds, with the quartiles of the per-round ratios beside them (on 2 shared cores the
+     factors vary from round to round). This is the overlap MoNTA's chunk pipeline relies
      on (inter-node all-to-all of chunk i+1 under the intra-node all-gather of chunk i).
 
 Timing: a barrier, then each member times its part. On one host (the testbed) the op's time is
@@ -187,6 +189,14 @@ def cluster_spec(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    """[p25, median, p75] (one value repeated for fewer than 2 values)."""
+    if len(values) < 2:
+        return values * 3
+    q = statistics.quantiles(values, n=4)
+    return [q[0], statistics.median(values), q[2]]
+
+
 def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(float(value), digits)
 
@@ -217,13 +227,15 @@ def table(result: dict[str, Any]) -> str:
     c = result.get("contention")
     if c:
         lines += ["", "Contention (median time, ms; factor = together / alone):", "",
-                  "| op | size | alone | together | factor |", "|---|---|---:|---:|---:|",
-                  f"| inter all_to_all | {format_size(c['inter_size'])} "
-                  f"| {c['inter_alone_s'] * 1e3:.1f} | {c['inter_together_s'] * 1e3:.1f} "
-                  f"| {c['inter_under_intra']:.2f} |",
-                  f"| intra all_gather | {format_size(c['intra_size'])} "
-                  f"| {c['intra_alone_s'] * 1e3:.1f} | {c['intra_together_s'] * 1e3:.1f} "
-                  f"| {c['intra_under_inter']:.2f} |"]
+                  "| op | size | alone | together | factor | per-round ratio p25–p75 |",
+                  "|---|---|---:|---:|---:|---|"]
+        for link, op, key in (("inter", "all_to_all", "inter_under_intra"),
+                              ("intra", "all_gather", "intra_under_inter")):
+            q = c["ratio_quartiles"][link]
+            lines.append(f"| {link} {op} | {format_size(c[f'{link}_size'])} "
+                         f"| {c[f'{link}_alone_s'] * 1e3:.1f} "
+                         f"| {c[f'{link}_together_s'] * 1e3:.1f} | {c[key]:.2f} "
+                         f"| {q[0]:.2f}–{q[2]:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -521,8 +533,8 @@ class _Bench:
         inter_size = round_size(args.contention_size, len(inter_ranks))
         a2a = self.op_fn("all_to_all", inter_size, inter_ranks, inter_group, counter)
         # every inter group at once: the nodes' links are shared as in a real dispatch
-        inter_alone = [self.timed({"a2a": (everyone, a2a)})["a2a"] for _ in range(args.warmup +
-                                                                                 args.reps)]
+        inter_alone = [self.timed({"a2a": (everyone, a2a)})["a2a"]
+                       for _ in range(args.warmup + args.reps)]
         t_inter = statistics.median(inter_alone[args.warmup:])
         fit = fits["intra"].get("all_gather") or next(iter(fits["intra"].values()))
         w = len(intra_ranks)
@@ -535,7 +547,7 @@ class _Bench:
         ag = self.op_fn("all_gather", intra_size, intra_ranks, intra_group, counter)
         samples: dict[str, list[float]] = {k: [] for k in
                                            ("inter_alone", "intra_alone", "inter_tog", "intra_tog")}
-        for rep in range(args.warmup + args.reps):  # interleaved: alone, alone, together
+        for rep in range(args.warmup + args.contention_reps):  # interleaved: alone, alone, both
             a = self.timed({"a2a": (everyone, a2a)})["a2a"]
             b = self.timed({"ag": (everyone, ag)})["ag"]
             both = self.timed({"a2a": (everyone, a2a), "ag": (everyone, ag)})
@@ -545,6 +557,9 @@ class _Bench:
                 samples["inter_tog"].append(both["a2a"])
                 samples["intra_tog"].append(both["ag"])
         med = {k: statistics.median(v) for k, v in samples.items()}
+        # spread of the per-round ratios (each round's together / that round's alone)
+        ratios = {k: sorted(t / a for t, a in zip(samples[f"{k}_tog"], samples[f"{k}_alone"]))
+                  for k in ("inter", "intra")}
         return {
             "inter_op": "all_to_all", "inter_size": inter_size, "inter_group_size":
                 len(inter_ranks), "intra_op": "all_gather", "intra_size": intra_size,
@@ -553,6 +568,8 @@ class _Bench:
             "inter_together_s": med["inter_tog"], "intra_together_s": med["intra_tog"],
             "inter_under_intra": round(med["inter_tog"] / med["inter_alone"], 3),
             "intra_under_inter": round(med["intra_tog"] / med["intra_alone"], 3),
+            "ratio_quartiles": {k: [round(q, 3) for q in _quartiles(v)]
+                                for k, v in ratios.items()},
             "samples_s": samples,
         }
 
@@ -702,6 +719,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="per-rank all-to-all buffer of the contention test")
     parser.add_argument("--contention-max-size", type=parse_size, default=parse_size("256M"),
                         help="cap on the all-gather buffer chosen to match the all-to-all time")
+    parser.add_argument("--contention-reps", type=int, default=11,
+                        help="timed rounds of the contention test (each: alone, alone, both)")
     parser.add_argument("--no-contention", action="store_true", help="skip the contention test")
     parser.add_argument("--ranks-per-node", type=int, default=None,
                         help="override the detected topology (emulation on one host)")
@@ -721,8 +740,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [op for op in args.ops if op not in OPS]
     if bad or not args.ops:
         parser.error(f"--ops must be a non-empty subset of {','.join(OPS)}, got {args.ops}")
-    if args.reps < 1 or args.warmup < 0:
-        parser.error(f"--reps must be >= 1 and --warmup >= 0, got --reps {args.reps} "
+    if args.reps < 1 or args.contention_reps < 1 or args.warmup < 0:
+        parser.error(f"--reps and --contention-reps must be >= 1 and --warmup >= 0, got --reps "
+                     f"{args.reps} --contention-reps {args.contention_reps} "
                      f"--warmup {args.warmup}")
     try:
         size_sweep(args.min_size, args.max_size, args.factor)
