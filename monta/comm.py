@@ -41,7 +41,7 @@ from monta.topology import Topology
 __all__ = [
     "LINK_BYTES", "Handle", "LinkBytes", "Pending", "all_gather_v", "all_gather_v_async",
     "all_reduce_sum", "all_to_all_v", "all_to_all_v_async", "chunked_pipeline", "count_bytes",
-    "count_sends", "group_size", "reduce_scatter_v",
+    "count_sends", "exchange_counts", "gather_counts", "group_size", "reduce_scatter_v",
 ]
 
 _LINKS = ("intra", "inter")
@@ -416,6 +416,32 @@ def count_sends(rows_per_peer: Sequence[int], row_bytes: int, *, group: Any,
         return
     counter = counter if counter is not None else _COUNTERS[-1]
     _count(counter, tag, _peer_links(group, topology), [int(n) for n in rows_per_peer], row_bytes)
+
+
+def exchange_counts(send_counts: Sequence[Sequence[int]], *, group: Any,
+                    device: torch.device) -> list[list[int]]:
+    """Split sizes for coming all-to-alls: ``send_counts[c][j]`` rows go to peer j in
+    all-to-all c; returns ``recv[c][j]``, the rows peer j sends us. One tiny all-to-all for all
+    of them (host ints: gloo and all_to_all_single want python split sizes). Not counted."""
+    world = group_size(group)
+    if world == 1:
+        return [list(counts) for counts in send_counts]
+    send = torch.tensor(send_counts, dtype=torch.int64, device=device)  # [C, W]
+    send = send.t().contiguous()  # [W, C]: row j goes to peer j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.t().tolist()
+
+
+def gather_counts(count: int, *, group: Any, device: torch.device) -> list[int]:
+    """Every member's ``count`` (e.g. rows it contributes to an all_gather_v). Not counted."""
+    world = group_size(group)
+    if world == 1:
+        return [count]
+    mine = torch.tensor([count], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    return [int(c.item()) for c in every]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,15 +49,14 @@ class RunResult:
     timed_out: bool
 
 
-def run_torchrun(args: list[str], nproc: int, timeout_s: float, env: dict | None = None,
-                 cwd: Path = REPO) -> RunResult:
-    """`torchrun --nproc-per-node N pretrain_moe.py ARGS` with a hard timeout.
+def run_command(command: list[str], timeout_s: float, env: dict | None = None,
+                cwd: Path = REPO) -> RunResult:
+    """Run ``command`` with a hard timeout and one thread per process.
 
-    On timeout the whole process group is killed and ``timed_out`` is set, so a hang is a test
-    failure with the captured output, never a stuck suite.
+    On timeout the whole process group (torchrun's workers included) is killed and
+    ``timed_out`` is set, so a hang is a test failure with the captured output, never a stuck
+    suite.
     """
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), str(REPO / "pretrain_moe.py"), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     process = subprocess.Popen(command, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -68,6 +67,14 @@ def run_torchrun(args: list[str], nproc: int, timeout_s: float, env: dict | None
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         return RunResult(-9, output, True)
+
+
+def run_torchrun(args: list[str], nproc: int, timeout_s: float, env: dict | None = None,
+                 cwd: Path = REPO) -> RunResult:
+    """`torchrun --nproc-per-node N pretrain_moe.py ARGS` under :func:`run_command`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(free_port()), str(REPO / "pretrain_moe.py"), *args]
+    return run_command(command, timeout_s, env, cwd)
 
 
 def free_port() -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,29 +83,6 @@ def node_dedup_pays(topk: int, num_nodes: int) -> bool:
     return topk / distinct_nodes >= 1.5
 
 
-def _group_size(group) -> int:
-    return 1 if group is None else group.size()
-
-
-def _exchange_counts(send_counts: list[int], group, device) -> list[int]:
-    """Row counts each peer will send us (a tiny all-to-all; split sizes must be host ints)."""
-    if _group_size(group) == 1:
-        return list(send_counts)
-    send = torch.tensor(send_counts, dtype=torch.int64, device=device)
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return recv.tolist()
-
-
-def _gather_counts(count: int, group, device) -> list[int]:
-    if _group_size(group) == 1:
-        return [count]
-    mine = torch.tensor([count], dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(group.size())]
-    dist.all_gather(every, mine, group=group)
-    return [int(c.item()) for c in every]
-
-
 @dataclass(frozen=True)
 class _Stage:
     """One all-to-all hop: what was sent from which local row and how much came back."""
@@ -129,7 +105,7 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         self.num_local_experts = num_local_experts
         self.local_expert_indices = list(local_expert_indices)
         self.attn_tp_group = pg_collection.tp
-        self.attn_tp_size = _group_size(self.attn_tp_group)
+        self.attn_tp_size = comm.group_size(self.attn_tp_group)
         self.options = DispatchOptions.from_config(config)
         self.topology = get_topology()
         ep_ranks = (dist.get_process_group_ranks(self.ep_group) if self.ep_size > 1
@@ -167,7 +143,8 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
                 torch.cat([plan.kept_masks, recv_mask]))
 
     def _stage(self, plan: SendPlan, device) -> _Stage:
-        return _Stage(plan, _exchange_counts(plan.splits, self.ep_group, device))
+        return _Stage(plan, comm.exchange_counts([plan.splits], group=self.ep_group,
+                                                 device=device)[0])
 
     # -- dispatch -------------------------------------------------------------------------
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
@@ -205,7 +182,7 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         self.etp_sizes = None
         if self.options.tp_shard and self.tp_size > 1:
             # sharded experts need every token routed to this EP rank from all ETP peers
-            self.etp_sizes = _gather_counts(rows_x.size(0), self.tp_group, device)
+            self.etp_sizes = comm.gather_counts(rows_x.size(0), group=self.tp_group, device=device)
             gather = lambda t, tag: comm.all_gather_v(  # noqa: E731
                 t, self.etp_sizes, group=self.tp_group, topology=self.topology,
                 tag=self._tag(tag))
@@ -262,11 +239,6 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
             rank = self.attn_tp_group.rank()
             tokens_out = tokens_out[rank * self.num_local_tokens:(rank + 1) * self.num_local_tokens]
         return tokens_out.view(self.hidden_shape)
-
-
-def inter_node_fraction(topk: int, num_nodes: int) -> float:
-    """u / k of DESIGN §2: the share of flat inter-node copies that node dedup keeps."""
-    return num_nodes * (1 - (1 - 1 / num_nodes) ** topk) / topk if num_nodes > 1 else math.nan
 
 
 class DSTPTokenDispatcher(MoNTATokenDispatcher):

@@ -169,8 +169,6 @@ class PipelinedMoE:
         return chunk, None
 
     def stage_dispatch_b(self, i, chunk: _Chunk):
-        from monta.dispatch.monta_dispatcher import _exchange_counts
-
         d = self.d
         held = self._finish_send(chunk.plan_a, chunk.pending, *chunk.tokens)
         if not d.node_dedup:
@@ -178,21 +176,20 @@ class PipelinedMoE:
             return chunk, None
         chunk.held = held
         chunk.plan_b = plan_to_owners(held[2], d.layout, only_node=d.layout.my_node)
-        chunk.recv_b = _exchange_counts(chunk.plan_b.splits, d.ep_group, held[0].device)
+        chunk.recv_b = comm.exchange_counts([chunk.plan_b.splits], group=d.ep_group,
+                                            device=held[0].device)[0]
         chunk.pending = self._start_send(chunk.plan_b, chunk.recv_b, held[0], held[1],
                                          "dispatch/intra")
         return chunk, None
 
     def stage_etp_gather(self, i, chunk: _Chunk):
-        from monta.dispatch.monta_dispatcher import _gather_counts
-
         d = self.d
         rows = (self._finish_send(chunk.plan_b, chunk.pending, *chunk.held[:2])
                 if d.node_dedup else chunk.held)
         if d.tp_size > 1:
             x, probs, mask = rows
             probs, mask = only_columns(probs, mask, d.local_expert_indices)
-            chunk.etp_sizes = _gather_counts(x.size(0), d.tp_group, x.device)
+            chunk.etp_sizes = comm.gather_counts(x.size(0), group=d.tp_group, device=x.device)
             kw = dict(group=d.tp_group, topology=d.topology)
             chunk.pending = (
                 start_all_gather(x, chunk.etp_sizes, tag=d._tag("dispatch/etp_gather"), **kw),
@@ -277,8 +274,6 @@ class PipelinedMoE:
 
     def __call__(self, x, probs, routing_map):
         """x [T, H], probs [T, E], routing_map [T, E] -> combined output [T, H]."""
-        from monta.dispatch.monta_dispatcher import _exchange_counts
-
         d = self.d
         bounds = torch.linspace(0, x.size(0), self.num_chunks + 1).round().long().tolist()
         chunks = []
@@ -288,8 +283,8 @@ class PipelinedMoE:
             chunk.plan_a = plan(routing_map[lo:hi], d.layout)
             chunks.append(chunk)
         # one count exchange for every chunk's stage A: [C, R] -> [C, R]
-        flat = [n for c in chunks for n in c.plan_a.splits]
-        recv = _exchange_counts_2d(flat, len(chunks), d.ep_group, x.device)
+        recv = comm.exchange_counts([c.plan_a.splits for c in chunks], group=d.ep_group,
+                                    device=x.device)
         for chunk, counts in zip(chunks, recv):
             chunk.recv_a = counts
         stages = [
@@ -300,19 +295,3 @@ class PipelinedMoE:
         outputs = comm.chunked_pipeline(len(chunks), stages)
         return torch.cat(outputs)
 
-
-def _exchange_counts_2d(flat_counts: list[int], num_chunks: int, group, device):
-    """[C·R] send counts → per chunk, the counts each peer sends us."""
-    from monta.dispatch.monta_dispatcher import _group_size
-
-    ranks = _group_size(group)
-    if ranks == 1:
-        return [flat_counts[c * ranks:(c + 1) * ranks] for c in range(num_chunks)]
-    import torch.distributed as dist
-
-    send = torch.tensor(flat_counts, dtype=torch.int64, device=device).view(num_chunks, ranks)
-    send = send.t().contiguous()  # [R, C]: row j goes to peer j
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    recv = recv.t().tolist()  # [C, R]
-    return recv

@@ -31,7 +31,9 @@ class ExpertLoadTracker:
     """
 
     def __init__(self, model_chunks, num_layers: int, num_experts: int):
-        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        # on the job's device: the hook runs every forward and must not copy to the host
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64,
+                                  device=parallel.device())
         self._handles = []
         for chunk in model_chunks:
             for name, module in chunk.named_modules():
@@ -41,14 +43,11 @@ class ExpertLoadTracker:
     def _hook(self, router, _inputs, outputs) -> None:
         routing_map = outputs[1]
         # layer_number is 1-based and global across pipeline stages
-        self.counts[router.layer_number - 1] += routing_map.detach().sum(dim=0).to(
-            device="cpu", dtype=torch.float64)
+        self.counts[router.layer_number - 1] += routing_map.detach().sum(dim=0)
 
     def reduce_and_reset(self) -> torch.Tensor:
         """[layers, experts] token counts since the last call, summed over all ranks."""
         counts = self.counts.to(dtype=torch.float32)
-        if torch.cuda.is_available():
-            counts = counts.cuda()
         # TP ranks route their own sequence shards, DP ranks their own data, PP stages own
         # layers: every routed token is counted exactly once in the world sum.
         dist.all_reduce(counts)
