@@ -25,10 +25,14 @@ repeated; medians are reported. Candidates:
 
 * layout TP1·EP4 (default; experts spread over both nodes, so node de-duplication has copies to
   remove): stock ``alltoall`` (megatron-core's dispatcher + counters) and ``monta`` with node
-  dedup off/on × chunks 1/2/4/8. ``ds_tp`` is left out here: with TP = 1 it *is* monta/flat/c1;
+  dedup off/on × chunks 1/2/4/8, and ``monta/tune`` (``--monta-node-dedup tune --monta-chunks
+  tune``: it times the eight options in its warm-up forwards and keeps the fastest — the one a
+  user gets without knowing the network; its pick is in the table). ``ds_tp`` is left out here:
+  with TP = 1 it *is* monta/flat/c1;
 * layout TP2·EP2·ETP2 (tensor parallel inside a node; each node holds one EP rank, so dedup
   has nothing to remove): ``ds_tp`` (DeepSpeed-style: tokens replicated over TP, every TP rank
-  sends all of them), stock ``alltoall``, ``monta`` TP-sharded with chunks 1 and 4.
+  sends all of them), stock ``alltoall``, ``monta`` TP-sharded with chunks 1 and 8, and
+  ``monta/tune`` (chunks tuned; dedup has nothing to remove).
 
 Reported per case:
 
@@ -81,10 +85,13 @@ _MB = 1e6
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
-def monta_candidate(node_dedup: str, chunks: int) -> dict[str, Any]:
-    kind = "dedup" if node_dedup == "on" else "flat"
-    return {"label": f"monta/{kind}/c{chunks}", "dispatcher": "monta", "node_dedup": node_dedup,
-            "chunks": chunks}
+def monta_candidate(node_dedup: str, chunks: int | str) -> dict[str, Any]:
+    kind = {"on": "dedup", "off": "flat", "tune": "tune"}[node_dedup]
+    label = "monta/tune" if kind == "tune" else f"monta/{kind}/c{chunks}"
+    return {"label": label, "dispatcher": "monta", "node_dedup": node_dedup, "chunks": chunks}
+
+
+TUNE = monta_candidate("tune", "tune")
 
 
 def layouts(names: list[str], chunks: list[int]) -> list[dict[str, Any]]:
@@ -92,10 +99,10 @@ def layouts(names: list[str], chunks: list[int]) -> list[dict[str, Any]]:
     known = {
         "tp1ep4": {"name": "TP1·EP4", "tp": 1, "ep": 4, "etp": 1, "candidates": [
             {"label": STOCK, "dispatcher": STOCK},
-            *[monta_candidate(d, c) for d in ("off", "on") for c in chunks]]},
+            *[monta_candidate(d, c) for d in ("off", "on") for c in chunks], TUNE]},
         "tp2ep2etp2": {"name": "TP2·EP2·ETP2", "tp": 2, "ep": 2, "etp": 2, "candidates": [
             {"label": "ds_tp", "dispatcher": "ds_tp"}, {"label": STOCK, "dispatcher": STOCK},
-            *[monta_candidate("off", c) for c in sorted({1, max(chunks)})]]},
+            *[monta_candidate("off", c) for c in sorted({1, max(chunks)})], TUNE]},
     }
     bad = [n for n in names if n not in known]
     if bad:
@@ -353,6 +360,7 @@ def build_rows(cap: float, job: dict) -> list[dict]:
                 "fwd_dispatch_combine_ms": statistics.median(fwd) * 1e3,
                 **byte_totals(raw["tags"]),
                 "tags": raw["tags"], "routing_digest": raw["routing_digest"],
+                "tuned": raw.get("tuned"),
                 "same_routing_as_others": len(digests) == 1,
             }
             if label == STOCK:
@@ -413,7 +421,8 @@ def markdown(result: dict) -> str:
             if row["cap_gbit"] != cap:
                 continue
             lines.append(
-                f"| {row['layout']['name']} | {row['topk']} | {row['label']} "
+                f"| {row['layout']['name']} | {row['topk']} | {row['label']}"
+                f"{' → ' + row['tuned'] if row.get('tuned') else ''} "
                 f"| {row['layer_ms_median']:.0f} "
                 f"| {'—' if row['label'] == 'nocomm' else format(row['comm_ms'], '.0f')} "
                 f"| {row['inter_bytes'] / _MB:.1f} | {row['intra_bytes'] / _MB:.1f} "
@@ -421,14 +430,21 @@ def markdown(result: dict) -> str:
                 f"| {_f(row['comm_speedup_vs_alltoall'], '.2f')} "
                 f"| {_f(row['inter_bytes_vs_alltoall'], '.2f')} |")
         lines.append("")
-    lines += ["## Best candidate per case (layer speedup vs stock alltoall)", "",
-              "| cap Gbit/s | layout | top-k | best | layer speedup | best monta | "
-              "its layer speedup | its comm speedup |", "|---:|---|---:|---|---:|---|---:|---:|"]
+    lines += ["## Per case: the best candidate, and what `monta/tune` picked by itself", "",
+              "*comm speedup* = stock comm ms ÷ candidate comm ms (dispatch + combine, fwd + bwd); "
+              "*inter ÷* = stock inter bytes ÷ tune's (the byte ratio the comm speedup is "
+              "held against); *vs ds_tp* = ds_tp comm ms ÷ tune's.", "",
+              "| cap Gbit/s | layout | top-k | best | layer speedup | best monta | its layer "
+              "speedup | tune → pick | tune layer speedup | tune comm speedup | inter ÷ "
+              "| tune comm vs ds_tp |", "|---:|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|"]
     for s in result["summary"]:
         lines.append(f"| {s['cap_gbit']:g} | {s['layout']} | {s['topk']} | {s['best']} "
                      f"| {s['best_speedup']:.2f} | {s['best_monta']} "
-                     f"| {s['best_monta_speedup']:.2f} "
-                     f"| {_f(s['best_monta_comm_speedup'], '.2f')} |")
+                     f"| {s['best_monta_speedup']:.2f} | {s.get('tune_pick') or '—'} "
+                     f"| {_f(s.get('tune_speedup'), '.2f')} "
+                     f"| {_f(s.get('tune_comm_speedup'), '.2f')} "
+                     f"| {_f(s.get('tune_inter_bytes_ratio'), '.2f')} "
+                     f"| {_f(s.get('tune_comm_speedup_vs_ds_tp'), '.2f')} |")
     if result.get("training"):
         t = result["settings"]
         lines += ["", f"## Full training step ({t['train_layers']} layers, TP1·EP4, "
@@ -464,10 +480,22 @@ def summarize(rows: list[dict]) -> list[dict]:
         best = max(cands, key=lambda r: r["speedup_vs_alltoall"] or 0)
         montas = [r for r in cands if r["candidate"]["dispatcher"] == "monta"]
         bm = max(montas, key=lambda r: r["speedup_vs_alltoall"] or 0)
+        tuned = next((r for r in montas if r["label"] == TUNE["label"]), None)
+        by_label = {r["label"]: r for r in cands}
+        ds_tp = by_label.get("ds_tp")
         out.append({"cap_gbit": cap, "layout": layout, "topk": topk, "best": best["label"],
                     "best_speedup": best["speedup_vs_alltoall"], "best_monta": bm["label"],
                     "best_monta_speedup": bm["speedup_vs_alltoall"],
-                    "best_monta_comm_speedup": bm["comm_speedup_vs_alltoall"]})
+                    "best_monta_comm_speedup": bm["comm_speedup_vs_alltoall"],
+                    "tune_pick": tuned and tuned.get("tuned"),
+                    "tune_speedup": tuned and tuned["speedup_vs_alltoall"],
+                    "tune_comm_speedup": tuned and tuned["comm_speedup_vs_alltoall"],
+                    "tune_inter_bytes_ratio": tuned and tuned["inter_bytes_vs_alltoall"] and
+                    1 / tuned["inter_bytes_vs_alltoall"],
+                    "tune_comm_speedup_vs_ds_tp": (
+                        ds_tp["comm_ms"] / tuned["comm_ms"]
+                        if tuned and ds_tp and tuned["comm_ms"] > 0 and ds_tp["comm_ms"] > 0
+                        else None)})
     return out
 
 

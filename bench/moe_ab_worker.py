@@ -93,6 +93,7 @@ class _Case:
         self.phases: list[dict[str, float]] = []
         self.tags: dict[str, dict[str, int]] = {}
         self.routing_digest = ""
+        self.tuned: str | None = None
 
     @property
     def key(self) -> str:
@@ -145,8 +146,12 @@ def _run_layout(cfg: dict, layout: dict, rank: int, world: int, single_pgc) -> l
         return (both[0] + both[1]).item(), {"fwd_dispatch_s": both[2].item(),
                                            "fwd_combine_s": both[3].item()}
 
-    # 2) warm-up with counters and the routing each case saw
+    # 2) warm-up with counters and the routing each case saw; a tuning candidate first runs
+    #    its trial forwards (every rank the same number), so what is timed is its pick
     for case in cases:
+        tuner = getattr(case.layer.token_dispatcher, "tuner", None)
+        while tuner is not None and tuner.chosen is None:
+            step(case)
         seen: dict[str, Any] = {}
         hook = case.layer.router.register_forward_hook(
             lambda _m, _i, outputs: seen.__setitem__("map", outputs[1].detach().clone()))
@@ -157,6 +162,7 @@ def _run_layout(cfg: dict, layout: dict, rank: int, world: int, single_pgc) -> l
         hook.remove()
         take_phase_seconds()
         case.tags = counter.by_tag()
+        case.tuned = str(tuner.chosen) if tuner is not None and len(tuner.candidates) > 1 else None
         case.routing_digest = hashlib.sha1(seen["map"].numpy().tobytes()).hexdigest()
     if rank == 0:
         print(f"[moe_ab] {layout['name']}: {len(cases)} cases warmed up", flush=True)
@@ -186,7 +192,7 @@ def _run_layout(cfg: dict, layout: dict, rank: int, world: int, single_pgc) -> l
                     slot[link] += n
         rows.append({
             "layout": {k: layout[k] for k in ("name", "tp", "ep", "etp")},
-            "topk": case.topk, "candidate": case.cand, "times_s": case.times,
+            "topk": case.topk, "candidate": case.cand, "times_s": case.times, "tuned": case.tuned,
             "phases": case.phases, "tags": tags,
             "routing_digest": hashlib.sha1(
                 "".join(r[i]["digest"] for r in everyone).encode()).hexdigest()[:12],

@@ -41,7 +41,7 @@ from monta.topology import Topology
 __all__ = [
     "LINK_BYTES", "Handle", "LinkBytes", "Pending", "all_gather_v", "all_gather_v_async",
     "all_reduce_sum", "all_to_all_v", "all_to_all_v_async", "chunked_pipeline", "count_bytes",
-    "count_sends", "exchange_counts", "gather_counts", "group_size", "reduce_scatter_v",
+    "count_sends", "current_counter", "exchange_counts", "gather_counts", "group_size", "reduce_scatter_v",
 ]
 
 _LINKS = ("intra", "inter")
@@ -105,6 +105,11 @@ def count_bytes(counter: LinkBytes) -> Iterator[LinkBytes]:
         yield counter
     finally:
         _COUNTERS.pop()
+
+
+def current_counter() -> LinkBytes:
+    """Where a collective started now counts (capture it to count a later backward there)."""
+    return _COUNTERS[-1]
 
 
 class Handle(Protocol):
@@ -177,6 +182,23 @@ def _row_bytes(x: torch.Tensor) -> int:
     return math.prod(x.shape[1:]) * x.element_size()
 
 
+def _count_rows(counter: LinkBytes, tag: str, links: Sequence[str], rows: Sequence[int],
+                x: torch.Tensor, meta_columns: int) -> None:
+    """Count ``rows[j]`` rows of ``x`` to peer j; the last ``meta_columns`` columns of a 2-D
+    ``x`` are routing metadata riding along with the payload, counted under ``tag + "/meta"``
+    (``phase/meta/bwd`` for a backward tag ``phase/bwd``)."""
+    if meta_columns == 0:
+        _count(counter, tag, links, rows, _row_bytes(x))
+        return
+    if x.dim() != 2 or not 0 < meta_columns <= x.shape[1]:
+        raise ValueError(f"meta_columns={meta_columns} needs a 2-D tensor with at least that "
+                         f"many columns, got shape {tuple(x.shape)}")
+    _count(counter, tag, links, rows, (x.shape[1] - meta_columns) * x.element_size())
+    # "/bwd" stays last, as for metadata sent on its own ("phase/meta/bwd")
+    meta_tag = tag[:-4] + "/meta/bwd" if tag.endswith("/bwd") else tag + "/meta"
+    _count(counter, meta_tag, links, rows, meta_columns * x.element_size())
+
+
 def _check_splits(name: str, splits: Sequence[int], world: int, rows: int | None) -> list[int]:
     splits = [int(s) for s in splits]
     bad_sum = rows is not None and sum(splits) != rows
@@ -193,6 +215,7 @@ def _check_splits(name: str, splits: Sequence[int], world: int, rows: int | None
 def all_to_all_v_async(
     x: torch.Tensor, input_splits: Sequence[int], output_splits: Sequence[int], *,
     group: Any, topology: Topology, tag: str, counter: LinkBytes | None = None,
+    meta_columns: int = 0,
 ) -> tuple[torch.Tensor, Pending]:
     """Start an all-to-all with uneven splits; not differentiable.
 
@@ -200,6 +223,8 @@ def all_to_all_v_async(
         x: [sum(input_splits), ...]; rows ``input_splits[j]`` (in order) go to group rank j.
         input_splits: rows sent to each group rank (W python ints).
         output_splits: rows received from each group rank (W python ints).
+        meta_columns: trailing columns of a 2-D ``x`` that are routing metadata fused into the
+            payload (one collective instead of several); counted under ``tag + "/meta"``.
 
     Returns:
         ``(out, handle)``: out is [sum(output_splits), ...], valid after ``handle.wait()``.
@@ -212,7 +237,7 @@ def all_to_all_v_async(
         out.copy_(x)
         return out, Pending()
     counter = counter if counter is not None else _COUNTERS[-1]
-    _count(counter, tag, _peer_links(group, topology), input_splits, _row_bytes(x))
+    _count_rows(counter, tag, _peer_links(group, topology), input_splits, x, meta_columns)
     x = x.contiguous()
     work = dist.all_to_all_single(out, x, output_splits, input_splits, group=group, async_op=True)
     return out, Pending(work, keep=(x,))
@@ -225,6 +250,7 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 def all_gather_v_async(
     x: torch.Tensor, sizes: Sequence[int], *,
     group: Any, topology: Topology, tag: str, counter: LinkBytes | None = None,
+    meta_columns: int = 0,
 ) -> tuple[torch.Tensor, Pending]:
     """Start a gather of every member's rows; not differentiable.
 
@@ -234,6 +260,7 @@ def all_gather_v_async(
     Args:
         x: [sizes[me], ...].
         sizes: rows contributed by each group rank (W python ints, the same on every member).
+        meta_columns: as in :func:`all_to_all_v_async`.
 
     Returns:
         ``(out, handle)``: out is [sum(sizes), ...] (member 0's rows first), valid after
@@ -247,7 +274,8 @@ def all_gather_v_async(
     if world == 1:
         return x.clone(), Pending()
     counter = counter if counter is not None else _COUNTERS[-1]
-    _count(counter, tag, _peer_links(group, topology), [x.shape[0]] * world, _row_bytes(x))
+    _count_rows(counter, tag, _peer_links(group, topology), [x.shape[0]] * world, x,
+                meta_columns)
     rows = max(sizes)
     if rows == 0:  # every member knows: nobody sends anything
         return x.new_empty((0, *x.shape[1:])), Pending()

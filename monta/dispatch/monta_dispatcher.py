@@ -33,17 +33,17 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from monta import comm
-from monta.dispatch.stats import timed
+from monta.dispatch import hops
+from monta.dispatch.autotune import CHUNK_OPTIONS, DispatchTuner
 from monta.dispatch.plan import (
     ExpertLayout,
     ExpertOrder,
     SendPlan,
-    all_columns,
-    only_columns,
     order_by_local_expert,
     plan_to_gateways,
     plan_to_owners,
 )
+from monta.dispatch.stats import timed
 
 logger = logging.getLogger(__name__)
 
@@ -54,20 +54,20 @@ class DispatchOptions:
 
     tp_shard: bool = True
     """Each TP rank dispatches only its sequence-parallel shard (False: the ``ds_tp`` baseline)."""
-    node_dedup: Literal["on", "off", "auto"] = "auto"
-    """One copy per (token, remote node) plus an intra-node fan-out; ``auto`` applies the cost
-    rule in :func:`node_dedup_pays`."""
+    node_dedup: Literal["on", "off", "auto", "tune"] = "auto"
+    """One copy per (token, remote node) plus an intra-node fan-out; ``auto`` applies the
+    static rule in :func:`node_dedup_pays`, ``tune`` measures both (:mod:`.autotune`)."""
 
-    chunks: int = 1
+    chunks: int | Literal["tune"] = 1
     """Split each layer's tokens into this many chunks and pipeline them (inter-node all-to-all
     of chunk i+1 overlapping the intra-node phases and experts of chunk i), forward and
-    backward; see :mod:`monta.dispatch.pipelined`."""
+    backward; see :mod:`monta.dispatch.pipelined`. ``tune`` measures 1/2/4/8."""
 
     def __post_init__(self):
-        if self.chunks < 1:
-            raise ValueError(f"--monta-chunks must be >= 1, got {self.chunks}")
-        if self.node_dedup not in ("on", "off", "auto"):
-            raise ValueError(f"node_dedup must be on/off/auto, got {self.node_dedup!r}")
+        if self.chunks != "tune" and not (isinstance(self.chunks, int) and self.chunks >= 1):
+            raise ValueError(f"--monta-chunks must be an int >= 1 or 'tune', got {self.chunks!r}")
+        if self.node_dedup not in ("on", "off", "auto", "tune"):
+            raise ValueError(f"node_dedup must be on/off/auto/tune, got {self.node_dedup!r}")
 
     @staticmethod
     def from_config(config) -> "DispatchOptions":
@@ -113,34 +113,43 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         self.layout = ExpertLayout.contiguous(
             config.num_moe_experts, [self.topology.node(r) for r in ep_ranks],
             ep_ranks.index(dist.get_rank() if dist.is_initialized() else 0))
-        if self.options.node_dedup == "auto":
-            self.node_dedup = node_dedup_pays(config.moe_router_topk, self.layout.num_nodes)
-        else:
-            self.node_dedup = self.options.node_dedup == "on"
+        self.tuner = DispatchTuner.for_options(self._dedup_options(config.moe_router_topk),
+                                               self._chunk_options(), group=self.tp_ep_group)
         if not self.options.tp_shard and self.tp_size not in (1, self.attn_tp_size):
             raise ValueError(f"ds_tp dispatch needs expert-TP size 1 or equal to TP "
                              f"({self.attn_tp_size}), got {self.tp_size}")
         self.layer_number = None
 
+    # -- options --------------------------------------------------------------------------
+    def _dedup_options(self, topk: int) -> list[bool]:
+        mode = self.options.node_dedup
+        if mode == "tune":
+            return [False, True] if self.layout.num_nodes > 1 and topk > 1 else [False]
+        if mode == "auto":
+            return [node_dedup_pays(topk, self.layout.num_nodes)]
+        return [mode == "on"]
+
+    def _chunk_options(self) -> list[int]:
+        return list(CHUNK_OPTIONS) if self.options.chunks == "tune" else [self.options.chunks]
+
+    @property
+    def node_dedup(self) -> bool:
+        """Whether this forward de-duplicates per node (fixed, or the tuner's current pick)."""
+        return self.tuner.setting().node_dedup
+
+    @property
+    def chunks(self) -> int:
+        return self.tuner.setting().chunks
+
     # -- bookkeeping ----------------------------------------------------------------------
     def _tag(self, phase: str) -> str:
         return f"layer{self.layer_number or 0}/{phase}"
 
-    def _a2a(self, x, send_splits, recv_splits, phase):
-        return comm.all_to_all_v(x, send_splits, recv_splits, group=self.ep_group,
-                                 topology=self.topology, tag=self._tag(phase))
-
     def _send(self, stage: _Stage, x, probs, phase):
         """Rows of ``x``/``probs`` per ``stage.plan``, across the EP group; returns received."""
-        plan = stage.plan
-        sent_probs, sent_mask = plan.compact(probs)
-        recv_x = self._a2a(x[plan.source_rows], plan.splits, stage.recv_splits, phase)
-        recv_probs = self._a2a(sent_probs, plan.splits, stage.recv_splits, phase + "/meta")
-        recv_mask = self._a2a(sent_mask, plan.splits, stage.recv_splits, phase + "/meta")
-        recv_probs, recv_mask = plan.expand(recv_probs, recv_mask, probs.size(1))
-        kept_probs = probs[plan.kept_rows] * plan.kept_masks
-        return (torch.cat([x[plan.kept_rows], recv_x]), torch.cat([kept_probs, recv_probs]),
-                torch.cat([plan.kept_masks, recv_mask]))
+        return hops.finish_send(hops.start_send(stage.plan, stage.recv_splits, x, probs,
+                                                group=self.ep_group, topology=self.topology,
+                                                tag=self._tag(phase)), x, probs)
 
     def _stage(self, plan: SendPlan, device) -> _Stage:
         return _Stage(plan, comm.exchange_counts([plan.splits], group=self.ep_group,
@@ -183,16 +192,10 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         if self.options.tp_shard and self.tp_size > 1:
             # sharded experts need every token routed to this EP rank from all ETP peers
             self.etp_sizes = comm.gather_counts(rows_x.size(0), group=self.tp_group, device=device)
-            gather = lambda t, tag: comm.all_gather_v(  # noqa: E731
-                t, self.etp_sizes, group=self.tp_group, topology=self.topology,
-                tag=self._tag(tag))
-            local = self.local_expert_indices
-            rows_probs, rows_mask = only_columns(rows_probs, rows_mask, local)
-            rows_x = gather(rows_x, "dispatch/etp_gather")
-            rows_probs = gather(rows_probs, "dispatch/etp_gather/meta")
-            rows_mask = gather(rows_mask, "dispatch/etp_gather/meta")
-            rows_probs, rows_mask = all_columns(rows_probs, rows_mask, local,
-                                                self.config.num_moe_experts)
+            rows_x, rows_probs, rows_mask = hops.finish_etp_gather(hops.start_etp_gather(
+                rows_x, rows_probs, rows_mask, self.local_expert_indices, self.etp_sizes,
+                group=self.tp_group, topology=self.topology, tag=self._tag("dispatch/etp_gather")),
+                self.config.num_moe_experts)
         self.rows_mask = rows_mask
         return rows_x, rows_probs
 
@@ -220,11 +223,9 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
 
     def _return(self, stage: _Stage, rows_out, num_dest_rows, phase):
         """Inverse of :meth:`_send`: sum each row's outputs back into the rows it came from."""
-        plan = stage.plan
-        back = self._a2a(rows_out[stage.num_kept:], stage.recv_splits, plan.splits, phase)
-        out = rows_out.new_zeros(num_dest_rows, rows_out.size(-1))
-        out = out.index_add(0, plan.kept_rows, rows_out[: stage.num_kept])
-        return out.index_add(0, plan.source_rows, back)
+        return hops.finish_return(hops.start_return(
+            stage.plan, stage.recv_splits, rows_out, group=self.ep_group,
+            topology=self.topology, tag=self._tag(phase)), num_dest_rows)
 
     @timed("combine")
     def token_combine(self, rows_out):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
@@ -15,6 +16,8 @@ from monta.dispatch.counted_alltoall import CountedAlltoAllTokenDispatcher
 from monta.dispatch.monta_dispatcher import DSTPTokenDispatcher, MoNTATokenDispatcher
 from monta.dispatch.pipelined import PipelinedMoE
 from monta.dispatch.stats import timed
+
+logger = logging.getLogger(__name__)
 
 DISPATCHERS: dict[str, type[MoETokenDispatcher]] = {
     # megatron-core's stock all-to-all, unchanged apart from byte counters: the baseline
@@ -58,11 +61,21 @@ class MoNTAMoELayer(MoELayer):
         self.token_dispatcher.layer_number = layer_number
 
     def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
-        dispatcher = self.token_dispatcher
-        chunks = getattr(getattr(dispatcher, "options", None), "chunks", 1)
-        if chunks == 1 or intermediate_tensors is not None:
+        tuner = getattr(self.token_dispatcher, "tuner", None)
+        if tuner is None or intermediate_tensors is not None:
             return super().forward(hidden_states, intermediate_tensors, padding_mask)
-        return self._pipelined_forward(hidden_states, padding_mask, chunks)
+
+        def run():
+            chunks = tuner.setting().chunks
+            if chunks == 1:
+                return super(MoNTAMoELayer, self).forward(hidden_states, None, padding_mask)
+            return self._pipelined_forward(hidden_states, padding_mask, chunks)
+
+        deciding = tuner.chosen is None
+        out = tuner.timed_forward(run, hidden_states.device)
+        if deciding and tuner.chosen is not None:
+            logger.info("layer %s monta dispatch tuned: %s", self.layer_number, tuner.report())
+        return out
 
     @timed("dispatch")  # with chunks the experts overlap the transfers: one number for all
     def _pipelined_forward(self, hidden_states, padding_mask, chunks):

@@ -6,7 +6,9 @@ Copies per token (``Copies``) come from :mod:`monta.planner.routing`. Each rank 
 
 * ``alltoall`` (megatron stock): a2a T·h·b·(copies per (token, expert)) + probs (4 B/row);
   with t_e > 1 an all-gather of the T·k received rows to t_e − 1 peers, reduce-scatter back.
-* ``monta`` flat: a2a T·h·b·(copies per (token, owner rank)) + routing columns E/e·5 B/row;
+* ``monta`` flat: a2a T·h·b·(copies per (token, owner rank)) + routing columns E/e·(4 + b) B/row
+  (fp32 probabilities and a 0/1 mask in the activation dtype, fused into the hidden-state message:
+  a count exchange plus one all-to-all, plus one for the probabilities when b ≠ 4);
   node dedup: stage A T·h·b·(copies per (token, remote node)) with E/N columns per row, stage B
   the intra-node fan-out; then (t_e > 1) the all-gather of the T·ΣP_r rows at the owner.
 * ``ds_tp``: all-gather of the TP group's tokens ((t − 1)·T rows + E·5 B of routing each), then
@@ -26,7 +28,7 @@ from monta.planner.layout import Layout
 from monta.planner.routing import Copies
 
 PROB_BYTES = 4  # router probabilities travel in fp32
-MASK_BYTES = 1  # the routing mask travels as uint8
+MASK_BYTES = 1  # ds_tp's TP all-gather sends the routing mask as uint8
 Mode = Literal["alltoall", "ds_tp", "monta_flat", "monta_dedup"]
 MODES: tuple[Mode, ...] = ("alltoall", "ds_tp", "monta_flat", "monta_dedup")
 
@@ -96,7 +98,10 @@ def moe_volume(mode: Mode, layout: Layout, copies: Copies, tokens: float, hidden
         raise ValueError(f"unknown dispatcher mode {mode!r}; known: {MODES}")
     t, ep, etp = layout.tp, layout.ep, layout.etp
     row = hidden * elem_bytes
-    owner_cols = (num_experts // ep) * (PROB_BYTES + MASK_BYTES)
+    # monta hops fuse probabilities and mask into the hidden-state message (monta/dispatch/hops)
+    meta_col = PROB_BYTES + elem_bytes
+    hop_calls = 2 if elem_bytes == PROB_BYTES else 3  # count exchange, message (, fp32 probs)
+    owner_cols = (num_experts // ep) * meta_col
     dispatch, combine = [], []
     if mode == "alltoall":
         inter, intra = tokens * copies.alltoall_inter, tokens * copies.alltoall_intra
@@ -123,7 +128,7 @@ def moe_volume(mode: Mode, layout: Layout, copies: Copies, tokens: float, hidden
         sent = t * tokens  # every TP rank dispatches the TP group's tokens
         inter, intra = sent * copies.flat_inter, sent * copies.flat_intra
         a2a = Transfer("a2a", "all_to_all", intra * row, inter * row, intra * owner_cols,
-                       inter * owner_cols, calls=4)
+                       inter * owner_cols, calls=hop_calls)
         dispatch.append(a2a)
         held = sent * copies.rows_at_owners
         if etp > 1:
@@ -136,17 +141,17 @@ def moe_volume(mode: Mode, layout: Layout, copies: Copies, tokens: float, hidden
     if mode == "monta_flat":
         inter, intra = tokens * copies.flat_inter, tokens * copies.flat_intra
         stage = Transfer("a2a", "all_to_all", intra * row, inter * row, intra * owner_cols,
-                         inter * owner_cols, calls=4)
+                         inter * owner_cols, calls=hop_calls)
         dispatch.append(stage)
         back = [Transfer("a2a_back", "all_to_all", stage.intra_bytes, stage.inter_bytes)]
     else:
         nodes = max(1.0, copies.ep_nodes)
-        node_cols = num_experts / nodes * (PROB_BYTES + MASK_BYTES)
+        node_cols = num_experts / nodes * meta_col
         inter, fan = tokens * copies.dedup_inter, tokens * copies.dedup_intra
         stage_a = Transfer("a2a", "all_to_all", 0.0, inter * row, 0.0, inter * node_cols,
-                           calls=4)
+                           calls=hop_calls)
         stage_b = Transfer("fanout", "all_to_all", fan * row, 0.0, fan * owner_cols, 0.0,
-                           calls=4)
+                           calls=hop_calls)
         dispatch += [stage_a, stage_b]
         back = [Transfer("fanout_back", "all_to_all", stage_b.intra_bytes),
                 Transfer("a2a_back", "all_to_all", 0.0, stage_a.inter_bytes)]
@@ -154,7 +159,7 @@ def moe_volume(mode: Mode, layout: Layout, copies: Copies, tokens: float, hidden
     if etp > 1:
         gathered = (etp - 1) * at_owner
         dispatch.append(Transfer("etp_gather", "all_gather", gathered * row, 0.0,
-                                 gathered * owner_cols, 0.0, calls=4))
+                                 gathered * owner_cols, 0.0, calls=hop_calls))
         combine.append(Transfer("etp_reduce", "reduce_scatter", gathered * row, calls=1))
     combine += back
     return MoEVolume(mode, tuple(dispatch), tuple(combine), tokens * topk * etp, at_owner * etp)

@@ -157,10 +157,15 @@ def _config(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type: 
     )
 
 
-def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type) -> dict:
+def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type,
+              passes: int = 1) -> dict:
     """Build, load, run forward + backward, reduce grads, gather: one case on this rank.
 
     ``dispatcher_type`` is a registered name, or ``(name, DispatchOptions)`` for MoNTA's.
+    With ``passes`` > 1 the same layer runs that many times (a tuning dispatcher changes its
+    options between passes): the results are the last pass's, ``pass_spread`` the largest
+    difference of any pass's output or input gradient from the first's (max over ranks), and
+    ``tuned`` the tuner's choice on every rank.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -194,12 +199,28 @@ def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type
     hook = layer.experts.register_forward_pre_hook(record)
 
     shard = ps.get_data_parallel_rank() * layout.tp + ps.get_tensor_model_parallel_rank()
-    x = tokens[shard].clone().requires_grad_(True)  # [S, B, H]
-    output, bias = layer(x)
-    if bias is not None:
-        raise AssertionError("the MoE layer returned an MLP bias; the reference has none")
-    output.backward(grad_output[shard])
+    spread = torch.zeros(1, dtype=torch.float64)
+    for i in range(passes):
+        seen.clear()
+        for p in layer.parameters():
+            p.grad = None
+        x = tokens[shard].clone().requires_grad_(True)  # [S, B, H]
+        output, bias = layer(x)
+        if bias is not None:
+            raise AssertionError("the MoE layer returned an MLP bias; the reference has none")
+        output.backward(grad_output[shard])
+        if i == 0:
+            first = (output.detach().clone(), x.grad.clone())
+        else:
+            spread = torch.maximum(spread, torch.tensor([max(
+                (output.detach() - first[0]).abs().max().item(),
+                (x.grad - first[1]).abs().max().item())], dtype=torch.float64))
     hook.remove()
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+    tuner = getattr(layer.token_dispatcher, "tuner", None)
+    tuned = [None] * dist.get_world_size()
+    dist.all_gather_object(tuned, None if tuner is None or tuner.chosen is None
+                           else str(tuner.chosen))
 
     finalize_grads(
         layer,
@@ -227,6 +248,8 @@ def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type
         "num_params_per_rank": sum(1 for _ in layer.parameters()),
         "expert_rows": expert_rows,
         "rank_rows": rank_rows,
+        "pass_spread": spread.item(),
+        "tuned": tuned,
     }
 
 
@@ -256,7 +279,8 @@ def run_moe_layer_cases(
 def run_mixed_cases(rank: int, world_size: int, layout: MoELayout, items: list) -> list | None:
     """Rank body for fuzzing: each item is ``(case, shape, dispatcher, ranks_per_node)``, so
     shapes, dispatcher options and the emulated node layout change from case to case
-    (``ranks_per_node=None``: the job's own topology)."""
+    (``ranks_per_node=None``: the job's own topology); an optional fifth element is the
+    number of passes (:func:`_run_case`)."""
     from monta.compat import apply_cpu_patches
 
     apply_cpu_patches()
@@ -272,11 +296,11 @@ def run_mixed_cases(rank: int, world_size: int, layout: MoELayout, items: list) 
     )
     try:
         results = []
-        for case, shape, dispatcher, ranks_per_node in items:
+        for case, shape, dispatcher, ranks_per_node, *passes in items:
             if ranks_per_node is not None:
                 parallel.set_topology(Topology.uniform(world_size, ranks_per_node))
             try:
-                result = _run_case(layout, case, shape, dispatcher)
+                result = _run_case(layout, case, shape, dispatcher, *passes)
             except Exception as exc:
                 raise RuntimeError(f"dispatcher {dispatcher!r}, case {case.name!r}, layout "
                                    f"{layout.name}, {ranks_per_node} ranks per node failed"

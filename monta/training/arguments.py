@@ -72,12 +72,23 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
                    help="pad every expert to its capacity (drop-and-pad)")
     g.add_argument("--moe-grouped-gemm", action="store_true",
                    help="grouped GEMM experts (GPU)")
-    g.add_argument("--monta-node-dedup", choices=("auto", "on", "off"), default="auto",
+    g.add_argument("--monta-node-dedup", choices=("auto", "on", "off", "tune"), default="auto",
                    help="monta dispatcher: send a token once per remote node and fan it out "
-                        "inside the node (auto: when top-k makes it pay)")
-    g.add_argument("--monta-chunks", type=int, default=1,
+                        "inside the node (auto: when top-k makes it pay; tune: time both at "
+                        "the first forwards and keep the faster)")
+    g.add_argument("--monta-chunks", type=_chunks, default=1,
                    help="monta dispatcher: pipeline each MoE layer over this many token chunks "
-                        "(inter-node transfers overlap intra-node ones and expert compute)")
+                        "(inter-node transfers overlap intra-node ones and expert compute); "
+                        "tune: time 1/2/4/8 at the first forwards and keep the fastest")
+
+
+def _chunks(text: str) -> int | str:
+    if text == "tune":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'tune', got {text!r}") from None
 
 
 def _add_topology_args(parser: argparse.ArgumentParser) -> None:

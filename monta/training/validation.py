@@ -90,8 +90,9 @@ def validate_dispatcher(args: argparse.Namespace, known: set[str]) -> None:
 
 
 def validate_monta_options(args: argparse.Namespace) -> None:
-    _require(args.monta_chunks >= 1, f"--monta-chunks must be >= 1, got {args.monta_chunks}")
-    if args.monta_chunks > 1 or args.monta_node_dedup == "on":
+    _require(args.monta_chunks == "tune" or args.monta_chunks >= 1,
+             f"--monta-chunks must be >= 1 or tune, got {args.monta_chunks}")
+    if args.monta_chunks != 1 or args.monta_node_dedup in ("on", "tune"):
         _require(args.moe_token_dispatcher_type == "monta",
                  f"--monta-chunks {args.monta_chunks} / --monta-node-dedup "
                  f"{args.monta_node_dedup} apply to --moe-token-dispatcher-type monta, not "

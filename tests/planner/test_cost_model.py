@@ -23,8 +23,9 @@ def test_step_time_by_hand(ctx):
     plan = evaluate(Candidate(1, 1, 4, 1, "monta"), ctx)
     # EP group = all 4 ranks (one expert each), top-1: P(hit a given rank) = 1/4;
     # per rank T = 32 tokens: 2 remote owners → 16 rows inter, 1 local peer → 8 rows intra;
-    # row = 64 · 2 B; metadata 1 column · (4 + 1) B per row; 2 ranks share the 1 GB/s NIC
-    a2a = (16 * 128 + 16 * 5) / 0.5e9  # 4.256 µs, the intra part (0.1 µs) runs at the same time
+    # row = 64 · 2 B; metadata 1 column · (4 B fp32 prob + 2 B bf16 mask) per row; 2 ranks
+    # share the 1 GB/s NIC
+    a2a = (16 * 128 + 16 * 6) / 0.5e9  # 4.288 µs, the intra part (0.1 µs) runs at the same time
     back = 16 * 128 / 0.5e9
     experts = 2 * 3 * 64 * 128 * 32 / TF  # 32 (row, expert) pairs, SwiGLU
     fwd_block, bwd_block = a2a + back + experts, a2a + back + 2 * experts
@@ -41,8 +42,8 @@ def test_step_time_by_hand(ctx):
     assert plan.step_time_s == pytest.approx(2 * layer + head + sync, rel=1e-9)
     assert sum(p.seconds for p in plan.phases) == pytest.approx(plan.step_time_s, rel=1e-9)
     assert plan.phase("dp/grad_sync").seconds == pytest.approx(sync)
-    assert plan.phase("ep/inter").inter_bytes == pytest.approx((16 * 133 + 16 * 128) * 2 * 2)
-    assert plan.phase("ep/intra").intra_bytes == pytest.approx((8 * 133 + 8 * 128) * 2 * 2)
+    assert plan.phase("ep/inter").inter_bytes == pytest.approx((16 * 134 + 16 * 128) * 2 * 2)
+    assert plan.phase("ep/intra").intra_bytes == pytest.approx((8 * 134 + 8 * 128) * 2 * 2)
 
 
 def test_memory_by_hand(ctx):
