@@ -18,7 +18,13 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from monta.testing.moe_reference import MoEWeights, RoutingConfig, random_moe_weights
+from monta.testing.moe_reference import (
+    MoEWeights,
+    RoutingConfig,
+    capacity_per_shard,
+    random_moe_weights,
+    reference_moe_forward_backward,
+)
 from monta.testing.moe_sharding import (
     finalize_grads,
     gather_full_grads,
@@ -66,6 +72,8 @@ class MoEShape:
     ffn_hidden_size: int = 24
     seq_per_shard: int = 8
     micro_batch_size: int = 2
+    dtype: torch.dtype = torch.float32
+    """Parameters and activations of the layer under test (the reference is always fp32)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +161,8 @@ def _config(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type: 
         attention_dropout=0.0,
         use_cpu_initialization=True,
         perform_initialization=False,
-        params_dtype=torch.float32,
+        params_dtype=shape.dtype,
+        bf16=shape.dtype == torch.bfloat16,
     )
 
 
@@ -173,6 +182,7 @@ def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type
     from megatron.core.transformer.spec_utils import build_module
 
     from monta.model import gpt_moe_layer_spec
+    from monta.testing.moe_sharding import collective_device
 
     name, options = dispatcher_type if isinstance(dispatcher_type, tuple) else (dispatcher_type,
                                                                                 None)
@@ -184,8 +194,10 @@ def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type
         config=config,
         pg_collection=get_default_pg_collection(),
     )
-    layer.train()
+    device = collective_device()
+    layer.to(device).train()
     weights, tokens, grad_output = case_inputs(layout, case, shape)
+    tokens, grad_output = tokens.to(device, shape.dtype), grad_output.to(device, shape.dtype)
     num_params = load_full_weights(layer, weights)
 
     # Rows each local expert computes (padding included), seen at the experts' input.
@@ -199,7 +211,7 @@ def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type
     hook = layer.experts.register_forward_pre_hook(record)
 
     shard = ps.get_data_parallel_rank() * layout.tp + ps.get_tensor_model_parallel_rank()
-    spread = torch.zeros(1, dtype=torch.float64)
+    spread = torch.zeros(1, dtype=torch.float64, device=device)
     for i in range(passes):
         seen.clear()
         for p in layer.parameters():
@@ -214,7 +226,7 @@ def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type
         else:
             spread = torch.maximum(spread, torch.tensor([max(
                 (output.detach() - first[0]).abs().max().item(),
-                (x.grad - first[1]).abs().max().item())], dtype=torch.float64))
+                (x.grad - first[1]).abs().max().item())], dtype=torch.float64, device=device))
     hook.remove()
     dist.all_reduce(spread, op=dist.ReduceOp.MAX)
     tuner = getattr(layer.token_dispatcher, "tuner", None)
@@ -231,11 +243,11 @@ def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type
     grads = gather_full_grads(layer)
 
     # [E]: rows computed per expert, counted once per expert-TP group (its ranks share rows).
-    expert_rows = torch.zeros(shape.num_experts, dtype=torch.long)
+    expert_rows = torch.zeros(shape.num_experts, dtype=torch.long, device=device)
     if ps.get_expert_tensor_parallel_rank() == 0:
-        expert_rows[layer.local_expert_indices] += seen["per_expert"]
+        expert_rows[layer.local_expert_indices] += seen["per_expert"].to(device)
     dist.all_reduce(expert_rows)
-    rank_rows = torch.zeros(layout.world_size, dtype=torch.long)
+    rank_rows = torch.zeros(layout.world_size, dtype=torch.long, device=device)
     rank_rows[dist.get_rank()] = seen["rows"]
     dist.all_reduce(rank_rows)
 
@@ -246,11 +258,77 @@ def _run_case(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type
         "grads": grads,
         "num_params_loaded": num_params,
         "num_params_per_rank": sum(1 for _ in layer.parameters()),
-        "expert_rows": expert_rows,
-        "rank_rows": rank_rows,
+        "expert_rows": expert_rows.cpu(),
+        "rank_rows": rank_rows.cpu(),
         "pass_spread": spread.item(),
         "tuned": tuned,
     }
+
+
+def check_against_reference(layout: MoELayout, got: dict, shape: MoEShape,
+                            require_drops: bool = True, rtol: float = 1e-5,
+                            atol: float = 1e-5) -> int:
+    """Compare one result of :func:`run_mixed_cases` with the dense single-process reference
+    (outputs, input gradient, every weight gradient, rows per expert); AssertionError naming the
+    case and tensor on any mismatch. Returns the number of tensors compared.
+
+    Tolerances: fp32 differs from the reference only by summation order (1e-5); a bf16 layer
+    also rounds weights, activations and every matmul (pass ~3e-2).
+    """
+    case = got["case"]
+    weights, tokens, grad_output = case_inputs(layout, case, shape)
+    h = shape.hidden_size
+    shards = [t.reshape(-1, h) for t in tokens]  # [S·B, H]: the order the router flattens to
+    ref, ref_input_grads, ref_grads = reference_moe_forward_backward(
+        shards, weights, case.routing(), [g.reshape(-1, h) for g in grad_output]
+    )
+    where = f"{layout.name} / {got['dispatcher']} / {case.name}"
+
+    compared = {
+        "output": (got["output"], torch.stack(ref.outputs).reshape(tokens.shape)),
+        "input grad": (got["input_grad"], torch.stack(ref_input_grads).reshape(tokens.shape)),
+        "router grad": (got["grads"].router, ref_grads.router),
+    }
+    for e in range(shape.num_experts):
+        compared[f"expert {e} fc1 grad"] = (got["grads"].fc1[e], ref_grads.fc1[e])
+        compared[f"expert {e} fc2 grad"] = (got["grads"].fc2[e], ref_grads.fc2[e])
+    for name, (actual, expected) in compared.items():
+        torch.testing.assert_close(
+            actual, expected, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{where}: {n}: {m}"
+        )
+    assert compared["output"][1].abs().max() > 0.1, f"{where}: reference output is ~0"
+    assert ref_grads.fc1.abs().max() > 0.1, f"{where}: reference expert grads are ~0"
+    assert ref_grads.router.abs().max() > 1e-3, f"{where}: reference router grad is ~0"
+
+    # Routing statistics: the layer computed the rows the reference says it should.
+    tokens_per_shard = shards[0].shape[0]
+    routed_pairs = layout.world_size * tokens_per_shard * case.topk
+    if case.capacity_factor is None:
+        assert ref.num_dropped == 0
+        assert int(ref.tokens_per_expert.sum()) == routed_pairs
+    elif require_drops:
+        assert ref.num_dropped > 0, f"{where}: capacity case dropped nothing"
+    if case.pad_to_capacity:
+        capacity = capacity_per_shard(
+            tokens_per_shard, shape.num_experts, case.topk, case.capacity_factor
+        )
+        expected_rows = torch.full_like(got["expert_rows"], capacity * layout.world_size)
+    else:
+        expected_rows = ref.tokens_per_expert
+    name = got["dispatcher"][0] if isinstance(got["dispatcher"], tuple) else got["dispatcher"]
+    if name == "ds_tp" and layout.etp == 1:
+        expected_rows = expected_rows * layout.tp  # DeepSpeed-style: every TP rank repeats them
+    assert torch.equal(got["expert_rows"], expected_rows), (
+        f"{where}: rows per expert {got['expert_rows'].tolist()}, expected {expected_rows.tolist()}"
+    )
+    if case.hot_experts:
+        cold = [e for e in range(shape.num_experts) if e not in case.hot_experts]
+        assert int(ref.tokens_per_expert[cold].sum()) == 0, f"{where}: routing not adversarial"
+        if not case.pad_to_capacity and layout.ep > 1:  # with EP = 1 every rank has them
+            assert int(got["rank_rows"].min()) == 0, (
+                f"{where}: no rank got zero tokens: {got['rank_rows'].tolist()}"
+            )
+    return len(compared)
 
 
 def run_moe_layer_cases(

@@ -115,12 +115,21 @@ def finalize_grads(
             dist.all_reduce(param.grad, group=group)
 
 
+def collective_device() -> torch.device:
+    """Where this job's collectives want their tensors: the rank's GPU under NCCL, else CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
+    """Every member's ``t``, returned on the CPU in fp32 (for comparing against references)."""
     if _group_size(group) == 1:
-        return [t]
+        return [t.detach().float().cpu()]
+    t = t.detach().to(collective_device())
     pieces = [torch.empty_like(t) for _ in range(_group_size(group))]
     dist.all_gather(pieces, t.contiguous(), group=group)
-    return pieces
+    return [p.float().cpu() for p in pieces]
 
 
 def gather_full_grads(layer: torch.nn.Module) -> MoEWeights:
@@ -145,7 +154,7 @@ def gather_full_grads(layer: torch.nn.Module) -> MoEWeights:
     # [E/EP, ...] per EP rank, in EP-rank order = global expert order -> [E, ...]
     fc1 = torch.cat(_all_gather(torch.stack(fc1_local), ep_group), dim=0)
     fc2 = torch.cat(_all_gather(torch.stack(fc2_local), ep_group), dim=0)
-    return MoEWeights(router=router.grad.detach().clone(), fc1=fc1, fc2=fc2)
+    return MoEWeights(router=router.grad.detach().float().cpu(), fc1=fc1, fc2=fc2)
 
 
 def gather_shards(local: torch.Tensor, shard_index: int, num_shards: int) -> torch.Tensor:
@@ -165,7 +174,7 @@ def gather_shards(local: torch.Tensor, shard_index: int, num_shards: int) -> tor
         )
     pieces = _all_gather(local.detach(), dist.group.WORLD)
     order = [int(i) for i in _all_gather(torch.tensor([shard_index]), dist.group.WORLD)]
-    full = torch.empty((num_shards, *local.shape), dtype=local.dtype)
+    full = torch.empty((num_shards, *local.shape), dtype=torch.float32)
     for piece, i in zip(pieces, order):
         full[i] = piece
     return full

@@ -9,9 +9,14 @@ import torch
 from monta.dispatch.autotune import CHUNK_OPTIONS, DispatchTuner, Setting
 from monta.dispatch.monta_dispatcher import DispatchOptions
 from monta.testing import run_distributed
-from monta.testing.moe_layer_check import MoECase, MoELayout, MoEShape, run_mixed_cases
+from monta.testing.moe_layer_check import (
+    MoECase,
+    MoELayout,
+    MoEShape,
+    check_against_reference,
+    run_mixed_cases,
+)
 
-from tests.dispatch.test_moe_layer_reference import _check_case
 
 
 def test_tuner_tries_each_candidate_then_keeps_the_fastest():
@@ -65,4 +70,4 @@ def test_tuning_layer_matches_reference_and_ranks_agree(layout):
     got = run_distributed(run_mixed_cases, layout.world_size, layout, items, timeout_s=300)[0][0]
     assert got["pass_spread"] < 1e-5, "a candidate computed something else"
     assert len(set(got["tuned"])) == 1 and got["tuned"][0] is not None, got["tuned"]
-    assert _check_case(layout, got, shape, require_drops=False) > 0
+    assert check_against_reference(layout, got, shape, require_drops=False) > 0

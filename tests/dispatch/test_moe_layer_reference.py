@@ -18,12 +18,10 @@ from monta.testing.moe_layer_check import (
     MoECase,
     MoELayout,
     MoEShape,
-    case_inputs,
+    check_against_reference,
     run_moe_layer_cases,
 )
-from monta.testing.moe_reference import capacity_per_shard, reference_moe_forward_backward
 
-RTOL = ATOL = 1e-5
 DISPATCHERS = ("alltoall", "allgather")
 TIMEOUT_S = 180
 
@@ -62,65 +60,6 @@ CASES = [
 ]
 
 
-def _check_case(layout: MoELayout, got: dict, shape: MoEShape = SHAPE,
-                require_drops: bool = True) -> int:
-    """Compare one case with the reference; returns the number of tensors compared."""
-    case = got["case"]
-    weights, tokens, grad_output = case_inputs(layout, case, shape)
-    h = shape.hidden_size
-    shards = [t.reshape(-1, h) for t in tokens]  # [S·B, H]: the order the router flattens to
-    ref, ref_input_grads, ref_grads = reference_moe_forward_backward(
-        shards, weights, case.routing(), [g.reshape(-1, h) for g in grad_output]
-    )
-    where = f"{layout.name} / {got['dispatcher']} / {case.name}"
-
-    compared = {
-        "output": (got["output"], torch.stack(ref.outputs).reshape(tokens.shape)),
-        "input grad": (got["input_grad"], torch.stack(ref_input_grads).reshape(tokens.shape)),
-        "router grad": (got["grads"].router, ref_grads.router),
-    }
-    for e in range(shape.num_experts):
-        compared[f"expert {e} fc1 grad"] = (got["grads"].fc1[e], ref_grads.fc1[e])
-        compared[f"expert {e} fc2 grad"] = (got["grads"].fc2[e], ref_grads.fc2[e])
-    for name, (actual, expected) in compared.items():
-        torch.testing.assert_close(
-            actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{where}: {n}: {m}"
-        )
-    assert compared["output"][1].abs().max() > 0.1, f"{where}: reference output is ~0"
-    assert ref_grads.fc1.abs().max() > 0.1, f"{where}: reference expert grads are ~0"
-    assert ref_grads.router.abs().max() > 1e-3, f"{where}: reference router grad is ~0"
-
-    # Routing statistics: the layer computed the rows the reference says it should.
-    tokens_per_shard = shards[0].shape[0]
-    routed_pairs = layout.world_size * tokens_per_shard * case.topk
-    if case.capacity_factor is None:
-        assert ref.num_dropped == 0
-        assert int(ref.tokens_per_expert.sum()) == routed_pairs
-    elif require_drops:
-        assert ref.num_dropped > 0, f"{where}: capacity case dropped nothing"
-    if case.pad_to_capacity:
-        capacity = capacity_per_shard(
-            tokens_per_shard, shape.num_experts, case.topk, case.capacity_factor
-        )
-        expected_rows = torch.full_like(got["expert_rows"], capacity * layout.world_size)
-    else:
-        expected_rows = ref.tokens_per_expert
-    name = got["dispatcher"][0] if isinstance(got["dispatcher"], tuple) else got["dispatcher"]
-    if name == "ds_tp" and layout.etp == 1:
-        expected_rows = expected_rows * layout.tp  # DeepSpeed-style: every TP rank repeats them
-    assert torch.equal(got["expert_rows"], expected_rows), (
-        f"{where}: rows per expert {got['expert_rows'].tolist()}, expected {expected_rows.tolist()}"
-    )
-    if case.hot_experts:
-        cold = [e for e in range(shape.num_experts) if e not in case.hot_experts]
-        assert int(ref.tokens_per_expert[cold].sum()) == 0, f"{where}: routing not adversarial"
-        if not case.pad_to_capacity:
-            assert int(got["rank_rows"].min()) == 0, (
-                f"{where}: no rank got zero tokens: {got['rank_rows'].tolist()}"
-            )
-    return len(compared)
-
-
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
 def test_moe_layer_matches_dense_reference(layout: MoELayout):
     results = run_distributed(
@@ -139,5 +78,5 @@ def test_moe_layer_matches_dense_reference(layout: MoELayout):
     ]
     # Every parameter of the layer was loaded from the full weights (none left unchecked).
     assert all(r["num_params_loaded"] == r["num_params_per_rank"] for r in rank0)
-    num_compared = sum(_check_case(layout, got) for got in rank0)
+    num_compared = sum(check_against_reference(layout, got, SHAPE) for got in rank0)
     assert num_compared == len(DISPATCHERS) * len(CASES) * (3 + 2 * SHAPE.num_experts)

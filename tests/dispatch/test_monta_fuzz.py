@@ -16,9 +16,14 @@ import pytest
 
 from monta.dispatch.monta_dispatcher import DispatchOptions
 from monta.testing import run_distributed
-from monta.testing.moe_layer_check import MoECase, MoELayout, MoEShape, run_mixed_cases
+from monta.testing.moe_layer_check import (
+    MoECase,
+    MoELayout,
+    MoEShape,
+    check_against_reference,
+    run_mixed_cases,
+)
 
-from tests.dispatch.test_moe_layer_reference import _check_case
 
 LAYOUTS = [MoELayout(1, 4, 1), MoELayout(2, 2, 1), MoELayout(2, 2, 2), MoELayout(1, 2, 1)]
 CASES_PER_LAYOUT = 52
@@ -58,7 +63,7 @@ def test_monta_dispatcher_fuzz(layout):
     compared = 0
     for got in results:
         # a random capacity factor need not drop anything on a small shard
-        compared += _check_case(layout, got, got["shape"], require_drops=False)
+        compared += check_against_reference(layout, got, got["shape"], require_drops=False)
     assert compared == sum(3 + 2 * shape.num_experts for _, shape, _, _ in items)
     options = [d[1] for _, _, d, _ in items if isinstance(d, tuple)]
     assert {o.node_dedup for o in options} == {"on", "off", "auto"}
