@@ -16,6 +16,7 @@ from megatron.core.transformer.moe import moe_utils
 
 from monta import comm, parallel
 from monta.dispatch.stats import take_phase_seconds
+from monta.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -122,11 +123,8 @@ class TrainingReporter:
 
             self.writer = SummaryWriter(log_dir=args.tensorboard_dir)
         if not args.no_progress_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=args.train_iters, initial=start_iteration, desc="train",
-                            unit="it", dynamic_ncols=True, file=sys.stdout,
-                            mininterval=1.0, disable=None)
+            self.bar = progress_bar(total=args.train_iters, initial=start_iteration,
+                                    desc="train", unit="it", file=sys.stdout)
 
     def print(self, message: str) -> None:
         if not self.enabled:
