@@ -55,7 +55,7 @@ def projection_flops(model: ModelSpec, tokens: float) -> float:
 
 
 def core_attention_flops(model: ModelSpec, sequences: float, seq_length: int) -> float:
-    """2 · sequences · s² · q: QKᵀ and AV are 2·s²·q each, causal masking halves the sum."""
+    """2 · sequences · s² · q: QKᵀ and AV are 2·s²·q each; causal masking halves the sum."""
     return 2 * sequences * seq_length ** 2 * model.q_width
 
 

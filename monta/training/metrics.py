@@ -154,8 +154,10 @@ class TrainingReporter:
             return
         scalars = dict(scalars, **{"tflops-per-rank": self.flops_per_step / max(
             scalars["iteration-time"], 1e-12) / self.world_size / 1e12})
-        if traffic is not None:
-            scalars["moe intra MB"], scalars["moe inter MB"] = (traffic[:, :2].sum(0) / 1e6).tolist()
+        if traffic is not None and traffic[:, :2].sum() > 0:
+            # (megatron's allgather dispatcher is not counted: no bytes, no field)
+            intra_mb, inter_mb = (traffic[:, :2].sum(0) / 1e6).tolist()
+            scalars["moe intra MB"], scalars["moe inter MB"] = intra_mb, inter_mb
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{scalars['lm loss']:.4f}", lr=f"{scalars['lr']:.2e}",

@@ -14,7 +14,7 @@ SCRIPTS = sorted((REPO / "examples").rglob("*.sh")) + sorted((REPO / "examples")
 
 
 def dry_run(script, **env) -> subprocess.CompletedProcess:
-    """``bash SCRIPT --dry-run`` with this interpreter as $PYTHON (auto_plan.sh runs the planner)."""
+    """``bash SCRIPT --dry-run``, this interpreter as $PYTHON (auto_plan.sh runs the planner)."""
     return subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True,
                           timeout=60, cwd=REPO,
                           env={**os.environ, "PYTHON": sys.executable, **env})
