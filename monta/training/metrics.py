@@ -152,8 +152,9 @@ class TrainingReporter:
              traffic: torch.Tensor | None, log_line: bool) -> None:
         if not self.enabled:
             return
-        scalars = dict(scalars, **{"tflops-per-rank": self.flops_per_step / max(
-            scalars["iteration-time"], 1e-12) / self.world_size / 1e12})
+        scalars = dict(scalars)
+        seconds = max(scalars["iteration-time"], 1e-12)
+        scalars["tflops-per-rank"] = self.flops_per_step / seconds / self.world_size / 1e12
         if traffic is not None and traffic[:, :2].sum() > 0:
             # (megatron's allgather dispatcher is not counted: no bytes, no field)
             intra_mb, inter_mb = (traffic[:, :2].sum(0) / 1e6).tolist()
