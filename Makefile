@@ -7,7 +7,7 @@ DATA_PREFIX := data/bundled_text_document
 TOKENIZER := monta/data/bundled/tokenizer.model
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-all data venv clean
+.PHONY: demo plots test test-slow test-all data venv clean
 
 venv: $(DEPS)
 
@@ -30,6 +30,10 @@ $(DATA_PREFIX).bin: $(DEPS) monta/data/bundled/corpus.jsonl.gz $(TOKENIZER)
 demo: $(DEPS) data
 	rm -rf runs/demo
 	PATH="$(CURDIR)/$(BIN):$$PATH" RUN_DIR=runs/demo bash examples/quickstart_cpu.sh
+
+# PNGs of the demo's loss, throughput, expert load and link bytes (after `make demo`)
+plots: $(DEPS)
+	$(BIN)/python tools/plot_run.py --tensorboard-dir runs/demo/tensorboard --out runs/demo/plots
 
 # Default suite (CI): everything not marked slow or gpu. pytest exits non-zero (5) on "no tests".
 test: $(DEPS)

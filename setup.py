@@ -23,7 +23,7 @@ setup(
         "tqdm",
         "psutil",  # used by megatron's checkpoint saver but not declared by megatron-core
         "pyyaml",
-        "matplotlib",  # tools/plan.py --plot, tools/bench_comm.py --plot
+        "matplotlib",  # tools/plot_run.py, tools/plan.py --plot, tools/bench_comm.py --plot
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "transformers"],

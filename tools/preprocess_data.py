@@ -76,6 +76,8 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     group.add_argument("--log-interval", type=int, default=1000, help="documents between logs")
+    group.add_argument("--no-progress-bar", action="store_true",
+                       help="no tqdm bar (it is also off when stderr is not a terminal)")
     args = parser.parse_args(argv)
 
     if args.tokenizer_type not in SUPPORTED_TOKENIZERS:
@@ -102,9 +104,9 @@ def preprocess(args: argparse.Namespace) -> Dict[str, str]:
     """
     import numpy
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-    from tqdm import tqdm
 
     from monta.data.indexed import check_data_prefix
+    from monta.progress import progress_bar
 
     open_text(args.input).close()  # FileNotFoundError with a hint, before anything else
     tokenizer = SentencePieceTokenizer(args.tokenizer_model)
@@ -138,7 +140,9 @@ def preprocess(args: argparse.Namespace) -> Dict[str, str]:
     tokens = {key: 0 for key in keys}
     total_bytes, start = 0, time.time()
     try:
-        for i, (ids_per_key, nbytes) in enumerate(tqdm(encoded, desc="tokenizing", unit="doc"), 1):
+        bar = progress_bar(encoded, enabled=not args.no_progress_bar,
+                           desc="tokenizing", unit="doc")
+        for i, (ids_per_key, nbytes) in enumerate(bar, 1):
             total_bytes += nbytes
             for key, ids in zip(keys, ids_per_key):
                 if ids:

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from tqdm import tqdm
 
 from monta.convert import mixtral
 from monta.convert.dcp_reader import CheckpointReader
 from monta.convert.errors import ConversionError
 from monta.convert.safetensors_io import HFSafetensors
+from monta.progress import progress_bar
 from monta.training.arguments import parse_args
 from monta.training.validation import ConfigError, validate_model, validate_parallel_dims
 
@@ -177,7 +177,8 @@ def fill_model(model, source: Source, progress: bool) -> int:
         for param in model.parameters():
             param.fill_(float("nan"))
         tensors = local_sharded_tensors(model)
-        for sh in tqdm(tensors, desc="rank 0: tensors", disable=not progress, mininterval=1.0):
+        for sh in progress_bar(tensors, enabled=progress,
+                               desc="rank 0: tensors", unit="tensor"):
             lead = sh.prepend_axis_num
             index = tuple(sh.global_offset[:lead])
             region = tuple(slice(o, o + n) for o, n in zip(sh.global_offset[lead:], sh.local_shape))

@@ -11,11 +11,10 @@ import json
 import logging
 import os
 
-from tqdm import tqdm
-
 from monta.convert import hf_config, mixtral
 from monta.convert.checkpoint_info import open_checkpoint, require_vocab_size
 from monta.convert.errors import ConversionError
+from monta.progress import progress_bar
 from monta.convert.safetensors_io import (
     ShardedSafetensorsWriter,
     dtype_from_name,
@@ -89,7 +88,7 @@ def export_to_hf(load: str, save: str, dtype: str | None = None, max_shard_bytes
     plan = mixtral.export_plan(dims)
     writer = ShardedSafetensorsWriter(save, [named for item in plan for named in item.hf],
                                       torch_dtype, max_shard_bytes)
-    for item in tqdm(plan, desc="tensors", disable=not progress, mininterval=1.0):
+    for item in progress_bar(plan, enabled=progress, desc="tensors", unit="tensor"):
         full = reader.read_full(item.key, item.index)
         for (name, _shape), tensor in zip(item.hf, mixtral.to_hf(dims, item, full)):
             writer.add(name, tensor)

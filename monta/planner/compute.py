@@ -15,6 +15,10 @@ head_dim, g = kv heads · head_dim; backward = 2 × forward, full recompute adds
 eff(n) = grouped_gemm_efficiency · n / (n + gemm_half_rows) with n rows per local expert GEMM
 (per chunk when the MoE layer is pipelined): small GEMMs are memory-bound. Elementwise work
 (norms, activations, permutes) and the optimizer step are not modelled.
+
+The same terms, per token and without the dispatcher's copies, give the *model* FLOPs of a
+training step that the log line's TFLOP/s uses (:func:`model_flops_per_step`): the planner and
+the trainer count FLOPs with one formula.
 """
 
 from __future__ import annotations
@@ -45,6 +49,21 @@ def tokens_per_rank(layout: Layout, workload: Workload) -> float:
     return workload.seq_length * workload.micro_batch_size / layout.tp
 
 
+def projection_flops(model: ModelSpec, tokens: float) -> float:
+    """2 · tokens · (h·(q + 2g) + q·h + h·E): QKV, output projection and router."""
+    return 2 * tokens * (model.attention_params() + model.hidden_size * model.num_experts)
+
+
+def core_attention_flops(model: ModelSpec, sequences: float, seq_length: int) -> float:
+    """2 · sequences · s² · q: QKᵀ and AV are 2·s²·q each; causal masking halves the sum."""
+    return 2 * sequences * seq_length ** 2 * model.q_width
+
+
+def expert_flops(model: ModelSpec, copies: float, etp: int = 1) -> float:
+    """2 · M · h · (ffn / ETP) · copies for ``copies`` (token, expert) rows."""
+    return 2 * model.expert_matrices * model.hidden_size * (model.ffn_hidden_size / etp) * copies
+
+
 def layer_flops(model: ModelSpec, layout: Layout, workload: Workload,
                 expert_copies: float) -> LayerFlops:
     """Forward FLOPs of one layer on one rank (module docstring).
@@ -53,13 +72,10 @@ def layer_flops(model: ModelSpec, layout: Layout, workload: Workload,
         expert_copies: (row, expert) pairs this rank's experts compute per micro-batch.
     """
     t = tokens_per_rank(layout, workload)
-    h = model.hidden_size
-    projections = 2 * t * (model.attention_params() + h * model.num_experts)
-    core = 2 * workload.micro_batch_size * workload.seq_length ** 2 * model.q_width / layout.tp
-    ffn_shard = model.ffn_hidden_size / layout.etp
-    experts = 2 * model.expert_matrices * h * ffn_shard * expert_copies
+    core = core_attention_flops(model, workload.micro_batch_size, workload.seq_length) / layout.tp
+    experts = expert_flops(model, expert_copies, layout.etp)
     local_experts = model.num_experts // layout.ep
-    return LayerFlops(projections, core, experts, expert_copies / local_experts)
+    return LayerFlops(projection_flops(model, t), core, experts, expert_copies / local_experts)
 
 
 def lm_head_flops(model: ModelSpec, layout: Layout, workload: Workload) -> float:
@@ -67,6 +83,20 @@ def lm_head_flops(model: ModelSpec, layout: Layout, workload: Workload) -> float
     TP, on the all-gathered sequence: s·mbs tokens × V/TP columns = T · V)."""
     return 2 * tokens_per_rank(layout, workload) * model.hidden_size * model.padded_vocab(
         layout.tp)
+
+
+def model_flops_per_step(model: ModelSpec, seq_length: int, sequences: int, tp: int = 1) -> float:
+    """Training FLOPs of one step over the whole job: 3 × forward (backward = 2 × forward).
+
+    Forward per sequence: L · (projections + causal core attention + top-k experts) + LM head,
+    each token computing exactly k experts (the model's FLOPs: no capacity padding, no
+    recomputation). ``tp`` sets megatron's vocabulary padding, which the LM head computes.
+    """
+    per_sequence = (model.num_layers * (projection_flops(model, seq_length)
+                                        + core_attention_flops(model, 1, seq_length)
+                                        + expert_flops(model, seq_length * model.topk))
+                    + 2 * seq_length * model.hidden_size * model.padded_vocab(tp))
+    return 3 * sequences * per_sequence
 
 
 def expert_efficiency(device: DeviceSpec, rows_per_gemm: float) -> float:

@@ -208,7 +208,14 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-dir", default=None,
                    help="write TensorBoard events here")
     g.add_argument("--no-progress-bar", action="store_true",
-                   help="plain log lines only")
+                   help="plain log lines only (the bar is also off when stdout is not a terminal)")
+    g.add_argument("--wandb-project", default=None,
+                   help="log to this Weights & Biases project (needs `pip install wandb`; "
+                        "WANDB_MODE=offline is honoured)")
+    g.add_argument("--wandb-exp-name", default=None,
+                   help="W&B run name (default: wandb picks one)")
+    g.add_argument("--wandb-save-dir", default=None,
+                   help="W&B run directory (default: {--save}/wandb)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""What a step reports: progress bar, Megatron-style log line, TensorBoard scalars, expert load.
+"""What a step reports: progress bar, Megatron-style log line (with TFLOP/s per rank and MoE
+bytes per link class), TensorBoard / W&B scalars, expert load.
 
 Only the reporting rank (the last rank: it holds the loss under pipeline parallelism) prints
 or writes; the collectives that gather the numbers run on every rank.
@@ -16,6 +17,10 @@ from megatron.core.transformer.moe import moe_utils
 
 from monta import comm, parallel
 from monta.dispatch.stats import take_phase_seconds
+from monta.planner.compute import model_flops_per_step
+from monta.planner.model import model_from_args
+from monta.progress import progress_bar
+from monta.training.wandb_writer import open_wandb
 
 logger = logging.getLogger(__name__)
 
@@ -109,24 +114,27 @@ def reduce_aux_loss(num_microbatches: int) -> float | None:
 
 
 class TrainingReporter:
-    """Progress bar + periodic log line + TensorBoard, on the reporting rank only."""
+    """Progress bar + periodic log line + TensorBoard / W&B, on the reporting rank only."""
 
-    def __init__(self, args, start_iteration: int):
+    def __init__(self, args, start_iteration: int, vocab_size: int | None = None):
         self.enabled = is_reporting_rank()
-        self.writer = None
+        self.writers = []  # TensorBoard's SummaryWriter and/or a WandbWriter: add_scalar(...)
         self.bar = None
         if not self.enabled:
             return
+        # model FLOPs of one step, whole job; over seconds and ranks it is TFLOP/s per rank
+        self.flops_per_step = step_flops(args, vocab_size)
+        self.world_size = dist.get_world_size()
         if args.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=args.tensorboard_dir)
+            self.writers.append(SummaryWriter(log_dir=args.tensorboard_dir))
+        wandb_writer = open_wandb(args, warn=self.print)
+        if wandb_writer is not None:
+            self.writers.append(wandb_writer)
         if not args.no_progress_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=args.train_iters, initial=start_iteration, desc="train",
-                            unit="it", dynamic_ncols=True, file=sys.stdout,
-                            mininterval=1.0, disable=None)
+            self.bar = progress_bar(total=args.train_iters, initial=start_iteration,
+                                    desc="train", unit="it", file=sys.stdout)
 
     def print(self, message: str) -> None:
         if not self.enabled:
@@ -136,18 +144,30 @@ class TrainingReporter:
         else:
             print(message, flush=True)
 
+    def _add(self, tag: str, value: float, iteration: int) -> None:
+        for writer in self.writers:
+            writer.add_scalar(tag, value, iteration)
+
     def step(self, iteration: int, scalars: dict[str, float], expert_load: torch.Tensor | None,
              traffic: torch.Tensor | None, log_line: bool) -> None:
         if not self.enabled:
             return
+        scalars = dict(scalars)
+        seconds = max(scalars["iteration-time"], 1e-12)
+        scalars["tflops-per-rank"] = self.flops_per_step / seconds / self.world_size / 1e12
+        if traffic is not None and traffic[:, :2].sum() > 0:
+            # (megatron's allgather dispatcher is not counted: no bytes, no field)
+            intra_mb, inter_mb = (traffic[:, :2].sum(0) / 1e6).tolist()
+            scalars["moe intra MB"], scalars["moe inter MB"] = intra_mb, inter_mb
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{scalars['lm loss']:.4f}", lr=f"{scalars['lr']:.2e}",
                                  tok_s=f"{scalars['tokens/s']:.0f}", refresh=False)
-        if self.writer is not None:
-            for name, value in scalars.items():
+        if self.writers:
+            for name in _WRITTEN_SCALARS:
+                value = scalars.get(name)
                 if value is not None and math.isfinite(value):
-                    self.writer.add_scalar(name, value, iteration)
+                    self._add(name, value, iteration)
             if expert_load is not None:
                 self._write_expert_load(iteration, expert_load)
             if traffic is not None:
@@ -159,37 +179,50 @@ class TrainingReporter:
 
     def _write_traffic(self, iteration: int, traffic: torch.Tensor) -> None:
         totals = traffic.sum(0)
-        self.writer.add_scalar("moe-comm/intra-bytes-per-step", totals[0].item(), iteration)
-        self.writer.add_scalar("moe-comm/inter-bytes-per-step", totals[1].item(), iteration)
+        self._add("moe-comm/intra-bytes-per-step", totals[0].item(), iteration)
+        self._add("moe-comm/inter-bytes-per-step", totals[1].item(), iteration)
         for layer, (intra, inter, dispatch_s, combine_s) in enumerate(traffic.tolist(), 1):
-            self.writer.add_scalar(f"moe-comm/layer{layer}/intra-bytes", intra, iteration)
-            self.writer.add_scalar(f"moe-comm/layer{layer}/inter-bytes", inter, iteration)
-            self.writer.add_scalar(f"moe-time/layer{layer}/dispatch-ms", dispatch_s * 1e3,
-                                   iteration)
-            self.writer.add_scalar(f"moe-time/layer{layer}/combine-ms", combine_s * 1e3,
-                                   iteration)
+            self._add(f"moe-comm/layer{layer}/intra-bytes", intra, iteration)
+            self._add(f"moe-comm/layer{layer}/inter-bytes", inter, iteration)
+            self._add(f"moe-time/layer{layer}/dispatch-ms", dispatch_s * 1e3, iteration)
+            self._add(f"moe-time/layer{layer}/combine-ms", combine_s * 1e3, iteration)
 
     def _write_expert_load(self, iteration: int, load: torch.Tensor) -> None:
         # fraction of routed tokens per expert; 1/E everywhere is perfect balance
         fractions = load / load.sum(dim=1, keepdim=True).clamp(min=1)
         for layer in range(fractions.size(0)):
             for expert in range(fractions.size(1)):
-                self.writer.add_scalar(f"expert-load/layer{layer + 1}/expert{expert}",
-                                       fractions[layer, expert].item(), iteration)
+                self._add(f"expert-load/layer{layer + 1}/expert{expert}",
+                          fractions[layer, expert].item(), iteration)
         imbalance = (fractions.max(dim=1).values * fractions.size(1)).mean().item()
-        self.writer.add_scalar("expert-load/max-over-mean", imbalance, iteration)
+        self._add("expert-load/max-over-mean", imbalance, iteration)
 
     def scalars(self, name: str, values: dict[str, float], iteration: int) -> None:
-        if self.enabled and self.writer is not None:
+        if self.enabled:
             for key, value in values.items():
-                self.writer.add_scalar(f"{name}/{key}", value, iteration)
+                self._add(f"{name}/{key}", value, iteration)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        for writer in self.writers:
+            writer.flush()
+            writer.close()
+
+
+# per-step scalars for TensorBoard / W&B (train_iters is a constant; the MoE MB per step are
+# the moe-comm/* scalars again, in bytes, written at log intervals)
+_WRITTEN_SCALARS = ("lm loss", "lr", "grad-norm", "load_balancing_loss", "tokens/s",
+                    "tflops-per-rank", "iteration-time", "consumed samples", "global batch size",
+                    "skipped iterations")
+
+
+def step_flops(args, vocab_size: int | None) -> float:
+    """Model FLOPs of one training step over the whole job (monta.planner.compute's formula:
+    attention + router + top-k experts + LM head, × 3 for forward and backward)."""
+    model = model_from_args(args, vocab_size)
+    return model_flops_per_step(model, args.seq_length, args.global_batch_size,
+                                args.tensor_model_parallel_size)
 
 
 def format_log_line(iteration: int, s: dict[str, float]) -> str:
@@ -205,5 +238,9 @@ def format_log_line(iteration: int, s: dict[str, float]) -> str:
     if s.get("load_balancing_loss") is not None:
         parts.append(f"load_balancing_loss: {s['load_balancing_loss']:.6E}")
     parts += [f"grad norm: {s['grad-norm']:.3f}", f"tokens/s: {s['tokens/s']:.0f}",
-              f"skipped iterations: {int(s['skipped iterations'])}"]
+              f"throughput per rank (TFLOP/s): {s['tflops-per-rank']:.4g}"]
+    if s.get("moe intra MB") is not None:
+        parts.append(f"moe intra/inter-node MB per step: {s['moe intra MB']:.3f}/"
+                     f"{s['moe inter MB']:.3f}")
+    parts.append(f"skipped iterations: {int(s['skipped iterations'])}")
     return " | ".join(parts) + " |"

@@ -281,7 +281,7 @@ def pretrain(args: argparse.Namespace) -> None:
         state = checkpointing.TrainState()
         if load_path is not None:
             state = checkpointing.load_checkpoint(load_path, model, optimizer, scheduler, args)
-        reporter = TrainingReporter(args, state.iteration)
+        reporter = TrainingReporter(args, state.iteration, vocab_size)
         for warning in layout_warnings:
             reporter.print(f" warning: {warning}")
         reporter.print(f" parallel layout: {dims}; {topology}; "
