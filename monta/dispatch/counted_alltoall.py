@@ -66,6 +66,13 @@ class CountedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             row_bytes = tokens[0:1].numel() * tokens.element_size()
             self._count([tokens.size(0)] * self.tp_size, row_bytes, self.tp_group,
                         "dispatch/etp_gather")
+            # backward: a reduce-scatter sends every peer its own rows' gradient, and it has
+            # arrived when this input's gradient does
+            peers = (_as_ints(self.output_splits_tp) if self.output_splits_tp is not None
+                     else [tokens.size(0)] * self.tp_size)
+            if tokens.requires_grad:
+                tokens.register_hook(lambda grad: self._count(
+                    peers, row_bytes, self.tp_group, "dispatch/etp_gather/bwd"))
         return super().dispatch_postprocess(tokens, probs)
 
     @timed("combine")
@@ -76,6 +83,9 @@ class CountedAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                       else [out.size(0)] * self.tp_size)
             self._count(splits, out[0:1].numel() * out.element_size(), self.tp_group,
                         "combine/etp_reduce")
+            # backward: an all-gather sends this rank's rows to every peer
+            self._count_on_backward(out, [out.size(0)] * self.tp_size, self.tp_group,
+                                    "combine/etp_reduce")
         return out
 
     @timed("combine")

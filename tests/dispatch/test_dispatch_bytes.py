@@ -135,7 +135,8 @@ FLAT_CASES = [ByteCase("alltoall", 1, 4, k, seed=k) for k in (1, 2, 4, 8)] + \
     [ByteCase("monta", 1, 4, k, node_dedup="off", seed=k) for k in (1, 2, 4, 8)] + \
     [ByteCase("monta", 1, 4, k, node_dedup="on", seed=k) for k in (1, 2, 4, 8)]
 TP_CASES = [ByteCase("monta", 2, 2, k, node_dedup="off", seed=10 + k) for k in (2, 4)] + \
-    [ByteCase("ds_tp", 2, 2, k, seed=10 + k) for k in (2, 4)]
+    [ByteCase("ds_tp", 2, 2, k, seed=10 + k) for k in (2, 4)] + \
+    [ByteCase("alltoall", 2, 2, 4, seed=14)]
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +190,20 @@ def test_ds_tp_sends_tp_times_the_tp_sharded_bytes(topk, measured_cases):
                           "layer1/dispatch/flat")
     assert sharded["inter"] > 0
     assert replicated["inter"] == 2 * sharded["inter"]  # TP = 2
+
+
+@pytest.mark.parametrize("dispatcher", ["alltoall", "monta"])
+def test_expert_tp_backward_mirrors_forward(dispatcher, measured_cases):
+    """TP2·EP2·ETP2: the expert-TP all-gather's backward (a reduce-scatter) and the
+    reduce-scatter's backward (an all-gather) send exactly the forward's bytes, and are counted
+    for megatron's stock dispatcher too (its collectives run inside megatron)."""
+    ranks = measured_cases[ByteCase(dispatcher, 2, 2, 4, node_dedup="off", seed=14)
+                           if dispatcher == "monta" else ByteCase("alltoall", 2, 2, 4, seed=14)]
+
+    def total(tag_suffix: str) -> int:
+        return sum(links["intra"] + links["inter"] for facts in ranks
+                   for tag, links in facts["tags"].items() if tag.endswith(tag_suffix))
+
+    for phase in ("dispatch/etp_gather", "combine/etp_reduce"):
+        assert total(phase) > 0, phase
+        assert total(phase + "/bwd") == total(phase), phase
