@@ -67,15 +67,24 @@ def step_flops(args) -> float:
 
 
 def predicted_step_s(args, cluster_yaml: Path, world: int, peak: float) -> float | None:
-    from monta.planner.cluster import load_cluster
+    import yaml
+
+    from monta.planner.cluster import cluster_from_dict
     from monta.planner.costmodel import PlanContext, evaluate
     from monta.planner.model import model_from_args, workload_from_args
     from monta.planner.plan import Candidate
 
     if not cluster_yaml.exists():
         return None
-    cluster = load_cluster(cluster_yaml, overrides={"peak_tflops": peak, "memory_GB": 140.0,
-                                                    "dtype": "bf16"}).with_world(world)
+    raw = yaml.safe_load(cluster_yaml.read_text())
+    # one host's GPUs split into emulated nodes of one rank measure only the "inter" class (and
+    # one node only "intra"): both are the same physical link here, so the other is a copy
+    links = raw["links"]
+    for missing, present in (("intra", "inter"), ("inter", "intra")):
+        if missing not in links and present in links:
+            links[missing] = links[present]
+    cluster = cluster_from_dict(raw, name="measured", overrides={
+        "peak_tflops": peak, "memory_GB": 140.0, "dtype": "bf16"}).with_world(world)
     monta = args.moe_token_dispatcher_type == "monta"
     dedup = monta and args.monta_node_dedup == "on"
     chunks = args.monta_chunks if monta and isinstance(args.monta_chunks, int) else 1
