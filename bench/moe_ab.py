@@ -76,8 +76,8 @@ if str(_REPO) not in sys.path:  # run as a script: bench/ is on the path, the re
     sys.path.insert(0, str(_REPO))
 
 from bench.testbed_jobs import (  # noqa: E402
-    REPO, LoadPolicy, accounted, add_load_args, git, load_record, machine, median_after,
-    testbed_env, train_on_testbed, warn_if_loaded,
+    REPO, LoadPolicy, accounted, add_load_args, exit_on_sigterm, git, load_record, machine,
+    median_after, testbed_env, train_on_testbed, warn_if_loaded,
 )
 from bench.moe_ab_report import markdown, plot  # noqa: E402
 
@@ -392,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     if not available:
         print(f"[moe_ab] testbed unavailable: {reason}", file=sys.stderr)
         return 77
+    exit_on_sigterm()
     start = time.perf_counter()
     loads: list[dict] = []
     warn_if_loaded(_policy(args))

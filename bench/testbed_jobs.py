@@ -22,6 +22,7 @@ import importlib.metadata
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -147,6 +148,12 @@ def accounted(name: str, policy: LoadPolicy, loads: list, run: Callable[[], T]) 
         print(f"[{policy.tag}] {name}: other processes used {foreign:.2f} cores; retrying "
               f"({attempt + 1}/{policy.retries})", flush=True)
     raise AssertionError("unreachable")
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that the testbed job in flight is stopped on the way
+    out (``run_on_testbed`` starts its launcher in a session of its own)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def warn_if_loaded(policy: LoadPolicy) -> None:
