@@ -36,6 +36,9 @@ index on every node), and the pairs ``(node0[0], node0[1])`` (intra) and
      rounds, with the quartiles of the per-round ratios beside them (on 2 shared cores the
      factors vary from round to round). This is the overlap MoNTA's chunk pipeline relies
      on (inter-node all-to-all of chunk i+1 under the intra-node all-gather of chunk i).
+     The *alone* runs (every group of the class at once, as in SPMD training) also give each
+     class's ``node_bandwidth_GBps``: what a node's ranks send together (:func:`node_bandwidth`;
+     below the per-rank fits × ranks where ranks share NICs, or on the one-host testbed CPUs).
 
 Timing: a barrier, then each member times its part. On one host (the testbed) the op's time is
 max(end) − min(start) over its members (``time.perf_counter`` is one clock for every process of a
@@ -45,7 +48,7 @@ back to back per sample. Medians over ``--reps`` after ``--warmup``.
 
 Output (rank 0): the cluster spec (``--out``, YAML: nodes, ranks_per_node, links.{intra,inter}
 .{bandwidth_GBps, latency_us} from the all-to-all fit with the other ops' fits beside them,
-contention, measured_on, date), every measured point as JSON next to it (``.json``), a table on
+node_bandwidth_GBps, contention, measured_on, date), every measured point as JSON next to it (``.json``), a table on
 stdout and, with ``--plot``, bus bandwidth against message size per link class. GB = 1e9 bytes.
 """
 
@@ -167,6 +170,7 @@ def cluster_spec(result: dict[str, Any]) -> dict[str, Any]:
                                  else None, 1),
             "fit_op": FIT_OP if FIT_OP in fits else next(iter(fits)),
             "group_size": result["groups"][link]["size"],
+            "node_bandwidth_GBps": _round(node_bandwidth(result, link), 4),
             "ops": {op: {"bandwidth_GBps": _round(f["bandwidth_Bps"] / _GB
                                                   if f["bandwidth_Bps"] else None, 4),
                          "latency_us": _round(f["latency_s"] * 1e6
@@ -187,6 +191,19 @@ def cluster_spec(result: dict[str, Any]) -> dict[str, Any]:
         "source": "tools/bench_comm.py; GB = 1e9 bytes; bandwidth = payload bytes sent "
                   "off-rank per rank / time; headline numbers from the fit_op fit",
     }
+
+
+def node_bandwidth(result: dict[str, Any], link: str) -> float | None:
+    """GB/s that all ranks of a node send together on ``link`` while every group uses it at
+    once: the contention stage's *alone* run of that class (every rank of a node is in one
+    group of each class), G · payload per rank / (t − α of that op's fit). None without it."""
+    c = result.get("contention") or {}
+    t, size, w = c.get(f"{link}_alone_s"), c.get(f"{link}_size"), c.get(f"{link}_group_size")
+    if not (t and size and w and w > 1):
+        return None
+    alpha = (result["fits"].get(link, {}).get(c.get(f"{link}_op")) or {}).get("latency_s") or 0
+    seconds = t - alpha if t > 2 * alpha else t  # an α as large as t is a bad fit: ignore it
+    return result["ranks_per_node"] * size * (w - 1) / w / seconds / _GB
 
 
 def _quartiles(values: list[float]) -> list[float]:
