@@ -62,13 +62,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
-import os
-import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,10 +71,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
+    sys.path.insert(0, str(_REPO))
+
+from bench.testbed_jobs import (  # noqa: E402
+    REPO, LoadPolicy, accounted, add_load_args, exit_on_sigterm, git, load_record, machine,
+    median_after, testbed_env, train_on_testbed, warn_if_loaded,
+)
+from bench.moe_ab_report import markdown, plot  # noqa: E402
+
 DEFAULT_OUT = REPO / "bench" / "results" / "moe_ab.json"
 STOCK = "alltoall"
-_MB = 1e6
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,95 +120,19 @@ def worker_config(args: argparse.Namespace) -> dict[str, Any]:
             "layouts": layouts(args.layouts, args.chunks)}
 
 
-def load_average() -> float:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except OSError:
-        return float("nan")
-
-
-def cpu_busy_seconds() -> float:
-    """CPU seconds the host has spent busy since boot, summed over cores (/proc/stat)."""
-    try:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-    except (OSError, ValueError):
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq = ticks
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """This process plus every finished descendant (the testbed launchers and their ranks)."""
-    import resource
-
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total
-
-
-def foreign_cores_now(window_s: float = 3.0) -> float:
-    """Cores other processes keep busy right now (sampled over ``window_s``)."""
-    busy0, own0 = cpu_busy_seconds(), own_cpu_seconds()
-    time.sleep(window_s)
-    return max(0.0, (cpu_busy_seconds() - busy0 - (own_cpu_seconds() - own0)) / window_s)
-
-
-def accounted(name: str, args: argparse.Namespace, loads: list, run):
-    """Run ``run()`` (a testbed job) and record the load average before/after and the cores
-    other processes used meanwhile. Before each attempt wait up to ``--wait-idle-s`` for a quiet
-    host; rerun up to ``--retries`` times while other processes used more than
-    ``--max-foreign-cores`` (the discarded attempts stay in the record)."""
-    for attempt in range(args.retries + 1):
-        waited, start_wait = 0.0, time.perf_counter()
-        while args.wait_idle_s > 0:
-            foreign = foreign_cores_now()
-            waited = time.perf_counter() - start_wait
-            # the run's first job also waits for the 1-min load average (the clean rule)
-            quiet = foreign <= args.max_foreign_cores and (
-                bool(loads) or load_average() <= args.max_load)
-            if quiet or waited >= args.wait_idle_s:
-                break
-            print(f"[moe_ab] waiting for a quiet host before {name}: other processes use "
-                  f"{foreign:.2f} cores, 1-min load {load_average():.2f} "
-                  f"({waited:.0f}/{args.wait_idle_s:g} s)", flush=True)
-            time.sleep(20)
-        before, busy0, own0 = load_average(), cpu_busy_seconds(), own_cpu_seconds()
-        t0 = time.perf_counter()
-        out = run()
-        seconds = time.perf_counter() - t0
-        foreign = max(0.0, (cpu_busy_seconds() - busy0 - (own_cpu_seconds() - own0)) / seconds)
-        entry = {"job": name, "attempt": attempt, "load_before": before,
-                 "load_after": load_average(), "foreign_cpu_cores": round(foreign, 3),
-                 "seconds": round(seconds, 1), "waited_s": round(waited, 1)}
-        loads.append(entry)
-        if foreign <= args.max_foreign_cores or attempt == args.retries:
-            return out
-        entry["discarded"] = True
-        print(f"[moe_ab] {name}: other processes used {foreign:.2f} cores; retrying "
-              f"({attempt + 1}/{args.retries})", flush=True)
-    raise AssertionError("unreachable")
-
-
 # --------------------------------------------------------------------------------------------
 # Running the jobs
 # --------------------------------------------------------------------------------------------
-def _testbed_env() -> dict[str, str]:
-    # megatron's TE/apex import warnings are printed by every rank before any filter can run
-    return {"PYTHONWARNINGS": "ignore::UserWarning", "MONTA_LOG_LEVEL": "WARNING"}
-
-
 def run_layer_job(args: argparse.Namespace, cap: float, config: dict, loads: list) -> dict:
     from monta.testbed import run_on_testbed
 
     with tempfile.TemporaryDirectory(prefix="moe-ab-") as tmp:
         cfg_path, out_path = Path(tmp) / "config.json", Path(tmp) / "result.json"
         cfg_path.write_text(json.dumps(config))
-        result = accounted(f"layers cap {cap:g}", args, loads, lambda: run_on_testbed(
+        result = accounted(f"layers cap {cap:g}", _policy(args), loads, lambda: run_on_testbed(
             [sys.executable, "-m", "bench.moe_ab_worker", "--config", str(cfg_path), "--out",
              str(out_path)], nodes=args.nodes, ranks_per_node=args.ranks_per_node,
-            inter_gbit=cap, timeout_s=args.timeout, env=_testbed_env(), cwd=REPO))
+            inter_gbit=cap, timeout_s=args.timeout, env=testbed_env(), cwd=REPO))
         seconds = loads[-1]["seconds"]
         if result.returncode != 0 or not out_path.exists():
             raise RuntimeError(f"layer job at {cap:g} Gbit/s failed (exit {result.returncode})"
@@ -216,24 +143,14 @@ def run_layer_job(args: argparse.Namespace, cap: float, config: dict, loads: lis
     return data
 
 
-def tensorboard_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
-    """Every scalar the run logged: tag -> {step: value}."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)}
-            for tag in events.Tags().get("scalars", [])}
+def _policy(args: argparse.Namespace) -> LoadPolicy:
+    return LoadPolicy.from_args(args, "moe_ab")
 
 
-def _median_after(series: dict[int, float], skip: int) -> float | None:
-    kept = [v for step, v in series.items() if step > skip]
-    return statistics.median(kept) if kept else None
-
-
-def train_command(args: argparse.Namespace, topk: int, dispatcher: str, tb_dir: Path) -> list:
-    command = [
-        sys.executable, str(REPO / "pretrain_moe.py"), "--mock-data", "--vocab-size", "512",
+def train_flags(args: argparse.Namespace, topk: int, dispatcher: str) -> list[str]:
+    """``pretrain_moe.py`` flags of one training run (the TensorBoard dir is added per job)."""
+    flags = [
+        "--mock-data", "--vocab-size", "512",
         "--num-layers", str(args.train_layers), "--hidden-size", str(args.hidden),
         "--ffn-hidden-size", str(args.ffn_hidden), "--num-attention-heads", "8",
         "--seq-length", str(args.train_seq_length), "--micro-batch-size",
@@ -246,60 +163,45 @@ def train_command(args: argparse.Namespace, topk: int, dispatcher: str, tb_dir: 
         "--expert-model-parallel-size", str(args.nodes * args.ranks_per_node),
         "--train-iters", str(args.train_iters), "--log-interval", "1", "--eval-iters", "0",
         "--eval-interval", str(args.train_iters + 1), "--no-progress-bar",
-        "--tensorboard-dir", str(tb_dir), "--moe-token-dispatcher-type", dispatcher]
+        "--moe-token-dispatcher-type", dispatcher]
     if dispatcher == "monta":
-        command += args.train_monta_args.split()
-    return command
+        flags += args.train_monta_args.split()
+    return flags
 
 
 def run_training(args: argparse.Namespace, loads: list) -> list[dict]:
-    from monta.testbed import run_on_testbed
-
     samples: dict[tuple[int, str], list[dict]] = defaultdict(list)
     for rep in range(args.train_reps):
         for topk in args.train_topks:
             order = (STOCK, "monta") if rep % 2 == 0 else ("monta", STOCK)  # alternate first
             for dispatcher in order:
-                with tempfile.TemporaryDirectory(prefix="moe-ab-train-") as tmp:
-                    tb_dir = Path(tmp) / "tb"
-
-                    def train() -> Any:
-                        shutil.rmtree(tb_dir, ignore_errors=True)  # a retry starts afresh
-                        return run_on_testbed(
-                            train_command(args, topk, dispatcher, tb_dir), nodes=args.nodes,
-                            ranks_per_node=args.ranks_per_node, inter_gbit=args.train_cap,
-                            timeout_s=args.timeout, env=_testbed_env(), cwd=REPO)
-
-                    result = accounted(f"train top{topk} {dispatcher} rep {rep}", args, loads,
-                                       train)
-                    seconds = loads[-1]["seconds"]
-                    if result.returncode != 0:
-                        raise RuntimeError(f"training top-{topk} {dispatcher} failed (exit "
-                                           f"{result.returncode}):\n{result.output[-4000:]}")
-                    scalars = tensorboard_scalars(tb_dir)
-                times = scalars.get("iteration-time", {})
-                kept = [times[s] for s in sorted(times) if s > args.train_skip]
+                run = train_on_testbed(
+                    train_flags(args, topk, dispatcher),
+                    name=f"train top{topk} {dispatcher} rep {rep}", inter_gbit=args.train_cap,
+                    nodes=args.nodes, ranks_per_node=args.ranks_per_node,
+                    timeout_s=args.timeout, policy=_policy(args), loads=loads)
+                kept = run.after("iteration-time", args.train_skip)
                 if not kept:
                     raise RuntimeError(f"no iteration-time after step {args.train_skip} in "
-                                       f"TensorBoard ({sorted(times)})")
+                                       f"TensorBoard ({sorted(run.scalars)})")
                 # forward dispatch + combine of every MoE layer (monta.dispatch.stats), per step
                 phases: dict[int, float] = defaultdict(float)
-                for tag, series in scalars.items():
+                for tag, series in run.scalars.items():
                     if tag.startswith("moe-time/") and tag.endswith(("/dispatch-ms",
                                                                      "/combine-ms")):
                         for step, value in series.items():
                             phases[step] += value
                 samples[(topk, dispatcher)].append({
                     "iteration_s": kept, "median_iteration_s": statistics.median(kept),
-                    "inter_bytes_per_step": _median_after(
-                        scalars.get("moe-comm/inter-bytes-per-step", {}), args.train_skip),
-                    "intra_bytes_per_step": _median_after(
-                        scalars.get("moe-comm/intra-bytes-per-step", {}), args.train_skip),
-                    "fwd_dispatch_combine_ms_per_step": _median_after(phases, args.train_skip),
-                    "job_seconds": round(seconds, 1)})
+                    "inter_bytes_per_step": median_after(
+                        run.scalars.get("moe-comm/inter-bytes-per-step", {}), args.train_skip),
+                    "intra_bytes_per_step": median_after(
+                        run.scalars.get("moe-comm/intra-bytes-per-step", {}), args.train_skip),
+                    "fwd_dispatch_combine_ms_per_step": median_after(phases, args.train_skip),
+                    "job_seconds": round(run.seconds, 1)})
                 print(f"[moe_ab] train top-{topk} {dispatcher} rep {rep + 1}: "
-                      f"{statistics.median(kept) * 1e3:.0f} ms/iteration ({seconds:.0f} s job)",
-                      flush=True)
+                      f"{statistics.median(kept) * 1e3:.0f} ms/iteration ({run.seconds:.0f} s "
+                      f"job)", flush=True)
     rows = []
     for topk in args.train_topks:
         stock = samples[(topk, STOCK)]
@@ -383,91 +285,6 @@ def build_rows(cap: float, job: dict) -> list[dict]:
     return rows
 
 
-def _f(value: float | None, fmt: str) -> str:
-    return "—" if value is None else format(value, fmt)
-
-
-def markdown(result: dict) -> str:
-    meta = result
-    loads = result["load_average"]
-    lines = [
-        "# MoE layer A/B on the emulated testbed: forward + backward, median of "
-        f"{result['settings']['reps']} interleaved rounds",
-        "",
-        f"{meta['timestamp']} · commit {meta['git_commit'][:10]}"
-        f"{' (dirty tree)' if meta['git_dirty'] else ''} · {meta['machine']['platform']} · "
-        f"{meta['machine']['cpu_count']} CPUs · torch {meta['machine']['torch']} · "
-        f"megatron-core {meta['machine']['megatron_core']}",
-        "",
-        f"{result['settings']['nodes']} nodes × {result['settings']['ranks_per_node']} ranks, "
-        f"gloo; {result['settings']['tokens']} tokens × hidden {result['settings']['hidden']} "
-        f"fp32 per rank, FFN {result['settings']['ffn_hidden']}, "
-        f"{result['settings']['experts']} experts, SwiGLU. 1-min load average before the first "
-        f"job {loads['before_first_job']:.2f}; other processes used up to "
-        f"{result['foreign_cpu_cores_max']:.2f} cores during a job → "
-        f"**{'clean' if result['clean'] else 'NOT CLEAN (shared CPUs; timings are noisy)'}**.",
-        "",
-        "*layer* = fwd+bwd ms; *comm* = layer − no-comm reference (EP=TP=1, no collectives; "
-        "dispatch+combine fwd+bwd incl. bookkeeping, minus overlap); *inter/intra* = payload MB "
-        "per fwd+bwd summed over ranks (counters, no meta); ratios vs stock `alltoall`.",
-        "",
-    ]
-    for cap in result["caps"]:
-        lines += [f"## inter-node cap {cap:g} Gbit/s", "",
-                  "| layout | top-k | candidate | layer ms | comm ms | inter MB | intra MB | "
-                  "layer speedup | comm speedup | inter bytes ÷ stock |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for row in result["rows"]:
-            if row["cap_gbit"] != cap:
-                continue
-            lines.append(
-                f"| {row['layout']['name']} | {row['topk']} | {row['label']}"
-                f"{' → ' + row['tuned'] if row.get('tuned') else ''} "
-                f"| {row['layer_ms_median']:.0f} "
-                f"| {'—' if row['label'] == 'nocomm' else format(row['comm_ms'], '.0f')} "
-                f"| {row['inter_bytes'] / _MB:.1f} | {row['intra_bytes'] / _MB:.1f} "
-                f"| {_f(row['speedup_vs_alltoall'], '.2f')} "
-                f"| {_f(row['comm_speedup_vs_alltoall'], '.2f')} "
-                f"| {_f(row['inter_bytes_vs_alltoall'], '.2f')} |")
-        lines.append("")
-    lines += ["## Per case: the best candidate, and what `monta/tune` picked by itself", "",
-              "*comm speedup* = stock comm ms ÷ candidate comm ms (dispatch + combine, fwd + bwd); "
-              "*inter ÷* = stock inter bytes ÷ tune's (the byte ratio the comm speedup is "
-              "held against); *vs ds_tp* = ds_tp comm ms ÷ tune's.", "",
-              "| cap Gbit/s | layout | top-k | best | layer speedup | best monta | its layer "
-              "speedup | tune → pick | tune layer speedup | tune comm speedup | inter ÷ "
-              "| tune comm vs ds_tp |", "|---:|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|"]
-    for s in result["summary"]:
-        lines.append(f"| {s['cap_gbit']:g} | {s['layout']} | {s['topk']} | {s['best']} "
-                     f"| {s['best_speedup']:.2f} | {s['best_monta']} "
-                     f"| {s['best_monta_speedup']:.2f} | {s.get('tune_pick') or '—'} "
-                     f"| {_f(s.get('tune_speedup'), '.2f')} "
-                     f"| {_f(s.get('tune_comm_speedup'), '.2f')} "
-                     f"| {_f(s.get('tune_inter_bytes_ratio'), '.2f')} "
-                     f"| {_f(s.get('tune_comm_speedup_vs_ds_tp'), '.2f')} |")
-    if result.get("training"):
-        t = result["settings"]
-        lines += ["", f"## Full training step ({t['train_layers']} layers, TP1·EP4, "
-                  f"{t['train_cap']:g} Gbit/s, `--mock-data`, {t['train_iters']} iterations, "
-                  f"median over iterations > {t['train_skip']} of {t['train_reps']} runs each)",
-                  "", "| top-k | dispatcher | iteration ms | speedup | fwd dispatch+combine "
-                  "ms/step | inter MB/step | intra MB/step |",
-                  "|---:|---|---:|---:|---:|---:|---:|"]
-        lines.insert(len(lines) - 2, "*fwd dispatch+combine* = the `moe-time/layerL/"
-                     "{dispatch,combine}-ms` scalars summed over layers: forward only, and with "
-                     "`--monta-chunks` > 1 they include the experts (the pipeline is timed as "
-                     "one), so they do not compare across dispatchers; iteration time does.\n")
-        for row in result["training"]:
-            name = row["dispatcher"] + (f" `{row['monta_args']}`" if row["monta_args"] else "")
-            mb = {link: row[f"{link}_bytes_per_step"] for link in ("inter", "intra")}
-            lines.append(f"| {row['topk']} | {name} | {row['iteration_ms_median']:.0f} "
-                         f"| {row['speedup_vs_alltoall']:.2f} "
-                         f"| {row['fwd_dispatch_combine_ms_per_step']:.0f} "
-                         f"| {_f(mb['inter'] and mb['inter'] / _MB, '.1f')} "
-                         f"| {_f(mb['intra'] and mb['intra'] / _MB, '.1f')} |")
-    return "\n".join(lines) + "\n"
-
-
 def summarize(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
@@ -497,75 +314,6 @@ def summarize(rows: list[dict]) -> list[dict]:
                         if tuned and ds_tp and tuned["comm_ms"] > 0 and ds_tp["comm_ms"] > 0
                         else None)})
     return out
-
-
-def plot(result: dict, path: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return f"matplotlib is not importable: skipped the plot {path} (pip install matplotlib)"
-    layout_names = list(dict.fromkeys(r["layout"]["name"] for r in result["rows"]))
-    caps = result["caps"]
-    all_labels = list(dict.fromkeys(r["label"] for r in result["rows"] if r["label"] != "nocomm"))
-    cmap = plt.get_cmap("tab20" if len(all_labels) > 10 else "tab10")
-    color = {label: cmap(i) for i, label in enumerate(all_labels)}  # one colour per candidate
-    fig, axes = plt.subplots(len(layout_names), len(caps), squeeze=False,
-                             figsize=(5.5 * len(caps), 3.8 * len(layout_names)))
-    for i, layout in enumerate(layout_names):
-        for j, cap in enumerate(caps):
-            ax = axes[i][j]
-            rows = [r for r in result["rows"] if r["layout"]["name"] == layout
-                    and r["cap_gbit"] == cap]
-            topks = sorted({r["topk"] for r in rows})
-            labels = list(dict.fromkeys(r["label"] for r in rows if r["label"] != "nocomm"))
-            width = 0.8 / max(1, len(labels))
-            for k, label in enumerate(labels):
-                ys = [next((r["layer_ms_median"] for r in rows if r["topk"] == t
-                            and r["label"] == label), 0) for t in topks]
-                ax.bar([x + k * width for x in range(len(topks))], ys, width, label=label,
-                       color=color[label])
-            nocomm = [next(r["layer_ms_median"] for r in rows if r["topk"] == t
-                           and r["label"] == "nocomm") for t in topks]
-            for x, y in enumerate(nocomm):
-                ax.hlines(y, x - width / 2, x + 0.8 - width / 2, colors="black",
-                          linestyles="dashed", label="no-comm" if x == 0 else None)
-            ax.set_xticks([x + 0.4 - width / 2 for x in range(len(topks))],
-                          [f"top-{t}" for t in topks])
-            ax.set_ylabel("layer fwd+bwd (ms)")
-            ax.set_title(f"{layout}, {cap:g} Gbit/s", fontsize=10)
-            ax.grid(True, axis="y", alpha=0.3)
-            if j == 0:
-                ax.legend(fontsize=7, ncol=2)
-    verdict = "clean" if result["clean"] else "NOT CLEAN: shared CPUs, see the load fields"
-    fig.suptitle(f"MoE layer A/B, {result['timestamp']}, {verdict}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"wrote {path}"
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def machine() -> dict[str, Any]:
-    def version(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch": version("torch"),
-            "megatron_core": version("megatron-core")}
 
 
 def _ints(text: str) -> list[int]:
@@ -613,18 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-monta-args", default="--monta-node-dedup auto --monta-chunks 4",
                         help="flags of the monta run")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per testbed job, seconds")
-    parser.add_argument("--max-load", type=float, default=1.5,
-                        help="not clean when the 1-min load average before the first job "
-                             "exceeds this")
-    parser.add_argument("--max-foreign-cores", type=float, default=0.25,
-                        help="not clean when other processes kept more cores than this busy "
-                             "during any job, on average")
-    parser.add_argument("--retries", type=int, default=0,
-                        help="rerun a job up to this many times while other processes used more "
-                             "than --max-foreign-cores during it")
-    parser.add_argument("--wait-idle-s", type=float, default=0.0,
-                        help="before each job, wait up to this long for other processes to "
-                             "use <= --max-foreign-cores")
+    add_load_args(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="JSON path; the Markdown goes next to it (.md)")
     parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
@@ -655,12 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     if not available:
         print(f"[moe_ab] testbed unavailable: {reason}", file=sys.stderr)
         return 77
+    exit_on_sigterm()
     start = time.perf_counter()
     loads: list[dict] = []
-    first = load_average()
-    if first > args.max_load and args.wait_idle_s <= 0:
-        print(f"[moe_ab] warning: 1-min load average {first:.2f} > {args.max_load:g}: the "
-              f"timings will be noisy and the result is marked not clean", flush=True)
+    warn_if_loaded(_policy(args))
     config = worker_config(args)
     rows, veth, job_seconds = [], {}, {}
     for cap in args.caps:
@@ -672,26 +407,18 @@ def main(argv: list[str] | None = None) -> int:
         job_seconds[f"layers cap {cap:g}"] = round(job["job_seconds"], 1)
         print(f"[moe_ab] cap {cap:g} Gbit/s done in {job['job_seconds']:.0f} s", flush=True)
     training = [] if args.no_train else run_training(args, loads)
-    first = loads[0]["load_before"]  # after any --wait-idle-s wait
-    max_foreign = max(e["foreign_cpu_cores"] for e in loads if not e.get("discarded"))
-    # later jobs start while this run's own previous job still weighs on the 1-min average:
-    # the load average counts before the first job only, other processes' CPU for all of them
-    clean = first <= args.max_load and max_foreign <= args.max_foreign_cores
+    record = load_record(loads, _policy(args))
     result = {
         "benchmark": "moe_ab",
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain")),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain")),
         "machine": machine(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         | {"worker_config": config},
         "timing_method": "layer fwd+bwd, max over ranks of end - start after a barrier; comm = "
                          "layer - no-comm reference (EP=TP=1 on single-rank groups, same routing)",
-        "load_average": {"before_first_job": first, "per_job": loads},
-        "foreign_cpu_cores_max": max_foreign,
-        "clean": clean,
-        "clean_rule": f"1-min load before the first job <= {args.max_load:g} and other "
-                      f"processes' CPU <= {args.max_foreign_cores:g} cores during every job",
+        **record,
         "caps": args.caps, "rows": rows, "summary": summarize(rows), "training": training,
         "veth_bytes": veth,
         "wall_seconds": {"total": round(time.perf_counter() - start, 1), **job_seconds},
@@ -705,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[moe_ab] {plot(result, args.plot)}")
     print(f"[moe_ab] wrote {args.out} and {args.out.with_suffix('.md')} in "
           f"{result['wall_seconds']['total']} s ({'clean' if result['clean'] else 'NOT clean'}: "
-          f"1-min load {first:.2f} before, other processes up to {max_foreign:.2f} cores)",
+          f"1-min load {record['load_average']['before_first_job']:.2f} before, other "
+          f"processes up to {record['foreign_cpu_cores_max']:.2f} cores)",
           flush=True)
     bad = [f"{r['cap_gbit']:g} {r['layout']['name']} top{r['topk']}" for r in rows
            if not r["same_routing_as_others"]]
@@ -717,5 +445,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     sys.exit(main())

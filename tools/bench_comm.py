@@ -36,6 +36,10 @@ index on every node), and the pairs ``(node0[0], node0[1])`` (intra) and
      rounds, with the quartiles of the per-round ratios beside them (on 2 shared cores the
      factors vary from round to round). This is the overlap MoNTA's chunk pipeline relies
      on (inter-node all-to-all of chunk i+1 under the intra-node all-gather of chunk i).
+     The *alone* runs (every group of the class at once, as in SPMD training) also give each
+     class's ``node_bandwidth_GBps``: what a node's ranks send together (``node_bandwidth`` in
+     :mod:`monta.planner.calibration`; below the per-rank fits × ranks where ranks share NICs,
+     or on the one-host testbed CPUs).
 
 Timing: a barrier, then each member times its part. On one host (the testbed) the op's time is
 max(end) − min(start) over its members (``time.perf_counter`` is one clock for every process of a
@@ -45,7 +49,7 @@ back to back per sample. Medians over ``--reps`` after ``--warmup``.
 
 Output (rank 0): the cluster spec (``--out``, YAML: nodes, ranks_per_node, links.{intra,inter}
 .{bandwidth_GBps, latency_us} from the all-to-all fit with the other ops' fits beside them,
-contention, measured_on, date), every measured point as JSON next to it (``.json``), a table on
+node_bandwidth_GBps, contention, measured_on, date), every measured point as JSON next to it (``.json``), a table on
 stdout and, with ``--plot``, bus bandwidth against message size per link class. GB = 1e9 bytes.
 """
 

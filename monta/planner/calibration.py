@@ -108,6 +108,7 @@ def cluster_spec(result: dict[str, Any]) -> dict[str, Any]:
                                  else None, 1),
             "fit_op": FIT_OP if FIT_OP in fits else next(iter(fits)),
             "group_size": result["groups"][link]["size"],
+            "node_bandwidth_GBps": _round(node_bandwidth(result, link), 4),
             "ops": {op: {"bandwidth_GBps": _round(f["bandwidth_Bps"] / _GB
                                                   if f["bandwidth_Bps"] else None, 4),
                          "latency_us": _round(f["latency_s"] * 1e6
@@ -128,6 +129,19 @@ def cluster_spec(result: dict[str, Any]) -> dict[str, Any]:
         "source": "tools/bench_comm.py; GB = 1e9 bytes; bandwidth = payload bytes sent "
                   "off-rank per rank / time; headline numbers from the fit_op fit",
     }
+
+
+def node_bandwidth(result: dict[str, Any], link: str) -> float | None:
+    """GB/s that all ranks of a node send together on ``link`` while every group uses it at
+    once: the contention stage's *alone* run of that class (every rank of a node is in one
+    group of each class), G · payload per rank / (t − α of that op's fit). None without it."""
+    c = result.get("contention") or {}
+    t, size, w = c.get(f"{link}_alone_s"), c.get(f"{link}_size"), c.get(f"{link}_group_size")
+    if not (t and size and w and w > 1):
+        return None
+    alpha = (result["fits"].get(link, {}).get(c.get(f"{link}_op")) or {}).get("latency_s") or 0
+    seconds = t - alpha if t > 2 * alpha else t  # an α as large as t is a bad fit: ignore it
+    return result["ranks_per_node"] * size * (w - 1) / w / seconds / _GB
 
 
 def _quartiles(values: list[float]) -> list[float]:

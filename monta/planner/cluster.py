@@ -8,6 +8,7 @@ The YAML shape is the one ``tools/bench_comm.py`` writes, plus optional keys a p
     links:
       intra: {bandwidth_GBps: 200, latency_us: 5}          # + optional per-op fits:
       inter: {bandwidth_GBps: 25, latency_us: 15}          #   ops: {all_gather: {...}, ...}
+                                                           # + optional node_bandwidth_GBps
     contention: {inter_under_intra: 1.0, intra_under_inter: 1.0}   # null → 1.0
     device: {peak_tflops: 312, memory_GB: 80, dtype: bf16, ...}    # see DeviceSpec
     launcher: "torchrun --nnodes {nodes} --nproc-per-node {ranks_per_node}"   # optional
@@ -56,12 +57,22 @@ class LinkSpec:
     """Headline latency per operation step, microseconds."""
     ops: Mapping[str, OpFit] = field(default_factory=dict)
     """Optional per-collective fits (keys from :data:`OPS`), used instead of the headline."""
+    node_bandwidth_GBps: float | None = None
+    """What ALL ranks of one node together send per direction on this link class while every
+    rank of every node uses it at once, as SPMD training does (``tools/bench_comm.py``'s
+    contention stage runs each class alone with all groups at once). It differs from the
+    per-rank fits where the ranks share something: the node's NICs, or on the one-host testbed
+    the host's CPUs that move loopback traffic and per-stream TCP limits. None: the NICs'
+    limit, ``bandwidth × nics_per_node`` (inter) or no shared limit (intra)."""
 
     def __post_init__(self):
         OpFit(self.bandwidth_GBps, self.latency_us)  # validates both
         unknown = set(self.ops) - set(OPS)
         if unknown:
             raise ValueError(f"unknown ops {sorted(unknown)} in link spec; known: {OPS}")
+        if self.node_bandwidth_GBps is not None and not self.node_bandwidth_GBps > 0:
+            raise ValueError(f"node_bandwidth_GBps must be > 0 or absent, got "
+                             f"{self.node_bandwidth_GBps!r}")
 
     def fit(self, op: str) -> OpFit:
         """The fit for ``op`` (``all_reduce`` uses the reduce-scatter fit), else the headline."""
@@ -167,12 +178,24 @@ class ClusterSpec:
         return self.intra if name == "intra" else self.inter
 
     def inter_share_GBps(self, active_ranks: int) -> float:
-        """Inter-node bandwidth of one rank while ``active_ranks`` ranks of its node send:
-        ``min(B_nic, B_nic · nics / active)`` — a rank drives one NIC, the node's NICs are
-        shared (DESIGN §2: the inter-node bandwidth of a node is shared by its ranks)."""
-        active = max(1, active_ranks)
-        return min(self.inter.bandwidth_GBps,
-                   self.inter.bandwidth_GBps * self.nics_per_node / active)
+        """Headline inter-node bandwidth of one rank while ``active_ranks`` ranks of its node
+        send (:meth:`share_GBps` of the headline all-to-all fit)."""
+        return self.share_GBps("inter", "all_to_all", active_ranks)
+
+    def share_GBps(self, link: LinkName, op: str, active_ranks: int) -> float:
+        """Bandwidth of one rank running ``op`` on ``link`` while ``active_ranks`` ranks of its
+        node use that link class: ``min(B_op, B_node / active)``, B_op the op's fit (what a rank
+        gets alone), B_node the node's shared capacity — ``node_bandwidth_GBps`` where measured,
+        else ``B_op · nics`` for inter (a rank drives one NIC, the node's NICs are shared:
+        DESIGN §2) and unlimited for intra."""
+        spec = self.link(link)
+        own = spec.fit(op).bandwidth_GBps
+        node = spec.node_bandwidth_GBps
+        if node is None:
+            if link == "intra":
+                return own
+            node = own * self.nics_per_node
+        return min(own, node / max(1, active_ranks))
 
     def with_world(self, world_size: int | None) -> "ClusterSpec":
         """The same machine cut to ``world_size`` ranks (whole nodes, or part of one node)."""
@@ -207,8 +230,10 @@ def _link(raw: Any, name: str) -> LinkSpec:
     for op, fit in (raw.get("ops") or {}).items():
         if op in OPS and fit and fit.get("bandwidth_GBps"):
             ops[op] = OpFit(float(fit["bandwidth_GBps"]), float(fit.get("latency_us") or 0.0))
+    node = raw.get("node_bandwidth_GBps")
     try:
-        return LinkSpec(float(raw["bandwidth_GBps"]), float(raw.get("latency_us") or 0.0), ops)
+        return LinkSpec(float(raw["bandwidth_GBps"]), float(raw.get("latency_us") or 0.0), ops,
+                        None if node is None else float(node))
     except (KeyError, TypeError) as error:
         raise ValueError(f"links.{name} needs a numeric bandwidth_GBps, got {raw!r}") from error
 

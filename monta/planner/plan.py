@@ -199,3 +199,29 @@ def candidate_flags(candidate: Candidate, dp: int, edp: int, ranks_per_node: int
     if bf16:
         out.append("--bf16")
     return out
+
+
+def candidate_from_args(args) -> Candidate:
+    """The candidate that parsed ``pretrain_moe.py`` flags run (the inverse of
+    :func:`candidate_flags`), so a measured run and its prediction share one set of flags.
+
+    Raises:
+        ValueError: ``--monta-node-dedup auto|tune`` or ``--monta-chunks tune`` (decided at
+            run time, so no single candidate), or ``--recompute-granularity`` other than full.
+    """
+    dispatcher = args.moe_token_dispatcher_type
+    node_dedup, chunks = False, 1
+    if dispatcher == "monta":
+        dedup, chunks = getattr(args, "monta_node_dedup", "off"), getattr(args, "monta_chunks", 1)
+        if dedup not in ("on", "off") or not isinstance(chunks, int):
+            raise ValueError(f"--monta-node-dedup {dedup} --monta-chunks {chunks}: the planner "
+                             f"costs fixed choices only (on/off and a number of chunks)")
+        node_dedup = dedup == "on"
+    granularity = getattr(args, "recompute_granularity", None)
+    if granularity not in (None, "full"):
+        raise ValueError(f"--recompute-granularity {granularity}: the planner costs none or "
+                         f"full")
+    return Candidate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                     args.expert_model_parallel_size, args.expert_tensor_parallel_size,
+                     dispatcher, node_dedup, chunks,
+                     "full" if granularity == "full" else "none")

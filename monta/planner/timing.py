@@ -1,17 +1,27 @@
-"""α-β times of collectives on the cluster's links, NIC sharing, contention, chunked pipelines.
+"""α-β times of collectives on the cluster's links, link sharing, contention, chunked pipelines.
 
-* One collective on one link class: ``calls · α_op + bytes / β_op`` (bench_comm's fit of that
-  op; α is per collective call, as bench_comm fits it). Inter-node β is the rank's share of its
-  node's NICs while ``active`` ranks of the node send: ``min(β, β · nics / active)``.
+* One collective on one link class: ``calls · α_op + bytes / β`` (bench_comm's fit of that op;
+  α is per collective call, as bench_comm fits it). β is a rank's share while ``active`` ranks
+  of its node use the class at once: ``min(β_op, B_node / active)`` (``ClusterSpec.share_GBps``:
+  B_node is the node's measured capacity with every group at once, else the NICs' limit
+  ``β_op · nics`` inter-node and no limit intra-node).
 * A collective that uses both classes at once (a flat all-to-all over an EP group spanning
-  nodes) takes ``max(t_intra · c_intra_under_inter, t_inter · c_inter_under_intra)``.
+  nodes): each class takes its own time, and while both are busy — the shorter of the two —
+  each is slowed by its contention factor: ``t_c + (f_c − 1) · min(t_intra, t_inter)``; the
+  collective takes the max.
 * A pipeline of stages over c chunks (DESIGN §2): ``M + (S − M)/c + c · L`` where S is the sum
   of the stage times (the unpipelined time), M the busiest resource's total (inter link, intra
   link or compute; with one resource per stage this is DESIGN's max_i P_i) and L the per-chunk
-  overhead (every collective's α plus a launch cost per stage). While inter- and intra-node
-  phases overlap ((c − 1)/c of the time) they slow down by the contention factors.
+  overhead (every collective's α plus a launch cost per stage). Inter- and intra-node stages
+  of different chunks overlap for ``min(inter, intra) · (c − 1)/c`` and are slowed by the
+  contention factors for that long.
 * A ring over a group with g members per node: every link carries ``vol`` bytes; the node's
-  G/g rings share its NICs, so ``t = max(vol / β_intra, vol / share(G/g))`` across nodes.
+  G/g rings share its NICs (and every rank of the node takes part in some ring), so
+  ``t = max(vol / share_intra(G), vol / share_inter(G/g))`` across nodes.
+
+Contention factors come from bench_comm with both classes about equally long, i.e. they are
+slowdowns *while overlapped*; charging them only for the overlap keeps a collective whose
+intra-node part is tiny (EP over nodes, one local peer) from being slowed as a whole.
 """
 
 from __future__ import annotations
@@ -45,29 +55,31 @@ class LinkTime:
 
 
 def transfer_time(tr: Transfer, cluster: ClusterSpec, inter_active: int,
-                  inter_scale: float = 1.0, intra_scale: float = 1.0) -> LinkTime:
+                  inter_scale: float = 1.0, intra_scale: float = 1.0,
+                  intra_active: int | None = None) -> LinkTime:
     """One collective's time (module docstring).
 
     Args:
         inter_active: ranks of a node sending inter-node at the same time (NIC sharing).
         inter_scale, intra_scale: load factors of the busiest node / rank (routing imbalance).
+        intra_active: ranks of a node sending intra-node at the same time (default: all G, as
+            every rank runs the same collective).
     """
     intra_b, inter_b = tr.intra_total * intra_scale, tr.inter_total * inter_scale
     latency = 0.0
     t_intra = t_inter = 0.0
     if intra_b > 0:
-        fit = cluster.intra.fit(tr.op)
-        t_intra = intra_b / (fit.bandwidth_GBps * 1e9)
-        latency = tr.calls * fit.latency_us * 1e-6
+        active = cluster.ranks_per_node if intra_active is None else intra_active
+        t_intra = intra_b / (cluster.share_GBps("intra", tr.op, active) * 1e9)
+        latency = tr.calls * cluster.intra.fit(tr.op).latency_us * 1e-6
     if inter_b > 0:
-        fit = cluster.inter.fit(tr.op)
-        share = min(fit.bandwidth_GBps,
-                    fit.bandwidth_GBps * cluster.nics_per_node / max(1, inter_active))
-        t_inter = inter_b / (share * 1e9)
-        latency = max(latency, tr.calls * fit.latency_us * 1e-6)
+        t_inter = inter_b / (cluster.share_GBps("inter", tr.op, inter_active) * 1e9)
+        latency = max(latency, tr.calls * cluster.inter.fit(tr.op).latency_us * 1e-6)
     if t_intra > 0 and t_inter > 0:
         c = cluster.contention
-        t_intra, t_inter = t_intra * c.intra_under_inter, t_inter * c.inter_under_intra
+        both = min(t_intra, t_inter)  # how long the two classes are busy at once
+        t_intra, t_inter = (t_intra + (c.intra_under_inter - 1) * both,
+                            t_inter + (c.inter_under_intra - 1) * both)
     return LinkTime(t_intra, t_inter, latency, max(t_intra, t_inter))
 
 
@@ -94,11 +106,12 @@ def pipeline(stage_parts: dict[str, float], resource_totals: dict[str, float],
         latency: L, per-chunk overhead seconds.
     """
     c = max(1, chunks)
-    overlap = (c - 1) / c
     scale = {"inter": 1.0, "intra": 1.0}
-    if resource_totals.get("inter", 0) > 0 and resource_totals.get("intra", 0) > 0:
-        scale["inter"] += (cluster.contention.inter_under_intra - 1) * overlap
-        scale["intra"] += (cluster.contention.intra_under_inter - 1) * overlap
+    inter, intra = resource_totals.get("inter", 0.0), resource_totals.get("intra", 0.0)
+    if inter > 0 and intra > 0:
+        both = min(inter, intra) * (c - 1) / c  # chunks of the two classes in flight at once
+        scale["inter"] += (cluster.contention.inter_under_intra - 1) * both / inter
+        scale["intra"] += (cluster.contention.intra_under_inter - 1) * both / intra
     parts = {r: v * scale.get(r, 1.0) for r, v in stage_parts.items()}
     totals = {r: v * scale.get(r, 1.0) for r, v in resource_totals.items()}
     s = sum(parts.values())
@@ -123,14 +136,13 @@ def ring_time(cluster: ClusterSpec, group_size: int, members_per_node: int, nbyt
     """A ring collective moving ``nbytes`` per rank per link (module docstring)."""
     if group_size <= 1 or nbytes <= 0:
         return LinkTime()
-    intra_fit = cluster.intra.fit(op)
-    t_intra = nbytes / (intra_fit.bandwidth_GBps * 1e9) if members_per_node > 1 else 0.0
-    latency = calls * intra_fit.latency_us * 1e-6
+    g = cluster.ranks_per_node
+    t_intra = (nbytes / (cluster.share_GBps("intra", op, g) * 1e9) if members_per_node > 1
+               else 0.0)
+    latency = calls * cluster.intra.fit(op).latency_us * 1e-6
     t_inter = 0.0
     if members_per_node < group_size:  # the ring leaves the node
-        fit = cluster.inter.fit(op)
-        rings = max(1, cluster.ranks_per_node // members_per_node)
-        share = min(fit.bandwidth_GBps, fit.bandwidth_GBps * cluster.nics_per_node / rings)
-        t_inter = nbytes / (share * 1e9)
-        latency = calls * fit.latency_us * 1e-6
+        rings = max(1, g // members_per_node)
+        t_inter = nbytes / (cluster.share_GBps("inter", op, rings) * 1e9)
+        latency = calls * cluster.inter.fit(op).latency_us * 1e-6
     return LinkTime(t_intra, t_inter, latency, max(t_intra, t_inter))

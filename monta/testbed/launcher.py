@@ -112,6 +112,9 @@ def run_on_testbed(command: Sequence[str], nodes: int, ranks_per_node: int, inte
             output, _ = proc.communicate()
             output += f"\nrun_on_testbed: launcher still running {timeout_s + 60:g} s, killed\n"
             returncode = EXIT_TIMEOUT
+        except BaseException:  # Ctrl-C / SystemExit in the caller: its own session survives us
+            _terminate(proc)
+            raise
         link = json.loads(stats_path.read_text()) if stats_path.exists() else None
     return TestbedResult(returncode, output, link)
 

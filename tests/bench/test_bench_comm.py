@@ -79,6 +79,10 @@ def test_cluster_spec_on_testbed(tmp_path):
     assert links["inter"]["bandwidth_GBps"] < links["intra"]["bandwidth_GBps"], links
     assert spec["contention"]["inter_under_intra"] > 0
     assert spec["contention"]["intra_under_inter"] > 0
+    # every group at once: a node's 2 ranks together; inter through the 0.125 GB/s cap (a
+    # margin for tbf's 256 kB burst on 1 MB messages)
+    assert 0 < links["inter"]["node_bandwidth_GBps"] < 0.16
+    assert links["intra"]["node_bandwidth_GBps"] > 0
     assert spec["measured_on"] and spec["date"] and len(spec["load_average"]["before"]) == 3
     raw = json.loads(out.with_suffix(".json").read_text())
     # the fitted bytes are the counters' payload: S for p2p, S·(W−1)/W for the collectives
