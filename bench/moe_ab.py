@@ -47,7 +47,7 @@ Reported per case:
   pipeline), so the tables use the subtraction;
 * ``inter MB`` / ``intra MB``: payload bytes of one forward + backward summed over ranks, from
   :mod:`monta.comm`'s counters (router probabilities and masks, ``/meta``, separately in the
-  JSON). The stock dispatcher's counters miss its backward expert-TP gather/reduce (intra only);
+  JSON);
 * ratios vs stock ``alltoall`` of the same cap, layout and top-k: layer speedup, comm speedup,
   inter bytes.
 

@@ -1,6 +1,7 @@
 """The MoE block's timing against ``bench/moe_ab.py``'s layer measurements on the testbed.
 
-``bench/results/moe_ab.json`` holds forward + backward of one megatron-core MoE layer (2048
+``tests/planner/data/moe_ab_devset.json`` (a frozen copy of ``bench/results/moe_ab.json`` as
+measured before the planner's rules were fitted to it) holds forward + backward of one megatron-core MoE layer (2048
 tokens × hidden 512 fp32 per rank, 8 experts of FFN 64) for every dispatcher, node dedup and
 chunk count, top-1…8, layouts TP1·EP4 and TP2·EP2·ETP2, at 0.4 / 1 / 4 Gbit/s, plus a
 no-communication reference (EP = TP = 1). The planner prices that layer as its MoE block
@@ -30,6 +31,7 @@ from monta.planner.model import ModelSpec, Workload
 from monta.planner.plan import Candidate
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+DEVSET = Path(__file__).resolve().parent / "data" / "moe_ab_devset.json"
 BLOCK = ("ep/inter", "ep/intra", "ep/overhead", "compute/experts")
 
 
@@ -70,7 +72,7 @@ def _calibrated_peak(rows: list[dict]) -> float:
 
 
 def test_moe_block_within_the_measured_layer_times():
-    rows = [r for r in json.loads((RESULTS / "moe_ab.json").read_text())["rows"]
+    rows = [r for r in json.loads(DEVSET.read_text())["rows"]
             if r["label"] != "monta/tune"]  # tune's trial forwards are not one candidate
     peak = _calibrated_peak(rows)
     errors = {}
