@@ -11,7 +11,8 @@
 # Options: --gpus N (default: all visible), --ranks-per-node G (default N/2: two emulated nodes
 # of one host's GPUs), --kind NAME (names the result file; default from nvidia-smi), --cpu N
 # (gloo ranks instead of GPUs), --quick (tiny sizes), --parts LIST (correctness,dispatch,comm,
-# train; default all), --out-dir DIR (scratch; default a temp dir), --dry-run.
+# train; default all), --out-dir DIR (scratch; default a temp dir), --dry-run. NO_REPORT=1 stops
+# before the report (run bench/multigpu_report.py on the scratch directory elsewhere).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -100,5 +101,5 @@ if [[ ",$PARTS," == *",train,"* ]]; then
         > "$OUT_DIR/train-$d.args"
   done
 fi
-run "$PY" bench/multigpu_report.py --scratch "$OUT_DIR" --kind "$KIND" --world "$N" \
+[[ -n "${NO_REPORT:-}" ]] || run "$PY" bench/multigpu_report.py --scratch "$OUT_DIR" --kind "$KIND" --world "$N" \
     --ranks-per-node "$RPN" --out "bench/results/multigpu_${KIND}.json"

@@ -97,13 +97,14 @@ def predicted_step_s(args, cluster_yaml: Path, world: int, peak: float) -> float
     return evaluate(candidate, ctx).step_time_s
 
 
-def training_rows(scratch: Path, world: int) -> list[dict]:
+def training_rows(scratch: Path, world: int, peak: float | None = None,
+                  how: str | None = None) -> list[dict]:
+    """End-to-end rows; ``peak`` as the worker measured it on the run's GPU (else measured here)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from monta.training.arguments import parse_args
 
     rows = []
-    peak, how = None, None
     for args_file in sorted(scratch.glob("train-*.args")):
         dispatcher = args_file.stem.removeprefix("train-")
         events = EventAccumulator(str(scratch / f"tb-{dispatcher}"), size_guidance={"scalars": 0})
@@ -198,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     cluster = args.scratch / "cluster.yaml"
     if cluster.exists():
         result["cluster_spec_yaml"] = cluster.read_text()
-    result["training"] = training_rows(args.scratch, args.world)
+    result["training"] = training_rows(args.scratch, args.world,
+                                       result.get("peak_tflops_measured"),
+                                       result.get("peak_measured_with"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(result))

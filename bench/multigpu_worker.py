@@ -300,9 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     topology = detect_topology(args.ranks_per_node)
     set_topology(topology)
     parts = set(args.parts.split(","))
+    from bench.multigpu_report import measured_peak_tflops
+
+    peak, peak_how = measured_peak_tflops() if rank == 0 else (None, None)
     result = {"world_size": world, "topology": str(topology),
               "device": torch.cuda.get_device_name() if on_gpu else "cpu",
-              "backend": dist.get_backend(), "torch": torch.__version__, "parts": sorted(parts)}
+              "backend": dist.get_backend(), "torch": torch.__version__, "parts": sorted(parts),
+              "peak_tflops_measured": peak, "peak_measured_with": peak_how}
     status = 0
     try:
         if "correctness" in parts:
