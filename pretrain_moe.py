@@ -8,6 +8,11 @@
 
     # see every flag (Megatron-LM names)
     python pretrain_moe.py --help
+
+Exit codes: 0 done (or saved and stopped on SIGTERM with --exit-signal-handler); 2 refused bad
+input, an unloadable checkpoint or a failed save ("error: ..." on rank 0); 3 a peer died or a
+collective failed or timed out (one line per surviving rank); 4 too many non-finite steps in a
+row; 143 SIGTERM without --exit-signal-handler.
 """
 
 import logging
@@ -25,6 +30,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from monta.training.checkpointing import CheckpointError
     from monta.training.pretrain import ConfigError, pretrain
+    from monta.training.step_guard import EXIT_NONFINITE, NonFiniteError
 
     try:
         if args.auto_plan:
@@ -36,11 +42,11 @@ def main(argv=None) -> int:
             except ValueError as error:  # no valid layout, unknown preset, ...
                 raise ConfigError(f"--auto-plan {args.auto_plan}: {error}") from error
         pretrain(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteError) as error:
         rank = os.environ.get("RANK", "0")
-        if rank == "0":
+        if rank == "0" and not getattr(error, "reported", False):
             print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_NONFINITE if isinstance(error, NonFiniteError) else 2
     return 0
 
 

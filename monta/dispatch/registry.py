@@ -15,6 +15,7 @@ from monta.dispatch.counted_alltoall import CountedAlltoAllTokenDispatcher
 from monta.dispatch.monta_dispatcher import DSTPTokenDispatcher, MoNTATokenDispatcher
 from monta.dispatch.pipelined import PipelinedMoE
 from monta.dispatch.stats import timed
+from monta.training.watchdog import PHASE
 
 DISPATCHERS: dict[str, type[MoETokenDispatcher]] = {
     # megatron-core's stock all-to-all, unchanged apart from byte counters: the baseline
@@ -57,12 +58,38 @@ class MoNTAMoELayer(MoELayer):
         super().set_layer_number(layer_number)
         self.token_dispatcher.layer_number = layer_number
 
+    # Phase markers for the watchdog (monta.training.watchdog): which MoE step of which layer
+    # this rank is in when a peer dies. An attribute write each; no sync, no collective.
+    def route(self, hidden_states, padding_mask=None):
+        PHASE.enter("route", self.layer_number or 0)
+        return super().route(hidden_states, padding_mask)
+
+    def preprocess(self, hidden_states, probs, routing_map):
+        # the dispatchers exchange split sizes here: the dispatch's first collective
+        PHASE.enter("dispatch", self.layer_number or 0)
+        return super().preprocess(hidden_states, probs, routing_map)
+
+    def routed_experts_compute(self, hidden_states, probs):
+        PHASE.enter("experts", self.layer_number or 0)
+        return super().routed_experts_compute(hidden_states, probs)
+
+    def combine(self, output):
+        PHASE.enter("combine", self.layer_number or 0)
+        return super().combine(output)
+
+    def _enter_backward(self, grad):
+        PHASE.enter("moe_backward", self.layer_number or 0)
+
     def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
         dispatcher = self.token_dispatcher
         chunks = getattr(getattr(dispatcher, "options", None), "chunks", 1)
         if chunks == 1 or intermediate_tensors is not None:
-            return super().forward(hidden_states, intermediate_tensors, padding_mask)
-        return self._pipelined_forward(hidden_states, padding_mask, chunks)
+            output = super().forward(hidden_states, intermediate_tensors, padding_mask)
+        else:
+            output = self._pipelined_forward(hidden_states, padding_mask, chunks)
+        if isinstance(output, tuple) and output[0].requires_grad:
+            output[0].register_hook(self._enter_backward)  # the backward pass reaches this layer
+        return output
 
     @timed("dispatch")  # with chunks the experts overlap the transfers: one number for all
     def _pipelined_forward(self, hidden_states, padding_mask, chunks):
@@ -74,6 +101,7 @@ class MoNTAMoELayer(MoELayer):
             padding_mask = padding_mask.transpose(0, 1).bool()
         probs, routing_map = self.route(hidden_states, padding_mask)
         dispatcher = self.token_dispatcher
+        PHASE.enter("dispatch", self.layer_number or 0)  # chunks overlap dispatch and combine
         x, probs = dispatcher.dispatch_preprocess(hidden_states, routing_map, probs)
         output = PipelinedMoE(dispatcher, self.experts, chunks)(x, probs, dispatcher.routing_map)
         return dispatcher.combine_postprocess(output), None
