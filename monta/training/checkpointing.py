@@ -24,7 +24,6 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -33,9 +32,10 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import random as mrandom
+from torch.distributed.checkpoint.api import CheckpointException
 
 from monta.training import fault_injection, manifest
-from monta.training.watchdog import PHASE
+from monta.training.watchdog import PHASE, say
 
 logger = logging.getLogger(__name__)
 
@@ -178,16 +178,73 @@ def save_model_only(root: str, model, args: argparse.Namespace,
     return _save_atomically(root, train_state.iteration, state, None)
 
 
-def _agree(step: str, action) -> list[str]:
+class _ErrorRecords(logging.Handler):
+    """Collects megatron's checkpoint-writer error logs: its writer processes report the
+    real cause (``[Errno 28] No space left on device``) there, while the exception raised to us
+    is torch DCP's bare ``CheckpointException``."""
+
+    def __init__(self):
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())[:240]
+
+
+_ELSEWHERE = "the write failed on another rank"
+
+
+def _describe(error: BaseException) -> str:
+    """One line for a save failure; torch DCP's CheckpointException carries each failed rank's
+    own exception (its message alone is ``CheckpointException ranks:dict_keys([0, 2])``)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(error, CheckpointException) and failures:
+        return "writes failed on " + "; ".join(
+            f"rank {rank}: {_one_line(wrapped[0] if isinstance(wrapped, tuple) else wrapped)}"
+            for rank, wrapped in failures.items())
+    if isinstance(error, CheckpointException):
+        return _ELSEWHERE
+    return f"{type(error).__name__}: {_one_line(error)}"
+
+
+def _disk_full_hint(directory: str) -> str:
+    """A write into a full file system fails in many guises (ENOSPC, or torch's zip writer's
+    "unexpected pos"); say plainly when that is what happened."""
+    try:
+        usage = shutil.disk_usage(directory)
+    except OSError:
+        return ""
+    if usage.free < min(64 << 20, usage.total // 100):
+        return (f"; no space left on the device holding {directory} ({usage.free:,} bytes free "
+                f"of {usage.total:,})")
+    return ""
+
+
+def _agree(step: str, action, directory: str) -> list[str]:
     """Run ``action()`` on every rank, then agree (one all-gather) on who failed; returns every
     rank's error text, empty when all succeeded. A failing rank prints its error at once, so
     it is on record even if a peer never arrives here."""
     error = None
+    records = _ErrorRecords()
+    writer_log = logging.getLogger("megatron.core.dist_checkpointing")
+    writer_log.addHandler(records)
     try:
         action()
-    except Exception as exc:  # noqa: BLE001 - any local failure must reach every rank
-        error = f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}"
-        print(f"{error} (during checkpoint {step})", file=sys.stderr, flush=True)
+    # every local failure must reach every rank; torch DCP's CheckpointException derives from
+    # BaseException, so it is named or it would escape
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001
+        error = f"rank {dist.get_rank()}: {_describe(exc)}"
+        causes = [c for c in dict.fromkeys(_one_line(m) for m in records.messages)
+                  if c.split(": ", 1)[-1] not in error]
+        if causes:
+            error += f" (writer: {'; '.join(causes)[:300]})"
+        say(f"{error}{_disk_full_hint(directory)} (during checkpoint {step})")
+    finally:
+        writer_log.removeHandler(records)
     errors: list = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     return [e for e in errors if e is not None]
@@ -236,26 +293,29 @@ def _save_atomically(root: str, iteration: int, state: dict, keep_last: int | No
             os.fsync(f.fileno())
         os.replace(tracker_tmp, os.path.join(root, TRACKER_FILENAME))
 
-    errors = _agree("preparation", prepare)
+    errors = _agree("preparation", prepare, root)
     if not errors:
-        errors = _agree("write", write_shards)
+        errors = _agree("write", write_shards, root)
     if not errors:
         PHASE.enter("save_commit")
-        errors = _agree("hashing", hash_share)
+        errors = _agree("hashing", hash_share, root)
     if not errors:
         gathered: list = [None] * world
         dist.gather_object(hashes, gathered if rank == 0 else None, dst=0)
-        errors = _agree("commit", commit)
+        errors = _agree("commit", commit, root)
     if errors:
+        hint = _disk_full_hint(root)  # before the cleanup frees the space again
         if rank == 0:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+        errors = [e for e in errors if _ELSEWHERE not in e] or errors
         previous = read_tracker(root) if os.path.isdir(root) else None
         kept = (f"the last complete checkpoint, {checkpoint_dir(root, previous)}, is untouched "
                 f"({TRACKER_FILENAME} still names it)" if previous is not None
                 else "no earlier checkpoint exists")
         raise CheckpointError(
-            f"checkpoint save of iteration {iteration} to {root} failed ({'; '.join(errors)}); "
-            f"{kept}. Free space (or fix the directory) and resume with --load {root}")
+            f"checkpoint save of iteration {iteration} to {root} failed{hint.replace(';', ':', 1)}"
+            f" ({'; '.join(errors)}); {kept}. Free space (or fix the directory) and resume with "
+            f"--load {root}")
     if rank == 0 and keep_last:
         _prune(root, iteration, keep_last)
     dist.barrier()

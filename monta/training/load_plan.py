@@ -17,7 +17,6 @@ A ``--load`` naming one ``iter_N`` directory has no fallback: the user asked for
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 
 from monta.training import manifest
@@ -28,7 +27,7 @@ from monta.training.checkpointing import (
     checkpoint_dir,
     read_tracker,
 )
-from monta.training.watchdog import PHASE
+from monta.training.watchdog import PHASE, say
 
 
 @dataclass
@@ -107,7 +106,7 @@ def _warn(message: str) -> None:
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        say(f"warning: {message}")
 
 
 def choose_checkpoint(plan: LoadPlan, check_args=None) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from functools import partial
 
@@ -48,7 +47,7 @@ from monta.training.metrics import (
 )
 from monta.training.step_guard import NonFiniteCounter, NonFiniteError, guarded_step
 from monta.training.validation import ConfigError, validate_args, validate_data_vocabulary
-from monta.training.watchdog import PHASE, Watchdog, is_collective_failure
+from monta.training.watchdog import PHASE, Watchdog, is_collective_failure, say
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +322,7 @@ def pretrain(args: argparse.Namespace) -> None:
         # every rank raises these together; say it now, before the first rank to exit makes
         # torchrun stop the others (rank 0 might not get to print it afterwards)
         if dist.get_rank() == 0:
-            print(f"error: {error}", file=sys.stderr, flush=True)
+            say(f"error: {error}")
         error.reported = True
         raise
     except Exception as error:  # noqa: BLE001 - a broken collective becomes the watchdog's line
@@ -376,14 +375,16 @@ def _run(args, dims, config, tokenizer, vocab_size: int, plan: LoadPlan | None,
                                              dp_size, state.consumed_valid_samples)
     load_tracker = ExpertLoadTracker(model, args.num_layers, args.num_experts,
                                      count_dropped=args.moe_expert_capacity_factor is not None)
-    train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_iterator,
-          reporter, load_tracker, watchdog)
-    if args.save and state.iteration == args.train_iters:
-        if checkpointing.read_tracker(args.save) != state.iteration:
-            path = checkpointing.save_checkpoint(args.save, state, model, optimizer,
-                                                 scheduler, args)
-            reporter.print(f" saved checkpoint at iteration {state.iteration} to {path}")
-    reporter.close()
+    try:
+        train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_iterator,
+              reporter, load_tracker, watchdog)
+        if args.save and state.iteration == args.train_iters:
+            if checkpointing.read_tracker(args.save) != state.iteration:
+                path = checkpointing.save_checkpoint(args.save, state, model, optimizer,
+                                                     scheduler, args)
+                reporter.print(f" saved checkpoint at iteration {state.iteration} to {path}")
+    finally:  # also when a run is aborted: its TensorBoard events up to then are flushed
+        reporter.close()
 
 
 __all__ = ["pretrain", "preflight", "ConfigError", "NonFiniteError"]

@@ -108,6 +108,14 @@ def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:200]}"
 
 
+def say(line: str) -> None:
+    """Write one line to stderr in a single ``write``: ranks share torchrun's pipe, and
+    ``print`` (text, then newline) lets two ranks' lines run into each other."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.write(2, (line.rstrip("\n") + "\n").encode(errors="replace"))
+
+
 def _process_state(pid: int) -> str | None:
     """``/proc`` state letter of a local process, or None when it no longer exists."""
     try:
@@ -143,6 +151,7 @@ class Watchdog:
         self._wakeup: tuple[int, int] | None = None
         self._old_handler = None
         self._old_wakeup = -1
+        self._owns_signals = False
         self._host = socket.gethostname()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -153,8 +162,11 @@ class Watchdog:
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
         self._wakeup = (read_fd, write_fd)
-        self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm_main_thread)
-        self._old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        # signals go to the main thread: from any other, leave SIGTERM alone
+        self._owns_signals = threading.current_thread() is threading.main_thread()
+        if self._owns_signals:
+            self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm_main_thread)
+            self._old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         self._store = self._connect_store()
         self._store_set(f"pid/{self.rank}", f"{self._host} {os.getpid()}")
         self._beat()
@@ -174,8 +186,9 @@ class Watchdog:
         if self._thread is not None:
             self._thread.join(timeout=2 * self.beat_s)
         if self._wakeup is not None:
-            signal.set_wakeup_fd(self._old_wakeup)
-            signal.signal(signal.SIGTERM, self._old_handler or signal.SIG_DFL)
+            if self._owns_signals:
+                signal.set_wakeup_fd(self._old_wakeup)
+                signal.signal(signal.SIGTERM, self._old_handler or signal.SIG_DFL)
             for fd in self._wakeup:
                 os.close(fd)
             self._wakeup = None
@@ -311,7 +324,8 @@ class Watchdog:
             failed = self._failed_peers(wait_s=2.0 if not hang else 0.0)
         ranks = [entry.split(":", 1)[0].removeprefix("rank ") for entry in failed]
         if failed:
-            verb = "hung or died" if hang else "died"
+            timed_out = hang or (error is not None and "timed out" in str(error).lower())
+            verb = "hung or died" if timed_out else "died"
             peers = f"peer rank(s) {', '.join(ranks)} likely {verb} ({'; '.join(failed)})"
         elif self._store is None:
             peers = "peer state unknown (rendezvous store unreachable)"
@@ -326,7 +340,7 @@ class Watchdog:
         self._exit(EXIT_PEER_FAILURE, "failed")
 
     def _print(self, line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        say(line)
 
     def _exit(self, code: int, why: str) -> NoReturn:
         self._store_set(f"exit/{self.rank}", why)
