@@ -257,8 +257,12 @@ class Drill:
                f"no fallback warning naming the bad shard and iter_{previous:07d}:\n    "
                f"{job.tail()}")
         _, detail = self.resumed("fallback", job, previous, list(range(previous + 1, ITERS + 1)))
+        kept = sorted(p.name for p in self.chain.glob("iter_*") if p.name[5:].isdigit())
+        expect(len(kept) == 3 and kept[-1] == f"iter_{ITERS:07d}",
+               f"--keep-last 3 left {kept}")
         return f"detect {warning[0] - job.started:.1f} s from start", \
-            f"bit flip in iter_{k:07d} found; fell back to {previous}: {detail}"
+            f"bit flip in iter_{k:07d} found; fell back to {previous}: {detail}; --keep-last 3 " \
+            f"kept {', '.join(n[5:].lstrip('0') for n in kept)}"
 
     def corrupt_no_fallback(self) -> tuple[str, str]:
         newest = tracker(self.chain)

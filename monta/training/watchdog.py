@@ -286,8 +286,8 @@ class Watchdog:
         failed = []
         stale_s = 3 * self.beat_s + 1.0
         for peer in range(self.world_size):
-            if peer == self.rank or self._store_get(f"exit/{peer}") is not None:
-                continue  # a peer that exited through its own handler printed its own line
+            if peer == self.rank:
+                continue
             evidence = []
             registered = self._store_get(f"pid/{peer}")
             if registered is not None:
@@ -306,7 +306,10 @@ class Watchdog:
                 if age > stale_s:
                     evidence.append(f"no heartbeat for {age:.0f} s")
                 seen = f"; its last heartbeat, {age:.1f} s ago, was in {last}"
-            if evidence:
+            # a peer that left through its own handler (it printed its own line) said so in the
+            # store before exiting: read that after the evidence, or a peer exiting meanwhile
+            # would pass for a dead one
+            if evidence and self._store_get(f"exit/{peer}") is None:
                 failed.append(f"rank {peer}: {', '.join(evidence)}{seen}")
         return failed
 
