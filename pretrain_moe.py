@@ -19,11 +19,14 @@ import logging
 import os
 import sys
 
-from monta.compat.warnings_filter import quiet_known_warnings
 from monta.training.arguments import parse_args
 
 
 def main(argv=None) -> int:
+    # imported here, not above: it loads torch, and a process multiprocessing spawns re-imports
+    # this file (as __mp_main__)
+    from monta.compat.warnings_filter import quiet_known_warnings
+
     logging.basicConfig(level=os.environ.get("MONTA_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_known_warnings()

@@ -47,6 +47,7 @@ from monta.testing.drill import (  # noqa: E402
     expect,
     fault_log,
     flip_byte,
+    reap_leftovers,
     run_job,
     same_losses,
     scalars,
@@ -108,6 +109,9 @@ class Drill:
         self.jobs[run] = job
         expect(not job.timed_out, f"job {run} hit the {JOB_LIMIT_S} s hard limit (a hang):\n    "
                                   f"{job.tail()}")
+        # a failed job must not leave anything running (a helper process of a killed rank...)
+        leftovers = reap_leftovers(str(self.work / run))
+        expect(not leftovers, f"job {run} left processes running (now killed): {leftovers}")
         return job
 
     def losses(self, run: str) -> dict[int, float]:

@@ -125,6 +125,40 @@ def run_job(args: list[str], timeout_s: float, env: dict[str, str] | None = None
     return Job(rc, lines, started, ended, timed_out)
 
 
+def processes_with_env(marker: str) -> list[int]:
+    """Live processes whose environment mentions ``marker`` (a drill's workdir, which every
+    job's ``MONTA_FAULT_LOG`` holds and every process it starts inherits)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(entry))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def reap_leftovers(marker: str, grace_s: float = 3.0) -> list[str]:
+    """Processes a finished job left behind (``marker`` as in :func:`processes_with_env`):
+    waits ``grace_s`` for them to go, then SIGKILLs them by pid; returns their command lines."""
+    deadline = time.monotonic() + grace_s
+    while (pids := processes_with_env(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    described = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+            described.append(f"{pid}: {command[:120]}")
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
+    return described
+
+
 def fault_log(path: Path) -> list[dict[str, str]]:
     """Entries of ``MONTA_FAULT_LOG``: ``{"time", "fault", "rank", "pid", "at_iter"}``."""
     entries = []

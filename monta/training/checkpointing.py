@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -250,6 +251,23 @@ def _agree(step: str, action, directory: str) -> list[str]:
     return [e for e in errors if e is not None]
 
 
+def _in_process_write_results() -> None:
+    """Keep megatron's checkpoint writer from starting a helper process that outlives us.
+
+    megatron-core 0.16.1's ``FileSystemWriterAsync`` collects write results through a queue
+    from a ``multiprocessing`` *spawn* Manager, created on the first save: a server process per
+    rank that starts a fresh interpreter (seconds of the first save, all ranks at once) and
+    stays until the rank's interpreter tears down — forever, when the rank is SIGKILLed or
+    leaves through ``os._exit`` (the watchdog, pretrain_moe.py). Our saves are synchronous, so
+    the results are put and taken in this process: a plain thread-safe queue does the same job.
+    Seeding megatron's module-level cache keeps its own code path otherwise unchanged.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def _save_atomically(root: str, iteration: int, state: dict, keep_last: int | None) -> str:
     final_dir, tmp_dir = checkpoint_dir(root, iteration), checkpoint_dir(root, iteration) + ".tmp"
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -265,6 +283,7 @@ def _save_atomically(root: str, iteration: int, state: dict, keep_last: int | No
 
     def write_shards():
         fault_injection.check_save(iteration)
+        _in_process_write_results()
         dist_checkpointing.save(state, tmp_dir)
         _maybe_stall_for_fault_test(iteration)
 
