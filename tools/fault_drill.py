@@ -52,6 +52,7 @@ from monta.testing.drill import (  # noqa: E402
     same_losses,
     scalars,
     tracker,
+    worker_codes,
     worker_pids,
 )
 from monta.training import manifest  # noqa: E402
@@ -64,15 +65,6 @@ LAYOUT = ["--expert-model-parallel-size", "4", "--hidden-dropout", "0.1", "--att
           "0.1", "--global-batch-size", "8", "--train-iters", str(ITERS), "--lr-warmup-iters", "2",
           "--log-interval", "1", "--eval-iters", "0",
           "--distributed-timeout-minutes", str(TIMEOUT_MIN)]
-
-
-def worker_codes(job: Job) -> set[int]:
-    """The training processes' exit codes from torchrun's failure summary (torchrun itself
-    exits 1 whatever they were); SIGTERMs it sent while tearing the job down are left out."""
-    import re
-
-    return {int(code) for code in re.findall(r"exitcode\s*:\s*(-?\d+)", job.output)
-            if int(code) != -signal.SIGTERM}
 
 
 @dataclass

@@ -65,6 +65,13 @@ class Job:
         return [(stamp, line) for stamp, line in self.lines if re.search(pattern, line)]
 
 
+def worker_codes(job: Job) -> set[int]:
+    """The training processes' exit codes from torchrun's failure summary (torchrun itself
+    exits 1 whatever they were); SIGTERMs it sent while tearing the job down are left out."""
+    return {int(code) for code in re.findall(r"exitcode\s*:\s*(-?\d+)", job.output)
+            if int(code) != -signal.SIGTERM}
+
+
 def worker_pids(launcher_pid: int) -> list[int]:
     """The training processes under a torchrun launcher (its python children)."""
     import psutil
