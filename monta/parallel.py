@@ -97,7 +97,9 @@ def initialize_distributed(dims: ParallelDims, backend: str | None, timeout_minu
         pipeline_model_parallel_size=dims.pp,
         expert_model_parallel_size=dims.ep,
         expert_tensor_parallel_size=dims.etp,
-        distributed_timeout_minutes=int(max(1, timeout_minutes)),
+        # megatron types it int but only builds a timedelta from it: a fraction of a minute
+        # keeps every subgroup's collectives on the same (short) timeout as the world's
+        distributed_timeout_minutes=timeout_minutes,
     )
 
 

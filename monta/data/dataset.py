@@ -268,7 +268,10 @@ def build_data_iterator(
             f"(num_samples) or give it a non-zero share in --split"
         )
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    # A private generator: creating the iterator draws a seed from it, which from the global
+    # one would shift the model's RNG stream (dropout) by one draw in a resumed run only.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=0, collate_fn=collate_gpt_samples
+        dataset, batch_sampler=sampler, num_workers=0, collate_fn=collate_gpt_samples,
+        generator=torch.Generator(),
     )
     return iter(loader)

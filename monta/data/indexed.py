@@ -15,6 +15,8 @@ import dataclasses
 import os
 import struct
 
+import numpy as np
+
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 """megatron.core.datasets.indexed_dataset._INDEX_HEADER (a test checks they agree)."""
 
@@ -145,3 +147,36 @@ def check_data_prefix(prefix: str) -> IndexSummary:
         num_documents=num_doc - 1,
         num_tokens=bin_size // itemsize,
     )
+
+
+_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+           7: np.float32, 8: np.uint16}
+
+
+def check_token_ids(summary: IndexSummary, vocab_size: int, sample_tokens: int = 1 << 22) -> None:
+    """Check that the data's token ids fit the tokenizer's vocabulary.
+
+    Data preprocessed with another tokenizer almost always uses ids the given one lacks; the
+    embedding lookup would then fail (or read garbage) deep inside the first step. Reads at most
+    ``sample_tokens`` ids, in 64 evenly spaced slices of the ``.bin`` (all of a small one).
+
+    Raises:
+        ValueError: an id is negative or >= ``vocab_size``; names the file, the id and the fix.
+    """
+    bin_path = summary.prefix + ".bin"
+    tokens = np.memmap(bin_path, dtype=_DTYPES[summary.dtype_code], mode="r")
+    if tokens.size <= sample_tokens:
+        slices = [tokens]
+    else:
+        width = sample_tokens // 64
+        starts = np.linspace(0, tokens.size - width, 64).astype(np.int64)
+        slices = [tokens[start:start + width] for start in starts]
+    low = min(int(s.min()) for s in slices if s.size)
+    high = max(int(s.max()) for s in slices if s.size)
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
+        raise ValueError(
+            f"{bin_path!r} holds token id {bad}, outside the tokenizer's vocabulary of "
+            f"{vocab_size} (ids 0..{vocab_size - 1}): the data was preprocessed with a different "
+            f"tokenizer. Pass the --tokenizer-model it was made with, or re-create it; "
+            f"{_FIX_HINT}")

@@ -16,6 +16,7 @@ from monta.dispatch.counted_alltoall import CountedAlltoAllTokenDispatcher
 from monta.dispatch.monta_dispatcher import DSTPTokenDispatcher, MoNTATokenDispatcher
 from monta.dispatch.pipelined import PipelinedMoE
 from monta.dispatch.stats import timed
+from monta.training.watchdog import PHASE
 
 logger = logging.getLogger(__name__)
 
@@ -60,22 +61,47 @@ class MoNTAMoELayer(MoELayer):
         super().set_layer_number(layer_number)
         self.token_dispatcher.layer_number = layer_number
 
+    # Phase markers for the watchdog (monta.training.watchdog): which MoE step of which layer
+    # this rank is in when a peer dies. An attribute write each; no sync, no collective.
+    def route(self, hidden_states, padding_mask=None):
+        PHASE.enter("route", self.layer_number or 0)
+        return super().route(hidden_states, padding_mask)
+
+    def preprocess(self, hidden_states, probs, routing_map):
+        # the dispatchers exchange split sizes here: the dispatch's first collective
+        PHASE.enter("dispatch", self.layer_number or 0)
+        return super().preprocess(hidden_states, probs, routing_map)
+
+    def routed_experts_compute(self, hidden_states, probs):
+        PHASE.enter("experts", self.layer_number or 0)
+        return super().routed_experts_compute(hidden_states, probs)
+
+    def combine(self, output):
+        PHASE.enter("combine", self.layer_number or 0)
+        return super().combine(output)
+
+    def _enter_backward(self, grad):
+        PHASE.enter("moe_backward", self.layer_number or 0)
+
     def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
         tuner = getattr(self.token_dispatcher, "tuner", None)
         if tuner is None or intermediate_tensors is not None:
-            return super().forward(hidden_states, intermediate_tensors, padding_mask)
+            output = super().forward(hidden_states, intermediate_tensors, padding_mask)
+        else:
+            def run():
+                chunks = tuner.setting().chunks
+                if chunks == 1:
+                    return super(MoNTAMoELayer, self).forward(hidden_states, None, padding_mask)
+                return self._pipelined_forward(hidden_states, padding_mask, chunks)
 
-        def run():
-            chunks = tuner.setting().chunks
-            if chunks == 1:
-                return super(MoNTAMoELayer, self).forward(hidden_states, None, padding_mask)
-            return self._pipelined_forward(hidden_states, padding_mask, chunks)
-
-        deciding = tuner.chosen is None
-        out = tuner.timed_forward(run, hidden_states.device)
-        if deciding and tuner.chosen is not None:
-            logger.info("layer %s monta dispatch tuned: %s", self.layer_number, tuner.report())
-        return out
+            deciding = tuner.chosen is None
+            output = tuner.timed_forward(run, hidden_states.device)
+            if deciding and tuner.chosen is not None:
+                logger.info("layer %s monta dispatch tuned: %s", self.layer_number,
+                            tuner.report())
+        if isinstance(output, tuple) and output[0].requires_grad:
+            output[0].register_hook(self._enter_backward)  # the backward pass reaches this layer
+        return output
 
     @timed("dispatch")  # with chunks the experts overlap the transfers: one number for all
     def _pipelined_forward(self, hidden_states, padding_mask, chunks):
@@ -87,6 +113,7 @@ class MoNTAMoELayer(MoELayer):
             padding_mask = padding_mask.transpose(0, 1).bool()
         probs, routing_map = self.route(hidden_states, padding_mask)
         dispatcher = self.token_dispatcher
+        PHASE.enter("dispatch", self.layer_number or 0)  # chunks overlap dispatch and combine
         x, probs = dispatcher.dispatch_preprocess(hidden_states, routing_map, probs)
         output = PipelinedMoE(dispatcher, self.experts, chunks)(x, probs, dispatcher.routing_map)
         return dispatcher.combine_postprocess(output), None

@@ -120,7 +120,9 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-backend", choices=("gloo", "nccl"), default=None,
                    help="default: nccl with CUDA, gloo without")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
-                   help="collective timeout: a dead rank becomes an error, not a hang")
+                   help="collective timeout (fractions allowed): a dead or stuck rank makes the "
+                        "others exit with a message naming the phase and the peer, never hang; "
+                        "also the longest any one phase (a layer's dispatch, a save) may take")
 
 
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -160,6 +162,10 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, save a checkpoint at the end of the step and exit 0")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="exit (after saving) when the iteration is a multiple of this")
+    g.add_argument("--max-consecutive-nonfinite", type=int, default=5,
+                   help="a step with a non-finite loss or gradient norm is skipped (weights "
+                        "untouched, counted in 'skipped iterations'); after this many in a row, "
+                        "save the last good state and exit with code 4")
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -193,6 +199,12 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                    help="ignore the checkpoint's RNG state")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only; start at iteration 0 with a fresh optimizer")
+    g.add_argument("--no-load-fallback", action="store_true",
+                   help="stop (exit 2) if the checkpoint --load finds fails verification, instead "
+                        "of falling back to the previous good one with a warning")
+    g.add_argument("--keep-last", type=int, default=None, metavar="K",
+                   help="keep only the K newest checkpoints under --save; older ones are deleted "
+                        "only after a newer save is complete and verified (default: keep all)")
     g.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist",
                    help="megatron-core dist_checkpointing format (reshardable)")
 

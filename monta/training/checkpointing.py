@@ -6,9 +6,16 @@ Layout (Megatron-LM's, so its tools recognise it)::
     SAVE/iter_0000100/                         one checkpoint (any TP/PP/EP layout can load it)
     SAVE/iter_0000200.tmp/                     a save in progress; never read
 
-Every rank writes its shards into ``iter_N.tmp``; only when all have finished does rank 0 rename
-it to ``iter_N`` and then replace the tracker (``os.replace``, atomic on POSIX). A crash at any
-point leaves the previous checkpoint and the tracker untouched.
+Every rank writes its shards into ``iter_N.tmp``; when all have finished, the ranks hash the files
+between them and rank 0 writes ``manifest.json`` (sizes, sha256; :mod:`monta.training.manifest`),
+renames the directory to ``iter_N`` and then replaces the tracker (``os.replace``, atomic on
+POSIX). A crash at any point leaves the previous checkpoint and the tracker untouched; a failed
+write (a full disk) is agreed on by every rank and reported, never half-committed. With
+``--keep-last K`` older checkpoints are deleted only after that.
+
+``--load`` checks the candidates newest first (:mod:`monta.training.load_plan`): cheap file checks
+before any process group, then the manifest's checksums, shared among ranks, with an all-reduced
+verdict; a bad checkpoint falls back to the previous good one (or stops, ``--no-load-fallback``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +33,10 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import random as mrandom
+from torch.distributed.checkpoint.api import CheckpointException
+
+from monta.training import fault_injection, manifest
+from monta.training.watchdog import PHASE, say
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +45,11 @@ CHECKPOINT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded; the message names the file and the fix."""
+    """A checkpoint that cannot be loaded or saved; the message names the file and the fix."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose files are missing, torn or unreadable (another may still be good)."""
 
 
 @dataclass
@@ -63,38 +79,27 @@ def read_tracker(root: str) -> int | None:
 
 
 def find_checkpoint(load: str, required: bool) -> str | None:
-    """Locate the checkpoint ``--load`` points to and check its files, before any collective.
+    """The checkpoint ``--load`` names (the tracker's, or one ``iter_N`` directory), after the
+    cheap local file checks; no fallback, no checksums, no collectives.
 
     ``load`` is either a save root (with a tracker) or one ``iter_N`` directory. With
     ``required=False`` (``--load`` equal to ``--save``: auto-resume) an empty root means a
     fresh start.
     """
-    if os.path.isfile(os.path.join(load, "metadata.json")):
-        path = load
-    else:
-        if not os.path.isdir(load) or (iteration := read_tracker(load)) is None:
-            if not required:
-                return None
-            what = "does not exist" if not os.path.isdir(load) else f"has no {TRACKER_FILENAME}"
-            raise CheckpointError(f"--load {load} {what}: point it at a directory written by "
-                                  f"--save (or drop --load to start from scratch)")
-        path = checkpoint_dir(load, iteration)
-    verify_checkpoint_files(path)
-    return path
+    from monta.training.load_plan import plan_load
+
+    plan = plan_load(load, required, fallback=False)
+    return plan.candidates[0] if plan is not None else None
 
 
 def verify_checkpoint_files(path: str) -> None:
-    """File-level checks of a torch_dist checkpoint (cheap, local, no collectives)."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint directory {path} named by the tracker is missing; the "
-                              f"tracker is stale — point --load at an existing iter_* directory")
-    for required in ("metadata.json", "common.pt"):
-        file = os.path.join(path, required)
-        if not os.path.isfile(file) or os.path.getsize(file) == 0:
-            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: {required} is "
-                                  f"missing or empty; load an earlier iter_* directory")
-    if not any(name.endswith(".distcp") for name in os.listdir(path)):
-        raise CheckpointError(f"checkpoint {path} holds no tensor shards (*.distcp)")
+    """File-level checks of one checkpoint (sizes against its manifest, or the files a
+    manifest-less torch_dist checkpoint must have); local, no checksums, no collectives."""
+    verdict = manifest.verify(path, hash_share=None)
+    if not verdict.ok:
+        raise CorruptCheckpointError(f"checkpoint {path} is incomplete or corrupt: "
+                                     f"{'; '.join(verdict.problems)}; load an earlier iter_* "
+                                     f"directory")
 
 
 def _rng_state() -> dict:
@@ -148,11 +153,16 @@ def _sharded_state_dict(model, optimizer, scheduler, train_state, args, with_opt
 
 def save_checkpoint(root: str, train_state: TrainState, model, optimizer, scheduler,
                     args: argparse.Namespace) -> str:
-    """Save atomically into ``root/iter_N``; returns that path."""
+    """Save atomically into ``root/iter_N`` (then prune to ``--keep-last``); returns that path.
+
+    Raises:
+        CheckpointError: on every rank, when any rank failed to write (e.g. a full disk); the
+            previous checkpoint and the tracker are untouched.
+    """
     state = _sharded_state_dict(model, optimizer, scheduler, train_state, args,
                                 with_optimizer=not args.no_save_optim, with_rng=True,
                                 is_loading=False)
-    return _save_atomically(root, train_state.iteration, state)
+    return _save_atomically(root, train_state.iteration, state, getattr(args, "keep_last", None))
 
 
 def save_model_only(root: str, model, args: argparse.Namespace,
@@ -166,23 +176,132 @@ def save_model_only(root: str, model, args: argparse.Namespace,
     state = _sharded_state_dict(model, None, None, train_state, args, with_optimizer=False,
                                 with_rng=False, is_loading=False)
     state["has_rng_state"] = False
-    return _save_atomically(root, train_state.iteration, state)
+    return _save_atomically(root, train_state.iteration, state, None)
 
 
-def _save_atomically(root: str, iteration: int, state: dict) -> str:
+class _ErrorRecords(logging.Handler):
+    """Collects megatron's checkpoint-writer error logs: its writer processes report the
+    real cause (``[Errno 28] No space left on device``) there, while the exception raised to us
+    is torch DCP's bare ``CheckpointException``."""
+
+    def __init__(self):
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())[:240]
+
+
+_ELSEWHERE = "the write failed on another rank"
+
+
+def _describe(error: BaseException) -> str:
+    """One line for a save failure; torch DCP's CheckpointException carries each failed rank's
+    own exception (its message alone is ``CheckpointException ranks:dict_keys([0, 2])``)."""
+    failures = getattr(error, "failures", None)
+    if isinstance(error, CheckpointException) and failures:
+        return "writes failed on " + "; ".join(
+            f"rank {rank}: {_one_line(wrapped[0] if isinstance(wrapped, tuple) else wrapped)}"
+            for rank, wrapped in failures.items())
+    if isinstance(error, CheckpointException):
+        return _ELSEWHERE
+    return f"{type(error).__name__}: {_one_line(error)}"
+
+
+def _disk_full_hint(directory: str) -> str:
+    """A write into a full file system fails in many guises (ENOSPC, or torch's zip writer's
+    "unexpected pos"); say plainly when that is what happened."""
+    try:
+        usage = shutil.disk_usage(directory)
+    except OSError:
+        return ""
+    if usage.free < min(64 << 20, usage.total // 100):
+        return (f"; no space left on the device holding {directory} ({usage.free:,} bytes free "
+                f"of {usage.total:,})")
+    return ""
+
+
+def _agree(step: str, action, directory: str) -> list[str]:
+    """Run ``action()`` on every rank, then agree (one all-gather) on who failed; returns every
+    rank's error text, empty when all succeeded. A failing rank prints its error at once, so
+    it is on record even if a peer never arrives here."""
+    error = None
+    records = _ErrorRecords()
+    writer_log = logging.getLogger("megatron.core.dist_checkpointing")
+    writer_log.addHandler(records)
+    try:
+        action()
+    # every local failure must reach every rank; torch DCP's CheckpointException derives from
+    # BaseException, so it is named or it would escape
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001
+        error = f"rank {dist.get_rank()}: {_describe(exc)}"
+        causes = [c for c in dict.fromkeys(_one_line(m) for m in records.messages)
+                  if c.split(": ", 1)[-1] not in error]
+        if causes:
+            error += f" (writer: {'; '.join(causes)[:300]})"
+        say(f"{error}{_disk_full_hint(directory)} (during checkpoint {step})")
+    finally:
+        writer_log.removeHandler(records)
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return [e for e in errors if e is not None]
+
+
+def _in_process_write_results() -> None:
+    """Keep megatron's checkpoint writer from starting a helper process that outlives us.
+
+    megatron-core 0.16.1's ``FileSystemWriterAsync`` collects write results through a queue
+    from a ``multiprocessing`` *spawn* Manager, created on the first save: a server process per
+    rank that starts a fresh interpreter (seconds of the first save, all ranks at once) and
+    stays until the rank's interpreter tears down — forever, when the rank is SIGKILLed or
+    leaves through ``os._exit`` (the watchdog, pretrain_moe.py). Our saves are synchronous, so
+    the results are put and taken in this process: a plain thread-safe queue does the same job.
+    Seeding megatron's module-level cache keeps its own code path otherwise unchanged.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def _save_atomically(root: str, iteration: int, state: dict, keep_last: int | None) -> str:
     final_dir, tmp_dir = checkpoint_dir(root, iteration), checkpoint_dir(root, iteration) + ".tmp"
-    rank = dist.get_rank()
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        for name in os.listdir(root):
-            if name.endswith(".tmp"):  # left by a save that crashed
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        os.makedirs(tmp_dir)
-    dist.barrier()
-    dist_checkpointing.save(state, tmp_dir)
-    _maybe_stall_for_fault_test(iteration)
-    dist.barrier()
-    if rank == 0:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    PHASE.enter("save")
+
+    def prepare():
+        if rank == 0:
+            os.makedirs(root, exist_ok=True)
+            for name in os.listdir(root):
+                if name.endswith((".tmp", ".old")):  # left by a save or a prune that crashed
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            os.makedirs(tmp_dir)
+
+    def write_shards():
+        fault_injection.check_save(iteration)
+        _in_process_write_results()
+        dist_checkpointing.save(state, tmp_dir)
+        _maybe_stall_for_fault_test(iteration)
+
+    hashes: dict[str, dict] = {}
+
+    def hash_share():
+        # every shard is on disk (the all-gather above is the barrier): hash this rank's part
+        hashes.update(manifest.hash_files(
+            tmp_dir, manifest.share(manifest.checkpoint_files(tmp_dir), rank, world)))
+
+    def commit():
+        if rank != 0:
+            return
+        merged = {name: entry for part in gathered for name, entry in part.items()}
+        missing = set(manifest.checkpoint_files(tmp_dir)) ^ set(merged)
+        if missing:
+            raise CorruptCheckpointError(f"ranks hashed different file lists ({sorted(missing)})")
+        manifest.write_manifest(tmp_dir, iteration, world, merged)  # the last file written
         if os.path.isdir(final_dir):  # re-saving an iteration: keep the old one until replaced
             shutil.rmtree(final_dir)
         os.rename(tmp_dir, final_dir)
@@ -192,8 +311,51 @@ def _save_atomically(root: str, iteration: int, state: dict) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tracker_tmp, os.path.join(root, TRACKER_FILENAME))
+
+    errors = _agree("preparation", prepare, root)
+    if not errors:
+        errors = _agree("write", write_shards, root)
+    if not errors:
+        PHASE.enter("save_commit")
+        errors = _agree("hashing", hash_share, root)
+    if not errors:
+        gathered: list = [None] * world
+        dist.gather_object(hashes, gathered if rank == 0 else None, dst=0)
+        errors = _agree("commit", commit, root)
+    if errors:
+        hint = _disk_full_hint(root)  # before the cleanup frees the space again
+        if rank == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        errors = [e for e in errors if _ELSEWHERE not in e] or errors
+        previous = read_tracker(root) if os.path.isdir(root) else None
+        kept = (f"the last complete checkpoint, {checkpoint_dir(root, previous)}, is untouched "
+                f"({TRACKER_FILENAME} still names it)" if previous is not None
+                else "no earlier checkpoint exists")
+        raise CheckpointError(
+            f"checkpoint save of iteration {iteration} to {root} failed{hint.replace(';', ':', 1)}"
+            f" ({'; '.join(errors)}); {kept}. Free space (or fix the directory) and resume with "
+            f"--load {root}")
+    if rank == 0 and keep_last:
+        _prune(root, iteration, keep_last)
     dist.barrier()
     return final_dir
+
+
+def _prune(root: str, newest: int, keep_last: int) -> None:
+    """Delete complete checkpoints older than the ``keep_last`` newest (``newest`` included),
+    once ``newest`` is committed and passes the file checks. Each goes to ``iter_N.old`` first
+    (atomic), so a crash mid-delete never leaves a torn ``iter_N`` for ``--load`` to find."""
+    if not manifest.verify(checkpoint_dir(root, newest), hash_share=None).ok:
+        logger.warning("not pruning %s: the new checkpoint iter_%07d fails its file checks",
+                       root, newest)
+        return
+    iterations = sorted((int(name[5:]) for name in os.listdir(root)
+                         if name.startswith("iter_") and name[5:].isdigit()
+                         and int(name[5:]) <= newest), reverse=True)
+    for old in iterations[keep_last:]:
+        doomed = checkpoint_dir(root, old) + ".old"
+        os.rename(checkpoint_dir(root, old), doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _maybe_stall_for_fault_test(iteration: int) -> None:
@@ -276,7 +438,7 @@ def check_model_args(path: str, args: argparse.Namespace, vocab_size: int | None
     try:
         common = dist_checkpointing.load_common_state_dict(path)
     except Exception as error:  # a torn or foreign common.pt
-        raise CheckpointError(f"cannot read {path}/common.pt ({type(error).__name__}: {error}); "
+        raise CorruptCheckpointError(f"cannot read {path}/common.pt ({type(error).__name__}: {error}); "
                               f"load an earlier iter_* directory") from error
     saved = common.get("args")
     if not isinstance(saved, dict):

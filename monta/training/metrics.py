@@ -30,15 +30,22 @@ def is_reporting_rank() -> bool:
 
 
 class ExpertLoadTracker:
-    """Counts tokens routed to each expert of each MoE layer, summed over every rank.
+    """Counts tokens routed to each expert of each MoE layer, summed over every rank, and —
+    with a capacity factor — the token-expert assignments dropped for overflowing an expert.
 
-    Hooks each router's forward, whose second output is the routing map [tokens, experts].
+    Hooks each router's forward, whose outputs are the probabilities and the routing map
+    [tokens, experts] after capacity dropping: a kept assignment has a non-zero probability,
+    so dropped = tokens × top-k − nonzero(probs) (padding to capacity adds zero-probability
+    slots, which are not tokens).
     """
 
-    def __init__(self, model_chunks, num_layers: int, num_experts: int):
-        # on the job's device: the hook runs every forward and must not copy to the host
-        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64,
+    def __init__(self, model_chunks, num_layers: int, num_experts: int,
+                 count_dropped: bool = False):
+        # on the job's device: the hook runs every forward and must not copy to the host;
+        # columns: tokens per expert, then dropped and routed assignments
+        self.counts = torch.zeros(num_layers, num_experts + 2, dtype=torch.float64,
                                   device=parallel.device())
+        self.count_dropped = count_dropped
         self._handles = []
         for chunk in model_chunks:
             for name, module in chunk.named_modules():
@@ -46,18 +53,30 @@ class ExpertLoadTracker:
                     self._handles.append(module.register_forward_hook(self._hook))
 
     def _hook(self, router, _inputs, outputs) -> None:
-        routing_map = outputs[1]
+        probs, routing_map = outputs[0], outputs[1]
         # layer_number is 1-based and global across pipeline stages
-        self.counts[router.layer_number - 1] += routing_map.detach().sum(dim=0)
+        row = self.counts[router.layer_number - 1]
+        row[:-2] += routing_map.detach().sum(dim=0)
+        if self.count_dropped:
+            routed = probs.shape[0] * router.topk
+            row[-2] += routed - torch.count_nonzero(probs.detach())
+            row[-1] += routed
 
-    def reduce_and_reset(self) -> torch.Tensor:
-        """[layers, experts] token counts since the last call, summed over all ranks."""
+    def reduce_and_reset(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """[layers, experts] token counts since the last call, summed over all ranks, and (with
+        a capacity factor) ``{"dropped tokens": n, "dropped-token-fraction": f}``."""
         counts = self.counts.to(dtype=torch.float32)
         # TP ranks route their own sequence shards, DP ranks their own data, PP stages own
         # layers: every routed token is counted exactly once in the world sum.
         dist.all_reduce(counts)
         self.counts.zero_()
-        return counts.cpu()
+        counts = counts.cpu()
+        dropped = {}
+        if self.count_dropped:
+            total, routed = counts[:, -2].sum().item(), counts[:, -1].sum().item()
+            dropped = {"dropped tokens": total,
+                       "dropped-token-fraction": total / routed if routed else 0.0}
+        return counts[:, :-2], dropped
 
 
 def reduce_moe_traffic(num_layers: int, num_steps: int) -> torch.Tensor:
@@ -237,6 +256,9 @@ def format_log_line(iteration: int, s: dict[str, float]) -> str:
     ]
     if s.get("load_balancing_loss") is not None:
         parts.append(f"load_balancing_loss: {s['load_balancing_loss']:.6E}")
+    if s.get("dropped tokens") is not None:
+        parts.append(f"dropped tokens: {int(s['dropped tokens'])} "
+                     f"({100 * s['dropped-token-fraction']:.1f}%)")
     parts += [f"grad norm: {s['grad-norm']:.3f}", f"tokens/s: {s['tokens/s']:.0f}",
               f"throughput per rank (TFLOP/s): {s['tflops-per-rank']:.4g}"]
     if s.get("moe intra MB") is not None:

@@ -1,14 +1,18 @@
 """The pre-training loop: validate → init → build → (load) → train / evaluate / save.
 
 Every check that can fail on bad input runs before the first collective, so a wrong flag or a
-missing file is an error message, never a hang.
+missing file is an error message, never a hang. After the process group exists, a watchdog
+(:mod:`monta.training.watchdog`) turns a dead peer or a stuck collective into one line and a
+non-zero exit within ``--distributed-timeout-minutes``; non-finite steps are skipped
+(:mod:`monta.training.step_guard`); a bad checkpoint falls back to the previous good one
+(:mod:`monta.training.load_plan`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
+import os
 import time
 from functools import partial
 
@@ -32,27 +36,36 @@ from monta.dispatch import DISPATCHERS
 from monta.dispatch.stats import PHASE_SECONDS, take_phase_seconds
 from monta.model import build_gpt_moe_model, pad_vocab_size
 from monta.topology import detect_topology, groups_from_parallel_state, validate_layout
-from monta.training import checkpointing
+from monta.training import checkpointing, fault_injection
 from monta.training.config import transformer_config_from_args
+from monta.training.load_plan import LoadPlan, choose_checkpoint, plan_load
 from monta.training.metrics import (
     ExpertLoadTracker,
     TrainingReporter,
     reduce_aux_loss,
     reduce_moe_traffic,
 )
-from monta.training.validation import ConfigError, validate_args
+from monta.training.step_guard import NonFiniteCounter, NonFiniteError, guarded_step
+from monta.training.validation import ConfigError, validate_args, validate_data_vocabulary
+from monta.training.watchdog import PHASE, Watchdog, is_collective_failure, say
 
 logger = logging.getLogger(__name__)
 
 
 def preflight(args: argparse.Namespace, world_size: int):
-    """All local checks: flags, tokenizer, data files, checkpoint files. No communication."""
+    """All local checks: flags, tokenizer, data files, checkpoint files. No communication.
+
+    Returns ``(dims, config, tokenizer, vocab_size, load_plan)``; ``load_plan`` (None: fresh
+    start) lists the checkpoints that passed the cheap checks, newest first; which one loads is
+    settled collectively by :func:`choose_checkpoint` once the process group exists.
+    """
     dims = validate_args(args, world_size, set(DISPATCHERS))
     try:
         config = transformer_config_from_args(args)
     except (AssertionError, ValueError) as error:  # megatron-core's own __post_init__ checks
         raise ConfigError(f"invalid model configuration: {error}") from error
     try:
+        fault_injection.parse(os.environ.get(fault_injection.ENV, ""))
         tokenizer = build_tokenizer(args.tokenizer_model) if args.tokenizer_model else None
         if not args.mock_data:
             prefixes, _weights = parse_data_path(args.data_path)
@@ -61,14 +74,28 @@ def preflight(args: argparse.Namespace, world_size: int):
     except (OSError, ValueError) as error:  # missing or corrupt tokenizer / data files
         raise ConfigError(str(error)) from error
     vocab_size = tokenizer.vocab_size if tokenizer is not None else args.vocab_size
-    load_path = None
+    if tokenizer is not None:
+        validate_data_vocabulary(args, tokenizer.vocab_size)
+    plan = None
     if args.load:
-        load_path = checkpointing.find_checkpoint(args.load, required=args.load != args.save)
-    if load_path is not None:
-        padded = pad_vocab_size(vocab_size, args.tensor_model_parallel_size,
-                                args.make_vocab_size_divisible_by)
-        checkpointing.check_model_args(load_path, args, vocab_size, padded)
-    return dims, config, tokenizer, vocab_size, load_path
+        plan = plan_load(args.load, required=args.load != args.save,
+                         fallback=not args.no_load_fallback)
+    if plan is not None:
+        # the model flags against the newest readable candidate; a torn common.pt is one
+        # more reason to fall back
+        while True:
+            try:
+                _check_model_args(args, vocab_size, plan.candidates[0])
+                break
+            except checkpointing.CorruptCheckpointError as error:
+                plan.reject(0, str(error))
+    return dims, config, tokenizer, vocab_size, plan
+
+
+def _check_model_args(args, vocab_size: int, path: str) -> None:
+    padded = pad_vocab_size(vocab_size, args.tensor_model_parallel_size,
+                            args.make_vocab_size_divisible_by)
+    checkpointing.check_model_args(path, args, vocab_size, padded)
 
 
 def build_model(args, config, vocab_size: int):
@@ -144,30 +171,25 @@ def _lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, {"lm loss": loss.detach().clone()}
 
 
+def _enter_backward(grad):
+    PHASE.enter("backward")
+
+
 def forward_step(data_iterator, model):
+    PHASE.enter("forward")
     batch = next(data_iterator)
     device = parallel.device()
     tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
     position_ids = batch["position_ids"].to(device)
     output = model(tokens, position_ids, None, labels=labels)
+    if output.requires_grad:  # fires when the backward pass reaches this micro-batch
+        output.register_hook(_enter_backward)
     return output, partial(_lm_loss, batch["loss_mask"].to(device))
 
 
-class _ExitSignal:
-    """SIGTERM sets a flag; the loop checks it (collectively) at the end of each step."""
-
-    def __init__(self, enabled: bool):
-        self.received = False
-        if enabled:
-            signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, signum, frame):
-        self.received = True
-
-    def any_rank_received(self) -> bool:
-        flag = torch.tensor([int(self.received)], device=parallel.device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+def _finalize_grads(*args, **kwargs):
+    PHASE.enter("grad_reduce")
+    return finalize_model_grads(*args, **kwargs)
 
 
 def _mean_over_dp(values: list[torch.Tensor]) -> float:
@@ -183,6 +205,7 @@ def evaluate(args, model, valid_iterator, num_microbatches: int) -> float:
         chunk.eval()
     losses = []
     forward_backward = get_forward_backward_func()
+    PHASE.enter("eval")
     saved_times = take_phase_seconds()
     # evaluation traffic goes to a throwaway counter: the log reports training steps only
     with torch.no_grad(), comm.count_bytes(comm.LinkBytes()):
@@ -200,18 +223,20 @@ def evaluate(args, model, valid_iterator, num_microbatches: int) -> float:
 
 
 def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_iterator,
-          reporter: TrainingReporter, load_tracker: ExpertLoadTracker) -> None:
+          reporter: TrainingReporter, load_tracker: ExpertLoadTracker,
+          watchdog: Watchdog) -> None:
     num_microbatches = args.global_batch_size // (args.micro_batch_size * dims.dp)
     forward_backward = get_forward_backward_func()
-    exit_signal = _ExitSignal(args.exit_signal_handler)
     config = model[0].config
     config.grad_scale_func = None
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = _finalize_grads
     config.no_sync_func = model[0].no_sync
     tokens_per_step = args.global_batch_size * args.seq_length
     last_log_iteration = state.iteration
+    nonfinite = NonFiniteCounter(args.max_consecutive_nonfinite, state.iteration)
     while state.iteration < args.train_iters:
         start = time.perf_counter()
+        PHASE.iteration = state.iteration + 1
         for chunk in model:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
@@ -219,19 +244,22 @@ def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_
                                    model=model, num_microbatches=num_microbatches,
                                    seq_length=args.seq_length,
                                    micro_batch_size=args.micro_batch_size, forward_only=False)
-        update_ok, grad_norm, _ = optimizer.step()
-        if update_ok:
+        PHASE.enter("optimizer")
+        outcome = guarded_step(optimizer, [o["lm loss"] for o in outputs],
+                               args.exit_signal_handler and watchdog.sigterm_received)
+        if outcome.updated:
             scheduler.step(increment=args.global_batch_size)
         else:
             state.skipped_iterations += 1
         state.iteration += 1
         state.consumed_train_samples += args.global_batch_size
         elapsed = time.perf_counter() - start
+        PHASE.enter("log")
         log_now = state.iteration % args.log_interval == 0 or state.iteration == args.train_iters
         scalars = {
             "lm loss": _mean_over_dp([o["lm loss"] for o in outputs]),
             "lr": scheduler.get_lr(optimizer.param_groups[0]),
-            "grad-norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "grad-norm": outcome.grad_norm,
             "load_balancing_loss": reduce_aux_loss(num_microbatches),
             "tokens/s": tokens_per_step / elapsed,
             "iteration-time": elapsed,
@@ -240,12 +268,25 @@ def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_
             "skipped iterations": state.skipped_iterations,
             "train_iters": args.train_iters,
         }
-        expert_load = load_tracker.reduce_and_reset() if log_now else None
+        expert_load = None
+        if log_now:
+            expert_load, dropped = load_tracker.reduce_and_reset()
+            scalars.update(dropped)
         traffic = None
         if log_now:
             traffic = reduce_moe_traffic(args.num_layers, state.iteration - last_log_iteration)
             last_log_iteration = state.iteration
         reporter.step(state.iteration, scalars, expert_load, traffic, log_line=log_now)
+        abort = nonfinite.record(state.iteration, outcome)
+        if outcome.nonfinite:
+            reporter.print(nonfinite.warning(state.iteration, scalars["lm loss"],
+                                             outcome.grad_norm))
+        if abort:
+            saved = None
+            if args.save:  # the skipped steps left weights and optimizer as they were
+                saved = checkpointing.save_checkpoint(args.save, state, model, optimizer,
+                                                      scheduler, args)
+            raise NonFiniteError(nonfinite.abort_message(state.iteration, saved))
 
         if args.eval_interval and state.iteration % args.eval_interval == 0 \
                 and valid_iterator is not None:
@@ -254,7 +295,7 @@ def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_
             reporter.print(f" validation loss at iteration {state.iteration}: {valid_loss:.6E}")
             reporter.scalars("validation", {"lm loss": valid_loss}, state.iteration)
 
-        stop = exit_signal.any_rank_received() if args.exit_signal_handler else False
+        stop = outcome.stop_requested
         interval_exit = args.exit_interval and state.iteration % args.exit_interval == 0
         periodic = args.save_interval and state.iteration % args.save_interval == 0
         if args.save and (periodic or stop or interval_exit):
@@ -267,48 +308,83 @@ def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_
 
 
 def pretrain(args: argparse.Namespace) -> None:
-    """Run a whole pre-training job; raises ConfigError/CheckpointError/... on bad input."""
+    """Run a whole pre-training job; raises ConfigError/CheckpointError/NonFiniteError on bad
+    input, a bad checkpoint or a diverged run. A dead peer or a stuck collective ends the
+    process through the watchdog instead (exit code 3, one line naming phase and peer)."""
     apply_cpu_patches()
-    dims, config, tokenizer, vocab_size, load_path = preflight(args, parallel.world_size_from_env())
+    dims, config, tokenizer, vocab_size, plan = preflight(args, parallel.world_size_from_env())
     parallel.initialize_distributed(dims, args.distributed_backend, args.distributed_timeout_minutes)
+    watchdog = Watchdog(args.distributed_timeout_minutes * 60, args.exit_signal_handler,
+                        dist.get_rank(), dist.get_world_size()).start()
     try:
-        topology = detect_topology(args.ranks_per_node)
-        parallel.set_topology(topology)
-        layout_warnings = validate_layout(topology, groups_from_parallel_state())
-        parallel.set_seed(args.seed)
-        model = build_model(args, config, vocab_size)
-        optimizer, scheduler = build_optimizer(args, model)
-        state = checkpointing.TrainState()
-        if load_path is not None:
-            state = checkpointing.load_checkpoint(load_path, model, optimizer, scheduler, args)
-        reporter = TrainingReporter(args, state.iteration, vocab_size)
-        for warning in layout_warnings:
-            reporter.print(f" warning: {warning}")
-        reporter.print(f" parallel layout: {dims}; {topology}; "
-                       f"dispatcher: {args.moe_token_dispatcher_type}; "
-                       f"parameters on rank 0 of this stage: "
-                       f"{sum(p.numel() for p in model[0].parameters()):,}")
-        if load_path is not None:
-            reporter.print(f" resumed from {load_path} at iteration {state.iteration}")
-        train_ds, valid_ds, _ = build_datasets(args, tokenizer, vocab_size)
-        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), dims.dp
-        train_iterator = build_data_iterator(train_ds, args.micro_batch_size, dp_rank, dp_size,
-                                             state.consumed_train_samples)
-        valid_iterator = None
-        if valid_ds is not None and len(valid_ds) > 0 and args.eval_iters > 0:
-            valid_iterator = build_data_iterator(valid_ds, args.micro_batch_size, dp_rank,
-                                                 dp_size, state.consumed_valid_samples)
-        load_tracker = ExpertLoadTracker(model, args.num_layers, args.num_experts)
+        _run(args, dims, config, tokenizer, vocab_size, plan, watchdog)
+    except (ConfigError, checkpointing.CheckpointError, NonFiniteError) as error:
+        # every rank raises these together; say it now, before the first rank to exit makes
+        # torchrun stop the others (rank 0 might not get to print it afterwards)
+        if dist.get_rank() == 0:
+            say(f"error: {error}")
+        error.reported = True
+        raise
+    except Exception as error:  # noqa: BLE001 - a broken collective becomes the watchdog's line
+        if is_collective_failure(error):
+            what = "collective timed out" if "timed out" in str(error).lower() else \
+                "collective failed"
+            watchdog.fail(what, error=error)
+        raise
+    finally:
+        PHASE.enter("done")
+        watchdog.stop()
+        parallel.destroy_distributed()
+
+
+def _run(args, dims, config, tokenizer, vocab_size: int, plan: LoadPlan | None,
+         watchdog: Watchdog) -> None:
+    # before anything reads a checkpoint: agree on a verified one (all ranks, same verdict)
+    load_path = None
+    if plan is not None:
+        load_path = choose_checkpoint(plan, partial(_check_model_args, args, vocab_size))
+    PHASE.enter("setup")
+    topology = detect_topology(args.ranks_per_node)
+    parallel.set_topology(topology)
+    layout_warnings = validate_layout(topology, groups_from_parallel_state())
+    parallel.set_seed(args.seed)
+    model = build_model(args, config, vocab_size)
+    optimizer, scheduler = build_optimizer(args, model)
+    state = checkpointing.TrainState()
+    if load_path is not None:
+        PHASE.enter("load")
+        state = checkpointing.load_checkpoint(load_path, model, optimizer, scheduler, args)
+    fault_injection.install(model, dist.get_rank())
+    reporter = TrainingReporter(args, state.iteration, vocab_size)
+    for warning in layout_warnings:
+        reporter.print(f" warning: {warning}")
+    reporter.print(f" parallel layout: {dims}; {topology}; "
+                   f"dispatcher: {args.moe_token_dispatcher_type}; "
+                   f"parameters on rank 0 of this stage: "
+                   f"{sum(p.numel() for p in model[0].parameters()):,}")
+    if load_path is not None:
+        reporter.print(f" resumed from {load_path} at iteration {state.iteration}")
+    PHASE.enter("data")
+    train_ds, valid_ds, _ = build_datasets(args, tokenizer, vocab_size)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), dims.dp
+    train_iterator = build_data_iterator(train_ds, args.micro_batch_size, dp_rank, dp_size,
+                                         state.consumed_train_samples)
+    valid_iterator = None
+    if valid_ds is not None and len(valid_ds) > 0 and args.eval_iters > 0:
+        valid_iterator = build_data_iterator(valid_ds, args.micro_batch_size, dp_rank,
+                                             dp_size, state.consumed_valid_samples)
+    load_tracker = ExpertLoadTracker(model, args.num_layers, args.num_experts,
+                                     count_dropped=args.moe_expert_capacity_factor is not None)
+    try:
         train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_iterator,
-              reporter, load_tracker)
+              reporter, load_tracker, watchdog)
         if args.save and state.iteration == args.train_iters:
             if checkpointing.read_tracker(args.save) != state.iteration:
                 path = checkpointing.save_checkpoint(args.save, state, model, optimizer,
                                                      scheduler, args)
                 reporter.print(f" saved checkpoint at iteration {state.iteration} to {path}")
+    finally:  # also when a run is aborted: its TensorBoard events up to then are flushed
         reporter.close()
-    finally:
-        parallel.destroy_distributed()
 
 
-__all__ = ["pretrain", "preflight", "ConfigError"]
+__all__ = ["pretrain", "preflight", "ConfigError", "NonFiniteError"]

@@ -136,6 +136,37 @@ def validate_paths(args: argparse.Namespace) -> None:
         _require(args.save is not None, "--exit-signal-handler needs --save DIR to save into")
 
 
+def validate_fault_tolerance(args: argparse.Namespace) -> None:
+    _require(args.distributed_timeout_minutes > 0,
+             f"--distributed-timeout-minutes must be > 0, got {args.distributed_timeout_minutes}")
+    _require(args.max_consecutive_nonfinite >= 1,
+             f"--max-consecutive-nonfinite must be >= 1, got {args.max_consecutive_nonfinite}")
+    if args.keep_last is not None:
+        _require(args.keep_last >= 1, f"--keep-last must be >= 1, got {args.keep_last}")
+        _require(args.save is not None, "--keep-last needs --save DIR to prune")
+    if args.no_load_fallback:
+        _require(args.load is not None, "--no-load-fallback needs --load")
+
+
+def validate_data_vocabulary(args: argparse.Namespace, tokenizer_vocab_size: int) -> None:
+    """The tokenizer against ``--vocab-size`` and the data's token ids (local reads only)."""
+    from monta.data.dataset import parse_data_path
+    from monta.data.indexed import check_data_prefix, check_token_ids
+
+    _require(args.vocab_size is None or args.vocab_size == tokenizer_vocab_size,
+             f"--vocab-size {args.vocab_size} disagrees with --tokenizer-model "
+             f"{args.tokenizer_model} ({tokenizer_vocab_size} pieces); drop --vocab-size (the "
+             f"tokenizer sets it)")
+    if args.mock_data:
+        return
+    prefixes, _weights = parse_data_path(args.data_path)
+    for prefix in prefixes:
+        try:
+            check_token_ids(check_data_prefix(prefix), tokenizer_vocab_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+
+
 def validate_precision(args: argparse.Namespace, cuda_available: bool) -> None:
     _require(not args.bf16 or cuda_available,
              "--bf16 needs a GPU: megatron-core's mixed-precision optimizer (fp32 master weights) "
@@ -150,5 +181,6 @@ def validate_args(args: argparse.Namespace, world_size: int, dispatchers: set[st
     validate_monta_options(args)
     validate_batch(args, dims)
     validate_paths(args)
+    validate_fault_tolerance(args)
     validate_precision(args, torch.cuda.is_available())
     return dims

@@ -226,6 +226,17 @@ def test_resume_is_exact(prefix, tokenizer):
                 assert all(torch.equal(x[key], y[key]) for key in x)
 
 
+def test_iterator_leaves_the_global_rng_alone(prefix, tokenizer):
+    """Creating an iterator must not draw from torch's global RNG: a resumed run creates it
+    after restoring the RNG state, so a draw would shift every later dropout mask."""
+    train = build_gpt_datasets([prefix], "8,1,1", SEQ, 5, (20, 0, 0), tokenizer)[0]
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    next(build_data_iterator(train, 2, 0, 1, 0))
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_dp_ranks_are_disjoint_and_cover():
     total, mbs, dp = 40, 3, 2
     per_rank = []
