@@ -40,6 +40,7 @@ from monta.dispatch.plan import (
     SendPlan,
     all_columns,
     only_columns,
+    order_by_expert_topk,
     order_by_local_expert,
     plan_to_gateways,
     plan_to_owners,
@@ -117,6 +118,11 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
             self.node_dedup = node_dedup_pays(config.moe_router_topk, self.layout.num_nodes)
         else:
             self.node_dedup = self.options.node_dedup == "on"
+        # One rank holds every expert whole (EP = ETP = 1): nothing crosses ranks, so no send
+        # plans or count exchanges; dropless, the expert ordering has a size the host knows
+        # (tokens · top-k), so the whole layer runs without a host sync (order_by_expert_topk).
+        self.local_only = self.ep_size == 1 and self.tp_size == 1
+        self.static_order = self.local_only and config.moe_expert_capacity_factor is None
         if not self.options.tp_shard and self.tp_size not in (1, self.attn_tp_size):
             raise ValueError(f"ds_tp dispatch needs expert-TP size 1 or equal to TP "
                              f"({self.attn_tp_size}), got {self.tp_size}")
@@ -166,6 +172,10 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
 
     @timed("dispatch")
     def token_dispatch(self, x, probs):
+        if self.local_only:
+            self.stage_a = self.stage_b = self.etp_sizes = None
+            self.rows_mask = self.routing_map
+            return x, probs
         device = x.device
         if self.node_dedup:
             self.stage_a = self._stage(plan_to_gateways(self.routing_map, self.layout), device)
@@ -198,7 +208,11 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
 
     @timed("dispatch")
     def dispatch_postprocess(self, rows_x, rows_probs):
-        self.order: ExpertOrder = order_by_local_expert(self.rows_mask, self.local_expert_indices)
+        if self.static_order:
+            self.order: ExpertOrder = order_by_expert_topk(self.rows_mask,
+                                                           self.config.moe_router_topk)
+        else:
+            self.order = order_by_local_expert(self.rows_mask, self.local_expert_indices)
         self.num_rows = rows_x.size(0)
         permuted_probs = rows_probs[self.order.rows, self.order.experts]
         return rows_x[self.order.rows], self.order.tokens_per_expert, permuted_probs
@@ -228,6 +242,8 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
 
     @timed("combine")
     def token_combine(self, rows_out):
+        if self.local_only:
+            return rows_out
         num_tokens = self.routing_map.size(0)
         if self.stage_b is not None:
             held_out = self._return(self.stage_b, rows_out, self.num_held, "combine/intra")

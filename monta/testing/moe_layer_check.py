@@ -66,6 +66,9 @@ class MoEShape:
     ffn_hidden_size: int = 24
     seq_per_shard: int = 8
     micro_batch_size: int = 2
+    grouped_gemm: bool = False
+    """Experts as one grouped GEMM per projection (:class:`monta.experts.MoNTAGroupedMLP`)
+    instead of megatron's ``SequentialMLP``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +142,7 @@ def _config(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type: 
         moe_expert_capacity_factor=case.capacity_factor,
         moe_pad_expert_input_to_capacity=case.pad_to_capacity,
         moe_token_drop_policy=case.drop_policy,
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=shape.grouped_gemm,
         tensor_model_parallel_size=layout.tp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
