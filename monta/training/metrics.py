@@ -204,6 +204,8 @@ def format_log_line(iteration: int, s: dict[str, float]) -> str:
     ]
     if s.get("load_balancing_loss") is not None:
         parts.append(f"load_balancing_loss: {s['load_balancing_loss']:.6E}")
-    parts += [f"grad norm: {s['grad-norm']:.3f}", f"tokens/s: {s['tokens/s']:.0f}",
-              f"skipped iterations: {int(s['skipped iterations'])}"]
+    parts += [f"grad norm: {s['grad-norm']:.3f}", f"tokens/s: {s['tokens/s']:.0f}"]
+    if s.get("peak memory GiB") is not None:
+        parts.append(f"peak memory (GiB): {s['peak memory GiB']:.2f}")
+    parts.append(f"skipped iterations: {int(s['skipped iterations'])}")
     return " | ".join(parts) + " |"

@@ -240,6 +240,8 @@ def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_
             "skipped iterations": state.skipped_iterations,
             "train_iters": args.train_iters,
         }
+        if torch.cuda.is_available():  # this rank's high-water mark of allocated memory
+            scalars["peak memory GiB"] = torch.cuda.max_memory_allocated() / 2**30
         expert_load = load_tracker.reduce_and_reset() if log_now else None
         traffic = None
         if log_now:
