@@ -23,12 +23,10 @@ Sections, all in one process and one run, so every comparison is side by side on
   ``torch.profiler`` trace gives the top kernels (``profile``);
 * ``training``: ``torchrun --nproc-per-node 1 pretrain_moe.py --bf16 --moe-grouped-gemm`` on a
   ~0.8B-parameter GPT-MoE (mock data): tokens/s, MFU (model FLOPs / the ``peak`` measured
-  above), peak memory. Model FLOPs per token: 3 × forward, forward = 2 × every matmul weight a
-  token touches (attention projections, router, its top-k experts' three matrices, output
-  layer) + causal attention 2·heads·head_dim·seq (QKᵀ and PV over seq/2 keys on average).
+  above), peak memory, and a profile of two iterations (``bench/gpu_moe_train.py``).
 
 Times are medians over repetitions timed with CUDA events after warm-up (the first calls
-compile the fused activation). Results go to ``--out`` as they come (a section that fails
+compile the fused activation); the MoE layer's variants are timed in interleaved rounds. Results go to ``--out`` as they come (a section that fails
 records its error and the rest still run); ``bench/gpu_moe_report.py`` renders the Markdown.
 """
 
@@ -37,10 +35,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -60,23 +56,6 @@ SHAPES = {  # name: hidden, expert ffn, experts, top-k
 }
 TINY_SHAPES = {"mixtral": dict(hidden=64, ffn=96, experts=8, topk=2),
                "fine_grained": dict(hidden=64, ffn=48, experts=16, topk=4)}
-TRAIN_MODEL = ["--num-layers", "8", "--hidden-size", "2048", "--num-attention-heads", "16",
-               "--group-query-attention", "--num-query-groups", "4", "--ffn-hidden-size", "1536",
-               "--num-experts", "8", "--moe-router-topk", "2", "--seq-length", "2048",
-               "--max-position-embeddings", "2048", "--vocab-size", "32000"]
-TRAIN_BATCH = ["--micro-batch-size", "4", "--global-batch-size", "32", "--train-iters", "25"]
-TINY_TRAIN_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-                    "--group-query-attention", "--num-query-groups", "2",
-                    "--ffn-hidden-size", "96", "--num-experts", "8", "--moe-router-topk", "2",
-                    "--seq-length", "64", "--max-position-embeddings", "64",
-                    "--vocab-size", "512"]
-TINY_TRAIN_BATCH = ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6"]
-TRAIN_COMMON = ["--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-                "--normalization", "RMSNorm", "--moe-aux-loss-coeff", "1e-2",
-                "--moe-token-dispatcher-type", "monta", "--moe-grouped-gemm", "--mock-data",
-                "--lr", "3e-4", "--log-interval", "1", "--eval-iters", "0", "--no-progress-bar"]
-
-
 class Timer:
     """Median wall time of ``fn`` on this device (CUDA events; host clock on CPU)."""
 
@@ -110,7 +89,7 @@ class Timer:
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
         return {"median_ms": statistics.median(times), "min_ms": min(times),
-                "max_ms": max(times), "reps": reps}
+                "max_ms": max(times), "reps": reps, "samples_ms": times}
 
 
 def tflops(flops: float, ms: float) -> float:
@@ -275,16 +254,17 @@ def count_host_syncs(fn) -> dict:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     sites = [f"{os.path.relpath(w.filename, REPO) if w.filename.startswith(str(REPO)) else w.filename}:{w.lineno}"
-             for w in caught if "synchroniz" in str(w.message)]
+             for w in caught if "called a synchronizing" in str(w.message)]
     return {"count": len(sites), "sites": sorted(set(sites))}
 
 
-def profile_summary(fn, iters: int = 3, top: int = 12) -> dict:
+def profile_summary(fn, setup, iters: int = 3, top: int = 12) -> dict:
     """Top kernels by GPU time per iteration, and the CUDA runtime calls that block the host."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
+            setup()  # as in the timed loop: fresh gradients, no accumulation kernels
             fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
@@ -305,13 +285,16 @@ def profile_summary(fn, iters: int = 3, top: int = 12) -> dict:
             "blocking_runtime_calls_per_iter": blocking}
 
 
-def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: bool) -> dict:
+def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: bool,
+                    rounds: int = 3, reps: int = 7) -> dict:
+    """Each variant timed in ``rounds`` interleaved rounds of ``reps`` (median of all), so
+    clock or thermal drift does not favour whichever runs first."""
     layers = build_layers(shape, device, dtype)
     gen = torch.Generator(device=device).manual_seed(3)
     x = torch.randn(tokens // 2, 2, shape["hidden"], device=device, generator=gen).to(dtype)
     grad = torch.randn(x.shape, device=device, generator=gen).to(dtype)
     out = {"tokens": tokens, "variants": {}}
-    reference = None
+    steps, samples, reference = {}, {}, None
     for name, layer in layers.items():
         inp = x.clone().requires_grad_(True)
 
@@ -323,96 +306,36 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
             for p in layer.parameters():
                 p.grad = None
 
+        steps[name], samples[name] = (step, clear), []
         clear()
         result, _ = layer(inp)
         result.backward(grad)
         got = (result.detach().float(), inp.grad.float())
-        row = {}
+        row = out["variants"][name] = {}
         if reference is None:
             reference = got
         else:
             row["rel_err_output"] = ((got[0] - reference[0]).norm() / reference[0].norm()).item()
             row["rel_err_input_grad"] = ((got[1] - reference[1]).norm()
                                          / reference[1].norm()).item()
-        row.update(timer(step, warmup=3, reps=15, setup=clear))
+    for _ in range(rounds):
+        for name, (step, clear) in steps.items():
+            samples[name] += timer(step, warmup=2, reps=reps, setup=clear)["samples_ms"]
+    for name, (step, clear) in steps.items():
+        times = samples[name]
+        row = out["variants"][name]
+        row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
+                   reps=len(times))
         if device.type == "cuda":
             clear()
             row["host_syncs"] = count_host_syncs(step)
             if profile:
-                clear()
-                row["profile"] = profile_summary(step)
-        out["variants"][name] = row
+                row["profile"] = profile_summary(step, clear)
     base = out["variants"]["megatron_sequential"]["median_ms"]
     for row in out["variants"].values():
         row["speedup_vs_megatron"] = base / row["median_ms"]
-    del layers
+    del layers, steps
     return out
-
-
-# ---------------------------------------------------------------------------- training
-
-
-def model_flops_per_token(args: dict) -> float:
-    """Training FLOPs per token (see the module docstring for what is counted)."""
-    h, layers, heads = args["hidden_size"], args["num_layers"], args["num_attention_heads"]
-    groups, ffn, topk = args["num_query_groups"], args["ffn_hidden_size"], args["moe_router_topk"]
-    d, s = h // heads, args["seq_length"]
-    per_layer = (2 * h * (heads + 2 * groups) * d  # QKV
-                 + 2 * heads * d * h  # output projection
-                 + 2 * h * args["num_experts"]  # router
-                 + topk * 2 * 3 * h * ffn  # experts: fc1 (gate, up) and fc2
-                 + 2 * heads * d * s)  # causal attention: QK^T and PV over s/2 keys
-    return 3 * (layers * per_layer + 2 * h * args["vocab_size"])
-
-
-def _flag_values(flags: list[str]) -> dict:
-    values, i = {}, 0
-    while i < len(flags):
-        name = flags[i].lstrip("-").replace("-", "_")
-        if i + 1 < len(flags) and not flags[i + 1].startswith("--"):
-            values[name], i = flags[i + 1], i + 2
-        else:
-            values[name], i = True, i + 1
-    return {k: int(v) if isinstance(v, str) and v.isdigit() else v for k, v in values.items()}
-
-
-def bench_training(peak_tflops: float | None, tiny: bool, on_gpu: bool, log_path: Path) -> dict:
-    model, batch = (TINY_TRAIN_MODEL, TINY_TRAIN_BATCH) if tiny else (TRAIN_MODEL, TRAIN_BATCH)
-    flags = [*model, *batch, *TRAIN_COMMON] + (["--bf16"] if on_gpu else [])
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-               "--master-port", "29561", "pretrain_moe.py", *flags]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    started = time.time()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=420, env=env)
-    log_path.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
-    if done.returncode != 0:
-        raise RuntimeError(f"training exited {done.returncode}: {done.stderr[-2000:]}")
-    iters = [(int(m.group(1)), float(m.group(2)), float(m.group(3)))
-             for m in re.finditer(r"iteration\s+(\d+)/.*?elapsed time per iteration \(ms\): "
-                                  r"([\d.]+).*?tokens/s: (\d+)", done.stdout)]
-    memory = [float(v) for v in re.findall(r"peak memory \(GiB\): ([\d.]+)", done.stdout)]
-    losses = [float(v) for v in re.findall(r"lm loss: ([\d.E+-]+)", done.stdout)]
-    params = re.search(r"parameters on rank 0 of this stage: ([\d,]+)", done.stdout)
-    skip = max(1, len(iters) // 5)  # the first steps compile and warm up
-    steady = iters[skip:]
-    tokens_per_s = statistics.median(t for _, _, t in steady)
-    args = _flag_values(flags)
-    flops_per_token = model_flops_per_token(args)
-    achieved = flops_per_token * tokens_per_s / 1e12
-    return {
-        "command": "torchrun --nproc-per-node 1 pretrain_moe.py " + " ".join(flags),
-        "parameters": int(params.group(1).replace(",", "")) if params else None,
-        "tokens_per_step": args["global_batch_size"] * args["seq_length"],
-        "steady_iterations": [steady[0][0], steady[-1][0]],
-        "iteration_ms_median": statistics.median(ms for _, ms, _ in steady),
-        "tokens_per_s": tokens_per_s,
-        "model_tflop_per_token": flops_per_token / 1e12,
-        "model_tflops": achieved,
-        "mfu": achieved / peak_tflops if peak_tflops else None,
-        "peak_memory_gib": max(memory) if memory else None,
-        "loss_first_last": [losses[0], losses[-1]] if losses else None,
-        "wall_s": time.time() - started,
-    }
 
 
 # ---------------------------------------------------------------------------- driver
@@ -504,6 +427,8 @@ def main(argv=None) -> int:
                                                         not opts.no_profile)
                                   for name, shape in shapes.items()})
     if "training" in sections:
+        from bench.gpu_moe_train import bench_training
+
         torch.cuda.empty_cache() if device.type == "cuda" else None
         peak = results.get("peak", {}).get("tflops")
         run("training", lambda: bench_training(peak, opts.tiny, device.type == "cuda",

@@ -66,7 +66,9 @@ def layer_table(r: dict) -> list[str]:
     lines = ["## MoE layer forward + backward (router, permutation, experts, combine), bf16", "",
              "megatron = megatron-core 0.16.1 `MoELayer` + `alltoall` dispatcher + `SequentialMLP`; "
              "MoNTA = `MoNTAGroupedMLP` under MoNTA's dispatcher (one-rank path) or megatron's "
-             "`alltoall`. Same weights and routing; median of 15 runs. Host syncs: operations "
+             "`alltoall`. Same weights and routing; median of "
+             f"{next(iter(r['moe_layer'].values()))['variants']['monta_grouped']['reps']} runs "
+             "per variant, timed in interleaved rounds. Host syncs: operations "
              "that wait for the GPU in one forward + backward (torch sync debug mode).", "",
              "| shapes | megatron ms | MoNTA ms | speedup | MoNTA + alltoall ms | speedup | "
              "host syncs megatron / MoNTA / MoNTA+alltoall | output rel. err. vs megatron |",
@@ -97,9 +99,28 @@ def training_table(r: dict) -> list[str]:
             f"{t['iteration_ms_median']:.0f} | {t['tokens_per_s']:.0f} | "
             f"{t['model_tflops']:.0f} | {mfu} | {memory} | "
             f"{t['loss_first_last'][0]:.2f} → {t['loss_first_last'][1]:.2f} |", "",
-            f"Steady iterations {t['steady_iterations'][0]}–{t['steady_iterations'][1]} (medians); "
+            f"Steady iterations {t['steady_iterations'][0]}–{t['steady_iterations'][1]} (medians, "
+            "profiled ones left out); "
             f"model FLOPs {t['model_tflop_per_token'] * 1e12 / 1e9:.2f} GFLOP per token "
-            "(see `bench/gpu_moe.py`), MFU against the peak above.", ""]
+            "(see `bench/gpu_moe.py`), MFU against the peak above.", ""] + _train_profile(t)
+
+
+def _train_profile(t: dict) -> list[str]:
+    p = t.get("profile")
+    if not p:
+        return []
+    busy = "—" if p["gpu_busy_fraction"] is None else f"{100 * p['gpu_busy_fraction']:.0f} %"
+    lines = [f"Profile of {p['steps']} training iterations: {p['wall_ms_per_step']:.0f} ms wall, "
+             f"{p['gpu_kernel_ms_per_step']:.0f} ms of GPU kernels per iteration (GPU busy "
+             f"{busy}), {p['kernel_launches_per_step']:.0f} kernel launches per iteration.", "",
+             "| kernel | ms / iter | share | calls / iter |", "|---|---:|---:|---:|"]
+    for k in p["top_kernels"][:10]:
+        share = "—" if k["share"] is None else f"{100 * k['share']:.1f} %"
+        lines.append(f"| `{k['kernel'][:90]}` | {k['ms_per_step']:.2f} | {share} | "
+                     f"{k['calls_per_step']:.0f} |")
+    host = ", ".join(f"`{h['op']}` {h['self_cpu_ms_per_step']:.0f} ms ({h['calls_per_step']:.0f}×)"
+                     for h in p["top_host_ops"][:6])
+    return lines + ["", f"Host time per iteration, top operations (self CPU): {host}.", ""]
 
 
 def profile_tables(r: dict) -> list[str]:

@@ -268,7 +268,9 @@ def build_data_iterator(
             f"(num_samples) or give it a non-zero share in --split"
         )
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    # pinned on GPU hosts, so the step copies batches up without waiting for the GPU
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=0, collate_fn=collate_gpt_samples
+        dataset, batch_sampler=sampler, num_workers=0, collate_fn=collate_gpt_samples,
+        pin_memory=torch.cuda.is_available(),
     )
     return iter(loader)

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from monta import comm
+from monta.dispatch.permute import ExpandToExperts, SumFromExperts
 from monta.dispatch.stats import timed
 from monta.dispatch.plan import (
     ExpertLayout,
@@ -214,12 +215,20 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         else:
             self.order = order_by_local_expert(self.rows_mask, self.local_expert_indices)
         self.num_rows = rows_x.size(0)
-        permuted_probs = rows_probs[self.order.rows, self.order.experts]
-        return rows_x[self.order.rows], self.order.tokens_per_expert, permuted_probs
+        order = self.order
+        permuted_probs = rows_probs[order.rows, order.experts]
+        if order.inverse is not None:  # gathers both ways instead of scatters (permute.py)
+            permuted = ExpandToExperts.apply(rows_x, order.rows, order.inverse, order.topk)
+        else:
+            permuted = rows_x[order.rows]
+        return permuted, order.tokens_per_expert, permuted_probs
 
     # -- combine --------------------------------------------------------------------------
     @timed("combine")
     def combine_preprocess(self, expert_output):
+        order = self.order
+        if order.inverse is not None:
+            return SumFromExperts.apply(expert_output, order.rows, order.inverse, order.topk)
         rows_out = expert_output.new_zeros(self.num_rows, expert_output.size(-1))
         rows_out = rows_out.index_add(0, self.order.rows, expert_output)
         if self.etp_sizes is not None:

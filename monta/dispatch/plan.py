@@ -217,6 +217,10 @@ class ExpertOrder:
     rows: torch.Tensor
     experts: torch.Tensor
     tokens_per_expert: torch.Tensor
+    inverse: torch.Tensor | None = None
+    """[rows·topk] int64, only from :func:`order_by_expert_topk`: the position of copy
+    ``t·topk + j`` (row t's j-th expert) in the expert order (see monta/dispatch/permute.py)."""
+    topk: int | None = None
 
 
 def order_by_local_expert(mask: torch.Tensor, local_experts: list[int]) -> ExpertOrder:
@@ -250,4 +254,6 @@ def order_by_expert_topk(mask: torch.Tensor, topk: int) -> ExpertOrder:
     experts = chosen[order]
     counts = torch.zeros(mask.size(1), dtype=torch.int64, device=mask.device)
     counts.index_add_(0, chosen, torch.ones_like(chosen))
-    return ExpertOrder(rows, experts, counts)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(),
+                                                                      device=order.device))
+    return ExpertOrder(rows, experts, counts, inverse, topk)

@@ -37,9 +37,11 @@ from monta.training.config import transformer_config_from_args
 from monta.training.metrics import (
     ExpertLoadTracker,
     TrainingReporter,
+    is_reporting_rank,
     reduce_aux_loss,
     reduce_moe_traffic,
 )
+from monta.training.profiling import StepProfiler
 from monta.training.validation import ConfigError, validate_args
 
 logger = logging.getLogger(__name__)
@@ -147,10 +149,12 @@ def _lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
     device = parallel.device()
-    tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
-    position_ids = batch["position_ids"].to(device)
-    output = model(tokens, position_ids, None, labels=labels)
-    return output, partial(_lm_loss, batch["loss_mask"].to(device))
+    # non_blocking: a blocking host-to-GPU copy waits for the GPU to drain its queue, which
+    # would idle it at every micro-batch while the host launches the next one (batches are
+    # pinned, see build_data_iterator)
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_lm_loss, batch["loss_mask"])
 
 
 class _ExitSignal:
@@ -210,7 +214,9 @@ def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_
     config.no_sync_func = model[0].no_sync
     tokens_per_step = args.global_batch_size * args.seq_length
     last_log_iteration = state.iteration
+    profiler = StepProfiler(enabled=is_reporting_rank())  # MONTA_PROFILE_STEPS=a:b
     while state.iteration < args.train_iters:
+        profiler.step_started(state.iteration + 1)
         start = time.perf_counter()
         for chunk in model:
             chunk.zero_grad_buffer()
@@ -227,6 +233,7 @@ def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_
         state.iteration += 1
         state.consumed_train_samples += args.global_batch_size
         elapsed = time.perf_counter() - start
+        profiler.step_finished(state.iteration)
         log_now = state.iteration % args.log_interval == 0 or state.iteration == args.train_iters
         scalars = {
             "lm loss": _mean_over_dp([o["lm loss"] for o in outputs]),
