@@ -185,6 +185,7 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         for t in (x, w1, w2, d1, d2):
             t.grad = None
 
+    out["activation_fwd_bwd"] = bench_activation(n, f, device, dtype, timer)
     flops = 3 * 2 * n * (h * 2 * f + f * h)
     ffn = {"flops": flops}
     for name, fn in {"grouped": grouped_ffn, "loop": loop_ffn, "dense": dense_ffn}.items():
@@ -194,6 +195,31 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         ffn[name]["fraction_of_dense"] = ffn[name]["tflops"] / ffn["dense"]["tflops"]
     out["ffn_fwd_bwd"] = ffn
     return out
+
+
+def bench_activation(n: int, f: int, device, dtype, timer) -> dict:
+    """SwiGLU × prob forward + backward on [n, 2F], each implementation; GB/s counts the
+    least traffic: read h, write y; read h and dy, write dh (8 bytes per bf16 element of y)."""
+    from monta.experts import activation_with_probs
+
+    gen = torch.Generator(device=device).manual_seed(4)
+    h = torch.randn(n, 2 * f, device=device, generator=gen).to(dtype).requires_grad_(True)
+    probs = torch.rand(n, 1, device=device, generator=gen).requires_grad_(True)
+    dy = torch.randn(n, f, device=device, generator=gen).to(dtype)
+    moved = 8 * n * f * h.element_size()
+    rows = {}
+    impls = ("triton", "compiled", "eager") if device.type == "cuda" else ("eager",)
+    for impl in impls:
+        def clear():
+            h.grad = probs.grad = None
+
+        try:
+            t = timer(lambda impl=impl: activation_with_probs(h, probs, F.silu, True, impl)
+                      .backward(dy), warmup=3, reps=10, setup=clear)
+            rows[impl] = {**t, "GB_per_s": moved / (t["median_ms"] * 1e-3) / 1e9}
+        except Exception as error:  # one implementation missing here: report, go on
+            rows[impl] = {"error": f"{type(error).__name__}: {error}"[:300]}
+    return rows
 
 
 # ---------------------------------------------------------------------------- MoE layer

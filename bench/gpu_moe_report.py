@@ -57,6 +57,17 @@ def expert_table(r: dict) -> list[str]:
                          f"{_pct(v['loop']['fraction_of_dense'])} | {v['dense']['tflops']:.0f} | "
                          + (f"{t['tflops']:.0f} ({_pct(t['fraction_of_dense'])})" if t else "—")
                          + " |")
+    act = [(name, g["activation_fwd_bwd"]) for name, g in r["expert_gemm"].items()
+           if "activation_fwd_bwd" in g]
+    if act:
+        lines += ["", "SwiGLU × router probability between the two GEMMs, forward + backward "
+                  "(ms, and GB/s of the least traffic: read h, write y, read h and dy, write dh):",
+                  "", "| shapes | " + " | ".join(act[0][1]) + " |",
+                  "|---|" + "---:|" * len(act[0][1])]
+        for name, rows in act:
+            cells = [f"{v['median_ms']:.2f} ms, {v['GB_per_s']:.0f} GB/s" if "median_ms" in v
+                     else "failed" for v in rows.values()]
+            lines.append(f"| {_shape_label(name, r['shapes'][name])} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

@@ -8,7 +8,9 @@ instead whenever Transformer Engine imports, see :mod:`monta.model`). :class:`Mo
 and ``sharded_state_dict`` (whose keys and global shapes equal ``SequentialMLP``'s, so
 ``torch_dist`` checkpoints move between the two) — but computes each projection for all local
 experts with one ``torch._grouped_mm`` on CUDA in bf16 (CUTLASS grouped GEMM on Hopper), and with
-a loop of ``torch.mm`` elsewhere (CPU, fp32, or dims that break its 16-byte alignment).
+a loop of ``torch.mm`` elsewhere (CPU, fp32, or dims that break its 16-byte alignment). Between
+the two GEMMs, SwiGLU × router probability runs as one Triton kernel each way on GPUs
+(:mod:`monta.swiglu`).
 
 No host sync: ``torch._grouped_mm`` takes the experts' row *ends* as an int32 tensor on the
 device, so counts that arrive on the GPU (MoNTA's dispatcher) stay there. The loop fallback
@@ -21,6 +23,7 @@ import contextlib
 import logging
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.moe import grouped_gemm_util
 from megatron.core.transformer.moe.experts import GroupedMLP
 
@@ -155,33 +158,51 @@ def _activation_with_probs(x: torch.Tensor, probs: torch.Tensor, act, glu: bool)
 
 # One compiled function for every layer. (GroupedMLP's own jit_fuser'd closure captures the
 # module, so torch.compile would guard on and recompile for each layer, past its cache limit.)
-_fused_activation = None
-_fused_activation_failed = False
+_compiled_activation = None
+_failed: set[str] = set()  # implementations that raised once here; not tried again
 
 
-def activation_with_probs(x: torch.Tensor, probs: torch.Tensor, act, glu: bool) -> torch.Tensor:
-    """act(x) · probs: one fused pass (torch.compile) on CUDA, eager elsewhere.
+def activation_with_probs(x: torch.Tensor, probs: torch.Tensor, act, glu: bool,
+                          impl: str = "auto") -> torch.Tensor:
+    """act(x) · probs in x's dtype; ``impl``: ``auto`` (the first that applies of the
+    following), ``triton`` (SwiGLU only, :mod:`monta.swiglu`), ``compiled`` (torch.compile),
+    ``eager``.
 
     Eager, SwiGLU makes four passes over the [n, 2F] activations (silu, two products, the
-    cast) forward and more backward; at Mixtral shapes that is milliseconds per layer.
-    Only the row count is dynamic (it changes from step to step under expert parallelism):
-    compiled with every size symbolic, the kernels ran at about a third of the copy bandwidth
-    in a profile on an H200 (the column index arithmetic is symbolic too). Compiling on CPU
-    needs a C++ toolchain and buys nothing for tests, so CPU stays eager.
+    cast) forward and more backward; at Mixtral shapes that is milliseconds per layer. The
+    compiled version runs with only the row count dynamic (it changes from step to step under
+    expert parallelism): with every size symbolic the kernels ran at about a third of the copy
+    bandwidth in a profile on an H200. CPU stays eager (compiling there needs a C++ toolchain
+    and buys nothing for tests).
     """
-    global _fused_activation, _fused_activation_failed
-    if x.is_cuda and x.size(0) > 1 and not _fused_activation_failed:
+    global _compiled_activation
+    on_gpu = x.is_cuda and x.size(0) > 1
+    if impl in ("auto", "triton") and glu and act is F.silu and "triton" not in _failed:
+        from monta import swiglu
+
+        if swiglu.available(x):
+            try:
+                return swiglu.weighted_swiglu(x, probs)
+            except Exception as error:  # e.g. Triton cannot compile on this host
+                _give_up("triton", error, impl)
+    if impl in ("auto", "compiled") and on_gpu and "compiled" not in _failed:
         try:
-            if _fused_activation is None:
-                _fused_activation = torch.compile(_activation_with_probs)
+            if _compiled_activation is None:
+                _compiled_activation = torch.compile(_activation_with_probs)
             torch._dynamo.mark_dynamic(x, 0)
             torch._dynamo.mark_dynamic(probs, 0)
-            return _fused_activation(x, probs, act, glu)
+            return _compiled_activation(x, probs, act, glu)
         except Exception as error:  # e.g. no working compiler for Triton on this host
-            logger.warning("fused expert activation unavailable (%s: %s); running it eagerly",
-                           type(error).__name__, error)
-            _fused_activation_failed = True
+            _give_up("compiled", error, impl)
     return _activation_with_probs(x, probs, act, glu)
+
+
+def _give_up(impl: str, error: Exception, asked: str) -> None:
+    if asked != "auto":
+        raise error
+    logger.warning("%s expert activation unavailable (%s: %s); using the next one", impl,
+                   type(error).__name__, error)
+    _failed.add(impl)
 
 
 def copy_from_sequential(grouped: GroupedMLP, sequential: torch.nn.Module) -> None:

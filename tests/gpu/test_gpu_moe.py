@@ -143,6 +143,31 @@ def test_grouped_mm_bf16_matches_fp32_loop_with_empty_experts(nccl_world_of_one)
     assert torch.count_nonzero(wg.grad[~busy]) == 0, "an empty expert got a weight gradient"
 
 
+def test_swiglu_triton_kernels_match_fp64(nccl_world_of_one):
+    """monta/swiglu.py compiled on the GPU: Mixtral's width, one not a multiple of the block,
+    no rows."""
+    import torch.nn.functional as F
+
+    from monta.experts import activation_with_probs
+
+    for n, f in ((2048, 14336), (300, 1100), (0, 64)):
+        gen = torch.Generator(device="cuda").manual_seed(n)
+        h = torch.randn(n, 2 * f, device="cuda", generator=gen).bfloat16()
+        p = torch.rand(n, 1, device="cuda", generator=gen)
+        dy = torch.randn(n, f, device="cuda", generator=gen).bfloat16()
+        h1, p1 = h.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        y1 = activation_with_probs(h1, p1, F.silu, True, impl="triton")
+        y1.backward(dy)
+        h2, p2 = h.double().requires_grad_(True), p.double().requires_grad_(True)
+        gate, up = torch.chunk(h2, 2, dim=-1)
+        y2 = F.silu(gate) * up * p2
+        y2.backward(dy.double())
+        assert y1.dtype == torch.bfloat16 and y1.shape == (n, f)
+        if n:
+            for got, want in ((y1, y2), (h1.grad, h2.grad), (p1.grad, p2.grad)):
+                assert _rel_err(got, want) < 1e-2, (n, f)
+
+
 def test_grouped_experts_layer_matches_sequential_bf16(nccl_world_of_one):
     """MoNTA's MoE layer with grouped experts and the one-rank dispatcher path vs megatron's
     alltoall + SequentialMLP, same weights, bf16."""
