@@ -1,6 +1,6 @@
 """GPU tier benchmark: grouped-GEMM experts, the MoE layer vs megatron-core, a ~0.8B training run.
 
-Run on one GPU, from the repo root (megatron-core installed; ~5 min on an H200)::
+Run on one GPU, from the repo root (megatron-core installed; ~2 min on an H200)::
 
     python bench/gpu_moe.py --out bench/results/gpu_moe.json     # also writes gpu_moe.md
     python bench/gpu_moe.py --tiny --out /tmp/gpu_moe.json       # smoke run (CPU works too)
@@ -404,11 +404,16 @@ def environment(device) -> dict:
                     multiprocessors=props.multi_processor_count)
     else:
         info["device"] = platform.processor() or "cpu"
+    info["git_commit"] = None  # only when REPO is itself a git work tree (not a copy in one)
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO,
-                                            capture_output=True, text=True).stdout.strip() or None
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO,
+                             capture_output=True, text=True).stdout.strip()
+        if top and Path(top).resolve() == REPO:
+            info["git_commit"] = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"],
+                                                cwd=REPO, capture_output=True,
+                                                text=True).stdout.strip() or None
     except OSError:
-        info["git_commit"] = None
+        pass
     return info
 
 
@@ -461,6 +466,9 @@ def main(argv=None) -> int:
                                                out_path.with_suffix(".train.log")))
     from bench.gpu_moe_report import render
 
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
     out_path.with_suffix(".md").write_text(render(results))
     print(render(results), flush=True)
     return 1 if results["errors"] else 0

@@ -39,10 +39,11 @@ def header(r: dict) -> list[str]:
 def expert_table(r: dict) -> list[str]:
     if "expert_gemm" not in r:
         return []
+    first = next(iter(r["expert_gemm"].values()))
     lines = ["## Expert compute: grouped GEMM vs one dense GEMM of the same FLOPs", "",
-             "TFLOP/s (median of 20 runs; FFN: 10) and the fraction of the dense GEMM's rate; "
-             f"{next(iter(r['expert_gemm'].values()))['tokens']} tokens routed top-k by random "
-             "logits.", "",
+             f"TFLOP/s (median of {first['projections']['fc1']['grouped']['reps']} runs; FFN: "
+             f"{first['ffn_fwd_bwd']['grouped']['reps']}) and the fraction of the dense GEMM's "
+             f"rate; {first['tokens']} tokens routed top-k by random logits.", "",
              "| shapes | op | grouped | % of dense | loop (per expert) | % of dense | dense | "
              "grouped, transposed weights |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
