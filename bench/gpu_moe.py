@@ -26,8 +26,9 @@ Sections, all in one process and one run, so every comparison is side by side on
   above), peak memory, and a profile of two iterations (``bench/gpu_moe_train.py``).
 
 Times are medians over repetitions timed with CUDA events after warm-up (the first calls
-compile the fused activation); the MoE layer's variants are timed in interleaved rounds. Results go to ``--out`` as they come (a section that fails
-records its error and the rest still run); ``bench/gpu_moe_report.py`` renders the Markdown.
+compile the fused activation); the MoE layer's variants are timed in interleaved rounds.
+Results go to ``--out`` as they come (a section that fails records its error and the rest still
+run); ``bench/gpu_moe_report.py`` renders the Markdown.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class Timer:
                 setup()
             self.sync()
             if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn()
                 end.record()
@@ -105,7 +107,8 @@ def bench_peak(device, dtype, timer, tiny: bool) -> dict:
     a = torch.randn(n, n, device=device, generator=gen).to(dtype)
     b = torch.randn(n, n, device=device, generator=gen).to(dtype)
     t = timer(lambda: torch.mm(a, b), warmup=3, reps=20)
-    return {"shape": [n, n, n], "dtype": str(dtype), **t, "tflops": tflops(2 * n**3, t["median_ms"])}
+    return {"shape": [n, n, n], "dtype": str(dtype), **t,
+            "tflops": tflops(2 * n**3, t["median_ms"])}
 
 
 # ---------------------------------------------------------------------------- expert GEMMs
@@ -120,7 +123,8 @@ def routed_counts(tokens: int, experts: int, topk: int, device) -> torch.Tensor:
 
 
 def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
-    from monta.experts import activation_with_probs, expert_offsets, grouped_mm, grouped_mm_supported
+    from monta.experts import (activation_with_probs, expert_offsets, grouped_mm,
+                               grouped_mm_supported)
 
     h, f, e, k = shape["hidden"], shape["ffn"], shape["experts"], shape["topk"]
     counts = routed_counts(tokens, e, k, device)
@@ -142,7 +146,8 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         fast = grouped_mm_supported(x, w)
         variants = {
             "grouped": lambda: grouped_mm(x, w, counts, offsets),
-            "loop": lambda: torch.cat([p @ w[i] for i, p in enumerate(torch.split(x, host_counts))]),
+            "loop": lambda: torch.cat([p @ w[i]
+                                       for i, p in enumerate(torch.split(x, host_counts))]),
             "dense": lambda: x @ dense_w,
         }
         if fast:
@@ -279,8 +284,12 @@ def count_host_syncs(fn) -> dict:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    sites = [f"{os.path.relpath(w.filename, REPO) if w.filename.startswith(str(REPO)) else w.filename}:{w.lineno}"
-             for w in caught if "called a synchronizing" in str(w.message)]
+
+    def where(w):
+        name = w.filename
+        return f"{os.path.relpath(name, REPO) if name.startswith(str(REPO)) else name}:{w.lineno}"
+
+    sites = [where(w) for w in caught if "called a synchronizing" in str(w.message)]
     return {"count": len(sites), "sites": sorted(set(sites))}
 
 
@@ -296,7 +305,8 @@ def profile_summary(fn, setup, iters: int = 3, top: int = 12) -> dict:
     events = prof.key_averages()
 
     def device_us(evt):
-        return getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        return (getattr(evt, "self_device_time_total", None)
+                or getattr(evt, "self_cuda_time_total", 0))
 
     kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
                and device_us(e) > 0]

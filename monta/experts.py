@@ -170,10 +170,10 @@ def activation_with_probs(x: torch.Tensor, probs: torch.Tensor, act, glu: bool,
 
     Eager, SwiGLU makes four passes over the [n, 2F] activations (silu, two products, the
     cast) forward and more backward; at Mixtral shapes that is milliseconds per layer. The
-    compiled version runs with only the row count dynamic (it changes from step to step under
-    expert parallelism): with every size symbolic the kernels ran at about a third of the copy
-    bandwidth in a profile on an H200. CPU stays eager (compiling there needs a C++ toolchain
-    and buys nothing for tests).
+    compiled version marks only the row count dynamic (it changes from step to step under
+    expert parallelism); inside the MoE layer on an H200 its backward still ran at ~0.7 TB/s
+    (bench/results/gpu_moe.md times all three), hence the Triton kernels first. CPU stays eager
+    (compiling there needs a C++ toolchain and buys nothing for tests).
     """
     global _compiled_activation
     on_gpu = x.is_cuda and x.size(0) > 1

@@ -1,13 +1,13 @@
 """Token ↔ expert-row permutation for dropless top-k on one rank, as gathers both ways.
 
-With every token routed to exactly k local experts (:func:`monta.dispatch.plan.order_by_expert_topk`),
-copy ``i = t·k + j`` (token t's j-th choice) sits at row ``inverse[i]`` of the expert input, and
+With every token routed to exactly k local experts
+(:func:`monta.dispatch.plan.order_by_expert_topk`), copy ``i = t·k + j`` (token t's j-th choice) sits at row ``inverse[i]`` of the expert input, and
 row ``p`` holds token ``rows[p]``. Indexing ``x[rows]`` and summing back with ``index_add``
 would work, but their backward passes (and ``index_add`` itself) are scatters with atomics;
 knowing the inverse turns all four directions into plain gathers plus a sum over k:
 
-    dispatch  forward: x[rows]                              backward: g[inverse].view(T, k, H).sum(1)
-    combine   forward: y[inverse].view(T, k, H).sum(1)      backward: g[rows]
+    dispatch  forward: x[rows]                         backward: g[inverse].view(T, k, H).sum(1)
+    combine   forward: y[inverse].view(T, k, H).sum(1) backward: g[rows]
 """
 
 from __future__ import annotations
