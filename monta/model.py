@@ -4,7 +4,10 @@ Covers the Mixtral architecture (RMSNorm, SwiGLU experts, RoPE, grouped-query at
 untied embeddings, no biases), so HF checkpoints map onto it one tensor at a time. Uses
 Transformer Engine modules when TE is importable and megatron-core's local (torch) modules
 otherwise; the MoE layer is :class:`monta.dispatch.MoNTAMoELayer`, whose dispatcher is chosen by
-``config.moe_token_dispatcher_type``.
+``config.moe_token_dispatcher_type``. Experts (``--moe-grouped-gemm``): TE's ``TEGroupedMLP``
+with TE, :class:`monta.experts.MoNTAGroupedMLP` (``torch._grouped_mm``) without; otherwise
+megatron's ``SequentialMLP``. Core attention without TE on a GPU is
+:class:`monta.attention.SDPAttention` (PyTorch's flash kernels) instead of megatron's unfused one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from monta.attention import SDPAttention, sdpa_applies
 from monta.dispatch import MoNTAMoELayer
+from monta.experts import MoNTAGroupedMLP
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,11 @@ def gpt_moe_layer_spec(config: TransformerConfig, use_te: bool | None = None) ->
             moe_grouped_gemm=config.moe_grouped_gemm,
             normalization=config.normalization,
         )
+        if config.moe_grouped_gemm:
+            # megatron's local spec names GroupedMLP, which needs the grouped_gemm package
+            spec.submodules.mlp.submodules.experts = ModuleSpec(module=MoNTAGroupedMLP)
+        if sdpa_applies(config):
+            spec.submodules.self_attention.submodules.core_attention = SDPAttention
     spec.submodules.mlp.module = MoNTAMoELayer
     return spec
 

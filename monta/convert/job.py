@@ -162,7 +162,9 @@ def local_sharded_tensors(model) -> list:
     out = []
     for value in nested_values(model.sharded_state_dict()):
         if isinstance(value, ShardedTensorFactory):
-            out += [v for v in nested_values(value.build()) if isinstance(v, ShardedTensor)]
+            built = value.build()  # one tensor, or a list/dict of them (GLU halves)
+            built = [built] if isinstance(built, ShardedTensor) else nested_values(built)
+            out += [v for v in built if isinstance(v, ShardedTensor)]
         elif isinstance(value, ShardedTensor):
             out.append(value)
     return out
@@ -203,6 +205,11 @@ def build_model(args: argparse.Namespace, padded_vocab: int):
 
     config = transformer_config_from_args(args)
     config.perform_initialization = False  # every value is overwritten by fill_model
+    # SequentialMLP experts, whatever --moe-grouped-gemm the checkpoint was trained with: their
+    # shards are views of the parameters (fill_model copies into them), while GroupedMLP's are
+    # transposed copies. Both store the same keys and global shapes, so the result loads into
+    # either (tests/test_experts.py checks this).
+    config.moe_grouped_gemm = False
     return build_gpt_moe_model(
         config, vocab_size=padded_vocab, max_sequence_length=args.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

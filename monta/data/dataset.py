@@ -270,8 +270,9 @@ def build_data_iterator(
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     # A private generator: creating the iterator draws a seed from it, which from the global
     # one would shift the model's RNG stream (dropout) by one draw in a resumed run only.
+    # Pinned on GPU hosts, so the step copies batches up without waiting for the GPU.
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=0, collate_fn=collate_gpt_samples,
-        generator=torch.Generator(),
+        generator=torch.Generator(), pin_memory=torch.cuda.is_available(),
     )
     return iter(loader)

@@ -35,10 +35,12 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from monta import comm
 from monta.dispatch import hops
 from monta.dispatch.autotune import CHUNK_OPTIONS, DispatchTuner
+from monta.dispatch.permute import ExpandToExperts, SumFromExperts
 from monta.dispatch.plan import (
     ExpertLayout,
     ExpertOrder,
     SendPlan,
+    order_by_expert_topk,
     order_by_local_expert,
     plan_to_gateways,
     plan_to_owners,
@@ -115,6 +117,11 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
             ep_ranks.index(dist.get_rank() if dist.is_initialized() else 0))
         self.tuner = DispatchTuner.for_options(self._dedup_options(config.moe_router_topk),
                                                self._chunk_options(), group=self.tp_ep_group)
+        # One rank holds every expert whole (EP = ETP = 1): nothing crosses ranks, so no send
+        # plans or count exchanges; dropless, the expert ordering has a size the host knows
+        # (tokens · top-k), so the whole layer runs without a host sync (order_by_expert_topk).
+        self.local_only = self.ep_size == 1 and self.tp_size == 1
+        self.static_order = self.local_only and config.moe_expert_capacity_factor is None
         if not self.options.tp_shard and self.tp_size not in (1, self.attn_tp_size):
             raise ValueError(f"ds_tp dispatch needs expert-TP size 1 or equal to TP "
                              f"({self.attn_tp_size}), got {self.tp_size}")
@@ -175,6 +182,10 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
 
     @timed("dispatch")
     def token_dispatch(self, x, probs):
+        if self.local_only:
+            self.stage_a = self.stage_b = self.etp_sizes = None
+            self.rows_mask = self.routing_map
+            return x, probs
         device = x.device
         if self.node_dedup:
             self.stage_a = self._stage(plan_to_gateways(self.routing_map, self.layout), device)
@@ -201,14 +212,26 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
 
     @timed("dispatch")
     def dispatch_postprocess(self, rows_x, rows_probs):
-        self.order: ExpertOrder = order_by_local_expert(self.rows_mask, self.local_expert_indices)
+        if self.static_order:
+            self.order: ExpertOrder = order_by_expert_topk(self.rows_mask,
+                                                           self.config.moe_router_topk)
+        else:
+            self.order = order_by_local_expert(self.rows_mask, self.local_expert_indices)
         self.num_rows = rows_x.size(0)
-        permuted_probs = rows_probs[self.order.rows, self.order.experts]
-        return rows_x[self.order.rows], self.order.tokens_per_expert, permuted_probs
+        order = self.order
+        permuted_probs = rows_probs[order.rows, order.experts]
+        if order.inverse is not None:  # gathers both ways instead of scatters (permute.py)
+            permuted = ExpandToExperts.apply(rows_x, order.rows, order.inverse, order.topk)
+        else:
+            permuted = rows_x[order.rows]
+        return permuted, order.tokens_per_expert, permuted_probs
 
     # -- combine --------------------------------------------------------------------------
     @timed("combine")
     def combine_preprocess(self, expert_output):
+        order = self.order
+        if order.inverse is not None:
+            return SumFromExperts.apply(expert_output, order.rows, order.inverse, order.topk)
         rows_out = expert_output.new_zeros(self.num_rows, expert_output.size(-1))
         rows_out = rows_out.index_add(0, self.order.rows, expert_output)
         if self.etp_sizes is not None:
@@ -229,6 +252,8 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
 
     @timed("combine")
     def token_combine(self, rows_out):
+        if self.local_only:
+            return rows_out
         num_tokens = self.routing_map.size(0)
         if self.stage_b is not None:
             held_out = self._return(self.stage_b, rows_out, self.num_held, "combine/intra")

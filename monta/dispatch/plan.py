@@ -209,18 +209,51 @@ class ExpertOrder:
     Attributes:
         rows: [n] int64, which received row each expert input copies.
         experts: [n] int64, the global expert id of each copy.
-        tokens_per_expert: [num_local_experts] int64 (CPU), copies per local expert.
+        tokens_per_expert: [num_local_experts] int64, copies per local expert, on the rows'
+            device: the grouped experts use them there; ``SequentialMLP`` copies them to the
+            host itself (``.tolist()``).
     """
 
     rows: torch.Tensor
     experts: torch.Tensor
     tokens_per_expert: torch.Tensor
+    inverse: torch.Tensor | None = None
+    """[rows·topk] int64, only from :func:`order_by_expert_topk`: the position of copy
+    ``t·topk + j`` (row t's j-th expert) in the expert order (see monta/dispatch/permute.py)."""
+    topk: int | None = None
 
 
 def order_by_local_expert(mask: torch.Tensor, local_experts: list[int]) -> ExpertOrder:
-    """One copy per (row, selected local expert), grouped by expert in ascending order."""
+    """One copy per (row, selected local expert), grouped by expert in ascending order.
+
+    ``nonzero`` sizes its output from the data, so this waits for the GPU (a host sync); see
+    :func:`order_by_expert_topk` for the sync-free case.
+    """
     local = mask[:, local_experts]  # [rows, L]
     experts_idx, rows = torch.nonzero(local.t(), as_tuple=True)  # expert-major order
     experts = torch.tensor(local_experts, dtype=torch.int64, device=mask.device)[experts_idx]
-    counts = local.sum(dim=0).to(device="cpu", dtype=torch.int64)
+    counts = local.sum(dim=0, dtype=torch.int64)
     return ExpertOrder(rows, experts, counts)
+
+
+def order_by_expert_topk(mask: torch.Tensor, topk: int) -> ExpertOrder:
+    """:func:`order_by_local_expert` for a rank that holds *all* experts and rows that each
+    selected exactly ``topk`` of them (dropless top-k routing), without a host sync.
+
+    The output has exactly rows·topk copies, a size the host knows, so every step is a
+    fixed-size kernel: top-k over the mask finds each row's experts, a stable sort by expert
+    groups the copies (rows ascending within an expert, as ``nonzero`` orders them).
+
+    A row with fewer than ``topk`` selected experts (not produced by megatron's dropless
+    router) would get extra copies to unselected experts; their probabilities are 0, so they
+    add nothing to the output and no gradient — they only cost compute.
+    """
+    chosen = torch.topk(mask.to(torch.int8), topk, dim=1).indices.reshape(-1)  # [rows·k]
+    order = torch.argsort(chosen, stable=True)
+    rows = torch.div(order, topk, rounding_mode="floor")
+    experts = chosen[order]
+    counts = torch.zeros(mask.size(1), dtype=torch.int64, device=mask.device)
+    counts.index_add_(0, chosen, torch.ones_like(chosen))
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(),
+                                                                      device=order.device))
+    return ExpertOrder(rows, experts, counts, inverse, topk)

@@ -74,6 +74,9 @@ class MoEShape:
     micro_batch_size: int = 2
     dtype: torch.dtype = torch.float32
     """Parameters and activations of the layer under test (the reference is always fp32)."""
+    grouped_gemm: bool = False
+    """Experts as one grouped GEMM per projection (:class:`monta.experts.MoNTAGroupedMLP`)
+    instead of megatron's ``SequentialMLP``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +150,7 @@ def _config(layout: MoELayout, case: MoECase, shape: MoEShape, dispatcher_type: 
         moe_expert_capacity_factor=case.capacity_factor,
         moe_pad_expert_input_to_capacity=case.pad_to_capacity,
         moe_token_drop_policy=case.drop_policy,
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=shape.grouped_gemm,
         tensor_model_parallel_size=layout.tp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,

@@ -9,6 +9,9 @@ Layout of megatron-core's ``MoELayer`` (``SequentialMLP`` experts) on one rank:
     ``[gate[r·F/ETP:(r+1)·F/ETP]; up[same rows]]`` (so unsharding is done per half);
     ``linear_fc2.weight`` ``[H, F/ETP]`` is sharded along its input dim. Expert grads are partial
     over the expert-data-parallel group (replicas of the same expert see different tokens).
+  - grouped experts (``GroupedMLP`` / :class:`monta.experts.MoNTAGroupedMLP`) hold the same
+    shards transposed and stacked: ``experts.weight1`` viewed as ``[E/EP, H, 2F/ETP]`` (expert
+    i's ``linear_fc1.weight`` transposed) and ``experts.weight2`` as ``[E/EP, F/ETP, H]``.
 
 Gradients here are *sums* over data-parallel replicas (the gradient of the sum of all ranks'
 losses); megatron's DDP would further scale by 1/DP.
@@ -24,6 +27,7 @@ import torch.distributed as dist
 from monta.testing.moe_reference import MoEWeights
 
 _EXPERT_PARAM = re.compile(r"experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight")
+_GROUPED_PARAM = re.compile(r"experts\.(weight1|weight2)")
 
 
 def _group_size(group) -> int:
@@ -49,38 +53,57 @@ def _fc2_slice(full_fc2: torch.Tensor, rank: int, size: int) -> torch.Tensor:
 
 
 def _split_params(layer: torch.nn.Module):
-    """(router weight, {local expert index: (fc1 weight, fc2 weight)}); rejects other params.
+    """(router weight, {local expert index: {"linear_fc1"/"linear_fc2": param}}, {"weight1" /
+    "weight2": grouped param}); rejects other params.
 
     Raises:
         ValueError: the layer has a parameter this module does not know how to shard (a bias,
             shared experts, ...), so no test silently leaves it out of the comparison.
     """
-    router, experts = None, {}
+    router, experts, grouped = None, {}, {}
     for name, param in layer.named_parameters():
         if name == "router.weight":
             router = param
             continue
         match = _EXPERT_PARAM.fullmatch(name)
+        if match is not None:
+            experts.setdefault(int(match.group(1)), {})[match.group(2)] = param
+            continue
+        match = _GROUPED_PARAM.fullmatch(name)
         if match is None:
             raise ValueError(f"unsupported MoE layer parameter {name!r} {tuple(param.shape)}")
-        i, which = int(match.group(1)), match.group(2)
-        experts.setdefault(i, {})[which] = param
+        grouped[match.group(1)] = param
     if router is None:
         raise ValueError("MoE layer has no router.weight")
-    return router, experts
+    return router, experts, grouped
+
+
+def _expert_tensors(layer: torch.nn.Module, grads: bool = False) -> dict[int, dict]:
+    """Per local expert, ``linear_fc1`` ``[2F/ETP, H]`` and ``linear_fc2`` ``[H, F/ETP]`` in
+    ``SequentialMLP``'s orientation, for either experts layout: views of the parameters (so
+    ``copy_`` writes them), or of their ``.grad`` with ``grads=True``."""
+    _router, experts, grouped = _split_params(layer)
+    pick = (lambda p: p.grad) if grads else (lambda p: p)
+    if not grouped:
+        return {i: {k: pick(p) for k, p in pair.items()} for i, pair in experts.items()}
+    n, h = layer.experts.num_local_experts, layer.config.hidden_size
+    w1 = pick(grouped["weight1"]).view(n, h, -1)
+    w2 = pick(grouped["weight2"]).view(n, -1, h)
+    return {i: {"linear_fc1": w1[i].t(), "linear_fc2": w2[i].t()} for i in range(n)}
 
 
 def load_full_weights(layer: torch.nn.Module, weights: MoEWeights) -> int:
     """Copy this rank's slices of the full ``weights`` into ``layer``'s parameters.
 
     Args:
-        layer: a megatron-core ``MoELayer`` with ``SequentialMLP`` experts and no biases.
+        layer: a megatron-core ``MoELayer`` with ``SequentialMLP`` or grouped experts, no biases.
         weights: the full weights, identical on every rank.
 
     Returns:
         The number of parameter tensors written.
     """
-    router, experts = _split_params(layer)
+    router, _experts, grouped = _split_params(layer)
+    experts = _expert_tensors(layer)
     etp_group = layer.experts.tp_group
     etp_rank, etp_size = _group_rank(etp_group), _group_size(etp_group)
     with torch.no_grad():
@@ -89,7 +112,7 @@ def load_full_weights(layer: torch.nn.Module, weights: MoEWeights) -> int:
             e = layer.local_expert_indices[i]
             expert["linear_fc1"].copy_(_fc1_slice(weights.fc1[e], etp_rank, etp_size))
             expert["linear_fc2"].copy_(_fc2_slice(weights.fc2[e], etp_rank, etp_size))
-    return 1 + 2 * len(experts)
+    return 1 + (len(grouped) if grouped else 2 * len(experts))
 
 
 def finalize_grads(
@@ -107,7 +130,7 @@ def finalize_grads(
     for name, param in layer.named_parameters():
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        is_expert = _EXPERT_PARAM.fullmatch(name) is not None
+        is_expert = (_EXPERT_PARAM.fullmatch(name) or _GROUPED_PARAM.fullmatch(name)) is not None
         if getattr(param, "sequence_parallel", False) and _group_size(tp_group) > 1:
             dist.all_reduce(param.grad, group=tp_group)
         group = expert_dp_group if is_expert else dp_group
@@ -139,18 +162,19 @@ def gather_full_grads(layer: torch.nn.Module) -> MoEWeights:
     Returns:
         :class:`MoEWeights` of grads: router ``[E, H]``, fc1 ``[E, 2F, H]``, fc2 ``[E, H, F]``.
     """
-    router, experts = _split_params(layer)
+    router = _split_params(layer)[0]
+    experts = _expert_tensors(layer, grads=True)
     etp_group, ep_group = layer.experts.tp_group, layer.experts.ep_group
     fc1_local, fc2_local = [], []
     for i in sorted(experts):
         # fc1 [2F/ETP, H] per ETP rank -> gate and up halves gathered separately -> [2F, H]
-        pieces = _all_gather(experts[i]["linear_fc1"].grad, etp_group)
+        pieces = _all_gather(experts[i]["linear_fc1"], etp_group)
         halves = [torch.chunk(p, 2, dim=0) for p in pieces]
         gate = torch.cat([h[0] for h in halves], dim=0)
         up = torch.cat([h[1] for h in halves], dim=0)
         fc1_local.append(torch.cat([gate, up], dim=0))
         # fc2 [H, F/ETP] per ETP rank -> [H, F]
-        fc2_local.append(torch.cat(_all_gather(experts[i]["linear_fc2"].grad, etp_group), dim=1))
+        fc2_local.append(torch.cat(_all_gather(experts[i]["linear_fc2"], etp_group), dim=1))
     # [E/EP, ...] per EP rank, in EP-rank order = global expert order -> [E, ...]
     fc1 = torch.cat(_all_gather(torch.stack(fc1_local), ep_group), dim=0)
     fc2 = torch.cat(_all_gather(torch.stack(fc2_local), ep_group), dim=0)

@@ -71,7 +71,8 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true",
                    help="pad every expert to its capacity (drop-and-pad)")
     g.add_argument("--moe-grouped-gemm", action="store_true",
-                   help="grouped GEMM experts (GPU)")
+                   help="experts as one grouped GEMM per projection: TE's when it imports, else "
+                        "torch._grouped_mm (bf16 on GPUs; a per-expert loop on CPU)")
     g.add_argument("--monta-node-dedup", choices=("auto", "on", "off", "tune"), default="auto",
                    help="monta dispatcher: send a token once per remote node and fan it out "
                         "inside the node (auto: when top-k makes it pay; tune: time both at "

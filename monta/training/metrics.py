@@ -264,5 +264,7 @@ def format_log_line(iteration: int, s: dict[str, float]) -> str:
     if s.get("moe intra MB") is not None:
         parts.append(f"moe intra/inter-node MB per step: {s['moe intra MB']:.3f}/"
                      f"{s['moe inter MB']:.3f}")
+    if s.get("peak memory GiB") is not None:
+        parts.append(f"peak memory (GiB): {s['peak memory GiB']:.2f}")
     parts.append(f"skipped iterations: {int(s['skipped iterations'])}")
     return " | ".join(parts) + " |"

@@ -42,9 +42,11 @@ from monta.training.load_plan import LoadPlan, choose_checkpoint, plan_load
 from monta.training.metrics import (
     ExpertLoadTracker,
     TrainingReporter,
+    is_reporting_rank,
     reduce_aux_loss,
     reduce_moe_traffic,
 )
+from monta.training.profiling import StepProfiler
 from monta.training.step_guard import NonFiniteCounter, NonFiniteError, guarded_step
 from monta.training.validation import ConfigError, validate_args, validate_data_vocabulary
 from monta.training.watchdog import PHASE, Watchdog, is_collective_failure, say
@@ -179,12 +181,14 @@ def forward_step(data_iterator, model):
     PHASE.enter("forward")
     batch = next(data_iterator)
     device = parallel.device()
-    tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
-    position_ids = batch["position_ids"].to(device)
-    output = model(tokens, position_ids, None, labels=labels)
+    # non_blocking: a blocking host-to-GPU copy waits for the GPU to drain its queue, which
+    # would idle it at every micro-batch while the host launches the next one (batches are
+    # pinned, see build_data_iterator)
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     if output.requires_grad:  # fires when the backward pass reaches this micro-batch
         output.register_hook(_enter_backward)
-    return output, partial(_lm_loss, batch["loss_mask"].to(device))
+    return output, partial(_lm_loss, batch["loss_mask"])
 
 
 def _finalize_grads(*args, **kwargs):
@@ -234,7 +238,9 @@ def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_
     tokens_per_step = args.global_batch_size * args.seq_length
     last_log_iteration = state.iteration
     nonfinite = NonFiniteCounter(args.max_consecutive_nonfinite, state.iteration)
+    profiler = StepProfiler(enabled=is_reporting_rank())  # MONTA_PROFILE_STEPS=a:b
     while state.iteration < args.train_iters:
+        profiler.step_started(state.iteration + 1)
         start = time.perf_counter()
         PHASE.iteration = state.iteration + 1
         for chunk in model:
@@ -255,6 +261,7 @@ def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_
         state.consumed_train_samples += args.global_batch_size
         elapsed = time.perf_counter() - start
         PHASE.enter("log")
+        profiler.step_finished(state.iteration)
         log_now = state.iteration % args.log_interval == 0 or state.iteration == args.train_iters
         scalars = {
             "lm loss": _mean_over_dp([o["lm loss"] for o in outputs]),
@@ -268,6 +275,8 @@ def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_
             "skipped iterations": state.skipped_iterations,
             "train_iters": args.train_iters,
         }
+        if torch.cuda.is_available():  # this rank's high-water mark of allocated memory
+            scalars["peak memory GiB"] = torch.cuda.max_memory_allocated() / 2**30
         expert_load = None
         if log_now:
             expert_load, dropped = load_tracker.reduce_and_reset()

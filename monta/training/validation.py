@@ -78,6 +78,10 @@ def validate_model(args: argparse.Namespace, dims: ParallelDims) -> None:
     _require(args.seq_length <= args.max_position_embeddings,
              f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
              f"{args.max_position_embeddings}")
+    if args.moe_grouped_gemm:
+        _require(args.disable_bias_linear,
+                 "--moe-grouped-gemm needs --disable-bias-linear (grouped-GEMM experts have no "
+                 "biases)")
     if args.moe_pad_expert_input_to_capacity:
         _require(args.moe_expert_capacity_factor is not None,
                  "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")

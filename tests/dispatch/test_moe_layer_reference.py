@@ -10,9 +10,12 @@ Tolerance (fp32): ``rtol = atol = 1e-5``; the values are O(1) and the difference
 summation order (reduce-scatter over expert-TP, gradient sums over TP and DP).
 """
 
+import dataclasses
+
 import pytest
 import torch
 
+from monta.dispatch.monta_dispatcher import DispatchOptions
 from monta.testing import run_distributed
 from monta.testing.moe_layer_check import (
     MoECase,
@@ -80,3 +83,27 @@ def test_moe_layer_matches_dense_reference(layout: MoELayout):
     assert all(r["num_params_loaded"] == r["num_params_per_rank"] for r in rank0)
     num_compared = sum(check_against_reference(layout, got, SHAPE) for got in rank0)
     assert num_compared == len(DISPATCHERS) * len(CASES) * (3 + 2 * SHAPE.num_experts)
+
+
+# Grouped-GEMM experts (monta.experts.MoNTAGroupedMLP; on CPU its per-expert loop) under both
+# the stock dispatcher and MoNTA's: EP with empty ranks, expert-TP sharding of the stacked
+# weights, capacity dropping/padding, and one rank holding every expert (MoNTA's sync-free
+# local path). The last layout has one shard, so the case whose only token-dropping shard
+# leaves no router gradient is left out there.
+GROUPED_SHAPE = dataclasses.replace(SHAPE, grouped_gemm=True)
+GROUPED_DISPATCHERS = ("alltoall", ("monta", DispatchOptions()))
+GROUPED_LAYOUTS = [LAYOUTS[0], LAYOUTS[2], MoELayout(tp=1, ep=1, etp=1, world_size=1)]
+
+
+@pytest.mark.parametrize("layout", GROUPED_LAYOUTS, ids=lambda layout: layout.name)
+def test_grouped_experts_match_dense_reference(layout: MoELayout):
+    cases = [c for c in CASES
+             if layout.world_size > 1 or c.name != "all-to-expert0-top1-cf1.0-drop"]
+    results = run_distributed(run_moe_layer_cases, layout.world_size, layout, cases,
+                              GROUPED_SHAPE, GROUPED_DISPATCHERS, timeout_s=TIMEOUT_S)
+    rank0 = results[0]
+    assert len(rank0) == len(GROUPED_DISPATCHERS) * len(cases)
+    # router + the two stacked expert weights, all loaded from the full weights
+    assert all(r["num_params_loaded"] == r["num_params_per_rank"] == 3 for r in rank0)
+    num_compared = sum(check_against_reference(layout, got, GROUPED_SHAPE) for got in rank0)
+    assert num_compared == len(rank0) * (3 + 2 * SHAPE.num_experts)

@@ -1,6 +1,7 @@
-"""GPU tier (run on a CUDA machine; skipped elsewhere): NCCL, bf16, the MoNTA dispatcher.
+"""GPU tier (run on a CUDA machine; skipped elsewhere): NCCL, bf16, the MoNTA dispatcher, the
+grouped-GEMM experts (``torch._grouped_mm``) and their host-sync-free MoE layer.
 
-    python -m pytest tests/gpu -m gpu -q        # on a machine with one or more GPUs
+    python -m pytest tests/gpu -m gpu -v        # on a machine with one or more GPUs
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -42,7 +44,7 @@ def nccl_world_of_one():
     dist.destroy_process_group()
 
 
-def _moe_layer(dispatcher: str, options=None, topk: int = 2):
+def _moe_layer(dispatcher: str, options=None, topk: int = 2, grouped: bool = False):
     import torch.nn.functional as F
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.spec_utils import build_module
@@ -55,7 +57,7 @@ def _moe_layer(dispatcher: str, options=None, topk: int = 2):
         num_moe_experts=8, moe_router_topk=topk, moe_router_load_balancing_type="none",
         moe_token_dispatcher_type=dispatcher, gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, bf16=True, params_dtype=torch.bfloat16,
-        normalization="RMSNorm", bias_activation_fusion=False)
+        normalization="RMSNorm", bias_activation_fusion=False, moe_grouped_gemm=grouped)
     if options is not None:
         config.monta_dispatch = options
     torch.manual_seed(0)
@@ -105,6 +107,131 @@ def test_pretrain_bf16_on_one_gpu(tmp_path, tiny_data_prefix, tokenizer_model):
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     print(done.stdout[-3000:])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    losses = {e.step: e.value for e in events.Scalars("lm loss")}
+    assert sorted(losses) == list(range(1, 31))
+    assert losses[30] < losses[1] - 0.5, losses
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "30"
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def test_grouped_mm_bf16_matches_fp32_loop_with_empty_experts(nccl_world_of_one):
+    from monta.experts import grouped_mm, grouped_mm_supported
+
+    counts = torch.tensor([300, 0, 17, 0, 0, 1000, 1, 0], device="cuda")  # empty experts
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(int(counts.sum()), 256, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(8, 256, 384, device="cuda", generator=gen) / 16).bfloat16()
+    grad = torch.randn(x.size(0), 384, device="cuda", generator=gen).bfloat16()
+    assert grouped_mm_supported(x, w)
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out = grouped_mm(xg, wg, counts)  # torch._grouped_mm, offsets on the device
+    out.backward(grad)
+    xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = grouped_mm(xr, wr, counts.cpu(), force_loop=True)
+    ref.backward(grad.double())
+    assert _rel_err(out, ref) < 1e-2
+    assert _rel_err(xg.grad, xr.grad) < 1e-2
+    busy = counts.cpu() > 0
+    assert _rel_err(wg.grad[busy], wr.grad[busy]) < 1e-2
+    assert torch.count_nonzero(wg.grad[~busy]) == 0, "an empty expert got a weight gradient"
+
+
+def test_swiglu_triton_kernels_match_fp64(nccl_world_of_one):
+    """monta/swiglu.py compiled on the GPU: Mixtral's width, one not a multiple of the block,
+    no rows."""
+    import torch.nn.functional as F
+
+    from monta.experts import activation_with_probs
+
+    for n, f in ((2048, 14336), (300, 1100), (0, 64)):
+        gen = torch.Generator(device="cuda").manual_seed(n)
+        h = torch.randn(n, 2 * f, device="cuda", generator=gen).bfloat16()
+        p = torch.rand(n, 1, device="cuda", generator=gen)
+        dy = torch.randn(n, f, device="cuda", generator=gen).bfloat16()
+        h1, p1 = h.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        y1 = activation_with_probs(h1, p1, F.silu, True, impl="triton")
+        y1.backward(dy)
+        h2, p2 = h.double().requires_grad_(True), p.double().requires_grad_(True)
+        gate, up = torch.chunk(h2, 2, dim=-1)
+        y2 = F.silu(gate) * up * p2
+        y2.backward(dy.double())
+        assert y1.dtype == torch.bfloat16 and y1.shape == (n, f)
+        if n:
+            for got, want in ((y1, y2), (h1.grad, h2.grad), (p1.grad, p2.grad)):
+                assert _rel_err(got, want) < 1e-2, (n, f)
+
+
+def test_grouped_experts_layer_matches_sequential_bf16(nccl_world_of_one):
+    """MoNTA's MoE layer with grouped experts and the one-rank dispatcher path vs megatron's
+    alltoall + SequentialMLP, same weights, bf16."""
+    from monta.experts import MoNTAGroupedMLP, copy_from_sequential
+
+    stock = _moe_layer("alltoall")
+    ours = _moe_layer("monta", grouped=True)
+    assert isinstance(ours.experts, MoNTAGroupedMLP) and ours.token_dispatcher.static_order
+    ours.router.load_state_dict(stock.router.state_dict())
+    copy_from_sequential(ours.experts, stock.experts)
+    x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+    results = []
+    for layer in (stock, ours):
+        inp = x.clone().requires_grad_(True)
+        out, _ = layer(inp)
+        out.backward(grad)
+        results.append((out, inp.grad, layer.router.weight.grad))
+    (out_s, gin_s, gr_s), (out_m, gin_m, gr_m) = results
+    assert out_s.abs().max() > 0.01
+    assert _rel_err(out_m, out_s) < 2e-2
+    assert _rel_err(gin_m, gin_s) < 2e-2
+    assert _rel_err(gr_m, gr_s) < 5e-2
+
+
+def test_grouped_moe_layer_has_no_host_sync(nccl_world_of_one):
+    """Router, MoNTA's one-rank dispatch, grouped experts and combine, forward and backward:
+    no operation waits for the GPU (torch's sync debug mode reports each one that does)."""
+    layer = _moe_layer("monta", grouped=True)
+    x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+    for _ in range(2):  # compile the fused activation and warm the allocator first
+        layer(x)[0].backward(grad)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            layer(x)[0].backward(grad)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}: {str(w.message)[:80]}" for w in caught
+             if "called a synchronizing" in str(w.message)]
+    assert not syncs, "\n".join(syncs)
+
+
+def test_pretrain_bf16_grouped_gemm_on_one_gpu(tmp_path, tiny_data_prefix, tokenizer_model):
+    """`torchrun --nproc-per-node 1 pretrain_moe.py --bf16 --moe-grouped-gemm`: grouped experts,
+    the MoNTA dispatcher's one-rank path, SDPA attention; it learns and saves."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+               "--master-port", "29545", str(REPO / "pretrain_moe.py"), "--bf16",
+               "--moe-grouped-gemm", "--data-path", tiny_data_prefix, "--tokenizer-model",
+               tokenizer_model, "--num-layers", "2", "--hidden-size", "256",
+               "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups",
+               "2", "--ffn-hidden-size", "512", "--swiglu", "--disable-bias-linear",
+               "--untie-embeddings-and-output-weights", "--normalization", "RMSNorm",
+               "--num-experts", "8", "--moe-router-topk", "2", "--moe-token-dispatcher-type",
+               "monta", "--seq-length", "128", "--micro-batch-size", "4", "--train-iters", "30",
+               "--lr", "3e-3", "--log-interval", "10", "--eval-iters", "0", "--no-progress-bar",
+               "--tensorboard-dir", str(tmp_path / "tb"), "--save", str(tmp_path / "ckpt")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    print(done.stdout[-3000:])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "peak memory (GiB)" in done.stdout
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})

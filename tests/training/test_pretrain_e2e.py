@@ -158,3 +158,27 @@ def test_monta_dispatcher_trains_like_stock_alltoall(tiny_data_prefix, tokenizer
     inter = scalars(tmp_path / "monta" / "tb", "moe-comm/inter-bytes-per-step")
     stock = scalars(tmp_path / "alltoall" / "tb", "moe-comm/inter-bytes-per-step")
     assert 0 < inter[50] < stock[50]  # fewer inter-node bytes for the same function
+
+
+def test_grouped_gemm_checkpoint_resumes_sequential(tiny_data_prefix, tokenizer_model, tmp_path):
+    """`--moe-grouped-gemm` (monta.experts.MoNTAGroupedMLP; its CPU loop here) trains, and its
+    checkpoint — weights and Adam state — resumes with megatron's SequentialMLP experts: the
+    two store the same tensors, so iterations 4..6 continue the grouped run's losses (equal up
+    to summation order)."""
+    common = ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "monta",
+              "--global-batch-size", "4", "--train-iters", "6"]
+    grouped, resumed = tmp_path / "grouped", tmp_path / "resumed"
+    first = run_torchrun(job_args(tiny_data_prefix, tokenizer_model, grouped, *common,
+                                  "--moe-grouped-gemm", "--save", str(grouped / "ckpt"),
+                                  "--save-interval", "3"), nproc=2, timeout_s=240)
+    assert first.returncode == 0, first.output[-4000:]
+    second = run_torchrun(job_args(tiny_data_prefix, tokenizer_model, resumed, *common, "--load",
+                                   str(grouped / "ckpt" / "iter_0000003")),
+                          nproc=2, timeout_s=240)
+    assert second.returncode == 0, second.output[-4000:]
+    assert "resumed from" in second.output
+    reference, after = scalars(grouped / "tb", "lm loss"), scalars(resumed / "tb", "lm loss")
+    assert sorted(after) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert after[step] == pytest.approx(reference[step], rel=1e-5), step
+    assert len({reference[i] for i in range(1, 7)}) == 6  # the loss actually moves

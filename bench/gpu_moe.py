@@ -1,0 +1,488 @@
+"""GPU tier benchmark: grouped-GEMM experts, the MoE layer vs megatron-core, a ~0.8B training run.
+
+Run on one GPU, from the repo root (megatron-core installed; ~2 min on an H200)::
+
+    python bench/gpu_moe.py --out bench/results/gpu_moe.json     # also writes gpu_moe.md
+    python bench/gpu_moe.py --tiny --out /tmp/gpu_moe.json       # smoke run (CPU works too)
+
+Sections, all in one process and one run, so every comparison is side by side on one device:
+
+* ``peak``: a dense bf16 8192³ matmul, the TFLOP/s ceiling MFU is measured against;
+* ``expert_gemm``: at Mixtral-8x7B shapes (h 4096, ffn 14336, 8 experts, top-2) and
+  DeepSeek-style fine-grained shapes (h 2048, ffn 1408, 64 experts, top-6), 8192 tokens routed
+  top-k by random logits: each projection as one ``torch._grouped_mm`` (our parameter layout,
+  and the transposed one for reference), as a per-expert loop of ``torch.mm`` (+ cat), and as one
+  dense GEMM of the same FLOPs; then the whole expert FFN (fc1, SwiGLU·prob, fc2) forward +
+  backward the three ways;
+* ``moe_layer``: router + permutation + experts + combine, forward + backward, bf16:
+  megatron-core 0.16.1's ``MoELayer`` with its ``alltoall`` dispatcher and ``SequentialMLP``
+  (what ``pretrain_moe.py`` ran on a GPU without TE before grouped experts) vs MoNTA's layer with
+  :class:`monta.experts.MoNTAGroupedMLP` under MoNTA's dispatcher (its one-rank path) and under
+  megatron's ``alltoall``; same weights, so the same routing; output differences reported.
+  Host syncs per forward + backward are counted with torch's sync debug mode, and a
+  ``torch.profiler`` trace gives the top kernels (``profile``);
+* ``training``: ``torchrun --nproc-per-node 1 pretrain_moe.py --bf16 --moe-grouped-gemm`` on a
+  ~0.8B-parameter GPT-MoE (mock data): tokens/s, MFU (model FLOPs / the ``peak`` measured
+  above), peak memory, and a profile of two iterations (``bench/gpu_moe_train.py``).
+
+Times are medians over repetitions timed with CUDA events after warm-up (the first calls
+compile the fused activation); the MoE layer's variants are timed in interleaved rounds.
+Results go to ``--out`` as they come (a section that fails records its error and the rest still
+run); ``bench/gpu_moe_report.py`` renders the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHAPES = {  # name: hidden, expert ffn, experts, top-k
+    "mixtral": dict(hidden=4096, ffn=14336, experts=8, topk=2),
+    "fine_grained": dict(hidden=2048, ffn=1408, experts=64, topk=6),
+}
+TINY_SHAPES = {"mixtral": dict(hidden=64, ffn=96, experts=8, topk=2),
+               "fine_grained": dict(hidden=64, ffn=48, experts=16, topk=4)}
+class Timer:
+    """Median wall time of ``fn`` on this device (CUDA events; host clock on CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __call__(self, fn, warmup: int = 3, reps: int = 10, setup=None) -> dict:
+        for _ in range(warmup):
+            if setup:
+                setup()
+            fn()
+        self.sync()
+        times = []
+        for _ in range(reps):
+            if setup:
+                setup()
+            self.sync()
+            if self.cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return {"median_ms": statistics.median(times), "min_ms": min(times),
+                "max_ms": max(times), "reps": reps, "samples_ms": times}
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
+# ---------------------------------------------------------------------------- peak
+
+
+def bench_peak(device, dtype, timer, tiny: bool) -> dict:
+    n = 512 if tiny else 8192
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    t = timer(lambda: torch.mm(a, b), warmup=3, reps=20)
+    return {"shape": [n, n, n], "dtype": str(dtype), **t,
+            "tflops": tflops(2 * n**3, t["median_ms"])}
+
+
+# ---------------------------------------------------------------------------- expert GEMMs
+
+
+def routed_counts(tokens: int, experts: int, topk: int, device) -> torch.Tensor:
+    """Tokens per expert from top-k of random logits (about balanced, never exactly)."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    logits = torch.randn(tokens, experts, device=device, generator=gen)
+    chosen = logits.topk(topk, dim=1).indices.reshape(-1)
+    return torch.bincount(chosen, minlength=experts)
+
+
+def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
+    from monta.experts import (activation_with_probs, expert_offsets, grouped_mm,
+                               grouped_mm_supported)
+
+    h, f, e, k = shape["hidden"], shape["ffn"], shape["experts"], shape["topk"]
+    counts = routed_counts(tokens, e, k, device)
+    host_counts = counts.tolist()
+    n = sum(host_counts)
+    offsets = expert_offsets(counts, device)
+    gen = torch.Generator(device=device).manual_seed(2)
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, device=device, generator=gen) * scale).to(dtype)
+
+    out = {"tokens": tokens, "rows": n, "tokens_per_expert": {"min": min(host_counts),
+                                                             "max": max(host_counts)},
+           "projections": {}}
+    for proj, (kk, nn) in {"fc1": (h, 2 * f), "fc2": (f, h)}.items():
+        x, w = rand(n, kk), rand(e, kk, nn, scale=kk ** -0.5)
+        w_t = rand(e, nn, kk, scale=kk ** -0.5).transpose(1, 2)  # [E, K, N] column-major
+        dense_w = rand(kk, nn, scale=kk ** -0.5)
+        fast = grouped_mm_supported(x, w)
+        variants = {
+            "grouped": lambda: grouped_mm(x, w, counts, offsets),
+            "loop": lambda: torch.cat([p @ w[i]
+                                       for i, p in enumerate(torch.split(x, host_counts))]),
+            "dense": lambda: x @ dense_w,
+        }
+        if fast:
+            variants["grouped_transposed_weights"] = lambda: torch._grouped_mm(x, w_t, offs=offsets)
+        flops = 2 * n * kk * nn
+        row = {"K": kk, "N": nn, "flops": flops, "grouped_kernel": fast}
+        for name, fn in variants.items():
+            t = timer(fn, warmup=5, reps=20)
+            row[name] = {**t, "tflops": tflops(flops, t["median_ms"])}
+        for name in variants:
+            row[name]["fraction_of_dense"] = row[name]["tflops"] / row["dense"]["tflops"]
+        out["projections"][proj] = row
+
+    # whole expert FFN, forward + backward
+    x = rand(n, h).requires_grad_(True)
+    probs = torch.rand(n, 1, device=device, generator=gen)
+    w1, w2 = rand(e, h, 2 * f, scale=h ** -0.5), rand(e, f, h, scale=f ** -0.5)
+    d1, d2 = rand(h, 2 * f, scale=h ** -0.5), rand(f, h, scale=f ** -0.5)
+    for t in (w1, w2, d1, d2):
+        t.requires_grad_(True)
+    grad = rand(n, h)
+
+    def grouped_ffn():
+        a = activation_with_probs(grouped_mm(x, w1, counts, offsets), probs, F.silu, True)
+        grouped_mm(a, w2, counts, offsets).backward(grad)
+
+    def loop_ffn():  # SequentialMLP's shape of work: per expert fc1, eager SwiGLU·prob, fc2
+        outs = []
+        for i, (xe, pe) in enumerate(zip(torch.split(x, host_counts),
+                                         torch.split(probs, host_counts))):
+            gate, up = torch.chunk(xe @ w1[i], 2, dim=-1)
+            outs.append(((F.silu(gate) * up) * pe).to(dtype) @ w2[i])
+        torch.cat(outs).backward(grad)
+
+    def dense_ffn():
+        a = activation_with_probs(x @ d1, probs, F.silu, True)
+        (a @ d2).backward(grad)
+
+    def clear():
+        for t in (x, w1, w2, d1, d2):
+            t.grad = None
+
+    out["activation_fwd_bwd"] = bench_activation(n, f, device, dtype, timer)
+    flops = 3 * 2 * n * (h * 2 * f + f * h)
+    ffn = {"flops": flops}
+    for name, fn in {"grouped": grouped_ffn, "loop": loop_ffn, "dense": dense_ffn}.items():
+        t = timer(fn, warmup=3, reps=10, setup=clear)
+        ffn[name] = {**t, "tflops": tflops(flops, t["median_ms"])}
+    for name in ("grouped", "loop", "dense"):
+        ffn[name]["fraction_of_dense"] = ffn[name]["tflops"] / ffn["dense"]["tflops"]
+    out["ffn_fwd_bwd"] = ffn
+    return out
+
+
+def bench_activation(n: int, f: int, device, dtype, timer) -> dict:
+    """SwiGLU × prob forward + backward on [n, 2F], each implementation; GB/s counts the
+    least traffic: read h, write y; read h and dy, write dh (8 bytes per bf16 element of y)."""
+    from monta.experts import activation_with_probs
+
+    gen = torch.Generator(device=device).manual_seed(4)
+    h = torch.randn(n, 2 * f, device=device, generator=gen).to(dtype).requires_grad_(True)
+    probs = torch.rand(n, 1, device=device, generator=gen).requires_grad_(True)
+    dy = torch.randn(n, f, device=device, generator=gen).to(dtype)
+    moved = 8 * n * f * h.element_size()
+    rows = {}
+    impls = ("triton", "compiled", "eager") if device.type == "cuda" else ("eager",)
+    for impl in impls:
+        def clear():
+            h.grad = probs.grad = None
+
+        try:
+            t = timer(lambda impl=impl: activation_with_probs(h, probs, F.silu, True, impl)
+                      .backward(dy), warmup=3, reps=10, setup=clear)
+            rows[impl] = {**t, "GB_per_s": moved / (t["median_ms"] * 1e-3) / 1e9}
+        except Exception as error:  # one implementation missing here: report, go on
+            rows[impl] = {"error": f"{type(error).__name__}: {error}"[:300]}
+    return rows
+
+
+# ---------------------------------------------------------------------------- MoE layer
+
+
+def _layer_config(shape: dict, dispatcher: str, grouped: bool, device, dtype):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    h = shape["hidden"]
+    return TransformerConfig(
+        num_layers=1, hidden_size=h, ffn_hidden_size=shape["ffn"],
+        moe_ffn_hidden_size=shape["ffn"], num_attention_heads=max(1, h // 128),
+        num_moe_experts=shape["experts"], moe_router_topk=shape["topk"],
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2,
+        moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=grouped,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        bias_activation_fusion=False, normalization="RMSNorm", bf16=dtype == torch.bfloat16,
+        params_dtype=dtype, use_cpu_initialization=device.type != "cuda")
+
+
+def build_layers(shape: dict, device, dtype) -> dict:
+    """megatron's stock MoE layer and MoNTA's two grouped variants, on the same weights."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.spec_utils import build_module
+
+    from monta.experts import copy_from_sequential
+    from monta.model import gpt_moe_layer_spec
+
+    pg = get_default_pg_collection()
+    torch.manual_seed(0)
+    stock_spec = get_gpt_layer_local_spec(num_experts=shape["experts"], moe_grouped_gemm=False,
+                                          normalization="RMSNorm").submodules.mlp
+    layers = {"megatron_sequential": build_module(
+        stock_spec, config=_layer_config(shape, "alltoall", False, device, dtype),
+        pg_collection=pg)}
+    for name, dispatcher in (("monta_grouped", "monta"), ("alltoall_grouped", "alltoall")):
+        config = _layer_config(shape, dispatcher, True, device, dtype)
+        layer = build_module(gpt_moe_layer_spec(config, use_te=False).submodules.mlp,
+                             config=config, pg_collection=pg)
+        layer.router.load_state_dict(layers["megatron_sequential"].router.state_dict())
+        copy_from_sequential(layer.experts, layers["megatron_sequential"].experts)
+        layers[name] = layer
+    for layer in layers.values():
+        layer.to(device).train()
+    return layers
+
+
+def count_host_syncs(fn) -> dict:
+    """Operations in ``fn`` that wait for the GPU, from torch's sync debug mode."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def where(w):
+        name = w.filename
+        return f"{os.path.relpath(name, REPO) if name.startswith(str(REPO)) else name}:{w.lineno}"
+
+    sites = [where(w) for w in caught if "called a synchronizing" in str(w.message)]
+    return {"count": len(sites), "sites": sorted(set(sites))}
+
+
+def profile_summary(fn, setup, iters: int = 3, top: int = 12) -> dict:
+    """Top kernels by GPU time per iteration, and the CUDA runtime calls that block the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            setup()  # as in the timed loop: fresh gradients, no accumulation kernels
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def device_us(evt):
+        return (getattr(evt, "self_device_time_total", None)
+                or getattr(evt, "self_cuda_time_total", 0))
+
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
+               and device_us(e) > 0]
+    total = sum(device_us(e) for e in kernels)
+    rows = [{"kernel": e.key[:110], "ms_per_iter": device_us(e) / 1e3 / iters,
+             "share": device_us(e) / total, "calls_per_iter": e.count / iters}
+            for e in sorted(kernels, key=device_us, reverse=True)[:top]]
+    blocking = {e.key: e.count / iters for e in events
+                if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                             "cudaEventSynchronize", "cudaMemcpy")}
+    return {"gpu_ms_per_iter": total / 1e3 / iters, "top_kernels": rows,
+            "blocking_runtime_calls_per_iter": blocking}
+
+
+def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: bool,
+                    rounds: int = 3, reps: int = 7) -> dict:
+    """Each variant timed in ``rounds`` interleaved rounds of ``reps`` (median of all), so
+    clock or thermal drift does not favour whichever runs first."""
+    layers = build_layers(shape, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(3)
+    x = torch.randn(tokens // 2, 2, shape["hidden"], device=device, generator=gen).to(dtype)
+    grad = torch.randn(x.shape, device=device, generator=gen).to(dtype)
+    out = {"tokens": tokens, "variants": {}}
+    steps, samples, reference = {}, {}, None
+    for name, layer in layers.items():
+        inp = x.clone().requires_grad_(True)
+
+        def step(layer=layer, inp=inp):
+            layer(inp)[0].backward(grad)
+
+        def clear(layer=layer, inp=inp):
+            inp.grad = None
+            for p in layer.parameters():
+                p.grad = None
+
+        steps[name], samples[name] = (step, clear), []
+        clear()
+        result, _ = layer(inp)
+        result.backward(grad)
+        got = (result.detach().float(), inp.grad.float())
+        row = out["variants"][name] = {}
+        if reference is None:
+            reference = got
+        else:
+            row["rel_err_output"] = ((got[0] - reference[0]).norm() / reference[0].norm()).item()
+            row["rel_err_input_grad"] = ((got[1] - reference[1]).norm()
+                                         / reference[1].norm()).item()
+    for _ in range(rounds):
+        for name, (step, clear) in steps.items():
+            samples[name] += timer(step, warmup=2, reps=reps, setup=clear)["samples_ms"]
+    for name, (step, clear) in steps.items():
+        times = samples[name]
+        row = out["variants"][name]
+        row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
+                   reps=len(times))
+        if device.type == "cuda":
+            clear()
+            row["host_syncs"] = count_host_syncs(step)
+            if profile:
+                row["profile"] = profile_summary(step, clear)
+    base = out["variants"]["megatron_sequential"]["median_ms"]
+    for row in out["variants"].values():
+        row["speedup_vs_megatron"] = base / row["median_ms"]
+    del layers, steps
+    return out
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def init_world(device) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from monta.compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29571")
+    if device.type == "cuda":
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    ps.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(0)
+
+
+def environment(device) -> dict:
+    import megatron.core
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "megatron_core": megatron.core.__version__,
+            "python": platform.python_version(), "device_type": device.type,
+            "command": " ".join(sys.argv)}
+    try:
+        import transformer_engine  # noqa: F401
+
+        info["transformer_engine"] = True
+    except ImportError:
+        info["transformer_engine"] = False
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, capability=f"{props.major}.{props.minor}",
+                    memory_gib=round(props.total_memory / 2**30, 1),
+                    multiprocessors=props.multi_processor_count)
+    else:
+        info["device"] = platform.processor() or "cpu"
+    info["git_commit"] = None  # only when REPO is itself a git work tree (not a copy in one)
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO,
+                             capture_output=True, text=True).stdout.strip()
+        if top and Path(top).resolve() == REPO:
+            info["git_commit"] = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"],
+                                                cwd=REPO, capture_output=True,
+                                                text=True).stdout.strip() or None
+    except OSError:
+        pass
+    return info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(REPO / "bench/results/gpu_moe.json"))
+    parser.add_argument("--tiny", action="store_true", help="small shapes: a smoke run")
+    parser.add_argument("--sections", default="peak,expert_gemm,moe_layer,training")
+    parser.add_argument("--no-profile", action="store_true")
+    opts = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes, tokens = (TINY_SHAPES, 256) if opts.tiny else (SHAPES, 8192)
+    out_path = Path(opts.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sections = opts.sections.split(",")
+    results = {"environment": environment(device), "tiny": opts.tiny, "shapes": shapes,
+               "errors": {}}
+
+    def save():
+        out_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+    def run(name, fn):
+        started = time.time()
+        try:
+            results[name] = fn()
+        except Exception:  # record and go on: the other sections still mean something
+            results["errors"][name] = traceback.format_exc()[-3000:]
+            print(f"[{name}] FAILED:\n{results['errors'][name]}", flush=True)
+        print(f"[{name}] {time.time() - started:.1f}s", flush=True)
+        save()
+
+    timer = Timer(device)
+    init_world(device)
+    if "peak" in sections:
+        run("peak", lambda: bench_peak(device, dtype, timer, opts.tiny))
+    if "expert_gemm" in sections:
+        run("expert_gemm", lambda: {name: bench_expert_gemm(shape, tokens, device, dtype, timer)
+                                    for name, shape in shapes.items()})
+    if "moe_layer" in sections:
+        run("moe_layer", lambda: {name: bench_moe_layer(shape, tokens, device, dtype, timer,
+                                                        not opts.no_profile)
+                                  for name, shape in shapes.items()})
+    if "training" in sections:
+        from bench.gpu_moe_train import bench_training
+
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        peak = results.get("peak", {}).get("tflops")
+        run("training", lambda: bench_training(peak, opts.tiny, device.type == "cuda",
+                                               out_path.with_suffix(".train.log")))
+    from bench.gpu_moe_report import render
+
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    out_path.with_suffix(".md").write_text(render(results))
+    print(render(results), flush=True)
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""Markdown tables from ``bench/gpu_moe.py``'s JSON (every number is read from it).
+
+    python bench/gpu_moe_report.py bench/results/gpu_moe.json     # prints; --write: beside it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SHAPE_NAMES = {"mixtral": "Mixtral-8x7B-like", "fine_grained": "fine-grained (DeepSeek-style)"}
+
+
+def _shape_label(name: str, shape: dict) -> str:
+    return (f"{SHAPE_NAMES.get(name, name)}: h {shape['hidden']}, ffn {shape['ffn']}, "
+            f"{shape['experts']} experts, top-{shape['topk']}")
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.0f} %"
+
+
+def header(r: dict) -> list[str]:
+    env = r["environment"]
+    lines = [f"# GPU tier: grouped-GEMM experts, MoE layer and training on one {env.get('device')}",
+             "",
+             f"{env['date']} · commit {env.get('git_commit')} · torch {env['torch']} · "
+             f"megatron-core {env['megatron_core']} · Transformer Engine "
+             f"{'yes' if env.get('transformer_engine') else 'no'} · `{env['command']}`"
+             + (" · **tiny smoke run, not a measurement**" if r.get("tiny") else ""), ""]
+    if "peak" in r:
+        p = r["peak"]
+        lines += [f"Dense bf16 peak, measured in this run: **{p['tflops']:.0f} TFLOP/s** "
+                  f"({'×'.join(map(str, p['shape']))} matmul, median {p['median_ms']:.3f} ms).", ""]
+    return lines
+
+
+def expert_table(r: dict) -> list[str]:
+    if "expert_gemm" not in r:
+        return []
+    first = next(iter(r["expert_gemm"].values()))
+    lines = ["## Expert compute: grouped GEMM vs one dense GEMM of the same FLOPs", "",
+             f"TFLOP/s (median of {first['projections']['fc1']['grouped']['reps']} runs; FFN: "
+             f"{first['ffn_fwd_bwd']['grouped']['reps']}) and the fraction of the dense GEMM's "
+             f"rate; {first['tokens']} tokens routed top-k by random logits.", "",
+             "| shapes | op | grouped | % of dense | loop (per expert) | % of dense | dense | "
+             "grouped, transposed weights |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, g in r["expert_gemm"].items():
+        label = _shape_label(name, r["shapes"][name])
+        rows = [(f"{p} fwd [{v['K']}→{v['N']}]", v) for p, v in g["projections"].items()]
+        rows.append(("expert FFN fwd+bwd", g["ffn_fwd_bwd"]))
+        for op, v in rows:
+            t = v.get("grouped_transposed_weights")
+            lines.append(f"| {label} | {op} | {v['grouped']['tflops']:.0f} | "
+                         f"{_pct(v['grouped']['fraction_of_dense'])} | {v['loop']['tflops']:.0f} | "
+                         f"{_pct(v['loop']['fraction_of_dense'])} | {v['dense']['tflops']:.0f} | "
+                         + (f"{t['tflops']:.0f} ({_pct(t['fraction_of_dense'])})" if t else "—")
+                         + " |")
+    act = [(name, g["activation_fwd_bwd"]) for name, g in r["expert_gemm"].items()
+           if "activation_fwd_bwd" in g]
+    if act:
+        lines += ["", "SwiGLU × router probability between the two GEMMs, forward + backward "
+                  "(ms, and GB/s of the least traffic: read h, write y, read h and dy, write dh):",
+                  "", "| shapes | " + " | ".join(act[0][1]) + " |",
+                  "|---|" + "---:|" * len(act[0][1])]
+        for name, rows in act:
+            cells = [f"{v['median_ms']:.2f} ms, {v['GB_per_s']:.0f} GB/s" if "median_ms" in v
+                     else "failed" for v in rows.values()]
+            lines.append(f"| {_shape_label(name, r['shapes'][name])} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def layer_table(r: dict) -> list[str]:
+    if "moe_layer" not in r:
+        return []
+    lines = ["## MoE layer forward + backward (router, permutation, experts, combine), bf16", "",
+             "megatron = megatron-core 0.16.1 `MoELayer` + `alltoall` dispatcher + `SequentialMLP`; "
+             "MoNTA = `MoNTAGroupedMLP` under MoNTA's dispatcher (one-rank path) or megatron's "
+             "`alltoall`. Same weights and routing; median of "
+             f"{next(iter(r['moe_layer'].values()))['variants']['monta_grouped']['reps']} runs "
+             "per variant, timed in interleaved rounds. Host syncs: operations "
+             "that wait for the GPU in one forward + backward (torch sync debug mode).", "",
+             "| shapes | megatron ms | MoNTA ms | speedup | MoNTA + alltoall ms | speedup | "
+             "host syncs megatron / MoNTA / MoNTA+alltoall | output rel. err. vs megatron |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, layer in r["moe_layer"].items():
+        v = layer["variants"]
+        base, ours, a2a = v["megatron_sequential"], v["monta_grouped"], v["alltoall_grouped"]
+        syncs = " / ".join(str(x.get("host_syncs", {}).get("count", "—")) for x in (base, ours, a2a))
+        lines.append(f"| {_shape_label(name, r['shapes'][name])}, {layer['tokens']} tokens | "
+                     f"{base['median_ms']:.2f} | {ours['median_ms']:.2f} | "
+                     f"**{ours['speedup_vs_megatron']:.2f}×** | {a2a['median_ms']:.2f} | "
+                     f"{a2a['speedup_vs_megatron']:.2f}× | {syncs} | "
+                     f"{ours.get('rel_err_output', float('nan')):.1e} |")
+    return lines + [""]
+
+
+def training_table(r: dict) -> list[str]:
+    t = r.get("training")
+    if not t:
+        return []
+    mfu = "—" if t["mfu"] is None else f"**{100 * t['mfu']:.1f} %**"
+    memory = "—" if t["peak_memory_gib"] is None else f"{t['peak_memory_gib']:.1f} GiB"
+    return ["## Training on one GPU", "", f"`{t['command']}`", "",
+            "| parameters | tokens/step | iteration ms | tokens/s | model TFLOP/s | MFU | "
+            "peak memory | loss first → last |",
+            "|---:|---:|---:|---:|---:|---:|---:|---|",
+            f"| {t['parameters'] / 1e9:.2f} B | {t['tokens_per_step']} | "
+            f"{t['iteration_ms_median']:.0f} | {t['tokens_per_s']:.0f} | "
+            f"{t['model_tflops']:.0f} | {mfu} | {memory} | "
+            f"{t['loss_first_last'][0]:.2f} → {t['loss_first_last'][1]:.2f} |", "",
+            f"Steady iterations {t['steady_iterations'][0]}–{t['steady_iterations'][1]} (medians, "
+            "profiled ones left out); "
+            f"model FLOPs {t['model_tflop_per_token'] * 1e12 / 1e9:.2f} GFLOP per token "
+            "(see `bench/gpu_moe.py`), MFU against the peak above.", ""] + _train_profile(t)
+
+
+def _train_profile(t: dict) -> list[str]:
+    p = t.get("profile")
+    if not p:
+        return []
+    busy = "—" if p["gpu_busy_fraction"] is None else f"{100 * p['gpu_busy_fraction']:.0f} %"
+    lines = [f"Profile of {p['steps']} training iterations: {p['wall_ms_per_step']:.0f} ms wall, "
+             f"{p['gpu_kernel_ms_per_step']:.0f} ms of GPU kernels per iteration (GPU busy "
+             f"{busy}), {p['kernel_launches_per_step']:.0f} kernel launches per iteration.", "",
+             "| kernel | ms / iter | share | calls / iter |", "|---|---:|---:|---:|"]
+    for k in p["top_kernels"][:10]:
+        share = "—" if k["share"] is None else f"{100 * k['share']:.1f} %"
+        lines.append(f"| `{k['kernel'][:90]}` | {k['ms_per_step']:.2f} | {share} | "
+                     f"{k['calls_per_step']:.0f} |")
+    host = ", ".join(f"`{h['op']}` {h['self_cpu_ms_per_step']:.0f} ms ({h['calls_per_step']:.0f}×)"
+                     for h in p["top_host_ops"][:6])
+    return lines + ["", f"Host time per iteration, top operations (self CPU): {host}.", ""]
+
+
+def profile_tables(r: dict) -> list[str]:
+    lines = []
+    for name, layer in r.get("moe_layer", {}).items():
+        prof = layer["variants"]["monta_grouped"].get("profile")
+        if not prof:
+            continue
+        blocking = prof["blocking_runtime_calls_per_iter"] or "none"
+        lines += [f"### Profile, MoNTA layer, {_shape_label(name, r['shapes'][name])}", "",
+                  f"GPU time {prof['gpu_ms_per_iter']:.2f} ms per forward + backward; blocking "
+                  f"CUDA runtime calls per iteration: {blocking}.", "",
+                  "| kernel | ms / iter | share | calls / iter |", "|---|---:|---:|---:|"]
+        for k in prof["top_kernels"][:10]:
+            lines.append(f"| `{k['kernel'][:90]}` | {k['ms_per_iter']:.3f} | "
+                         f"{100 * k['share']:.1f} % | {k['calls_per_iter']:.0f} |")
+        lines.append("")
+    return (["## Profiles (torch.profiler, top kernels by GPU time)", ""] + lines) if lines else []
+
+
+def render(r: dict) -> str:
+    lines = header(r) + expert_table(r) + layer_table(r) + training_table(r) + profile_tables(r)
+    if r.get("errors"):
+        lines += ["## Errors", ""] + [f"- {k}: `{v.strip().splitlines()[-1]}`"
+                                      for k, v in r["errors"].items()] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("json")
+    parser.add_argument("--write", action="store_true", help="write the .md beside the JSON")
+    opts = parser.parse_args()
+    text = render(json.loads(Path(opts.json).read_text()))
+    if opts.write:
+        Path(opts.json).with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
