@@ -20,7 +20,14 @@ import torch.distributed as dist
 
 from monta.training import fault_injection
 from monta.training.step_guard import NonFiniteCounter, StepOutcome
-from monta.training.watchdog import PHASE, Phase, Watchdog, is_collective_failure, say
+from monta.training.watchdog import (
+    PHASE,
+    Phase,
+    Watchdog,
+    _process_state,
+    is_collective_failure,
+    say,
+)
 
 from tests.conftest import REPO
 
@@ -142,6 +149,9 @@ def test_peers_are_named_from_pids_and_heartbeats(store, monkeypatch):
     dead.wait()
     stopped = subprocess.Popen(["sleep", "60"])
     os.kill(stopped.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10  # the stop takes effect asynchronously
+    while _process_state(stopped.pid) != "T" and time.monotonic() < deadline:
+        time.sleep(0.05)
     try:
         host = socket.gethostname()
         store.set("pid/1", f"{host} {dead.pid}")
