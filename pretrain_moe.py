@@ -18,8 +18,12 @@ row; 143 SIGTERM without --exit-signal-handler.
 import logging
 import os
 import sys
+import time
 
 from monta.training.arguments import parse_args
+
+_RANK0_GRACE_S = 5.0
+"""How long ranks other than 0 wait before reporting an error themselves (see main)."""
 
 
 def main(argv=None) -> int:
@@ -46,9 +50,18 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--auto-plan {args.auto_plan}: {error}") from error
         pretrain(args)
     except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteError) as error:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0" and not getattr(error, "reported", False):
-            print(f"error: {error}", file=sys.stderr, flush=True)
+        # Every rank fails the same way and rank 0 says so. The others wait for it first:
+        # under torchrun the first rank to exit gets the rest stopped, rank 0 with its message
+        # unprinted if that was another rank. They are stopped as soon as rank 0 is done, so
+        # the wait costs nothing then; if rank 0 never gets there, they say it themselves.
+        from monta.training.watchdog import say
+
+        rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if rank != 0 and world_size > 1:
+            time.sleep(_RANK0_GRACE_S)
+            say(f"error (rank {rank}): {error}")
+        elif not getattr(error, "reported", False):
+            say(f"error: {error}")
         return EXIT_NONFINITE if isinstance(error, NonFiniteError) else 2
     return 0
 

@@ -253,10 +253,8 @@ def run(workdir: str, data_prefix: str, tokenizer: str, checkpoint: str | None) 
 
     import monta.parallel
 
+    # pretrain() calls it through the module, so this catches every way in
     monta.parallel.initialize_distributed = _refuse_init
-    import monta.training.pretrain as pretrain_module
-
-    pretrain_module.parallel.initialize_distributed = _refuse_init
     results = []
     for case in CASES:
         if case.name == "bf16_without_gpu" and torch.cuda.is_available():

@@ -111,9 +111,16 @@ def _short(error: BaseException) -> str:
 def say(line: str) -> None:
     """Write one line to stderr in a single ``write``: ranks share torchrun's pipe, and
     ``print`` (text, then newline) lets two ranks' lines run into each other."""
+    text = line.rstrip("\n") + "\n"
     sys.stdout.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # redirected into a buffer (tools, tests)
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        return
     sys.stderr.flush()
-    os.write(2, (line.rstrip("\n") + "\n").encode(errors="replace"))
+    os.write(fd, text.encode(errors="replace"))
 
 
 def _process_state(pid: int) -> str | None:

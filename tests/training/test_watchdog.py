@@ -20,7 +20,14 @@ import torch.distributed as dist
 
 from monta.training import fault_injection
 from monta.training.step_guard import NonFiniteCounter, StepOutcome
-from monta.training.watchdog import PHASE, Phase, Watchdog, is_collective_failure
+from monta.training.watchdog import (
+    PHASE,
+    Phase,
+    Watchdog,
+    _process_state,
+    is_collective_failure,
+    say,
+)
 
 from tests.conftest import REPO
 
@@ -57,6 +64,18 @@ def test_phase_marker_costs_attribute_writes_only():
         phase.enter("dispatch", 2)
     assert (time.perf_counter() - start) / calls < 20e-6
     assert PHASE.hook is None  # fault injection is off unless MONTA_FAULT_INJECT is set
+
+
+def test_say_writes_whole_lines_and_follows_redirection(capfd):
+    import contextlib
+    import io
+
+    say("rank 3: one line")
+    assert capfd.readouterr().err == "rank 3: one line\n"
+    buffer = io.StringIO()
+    with contextlib.redirect_stderr(buffer):  # the CLI cases capture errors this way
+        say("error: two")
+    assert buffer.getvalue() == "error: two\n"
 
 
 def test_collective_failures_are_told_from_bugs():
@@ -130,6 +149,9 @@ def test_peers_are_named_from_pids_and_heartbeats(store, monkeypatch):
     dead.wait()
     stopped = subprocess.Popen(["sleep", "60"])
     os.kill(stopped.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10  # the stop takes effect asynchronously
+    while _process_state(stopped.pid) != "T" and time.monotonic() < deadline:
+        time.sleep(0.05)
     try:
         host = socket.gethostname()
         store.set("pid/1", f"{host} {dead.pid}")
