@@ -95,6 +95,7 @@ def plot(result: dict, path: Path) -> str:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return f"matplotlib is not importable: skipped the plot {path} (pip install matplotlib)"
     fig, ax = plt.subplots(figsize=(6.2, 5.4))
@@ -106,13 +107,14 @@ def plot(result: dict, path: Path) -> str:
     ax.fill_between([lo, hi], [lo * (1 - BAND), hi * (1 - BAND)],
                     [lo * (1 + BAND), hi * (1 + BAND)], color="grey", alpha=0.2,
                     label=f"±{BAND:.0%}")
-    seen = set()
     for r in rows:
-        kind, cap = r["dispatcher_kind"], r["config"]["cap_gbit"]
-        ax.scatter(r["measured_ms"], r["predicted_ms"], color=KIND_COLOURS.get(kind, "grey"),
-                   marker=CAP_MARKERS.get(cap, "s"), s=46, edgecolors="black", linewidths=0.4,
-                   label=kind if kind not in seen else None, zorder=3)
-        seen.add(kind)
+        ax.scatter(r["measured_ms"], r["predicted_ms"],
+                   color=KIND_COLOURS.get(r["dispatcher_kind"], "grey"),
+                   marker=CAP_MARKERS.get(r["config"]["cap_gbit"], "s"), s=46, edgecolors="black",
+                   linewidths=0.4, zorder=3)
+    # legend proxies: colour = dispatcher, marker = cap
+    for kind in dict.fromkeys(r["dispatcher_kind"] for r in rows):
+        ax.scatter([], [], color=KIND_COLOURS.get(kind, "grey"), marker="s", label=kind)
     for cap, marker in CAP_MARKERS.items():
         if any(r["config"]["cap_gbit"] == cap for r in rows):
             ax.scatter([], [], marker=marker, color="white", edgecolors="black",
@@ -121,6 +123,10 @@ def plot(result: dict, path: Path) -> str:
                color="black", s=50, label="calibration runs", zorder=3)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # plain milliseconds on the log axes
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+            lambda v, _: f"{v:g}" if str(int(v))[0] in "235" else ""))
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("measured step (ms, median iteration-time)")
