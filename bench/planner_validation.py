@@ -45,6 +45,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -248,14 +249,17 @@ def preflight(args: argparse.Namespace) -> None:
     """``pretrain_moe.py``'s own local checks (flags, world size, megatron-core's config) for
     every run before the first job, so a bad configuration fails in seconds, not minutes in."""
     from monta.training.arguments import parse_args as pretrain_args
-    from monta.training.pretrain import preflight as pretrain_preflight
 
-    for c in calibration_configs(args) + args.configs:
-        try:
-            pretrain_preflight(pretrain_args(train_flags(args, c)), NODES * RANKS_PER_NODE)
-        except Exception as error:  # ConfigError, or anything megatron-core raises
-            raise ValueError(f"{label(c)} at {c['cap_gbit']:g} Gbit/s top-{c['topk']} cannot "
-                             f"run: {error}") from error
+    with warnings.catch_warnings():  # megatron-core's import-time notes (Apex, TE) are noise here
+        warnings.simplefilter("ignore")
+        from monta.training.pretrain import preflight as pretrain_preflight
+
+        for c in calibration_configs(args) + args.configs:
+            try:
+                pretrain_preflight(pretrain_args(train_flags(args, c)), NODES * RANKS_PER_NODE)
+            except Exception as error:  # ConfigError, or anything megatron-core raises
+                raise ValueError(f"{label(c)} at {c['cap_gbit']:g} Gbit/s top-{c['topk']} "
+                                 f"cannot run: {error}") from error
 
 
 def calibration_configs(args: argparse.Namespace) -> list[dict]:

@@ -49,6 +49,10 @@ def markdown(result: dict) -> str:
         *[f"| {r['config']['cap_gbit']:g} Gbit/s top-{r['config']['topk']} {r['label']} "
           f"| {FITS[name]} | {r['measured_ms']:.0f} | {r['predicted_ms']:.0f} |"
           for name, r in cal["runs"].items()], "",
+        *([f"**The launch-cost fit was clamped at 0** (unclamped "
+           f"{cal['launch_overhead_us_unclamped']:.0f} µs): the chunked calibration run was "
+           f"measured faster than its model allows — noise of a busy host.", ""]
+          if cal.get("launch_overhead_us_unclamped") is not None else []),
         "| cap Gbit/s | top-k | configuration | measured ms | predicted ms | error % | "
         "predicted compute ms | predicted comm ms |",
         "|---:|---:|---|---:|---:|---:|---:|---:|"]

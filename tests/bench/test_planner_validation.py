@@ -65,7 +65,12 @@ def test_calibration_reproduces_the_measured_steps():
     slow = fit.calibrate(spec_of, fit.CalibrationRun(peak.flags, 1.0, 3.0))
     assert slow["device"]["peak_tflops"] < dev["peak_tflops"]
     assert slow["fitted"] == ["peak_tflops"]
-    assert fit.fit_launch(spec_of, dev, one, fit.CalibrationRun(many.flags, 4.0, 0.9)) == 0.0
+    fast = fit.CalibrationRun(many.flags, 4.0, 0.9)  # 8 chunks as fast as 1: below the α's
+    assert fit.fit_launch(spec_of, dev, one, fast) == 0.0
+    assert fit.fit_launch(spec_of, dev, one, fast, clamp=False) < 0
+    noisy = fit.calibrate(spec_of, peak, (one, fast))
+    assert noisy["after"]["launch_overhead_us"] == 0 > noisy["launch_overhead_us_unclamped"]
+    assert cal["launch_overhead_us_unclamped"] is None
     with pytest.raises(ValueError, match="without any compute"):
         fit.calibrate(spec_of, fit.CalibrationRun(peak.flags, 1.0, 1e-4))  # < the all-reduce
 
