@@ -54,20 +54,26 @@ def markdown(result: dict) -> str:
            f"measured faster than its model allows — noise of a busy host.", ""]
           if cal.get("launch_overhead_us_unclamped") is not None else []),
         "| cap Gbit/s | top-k | configuration | measured ms | predicted ms | error % | "
-        "predicted compute ms | predicted comm ms |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|"]
+        "predicted compute ms | predicted comm ms | expert load max/mean |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         c, ph = row["config"], row["predicted_phases_ms"]
         compute = sum(v for k, v in ph.items() if k.startswith("compute/"))
+        skew = [r["expert_load_max_over_mean"] for r in row["runs"]
+                if r.get("expert_load_max_over_mean") is not None]
         lines.append(f"| {c['cap_gbit']:g} | {c['topk']} | {row['label']} "
                      f"| {row['measured_ms']:.0f} | {row['predicted_ms']:.0f} "
-                     f"| {row['error_pct']:+.1f} | {compute:.0f} | {_comm_ms(ph):.0f} |")
+                     f"| {row['error_pct']:+.1f} | {compute:.0f} | {_comm_ms(ph):.0f} "
+                     f"| {format(max(skew), '.2f') if skew else '—'} |")
     goals = summ["goals"]
     met = summ["goals_met"]
     lines += [
         "", "*error* = (predicted − measured) / measured; *compute* = attention + experts + LM "
         "head; *comm* = the rest of the predicted step (exposed EP dispatch/combine incl. α and "
-        "per-chunk costs, TP/SP collectives, gradient all-reduce).",
+        "per-chunk costs, TP/SP collectives, gradient all-reduce); *expert load max/mean* = "
+        "the busiest expert's tokens over the mean, measured (`expert-load/max-over-mean`; the "
+        "untrained router on mock data is skewed at small top-k), while the planner assumes "
+        "uniform routing.",
         "", f"**Median |error| {summ['median_abs_error_pct']:.1f} %** (goal ≤ "
         f"{goals['median_abs_error_pct']:g} %: {'met' if met['median_abs_error_pct'] else 'NOT met'}),"
         f" **worst {summ['worst_abs_error_pct']:.1f} %** ({summ['worst_config']}; goal ≤ "
