@@ -45,6 +45,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,8 @@ def train_flags(args: argparse.Namespace, c: dict) -> list[str]:
         "--eval-interval", str(args.iters + 1), "--no-progress-bar"]
     if c["tp"] > 1:
         flags.append("--sequence-parallel")
+    if c["topk"] == 1:  # megatron-core refuses top-1 with the softmax after the top-k
+        flags.append("--moe-router-pre-softmax")
     if c["dispatcher"] == "monta":
         flags += ["--monta-node-dedup", c["node_dedup"], "--monta-chunks", str(c["chunks"])]
     return flags
@@ -242,6 +245,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def preflight(args: argparse.Namespace) -> None:
+    """``pretrain_moe.py``'s own local checks (flags, world size, megatron-core's config) for
+    every run before the first job, so a bad configuration fails in seconds, not minutes in."""
+    from monta.training.arguments import parse_args as pretrain_args
+
+    with warnings.catch_warnings():  # megatron-core's import-time notes (Apex, TE) are noise here
+        warnings.simplefilter("ignore")
+        from monta.training.pretrain import preflight as pretrain_preflight
+
+        for c in calibration_configs(args) + args.configs:
+            try:
+                pretrain_preflight(pretrain_args(train_flags(args, c)), NODES * RANKS_PER_NODE)
+            except Exception as error:  # ConfigError, or anything megatron-core raises
+                raise ValueError(f"{label(c)} at {c['cap_gbit']:g} Gbit/s top-{c['topk']} "
+                                 f"cannot run: {error}") from error
+
+
 def calibration_configs(args: argparse.Namespace) -> list[dict]:
     return [CALIBRATION] + ([] if args.no_launch_fit else list(LAUNCH_CALIBRATION))
 
@@ -275,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return 77
     from bench.planner_validation_report import markdown, plot
 
+    preflight(args)
     exit_on_sigterm()
     policy = LoadPolicy.from_args(args, "planner_validation")
     start = time.perf_counter()

@@ -95,11 +95,13 @@ def fit_peak(spec_of: SpecOf, device: dict, run: CalibrationRun) -> float:
     return math.sqrt(lo * hi)
 
 
-def fit_launch(spec_of: SpecOf, device: dict, one: CalibrationRun, many: CalibrationRun
-               ) -> float:
+def fit_launch(spec_of: SpecOf, device: dict, one: CalibrationRun, many: CalibrationRun,
+               clamp: bool = True) -> float:
     """``launch_overhead_us`` at which ``many`` − ``one`` (the same run at more chunks) is
     predicted as measured. The prediction is linear in it (``c · L`` per MoE block), so two
-    evaluations give the line; clamped at 0 when the chunks cost less than the model's α's."""
+    evaluations give the line; clamped at 0 (unless ``clamp`` is False) when the chunks cost
+    less than the model's α's alone — on a quiet host that does not happen, on a busy one the
+    difference of two noisy steps can even be negative."""
     def gap(launch_us: float) -> float:
         dev = device | {"launch_overhead_us": launch_us}
         return (predict(many.flags, spec_of(many.cap, dev)).step_time_s
@@ -109,7 +111,8 @@ def fit_launch(spec_of: SpecOf, device: dict, one: CalibrationRun, many: Calibra
     if slope <= 0:
         raise ValueError(f"calibration: more chunks do not add launch costs in the model "
                          f"(slope {slope}): the launch runs must differ in --monta-chunks")
-    return max(0.0, (many.measured_s - one.measured_s - gap(0.0)) / slope)
+    fitted = (many.measured_s - one.measured_s - gap(0.0)) / slope
+    return max(0.0, fitted) if clamp else fitted
 
 
 def calibrate(spec_of: SpecOf, peak_run: CalibrationRun,
@@ -123,12 +126,16 @@ def calibrate(spec_of: SpecOf, peak_run: CalibrationRun,
         device = device | {"peak_tflops": fit_peak(spec_of, device, peak_run)}
         if launch_runs:
             device = device | {"launch_overhead_us": fit_launch(spec_of, device, *launch_runs)}
+    clamped = None
+    if launch_runs and device["launch_overhead_us"] == 0.0:
+        clamped = fit_launch(spec_of, device, *launch_runs, clamp=False)
     runs = [("peak", peak_run)] + [(f"launch_{i}", r) for i, r in enumerate(launch_runs or ())]
     predicted = {name: predict(r.flags, spec_of(r.cap, device)) for name, r in runs}
     return {"device": device, "base_device": BASE_DEVICE,
             "fitted": ["peak_tflops"] + (["launch_overhead_us"] if launch_runs else []),
             "before": {k: before[k] for k in ("peak_tflops", "launch_overhead_us")},
             "after": {k: device[k] for k in ("peak_tflops", "launch_overhead_us")},
+            "launch_overhead_us_unclamped": clamped,
             "runs": {name: {"measured_ms": r.measured_s * 1e3,
                             "predicted_ms": predicted[name].step_time_s * 1e3,
                             "phases_ms": phases_ms(predicted[name])} for name, r in runs}}

@@ -49,21 +49,31 @@ def markdown(result: dict) -> str:
         *[f"| {r['config']['cap_gbit']:g} Gbit/s top-{r['config']['topk']} {r['label']} "
           f"| {FITS[name]} | {r['measured_ms']:.0f} | {r['predicted_ms']:.0f} |"
           for name, r in cal["runs"].items()], "",
+        *([f"**The launch-cost fit was clamped at 0** (unclamped "
+           f"{cal['launch_overhead_us_unclamped']:.0f} µs): the chunked calibration run was "
+           f"measured faster than its model allows — noise of a busy host.", ""]
+          if cal.get("launch_overhead_us_unclamped") is not None else []),
         "| cap Gbit/s | top-k | configuration | measured ms | predicted ms | error % | "
-        "predicted compute ms | predicted comm ms |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|"]
+        "predicted compute ms | predicted comm ms | expert load max/mean |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         c, ph = row["config"], row["predicted_phases_ms"]
         compute = sum(v for k, v in ph.items() if k.startswith("compute/"))
+        skew = [r["expert_load_max_over_mean"] for r in row["runs"]
+                if r.get("expert_load_max_over_mean") is not None]
         lines.append(f"| {c['cap_gbit']:g} | {c['topk']} | {row['label']} "
                      f"| {row['measured_ms']:.0f} | {row['predicted_ms']:.0f} "
-                     f"| {row['error_pct']:+.1f} | {compute:.0f} | {_comm_ms(ph):.0f} |")
+                     f"| {row['error_pct']:+.1f} | {compute:.0f} | {_comm_ms(ph):.0f} "
+                     f"| {format(max(skew), '.2f') if skew else '—'} |")
     goals = summ["goals"]
     met = summ["goals_met"]
     lines += [
         "", "*error* = (predicted − measured) / measured; *compute* = attention + experts + LM "
         "head; *comm* = the rest of the predicted step (exposed EP dispatch/combine incl. α and "
-        "per-chunk costs, TP/SP collectives, gradient all-reduce).",
+        "per-chunk costs, TP/SP collectives, gradient all-reduce); *expert load max/mean* = "
+        "the busiest expert's tokens over the mean, measured (`expert-load/max-over-mean`; the "
+        "untrained router on mock data is skewed at small top-k), while the planner assumes "
+        "uniform routing.",
         "", f"**Median |error| {summ['median_abs_error_pct']:.1f} %** (goal ≤ "
         f"{goals['median_abs_error_pct']:g} %: {'met' if met['median_abs_error_pct'] else 'NOT met'}),"
         f" **worst {summ['worst_abs_error_pct']:.1f} %** ({summ['worst_config']}; goal ≤ "
@@ -95,6 +105,7 @@ def plot(result: dict, path: Path) -> str:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return f"matplotlib is not importable: skipped the plot {path} (pip install matplotlib)"
     fig, ax = plt.subplots(figsize=(6.2, 5.4))
@@ -106,13 +117,14 @@ def plot(result: dict, path: Path) -> str:
     ax.fill_between([lo, hi], [lo * (1 - BAND), hi * (1 - BAND)],
                     [lo * (1 + BAND), hi * (1 + BAND)], color="grey", alpha=0.2,
                     label=f"±{BAND:.0%}")
-    seen = set()
     for r in rows:
-        kind, cap = r["dispatcher_kind"], r["config"]["cap_gbit"]
-        ax.scatter(r["measured_ms"], r["predicted_ms"], color=KIND_COLOURS.get(kind, "grey"),
-                   marker=CAP_MARKERS.get(cap, "s"), s=46, edgecolors="black", linewidths=0.4,
-                   label=kind if kind not in seen else None, zorder=3)
-        seen.add(kind)
+        ax.scatter(r["measured_ms"], r["predicted_ms"],
+                   color=KIND_COLOURS.get(r["dispatcher_kind"], "grey"),
+                   marker=CAP_MARKERS.get(r["config"]["cap_gbit"], "s"), s=46, edgecolors="black",
+                   linewidths=0.4, zorder=3)
+    # legend proxies: colour = dispatcher, marker = cap
+    for kind in dict.fromkeys(r["dispatcher_kind"] for r in rows):
+        ax.scatter([], [], color=KIND_COLOURS.get(kind, "grey"), marker="s", label=kind)
     for cap, marker in CAP_MARKERS.items():
         if any(r["config"]["cap_gbit"] == cap for r in rows):
             ax.scatter([], [], marker=marker, color="white", edgecolors="black",
@@ -121,6 +133,10 @@ def plot(result: dict, path: Path) -> str:
                color="black", s=50, label="calibration runs", zorder=3)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # plain milliseconds on the log axes
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+            lambda v, _: f"{v:g}" if str(int(v))[0] in "235" else ""))
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("measured step (ms, median iteration-time)")

@@ -60,6 +60,9 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
                    help="experts per MoE layer")
     g.add_argument("--moe-router-topk", type=int, default=2,
                    help="experts per token")
+    g.add_argument("--moe-router-pre-softmax", action="store_true",
+                   help="softmax over all experts before the top-k (megatron-core requires it "
+                        "for top-1: a softmax over one chosen logit is constant)")
     g.add_argument("--moe-token-dispatcher-type", default="alltoall",
                    help=f"one of {', '.join(DISPATCHER_CHOICES)} (and those MoNTA registers)")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2,

@@ -37,6 +37,7 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         num_moe_experts=args.num_experts,
         moe_ffn_hidden_size=args.ffn_hidden_size,
         moe_router_topk=args.moe_router_topk,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,

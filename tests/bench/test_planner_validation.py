@@ -40,6 +40,7 @@ def test_every_config_flag_list_is_the_candidate_it_names():
         assert margs.moe_router_topk == c["topk"] and margs.sequence_parallel == (c["tp"] > 1)
         if c["dispatcher"] == "monta":
             assert (cand.node_dedup, cand.chunks) == (c["node_dedup"] == "on", c["chunks"])
+    pv.preflight(args)  # pretrain_moe.py's own checks accept every run (ValueError if not)
     groups = {(c["cap_gbit"], c["topk"]) for c in pv.CONFIGS}
     assert len(pv.CONFIGS) >= 12 and len(groups) >= 6
     for c in (pv.CALIBRATION, *pv.LAUNCH_CALIBRATION):  # calibration runs are not validated
@@ -64,7 +65,12 @@ def test_calibration_reproduces_the_measured_steps():
     slow = fit.calibrate(spec_of, fit.CalibrationRun(peak.flags, 1.0, 3.0))
     assert slow["device"]["peak_tflops"] < dev["peak_tflops"]
     assert slow["fitted"] == ["peak_tflops"]
-    assert fit.fit_launch(spec_of, dev, one, fit.CalibrationRun(many.flags, 4.0, 0.9)) == 0.0
+    fast = fit.CalibrationRun(many.flags, 4.0, 0.9)  # 8 chunks as fast as 1: below the α's
+    assert fit.fit_launch(spec_of, dev, one, fast) == 0.0
+    assert fit.fit_launch(spec_of, dev, one, fast, clamp=False) < 0
+    noisy = fit.calibrate(spec_of, peak, (one, fast))
+    assert noisy["after"]["launch_overhead_us"] == 0 > noisy["launch_overhead_us_unclamped"]
+    assert cal["launch_overhead_us_unclamped"] is None
     with pytest.raises(ValueError, match="without any compute"):
         fit.calibrate(spec_of, fit.CalibrationRun(peak.flags, 1.0, 1e-4))  # < the all-reduce
 

@@ -11,8 +11,8 @@ calibrated on the no-communication reference at top-2, 1 Gbit/s.
 
 This is the development set of the link-sharing and contention rules (``node_bandwidth_GBps``
 from bench_comm's all-groups-at-once runs; contention only while both link classes are busy):
-before them the median error was 29 % (worst 216 %), with them about 11 %. The training-step
-validation, ``bench/planner_validation.py``, is held out from it.
+before them the median error was 29 % (worst 216 %), with them 11 % (worst 54 %). The
+training-step validation, ``bench/planner_validation.py``, is held out from it.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def test_moe_block_within_the_measured_layer_times():
     absolute = sorted(abs(e) for e in errors.values())
     assert statistics.median(absolute) < 0.15, statistics.median(absolute)
     within = sum(e <= 0.30 for e in absolute) / len(absolute)
-    assert within >= 0.85, (within, sorted(errors.items(), key=lambda kv: -abs(kv[1]))[:10])
+    assert within >= 0.9, (within, sorted(errors.items(), key=lambda kv: -abs(kv[1]))[:10])
     # the ordering that matters most: node dedup vs flat at top-8 over 2 nodes
     for cap in (0.4, 1.0):
         flat, dedup = (errors[(cap, "TP1·EP4", 8, f"monta/{m}/c1")] for m in ("flat", "dedup"))

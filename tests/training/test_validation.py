@@ -30,6 +30,13 @@ def test_valid_configuration_passes(tokenizer_model, tiny_data_prefix):
     assert load_path is None and args.global_batch_size == 2 * 2
 
 
+def test_top1_with_pre_softmax_passes(tokenizer_model, tiny_data_prefix):
+    args = _args(tokenizer_model, tiny_data_prefix, "--moe-router-topk", "1",
+                 "--moe-router-pre-softmax")
+    _dims, config, *_ = preflight(args, world_size=1)
+    assert config.moe_router_topk == 1 and config.moe_router_pre_softmax
+
+
 # (extra flags, world size, the fragments the error must contain)
 BAD_CONFIGS = {
     "world_not_divisible_by_tp_pp": (["--tensor-model-parallel-size", "2",
@@ -47,6 +54,7 @@ BAD_CONFIGS = {
     "global_batch_mismatch": (["--global-batch-size", "6", "--micro-batch-size", "4"], 1,
                               ["--global-batch-size 6", "--micro-batch-size 4"]),
     "topk_above_experts": (["--moe-router-topk", "9"], 1, ["--moe-router-topk 9"]),
+    "top1_without_pre_softmax": (["--moe-router-topk", "1"], 1, ["--moe-router-pre-softmax"]),
     "layers_not_divisible_by_pp": (["--pipeline-model-parallel-size", "4"], 4,
                                    ["--num-layers 2", "--pipeline-model-parallel-size 4"]),
     "query_groups_not_dividing_heads": (["--num-query-groups", "3"], 1,
