@@ -356,13 +356,12 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    from bench.testbed_jobs import provenance_line
+
     lines = [
         "# Forward dispatch bytes per distinct token (copies of a token's hidden state)",
         "",
-        f"{meta['timestamp']} · commit {meta['git_commit'][:10]}"
-        f"{' (dirty tree)' if meta['git_dirty'] else ''} · {meta['machine']['platform']} · "
-        f"{meta['machine']['cpu_count']} CPUs · torch {meta['machine']['torch']} · "
-        f"megatron-core {meta['machine']['megatron_core']}",
+        provenance_line(meta),
         "",
         f"T_r = {TOKENS_PER_RANK} tokens per rank (SP shard), hidden {HIDDEN}, fp32; copies = "
         "bytes summed over ranks / (world · T_r · hidden · 4). *uniform* = uniform-routing "

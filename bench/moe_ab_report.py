@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.testbed_jobs import provenance_line
+
 _MB = 1e6
 
 
@@ -18,10 +20,7 @@ def markdown(result: dict) -> str:
         "# MoE layer A/B on the emulated testbed: forward + backward, median of "
         f"{result['settings']['reps']} interleaved rounds",
         "",
-        f"{meta['timestamp']} · commit {meta['git_commit'][:10]}"
-        f"{' (dirty tree)' if meta['git_dirty'] else ''} · {meta['machine']['platform']} · "
-        f"{meta['machine']['cpu_count']} CPUs · torch {meta['machine']['torch']} · "
-        f"megatron-core {meta['machine']['megatron_core']}",
+        provenance_line(meta),
         "",
         f"{result['settings']['nodes']} nodes × {result['settings']['ranks_per_node']} ranks, "
         f"gloo; {result['settings']['tokens']} tokens × hidden {result['settings']['hidden']} "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.testbed_jobs import provenance_line
+
 KIND_COLOURS = {"alltoall": "tab:blue", "ds_tp": "tab:red", "monta": "tab:green",
                 "monta+dedup": "tab:purple"}
 CAP_MARKERS = {0.4: "v", 1.0: "o", 4.0: "^"}
@@ -28,10 +30,7 @@ def markdown(result: dict) -> str:
     loads = result["load_average"]
     lines = [
         "# Planner validation: predicted vs measured training step on the emulated testbed", "",
-        f"{result['timestamp']} · commit {result['git_commit'][:10]}"
-        f"{' (dirty tree)' if result['git_dirty'] else ''} · {result['machine']['platform']} · "
-        f"{result['machine']['cpu_count']} CPUs · torch {result['machine']['torch']} · "
-        f"megatron-core {result['machine']['megatron_core']}", "",
+        provenance_line(result), "",
         f"2 nodes × 2 ranks, gloo, fp32; `pretrain_moe.py --mock-data`, {s['layers']} layers, "
         f"hidden {s['hidden']}, {s['experts']} experts of FFN {s['ffn_hidden']}, sequence "
         f"{s['seq_length']}, micro-batch {s['micro_batch_size']} per rank; median "

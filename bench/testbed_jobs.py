@@ -267,3 +267,12 @@ def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "torch": version("torch"),
             "megatron_core": version("megatron-core")}
+
+
+def provenance_line(meta: dict[str, Any]) -> str:
+    """The Markdown line under a result table's title: when, which commit, which machine
+    (``meta`` holds ``timestamp``, ``git_commit``, ``git_dirty`` and :func:`machine`'s dict)."""
+    m = meta["machine"]
+    return (f"{meta['timestamp']} · commit {meta['git_commit'][:10]}"
+            f"{' (dirty tree)' if meta['git_dirty'] else ''} · {m['platform']} · "
+            f"{m['cpu_count']} CPUs · torch {m['torch']} · megatron-core {m['megatron_core']}")
