@@ -9,9 +9,11 @@ and/or ``--monta-chunks tune`` time each candidate for a few forwards of the lay
 fastest:
 
 1) candidates are the (dedup, chunks) pairs left open by the flags — dedup only where the EP
-   group spans nodes and top-k > 1, chunks from :data:`CHUNK_OPTIONS` — run in a fixed order,
-   ``trials`` forwards each (every candidate computes the same function, only summation order
-   differs, so training goes on meanwhile);
+   group spans nodes and top-k > 1, chunks from :data:`CHUNK_OPTIONS` — plus megatron's own
+   ``alltoall`` path (``stock``: permute + one flat all-to-all, no send plans; on a fast link at
+   top-1 its lower fixed cost wins, so ``tune`` is never slower than stock by more than the
+   timing noise), run in a fixed order, ``trials`` forwards each (every candidate computes the
+   same function, only summation order differs, so training goes on meanwhile);
 2) a candidate's time is its fastest trial (the first one pays warm-up, noise only adds);
 3) the ranks that exchange this layer's tokens (EP × expert-TP) must agree, so once every
    candidate ran they take the max over ranks of each time (one small all-reduce, the only
@@ -39,9 +41,16 @@ CHUNK_OPTIONS = (1, 2, 4, 8)
 class Setting:
     node_dedup: bool
     chunks: int
+    stock: bool = False
+    """megatron-core's ``alltoall`` dispatcher instead of MoNTA's (then flat, one chunk)."""
 
     def __str__(self) -> str:
+        if self.stock:
+            return "stock"
         return f"{'dedup' if self.node_dedup else 'flat'}/c{self.chunks}"
+
+
+STOCK = Setting(node_dedup=False, chunks=1, stock=True)
 
 
 @dataclass
@@ -59,8 +68,10 @@ class DispatchTuner:
 
     @staticmethod
     def for_options(dedup_options: list[bool], chunk_options: list[int], group,
-                    trials: int = 2) -> "DispatchTuner":
+                    trials: int = 2, with_stock: bool = False) -> "DispatchTuner":
         candidates = [Setting(d, c) for d in dedup_options for c in chunk_options]
+        if with_stock:
+            candidates.append(STOCK)
         return DispatchTuner(candidates, group, trials,
                              chosen=candidates[0] if len(candidates) == 1 else None)
 

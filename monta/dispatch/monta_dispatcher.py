@@ -24,6 +24,7 @@ rank dispatches all TP·T tokens, as DeepSpeed-MoE did, then keeps its own shard
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -35,6 +36,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 from monta import comm
 from monta.dispatch import hops
 from monta.dispatch.autotune import CHUNK_OPTIONS, DispatchTuner
+from monta.dispatch.counted_alltoall import CountedAlltoAllTokenDispatcher
 from monta.dispatch.permute import ExpandToExperts, SumFromExperts
 from monta.dispatch.plan import (
     ExpertLayout,
@@ -85,6 +87,18 @@ def node_dedup_pays(topk: int, num_nodes: int) -> bool:
     return topk / distinct_nodes >= 1.5
 
 
+def _or_stock(method):
+    """Hand the call to megatron's dispatcher while the tuner tries, or has picked, ``stock``."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.stock is not None and self.tuner.setting().stock:
+            return getattr(self.stock, method.__name__)(*args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass(frozen=True)
 class _Stage:
     """One all-to-all hop: what was sent from which local row and how much came back."""
@@ -115,17 +129,34 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         self.layout = ExpertLayout.contiguous(
             config.num_moe_experts, [self.topology.node(r) for r in ep_ranks],
             ep_ranks.index(dist.get_rank() if dist.is_initialized() else 0))
-        self.tuner = DispatchTuner.for_options(self._dedup_options(config.moe_router_topk),
-                                               self._chunk_options(), group=self.tp_ep_group)
         # One rank holds every expert whole (EP = ETP = 1): nothing crosses ranks, so no send
         # plans or count exchanges; dropless, the expert ordering has a size the host knows
         # (tokens · top-k), so the whole layer runs without a host sync (order_by_expert_topk).
         self.local_only = self.ep_size == 1 and self.tp_size == 1
+        tuning = "tune" in (self.options.node_dedup, self.options.chunks)
+        # megatron's own path is a tuning candidate: cheaper where there is nothing to save
+        self.stock = (CountedAlltoAllTokenDispatcher(num_local_experts, local_expert_indices,
+                                                     config=config, pg_collection=pg_collection)
+                      if tuning and self.options.tp_shard and not self.local_only else None)
+        self.tuner = DispatchTuner.for_options(self._dedup_options(config.moe_router_topk),
+                                               self._chunk_options(), group=self.tp_ep_group,
+                                               with_stock=self.stock is not None)
         self.static_order = self.local_only and config.moe_expert_capacity_factor is None
         if not self.options.tp_shard and self.tp_size not in (1, self.attn_tp_size):
             raise ValueError(f"ds_tp dispatch needs expert-TP size 1 or equal to TP "
                              f"({self.attn_tp_size}), got {self.tp_size}")
         self.layer_number = None
+
+    @property
+    def layer_number(self):
+        return self._layer_number
+
+    @layer_number.setter
+    def layer_number(self, number):
+        # the stock fallback tags its bytes and times with the same layer
+        self._layer_number = number
+        if self.stock is not None:
+            self.stock.layer_number = number
 
     # -- options --------------------------------------------------------------------------
     def _dedup_options(self, topk: int) -> list[bool]:
@@ -163,6 +194,7 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
                                                  device=device)[0])
 
     # -- dispatch -------------------------------------------------------------------------
+    @_or_stock
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         self.hidden_shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_shape[-1])  # [T, H]
@@ -180,6 +212,7 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         self.routing_map = routing_map
         return x, probs
 
+    @_or_stock
     @timed("dispatch")
     def token_dispatch(self, x, probs):
         if self.local_only:
@@ -210,6 +243,7 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         self.rows_mask = rows_mask
         return rows_x, rows_probs
 
+    @_or_stock
     @timed("dispatch")
     def dispatch_postprocess(self, rows_x, rows_probs):
         if self.static_order:
@@ -227,6 +261,7 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         return permuted, order.tokens_per_expert, permuted_probs
 
     # -- combine --------------------------------------------------------------------------
+    @_or_stock
     @timed("combine")
     def combine_preprocess(self, expert_output):
         order = self.order
@@ -250,6 +285,7 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
             stage.plan, stage.recv_splits, rows_out, group=self.ep_group,
             topology=self.topology, tag=self._tag(phase)), num_dest_rows)
 
+    @_or_stock
     @timed("combine")
     def token_combine(self, rows_out):
         if self.local_only:
@@ -260,6 +296,7 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
             return self._return(self.stage_a, held_out, num_tokens, "combine/inter")
         return self._return(self.stage_a, rows_out, num_tokens, "combine/flat")
 
+    @_or_stock
     def combine_postprocess(self, tokens_out):
         if not self.options.tp_shard and self.attn_tp_size > 1:
             rank = self.attn_tp_group.rank()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monta.dispatch.autotune import CHUNK_OPTIONS, DispatchTuner, Setting
-from monta.dispatch.monta_dispatcher import DispatchOptions
+from monta.dispatch.autotune import CHUNK_OPTIONS, STOCK, DispatchTuner, Setting
+from monta.dispatch.monta_dispatcher import DispatchOptions, _or_stock
 from monta.testing import run_distributed
 from monta.testing.moe_layer_check import (
     MoECase,
@@ -44,6 +44,41 @@ def test_tuner_tries_each_candidate_then_keeps_the_fastest():
     assert tuner.report().startswith("dedup/c4")
 
 
+def test_stock_is_the_last_candidate_and_can_win():
+    tuner = DispatchTuner.for_options([False], [1, 2], group=None, trials=1, with_stock=True)
+    assert tuner.candidates == [Setting(False, 1), Setting(False, 2), STOCK]
+    now = [0.0]
+    tuner.clock = lambda: now[0]
+    for seconds in (3.0, 2.0, 1.0):  # stock, run last, is fastest
+        tuner.timed_forward(lambda: now.__setitem__(0, now[0] + seconds), torch.device("cpu"))
+    assert tuner.chosen == STOCK and str(STOCK) == "stock"
+
+
+def test_calls_go_to_megatron_while_stock_is_tried_or_chosen():
+    class Dispatcher:
+        def __init__(self, stock, tuner):
+            self.stock, self.tuner = stock, tuner
+
+        @_or_stock
+        def token_dispatch(self, x):
+            return ("monta", x)
+
+    class Megatron:
+        def token_dispatch(self, x):
+            return ("stock", x)
+
+    tuner = DispatchTuner.for_options([False], [1], group=None, trials=1, with_stock=True)
+    dispatcher = Dispatcher(Megatron(), tuner)
+    assert dispatcher.token_dispatch(1) == ("monta", 1)  # first candidate: flat/c1
+    tuner.runs = 1
+    assert dispatcher.token_dispatch(2) == ("stock", 2)  # trying stock
+    tuner.chosen = Setting(False, 1)
+    assert dispatcher.token_dispatch(3) == ("monta", 3)
+    tuner.chosen = STOCK
+    assert dispatcher.token_dispatch(4) == ("stock", 4)
+    assert Dispatcher(None, tuner).token_dispatch(5) == ("monta", 5)  # no fallback built
+
+
 def test_single_candidate_is_chosen_without_trials():
     tuner = DispatchTuner.for_options([False], [2], group=None)
     assert tuner.chosen == Setting(False, 2)
@@ -64,7 +99,8 @@ def test_tuning_layer_matches_reference_and_ranks_agree(layout):
                      seq_per_shard=12, micro_batch_size=2)
     case = MoECase("tune", topk=4, pre_softmax=False, seed=7)
     options = DispatchOptions(node_dedup="tune", chunks="tune")
-    candidates = 2 * len(CHUNK_OPTIONS)  # 2 nodes of 2 ranks: dedup on/off × chunk counts
+    # 2 nodes of 2 ranks: dedup on/off × chunk counts, and megatron's stock path
+    candidates = 2 * len(CHUNK_OPTIONS) + 1
     passes = 2 * candidates + 1  # every trial, then one pass with the choice
     items = [(case, shape, ("monta", options), 2, passes)]
     got = run_distributed(run_mixed_cases, layout.world_size, layout, items, timeout_s=300)[0][0]
