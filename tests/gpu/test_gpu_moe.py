@@ -257,9 +257,11 @@ def test_grouped_experts_layer_matches_sequential_bf16(nccl_world_of_one):
 
 
 def test_grouped_moe_layer_has_no_host_sync(nccl_world_of_one):
-    """Router, MoNTA's one-rank dispatch, grouped experts and combine, forward and backward:
-    no operation waits for the GPU (torch's sync debug mode reports each one that does)."""
+    """Router (its aux loss deferred, monta/router.py), MoNTA's one-rank dispatch, grouped
+    experts and combine, forward and backward: no operation waits for the GPU (torch's sync
+    debug mode reports each one that does)."""
     layer = _moe_layer("monta", grouped=True, aux_loss=True)
+    assert layer._defers_aux_loss(None)
     x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
     for _ in range(2):  # compile the fused activation and warm the allocator first
