@@ -107,7 +107,8 @@ def layer_table(r: dict) -> list[str]:
     lines = ["## MoE layer forward + backward (router, permutation, experts, combine), bf16", "",
              "megatron = megatron-core 0.16.1 `MoELayer` + `alltoall` dispatcher + `SequentialMLP`; "
              "MoNTA = `MoNTAGroupedMLP` under MoNTA's dispatcher (one-rank path) or megatron's "
-             "`alltoall`. Same weights and routing; median of "
+             "`alltoall`, with MoNTA's router (megatron's, its aux loss computed after the experts "
+             "are enqueued). Same weights and routing; median of "
              f"{next(iter(r['moe_layer'].values()))['variants']['monta_grouped']['reps']} runs "
              "per variant, timed in interleaved rounds. Host syncs: operations "
              "that wait for the GPU in one forward + backward (torch sync debug mode).", "",
