@@ -15,11 +15,12 @@ from monta.testing import run_distributed
 H, F_, E = 32, 48, 8
 
 
-def _layer(dispatcher: str, topk: int, coeff: float, seq_aux: bool):
+def _layer(dispatcher: str, topk: int, coeff: float, seq_aux: bool, chunks: int = 1):
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from monta.dispatch.monta_dispatcher import DispatchOptions
     from monta.model import gpt_moe_layer_spec
 
     config = TransformerConfig(
@@ -30,6 +31,7 @@ def _layer(dispatcher: str, topk: int, coeff: float, seq_aux: bool):
         moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=True, gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, bias_activation_fusion=False,
         normalization="RMSNorm", use_cpu_initialization=True, params_dtype=torch.float32)
+    config.monta_dispatch = DispatchOptions(chunks=chunks)  # chunks > 1: the pipelined forward
     torch.manual_seed(0)
     layer = build_module(gpt_moe_layer_spec(config, use_te=False).submodules.mlp, config=config,
                          pg_collection=get_default_pg_collection())
@@ -65,9 +67,9 @@ def _deferral_cases(rank: int, world_size: int) -> list[str]:
     gen = torch.Generator().manual_seed(1)
     x, grad = torch.randn(16, 2, H, generator=gen), torch.randn(16, 2, H, generator=gen)
     try:
-        for dispatcher, topk, seq_aux in (("monta", 2, False), ("alltoall", 2, True),
-                                          ("monta", 4, True)):
-            layer = _layer(dispatcher, topk, 1e-2, seq_aux)
+        for dispatcher, topk, seq_aux, chunks in (("monta", 2, False, 1), ("alltoall", 2, True, 1),
+                                                  ("monta", 4, True, 1), ("monta", 2, True, 2)):
+            layer = _layer(dispatcher, topk, 1e-2, seq_aux, chunks)
             assert layer._defers_aux_loss(None)
             deferred = _run(layer, x, grad)
             defers = MoNTAMoELayer._defers_aux_loss
@@ -84,10 +86,10 @@ def _deferral_cases(rank: int, world_size: int) -> list[str]:
                         assert torch.equal(got[k], want[k]) and want[k].abs().sum() > 0, k
                 else:
                     assert torch.equal(got, want), (dispatcher, topk, name)
-            no_loss = _run(_layer(dispatcher, topk, 0.0, seq_aux), x, grad)
+            no_loss = _run(_layer(dispatcher, topk, 0.0, seq_aux, chunks), x, grad)
             assert not torch.equal(no_loss["router.weight"], deferred["router.weight"])
             assert torch.equal(no_loss["output"], deferred["output"])
-            checked.append(f"{dispatcher}/top{topk}")
+            checked.append(f"{dispatcher}/top{topk}/c{chunks}")
     finally:
         ps.destroy_model_parallel()
     return checked
@@ -95,4 +97,4 @@ def _deferral_cases(rank: int, world_size: int) -> list[str]:
 
 def test_deferred_aux_loss_changes_no_number():
     checked = run_distributed(_deferral_cases, 1, timeout_s=180)[0]
-    assert checked == ["monta/top2", "alltoall/top2", "monta/top4"]
+    assert checked == ["monta/top2/c1", "alltoall/top2/c1", "monta/top4/c1", "monta/top2/c2"]
