@@ -159,6 +159,8 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
             row[name] = {**t, "tflops": tflops(flops, t["median_ms"])}
         for name in variants:
             row[name]["fraction_of_dense"] = row[name]["tflops"] / row["dense"]["tflops"]
+        if fast:
+            row["per_op"] = _per_op(x, w, dense_w, rand(n, nn), counts, offsets, flops, row, timer)
         out["projections"][proj] = row
 
     # whole expert FFN, forward + backward
@@ -200,6 +202,34 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         ffn[name]["fraction_of_dense"] = ffn[name]["tflops"] / ffn["dense"]["tflops"]
     out["ffn_fwd_bwd"] = ffn
     return out
+
+
+def _per_op(x, w, dense_w, dy, counts, offsets, flops, row, timer) -> dict:
+    """Where a projection's forward + backward time goes: the input-gradient (``dy @ wᵀ``) and
+    weight-gradient (``xᵀ @ dy`` per expert) GEMMs as ``torch._grouped_mm``'s autograd runs
+    them, each against the dense GEMM of the same shape; and the forward with every expert
+    given exactly n / E rows (no partly filled last tile per expert: the cost of routing
+    imbalance, not an achievable number)."""
+    from monta.experts import expert_offsets
+
+    ops = {"dgrad": (lambda: torch._grouped_mm(dy, w.transpose(1, 2), offs=offsets),
+                     lambda: dy @ dense_w.t()),
+           "wgrad": (lambda: torch._grouped_mm(x.t(), dy, offs=offsets), lambda: x.t() @ dy)}
+    result = {}
+    for name, (grouped, dense) in ops.items():
+        g, d = timer(grouped, warmup=5, reps=20), timer(dense, warmup=5, reps=20)
+        result[name] = {"grouped": {**g, "tflops": tflops(flops, g["median_ms"])},
+                        "dense": {**d, "tflops": tflops(flops, d["median_ms"])}}
+        result[name]["fraction_of_dense"] = (result[name]["grouped"]["tflops"]
+                                             / result[name]["dense"]["tflops"])
+    n, e = x.size(0), counts.numel()
+    if n % e == 0:
+        even = expert_offsets(torch.full_like(counts, n // e), x.device)
+        t = timer(lambda: torch._grouped_mm(x, w, offs=even), warmup=5, reps=20)
+        result["fwd_balanced"] = {"grouped": {**t, "tflops": tflops(flops, t["median_ms"])},
+                                  "fraction_of_dense": tflops(flops, t["median_ms"])
+                                  / row["dense"]["tflops"]}
+    return result
 
 
 def bench_activation(n: int, f: int, device, dtype, timer) -> dict:
@@ -414,7 +444,9 @@ def environment(device) -> dict:
                     multiprocessors=props.multi_processor_count)
     else:
         info["device"] = platform.processor() or "cpu"
-    info["git_commit"] = None  # only when REPO is itself a git work tree (not a copy in one)
+    # only when REPO is itself a git work tree (not a copy in one), else what the caller says
+    # it copied (MONTA_GIT_COMMIT, e.g. for a tree sent to a GPU machine without its .git)
+    info["git_commit"] = os.environ.get("MONTA_GIT_COMMIT") or None
     try:
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO,
                              capture_output=True, text=True).stdout.strip()

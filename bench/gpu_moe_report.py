@@ -58,6 +58,7 @@ def expert_table(r: dict) -> list[str]:
                          f"{_pct(v['loop']['fraction_of_dense'])} | {v['dense']['tflops']:.0f} | "
                          + (f"{t['tflops']:.0f} ({_pct(t['fraction_of_dense'])})" if t else "—")
                          + " |")
+    lines += _per_op_table(r)
     act = [(name, g["activation_fwd_bwd"]) for name, g in r["expert_gemm"].items()
            if "activation_fwd_bwd" in g]
     if act:
@@ -72,13 +73,42 @@ def expert_table(r: dict) -> list[str]:
     return lines + [""]
 
 
+def _per_op_table(r: dict) -> list[str]:
+    rows = [(name, proj, v) for name, g in r["expert_gemm"].items()
+            for proj, v in g["projections"].items() if "per_op" in v]
+    if not rows:
+        return []
+    lines = ["", "Each GEMM of a projection's forward + backward, grouped vs the dense GEMM of the "
+             "same shape (TFLOP/s, % of dense); \"balanced\": the forward with every expert given "
+             "exactly n / E rows, i.e. without the partly filled last tile per expert that "
+             "routing imbalance causes (not achievable with real routing):", "",
+             "| shapes | projection | fwd | dgrad (dy·Wᵀ) | wgrad (xᵀ·dy) | fwd, balanced |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, proj, v in rows:
+        ops = v["per_op"]
+
+        def cell(op):
+            o = ops.get(op)
+            return "—" if o is None else (f"{o['grouped']['tflops']:.0f} vs "
+                                          f"{o['dense']['tflops']:.0f} ({_pct(o['fraction_of_dense'])})")
+        bal = ops.get("fwd_balanced")
+        lines.append(f"| {_shape_label(name, r['shapes'][name])} | {proj} [{v['K']}→{v['N']}] | "
+                     f"{v['grouped']['tflops']:.0f} vs {v['dense']['tflops']:.0f} "
+                     f"({_pct(v['grouped']['fraction_of_dense'])}) | {cell('dgrad')} | "
+                     f"{cell('wgrad')} | "
+                     + ("—" if bal is None else f"{bal['grouped']['tflops']:.0f} "
+                        f"({_pct(bal['fraction_of_dense'])})") + " |")
+    return lines
+
+
 def layer_table(r: dict) -> list[str]:
     if "moe_layer" not in r:
         return []
     lines = ["## MoE layer forward + backward (router, permutation, experts, combine), bf16", "",
              "megatron = megatron-core 0.16.1 `MoELayer` + `alltoall` dispatcher + `SequentialMLP`; "
              "MoNTA = `MoNTAGroupedMLP` under MoNTA's dispatcher (one-rank path) or megatron's "
-             "`alltoall`. Same weights and routing; median of "
+             "`alltoall`, with MoNTA's router (megatron's, its aux loss computed after the experts "
+             "are enqueued). Same weights and routing; median of "
              f"{next(iter(r['moe_layer'].values()))['variants']['monta_grouped']['reps']} runs "
              "per variant, timed in interleaved rounds. Host syncs: operations "
              "that wait for the GPU in one forward + backward (torch sync debug mode).", "",

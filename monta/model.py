@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from monta.attention import SDPAttention, sdpa_applies
 from monta.dispatch import MoNTAMoELayer
 from monta.experts import MoNTAGroupedMLP
+from monta.router import MoNTATopKRouter
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ def gpt_moe_layer_spec(config: TransformerConfig, use_te: bool | None = None) ->
         if sdpa_applies(config):
             spec.submodules.self_attention.submodules.core_attention = SDPAttention
     spec.submodules.mlp.module = MoNTAMoELayer
+    # megatron's router, with the aux losses movable off the dispatch's critical path
+    spec.submodules.mlp.submodules.router = MoNTATopKRouter
     return spec
 
 

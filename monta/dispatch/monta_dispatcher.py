@@ -37,7 +37,7 @@ from monta import comm
 from monta.dispatch import hops
 from monta.dispatch.autotune import CHUNK_OPTIONS, DispatchTuner
 from monta.dispatch.counted_alltoall import CountedAlltoAllTokenDispatcher
-from monta.dispatch.permute import ExpandToExperts, SumFromExperts
+from monta.dispatch.permute import ExpandToExperts, GatherFlat, SumFromExperts
 from monta.dispatch.plan import (
     ExpertLayout,
     ExpertOrder,
@@ -253,10 +253,11 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
             self.order = order_by_local_expert(self.rows_mask, self.local_expert_indices)
         self.num_rows = rows_x.size(0)
         order = self.order
-        permuted_probs = rows_probs[order.rows, order.experts]
         if order.inverse is not None:  # gathers both ways instead of scatters (permute.py)
+            permuted_probs = GatherFlat.apply(rows_probs, order.flat)
             permuted = ExpandToExperts.apply(rows_x, order.rows, order.inverse, order.topk)
         else:
+            permuted_probs = rows_probs[order.rows, order.experts]
             permuted = rows_x[order.rows]
         return permuted, order.tokens_per_expert, permuted_probs
 

@@ -221,6 +221,9 @@ class ExpertOrder:
     """[rows·topk] int64, only from :func:`order_by_expert_topk`: the position of copy
     ``t·topk + j`` (row t's j-th expert) in the expert order (see monta/dispatch/permute.py)."""
     topk: int | None = None
+    flat: torch.Tensor | None = None
+    """[n] int64, only from :func:`order_by_expert_topk`: ``rows·E + experts``, each copy's
+    entry of the flattened [rows, E] probabilities (one gather, see permute.GatherFlat)."""
 
 
 def order_by_local_expert(mask: torch.Tensor, local_experts: list[int]) -> ExpertOrder:
@@ -236,24 +239,35 @@ def order_by_local_expert(mask: torch.Tensor, local_experts: list[int]) -> Exper
     return ExpertOrder(rows, experts, counts)
 
 
-def order_by_expert_topk(mask: torch.Tensor, topk: int) -> ExpertOrder:
+def order_by_expert_topk(mask: torch.Tensor, topk: int, use_kernel: bool = True) -> ExpertOrder:
     """:func:`order_by_local_expert` for a rank that holds *all* experts and rows that each
     selected exactly ``topk`` of them (dropless top-k routing), without a host sync.
 
     The output has exactly rows·topk copies, a size the host knows, so every step is a
-    fixed-size kernel: top-k over the mask finds each row's experts, a stable sort by expert
-    groups the copies (rows ascending within an expert, as ``nonzero`` orders them).
+    fixed-size kernel. On a GPU with Triton that is one kernel (:mod:`.kernels`: the torch
+    version below is ~15 launches, each a host round of ~40 µs before the first expert GEMM
+    can start); elsewhere top-k over the mask finds each row's experts and a stable sort by
+    expert groups the copies. Either way rows ascend within an expert, as ``nonzero`` orders
+    them; the order of a row's own copies (j in ``t·topk + j``) is the kernel's ascending
+    expert id, topk's tie order here — only summed over, so it does not matter.
 
     A row with fewer than ``topk`` selected experts (not produced by megatron's dropless
-    router) would get extra copies to unselected experts; their probabilities are 0, so they
+    router) gets extra copies to unselected experts; their probabilities are 0, so they
     add nothing to the output and no gradient — they only cost compute.
     """
+    num_experts = mask.size(1)
+    if use_kernel:
+        from monta.dispatch import kernels
+
+        if kernels.available(mask):
+            rows, experts, flat, inverse, counts = kernels.expert_order(mask, topk)
+            return ExpertOrder(rows, experts, counts, inverse, topk, flat)
     chosen = torch.topk(mask.to(torch.int8), topk, dim=1).indices.reshape(-1)  # [rows·k]
     order = torch.argsort(chosen, stable=True)
     rows = torch.div(order, topk, rounding_mode="floor")
     experts = chosen[order]
-    counts = torch.zeros(mask.size(1), dtype=torch.int64, device=mask.device)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=mask.device)
     counts.index_add_(0, chosen, torch.ones_like(chosen))
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(),
                                                                       device=order.device))
-    return ExpertOrder(rows, experts, counts, inverse, topk)
+    return ExpertOrder(rows, experts, counts, inverse, topk, rows * num_experts + experts)

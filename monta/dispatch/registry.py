@@ -16,6 +16,7 @@ from monta.dispatch.counted_alltoall import CountedAlltoAllTokenDispatcher
 from monta.dispatch.monta_dispatcher import DSTPTokenDispatcher, MoNTATokenDispatcher
 from monta.dispatch.pipelined import PipelinedMoE
 from monta.dispatch.stats import timed
+from monta.router import MoNTATopKRouter
 from monta.training.watchdog import PHASE
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,30 @@ class MoNTAMoELayer(MoELayer):
     def _enter_backward(self, grad):
         PHASE.enter("moe_backward", self.layer_number or 0)
 
+    def _defers_aux_loss(self, intermediate_tensors) -> bool:
+        """Whether this forward computes the router's aux losses after the experts
+        (:mod:`monta.router`): only when the whole layer runs here once, i.e. not as a partial
+        forward (CUDA-graph pieces) and not under recompute, whose second forward must
+        attach the loss inside the checkpointed function itself."""
+        return (isinstance(self.router, MoNTATopKRouter) and intermediate_tensors is None
+                and not self.moe_layer_recompute
+                and getattr(self.config, "cuda_graph_impl", "none") in (None, "none"))
+
     def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
+        if not self._defers_aux_loss(intermediate_tensors):
+            return self._forward(hidden_states, intermediate_tensors, padding_mask)
+        self.router.defer_aux_loss = True
+        try:
+            output, bias = self._forward(hidden_states, intermediate_tensors, padding_mask)
+        except BaseException:
+            self.router.discard_deferred_aux_loss()
+            raise
+        finally:
+            self.router.defer_aux_loss = False
+        # the experts' GEMMs are enqueued: the loss's small launches now overlap them
+        return self.router.attach_deferred_aux_loss(output), bias
+
+    def _forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
         tuner = getattr(self.token_dispatcher, "tuner", None)
         if tuner is None or intermediate_tensors is not None:
             output = super().forward(hidden_states, intermediate_tensors, padding_mask)

@@ -44,7 +44,8 @@ def nccl_world_of_one():
     dist.destroy_process_group()
 
 
-def _moe_layer(dispatcher: str, options=None, topk: int = 2, grouped: bool = False):
+def _moe_layer(dispatcher: str, options=None, topk: int = 2, grouped: bool = False,
+               aux_loss: bool = False):
     import torch.nn.functional as F
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.spec_utils import build_module
@@ -54,7 +55,9 @@ def _moe_layer(dispatcher: str, options=None, topk: int = 2, grouped: bool = Fal
 
     config = TransformerConfig(
         num_layers=1, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4,
-        num_moe_experts=8, moe_router_topk=topk, moe_router_load_balancing_type="none",
+        num_moe_experts=8, moe_router_topk=topk,
+        moe_router_load_balancing_type="aux_loss" if aux_loss else "none",
+        moe_aux_loss_coeff=1e-2 if aux_loss else 0.0,
         moe_token_dispatcher_type=dispatcher, gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, bf16=True, params_dtype=torch.bfloat16,
         normalization="RMSNorm", bias_activation_fusion=False, moe_grouped_gemm=grouped)
@@ -168,6 +171,66 @@ def test_swiglu_triton_kernels_match_fp64(nccl_world_of_one):
                 assert _rel_err(got, want) < 1e-2, (n, f)
 
 
+def _topk_mask(tokens: int, experts: int, topk: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    logits = torch.randn(tokens, experts, device="cuda", generator=gen)
+    mask = torch.zeros(tokens, experts, dtype=torch.bool, device="cuda")
+    return mask.scatter_(1, logits.topk(topk, dim=1).indices, True)
+
+
+def test_expert_order_kernel_matches_torch(nccl_world_of_one):
+    """monta/dispatch/kernels.py's one-launch expert order = the torch version: the same rows,
+    experts and counts; each token's copies at the same rows (their j order may differ)."""
+    from monta.dispatch.plan import order_by_expert_topk
+
+    for tokens, experts, topk in ((8192, 8, 2), (1000, 64, 6), (77, 16, 1), (0, 8, 2)):
+        mask = _topk_mask(tokens, experts, topk, seed=tokens)
+        got = order_by_expert_topk(mask, topk)
+        want = order_by_expert_topk(mask, topk, use_kernel=False)
+        for name in ("rows", "experts", "flat", "tokens_per_expert"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (tokens, name)
+        assert torch.equal(got.inverse.view(-1, topk).sort(1).values,
+                           want.inverse.view(-1, topk).sort(1).values)
+        assert torch.equal(got.rows[got.inverse], torch.arange(tokens, device="cuda")
+                           .repeat_interleave(topk))
+
+
+def test_expert_order_kernel_pads_short_rows(nccl_world_of_one):
+    """Rows with fewer than top-k selected experts (not from megatron's dropless router) get
+    extra copies to unselected experts, as the torch version does: still a permutation."""
+    from monta.dispatch.plan import order_by_expert_topk
+
+    mask = _topk_mask(300, 16, 4, seed=5)
+    mask[7] = False
+    mask[8, :] = False
+    mask[8, 15] = True
+    order = order_by_expert_topk(mask, 4)
+    n = 300 * 4
+    assert int(order.tokens_per_expert.sum()) == n
+    assert torch.equal(order.inverse.sort().values, torch.arange(n, device="cuda"))
+    tokens = torch.arange(300, device="cuda").repeat_interleave(4)
+    assert torch.equal(order.rows[order.inverse], tokens)
+    chosen = torch.zeros_like(mask).index_put_((order.rows, order.experts),
+                                               torch.ones(n, dtype=torch.bool, device="cuda"))
+    assert bool(chosen[mask].all()) and int(chosen.sum()) == n  # selected ones all kept
+    assert torch.equal(order.flat, order.rows * 16 + order.experts)
+
+
+def test_gather_sum_kernel_matches_torch(nccl_world_of_one):
+    from monta.dispatch import kernels
+
+    for tokens, topk, hidden, dtype in ((4096, 2, 4096, torch.bfloat16),
+                                        (333, 6, 1100, torch.float32), (0, 2, 64, torch.bfloat16)):
+        gen = torch.Generator(device="cuda").manual_seed(tokens)
+        y = torch.randn(tokens * topk, hidden, device="cuda", generator=gen).to(dtype)
+        index = torch.randperm(tokens * topk, device="cuda", generator=gen)
+        got = kernels.gather_sum(y, index, topk)
+        want = y.float()[index].view(tokens, topk, hidden).sum(1)
+        assert got.dtype == dtype and got.shape == (tokens, hidden)
+        if tokens:
+            assert _rel_err(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_grouped_experts_layer_matches_sequential_bf16(nccl_world_of_one):
     """MoNTA's MoE layer with grouped experts and the one-rank dispatcher path vs megatron's
     alltoall + SequentialMLP, same weights, bf16."""
@@ -194,9 +257,11 @@ def test_grouped_experts_layer_matches_sequential_bf16(nccl_world_of_one):
 
 
 def test_grouped_moe_layer_has_no_host_sync(nccl_world_of_one):
-    """Router, MoNTA's one-rank dispatch, grouped experts and combine, forward and backward:
-    no operation waits for the GPU (torch's sync debug mode reports each one that does)."""
-    layer = _moe_layer("monta", grouped=True)
+    """Router (its aux loss deferred, monta/router.py), MoNTA's one-rank dispatch, grouped
+    experts and combine, forward and backward: no operation waits for the GPU (torch's sync
+    debug mode reports each one that does)."""
+    layer = _moe_layer("monta", grouped=True, aux_loss=True)
+    assert layer._defers_aux_loss(None)
     x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
     for _ in range(2):  # compile the fused activation and warm the allocator first

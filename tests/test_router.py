@@ -1,0 +1,100 @@
+"""monta/router.py: the aux losses computed after the experts change no number.
+
+One gloo rank, fp32 on CPU: the MoNTA layer with the deferred loss against the same layer
+computing it inside ``routing()`` as megatron does (same weights, same tokens): output, every
+gradient and the logged loss are bitwise equal, and the loss does reach the router's gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from monta.testing import run_distributed
+
+H, F_, E = 32, 48, 8
+
+
+def _layer(dispatcher: str, topk: int, coeff: float, seq_aux: bool, chunks: int = 1):
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from monta.dispatch.monta_dispatcher import DispatchOptions
+    from monta.model import gpt_moe_layer_spec
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=H, ffn_hidden_size=F_, num_attention_heads=4,
+        num_moe_experts=E, moe_router_topk=topk,
+        moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"] if seq_aux else "aux_loss",
+        moe_aux_loss_coeff=[coeff, coeff] if seq_aux else coeff, moe_z_loss_coeff=1e-3,
+        moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=True, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, bias_activation_fusion=False,
+        normalization="RMSNorm", use_cpu_initialization=True, params_dtype=torch.float32)
+    config.monta_dispatch = DispatchOptions(chunks=chunks)  # chunks > 1: the pipelined forward
+    torch.manual_seed(0)
+    layer = build_module(gpt_moe_layer_spec(config, use_te=False).submodules.mlp, config=config,
+                         pg_collection=get_default_pg_collection())
+    layer.set_layer_number(1)  # so the loss is logged
+    return layer
+
+
+def _run(layer, x, grad):
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+    )
+
+    clear_aux_losses_tracker()
+    layer.zero_grad(set_to_none=True)
+    inp = x.clone().requires_grad_(True)
+    out, _ = layer(inp)
+    out.backward(grad)
+    logged = {k: v["values"].clone() for k, v in get_moe_layer_wise_logging_tracker().items()}
+    return {"output": out.detach(), "input": inp.grad, "logged": logged,
+            **{n: p.grad.clone() for n, p in layer.named_parameters()}}
+
+
+def _deferral_cases(rank: int, world_size: int) -> list[str]:
+    from megatron.core import parallel_state as ps
+
+    from monta.compat import apply_cpu_patches
+    from monta.dispatch.registry import MoNTAMoELayer
+
+    apply_cpu_patches()
+    ps.initialize_model_parallel()
+    checked = []
+    gen = torch.Generator().manual_seed(1)
+    x, grad = torch.randn(16, 2, H, generator=gen), torch.randn(16, 2, H, generator=gen)
+    try:
+        for dispatcher, topk, seq_aux, chunks in (("monta", 2, False, 1), ("alltoall", 2, True, 1),
+                                                  ("monta", 4, True, 1), ("monta", 2, True, 2)):
+            layer = _layer(dispatcher, topk, 1e-2, seq_aux, chunks)
+            assert layer._defers_aux_loss(None)
+            deferred = _run(layer, x, grad)
+            defers = MoNTAMoELayer._defers_aux_loss
+            MoNTAMoELayer._defers_aux_loss = lambda self, _: False  # megatron's own order
+            try:
+                inline = _run(layer, x, grad)
+            finally:
+                MoNTAMoELayer._defers_aux_loss = defers
+            for name, want in inline.items():
+                got = deferred[name]
+                if name == "logged":
+                    assert got.keys() == want.keys() and got, (dispatcher, got.keys())
+                    for k in want:
+                        assert torch.equal(got[k], want[k]) and want[k].abs().sum() > 0, k
+                else:
+                    assert torch.equal(got, want), (dispatcher, topk, name)
+            no_loss = _run(_layer(dispatcher, topk, 0.0, seq_aux, chunks), x, grad)
+            assert not torch.equal(no_loss["router.weight"], deferred["router.weight"])
+            assert torch.equal(no_loss["output"], deferred["output"])
+            checked.append(f"{dispatcher}/top{topk}/c{chunks}")
+    finally:
+        ps.destroy_model_parallel()
+    return checked
+
+
+def test_deferred_aux_loss_changes_no_number():
+    checked = run_distributed(_deferral_cases, 1, timeout_s=180)[0]
+    assert checked == ["monta/top2/c1", "alltoall/top2/c1", "monta/top4/c1", "monta/top2/c2"]
