@@ -26,7 +26,10 @@ every expert local, no MoE communication; its gradient all-reduce is priced from
 predicted at its measured step, and ``launch_overhead_us`` (fixed cost per pipelined stage and
 chunk: Python, gloo calls, bookkeeping) so that TP1·EP4 monta+dedup at 8 chunks minus the same
 at 1 chunk (top-2, 4 Gbit/s, where chunk costs are largest next to the transfers) is predicted
-as measured (``--no-launch-fit`` keeps the preset's). Nothing is fitted per configuration.
+as measured, and ``hop_overhead_us`` (fixed cost per MoNTA dispatcher hop, once per MoE block:
+send plans, count-exchange syncs, index copies — and whatever else the α-β model misses for the
+multi-hop path on this host) so that the 1-chunk run itself is (``--no-launch-fit`` keeps the
+preset's launch and hop costs). Nothing is fitted per configuration.
 
 Reported: per configuration the measured samples and median, the predicted step and its phase
 breakdown, the error ``(predicted − measured) / measured``; the median and worst |error| against
@@ -218,7 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cluster-dir", type=Path, default=REPO / "bench" / "results",
                         help="holds bench_comm's cluster_testbed_{cap}gbit.yaml")
     parser.add_argument("--no-launch-fit", action="store_true",
-                        help="keep the preset's launch_overhead_us (skip its 2 calibration runs)")
+                        help="keep the preset's launch_overhead_us and hop_overhead_us (skip their "
+                             "2 calibration runs)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per testbed job, seconds")
     add_load_args(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,

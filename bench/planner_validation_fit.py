@@ -7,7 +7,9 @@ testbed, no torch.distributed).
   without MoE communication is predicted at its measured step, and optionally
   ``launch_overhead_us`` (the model's fixed cost per pipelined stage and chunk) so that the
   step-time *difference* between a monta run at 1 chunk and the same at N chunks is predicted
-  as measured — the difference cancels the bandwidth terms both runs share;
+  as measured — the difference cancels the bandwidth terms both runs share — and
+  ``hop_overhead_us`` (fixed cost per dispatcher hop, once per MoE block) so that the 1-chunk
+  run itself is predicted as measured (a node-dedup run: four hops per block, the most);
 * :func:`selection_problems`, :func:`summary`: the scores.
 """
 
@@ -115,27 +117,50 @@ def fit_launch(spec_of: SpecOf, device: dict, one: CalibrationRun, many: Calibra
     return max(0.0, fitted) if clamp else fitted
 
 
+def fit_hop(spec_of: SpecOf, device: dict, run: CalibrationRun, clamp: bool = True) -> float:
+    """``hop_overhead_us`` at which ``run`` (with MoE hops) is predicted at its measurement;
+    the prediction is linear in it. Clamped at 0 like :func:`fit_launch`."""
+    def step(hop_us: float) -> float:
+        return predict(run.flags, spec_of(run.cap, device | {"hop_overhead_us": hop_us})
+                       ).step_time_s
+
+    slope = (step(1000.0) - step(0.0)) / 1000.0
+    if slope <= 0:
+        raise ValueError("calibration: the hop-cost run has no dispatcher hops (EP = ETP = 1?)")
+    fitted = (run.measured_s - step(0.0)) / slope
+    return max(0.0, fitted) if clamp else fitted
+
+
+FITTED = ("peak_tflops", "launch_overhead_us", "hop_overhead_us")
+
+
 def calibrate(spec_of: SpecOf, peak_run: CalibrationRun,
               launch_runs: tuple[CalibrationRun, CalibrationRun] | None = None,
               ) -> dict[str, Any]:
-    """The calibrated device section (module docstring) and how it was found. Each constant
-    barely moves the other's run, so alternating the two fits converges in a few rounds."""
+    """The calibrated device section (module docstring) and how it was found. The peak moves
+    the other runs' compute a little and the hop cost is fitted on the launch pair's first run
+    after the launch cost, so a few rounds of fitting in turn converge."""
     device = base_device()
     before = dict(device)
-    for _ in range(4 if launch_runs else 1):
+    for _ in range(8 if launch_runs else 1):
         device = device | {"peak_tflops": fit_peak(spec_of, device, peak_run)}
         if launch_runs:
             device = device | {"launch_overhead_us": fit_launch(spec_of, device, *launch_runs)}
+            device = device | {"hop_overhead_us": fit_hop(spec_of, device, launch_runs[0])}
     clamped = None
     if launch_runs and device["launch_overhead_us"] == 0.0:
         clamped = fit_launch(spec_of, device, *launch_runs, clamp=False)
+    hop_clamped = None
+    if launch_runs and device["hop_overhead_us"] == 0.0:
+        hop_clamped = fit_hop(spec_of, device, launch_runs[0], clamp=False)
     runs = [("peak", peak_run)] + [(f"launch_{i}", r) for i, r in enumerate(launch_runs or ())]
     predicted = {name: predict(r.flags, spec_of(r.cap, device)) for name, r in runs}
     return {"device": device, "base_device": BASE_DEVICE,
-            "fitted": ["peak_tflops"] + (["launch_overhead_us"] if launch_runs else []),
-            "before": {k: before[k] for k in ("peak_tflops", "launch_overhead_us")},
-            "after": {k: device[k] for k in ("peak_tflops", "launch_overhead_us")},
+            "fitted": list(FITTED if launch_runs else FITTED[:1]),
+            "before": {k: before[k] for k in FITTED},
+            "after": {k: device[k] for k in FITTED},
             "launch_overhead_us_unclamped": clamped,
+            "hop_overhead_us_unclamped": hop_clamped,
             "runs": {name: {"measured_ms": r.measured_s * 1e3,
                             "predicted_ms": predicted[name].step_time_s * 1e3,
                             "phases_ms": phases_ms(predicted[name])} for name, r in runs}}

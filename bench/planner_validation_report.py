@@ -12,7 +12,9 @@ KIND_COLOURS = {"alltoall": "tab:blue", "ds_tp": "tab:red", "monta": "tab:green"
 CAP_MARKERS = {0.4: "v", 1.0: "o", 4.0: "^"}
 BAND = 0.15  # the ±15 % band of the plot (the median-error goal)
 FITS = {"peak": "peak_tflops: predicted = measured (no MoE communication)",
-        "launch_0": "launch_overhead_us: predicted c8 − c1 = measured", "launch_1": "(same)"}
+        "launch_0": "launch_overhead_us: predicted c8 − c1 = measured; hop_overhead_us: "
+                    "predicted = measured",
+        "launch_1": "launch_overhead_us (see above)"}
 
 
 def _verdict(result: dict) -> str:
@@ -43,7 +45,7 @@ def markdown(result: dict) -> str:
         f"device from the `{cal['base_device']}` preset with "
         + ", ".join(f"`{k}` {cal['before'][k]:g} → **{cal['after'][k]:.4g}**"
                     for k in cal["fitted"])
-        + f"{'' if 'launch_overhead_us' in cal['fitted'] else ' (launch_overhead_us kept)'}:",
+        + f"{'' if 'launch_overhead_us' in cal['fitted'] else ' (launch and hop costs kept)'}:",
         "", "| calibration run | fits | measured ms | predicted ms |", "|---|---|---:|---:|",
         *[f"| {r['config']['cap_gbit']:g} Gbit/s top-{r['config']['topk']} {r['label']} "
           f"| {FITS[name]} | {r['measured_ms']:.0f} | {r['predicted_ms']:.0f} |"
@@ -52,6 +54,10 @@ def markdown(result: dict) -> str:
            f"{cal['launch_overhead_us_unclamped']:.0f} µs): the chunked calibration run was "
            f"measured faster than its model allows — noise of a busy host.", ""]
           if cal.get("launch_overhead_us_unclamped") is not None else []),
+        *([f"**The hop-cost fit was clamped at 0** (unclamped "
+           f"{cal['hop_overhead_us_unclamped']:.0f} µs): the 1-chunk calibration run was "
+           f"measured faster than its model without hop costs.", ""]
+          if cal.get("hop_overhead_us_unclamped") is not None else []),
         "| cap Gbit/s | top-k | configuration | measured ms | predicted ms | error % | "
         "predicted compute ms | predicted comm ms | expert load max/mean |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]

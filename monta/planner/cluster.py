@@ -118,6 +118,11 @@ class DeviceSpec:
     """Usable share of ``memory_GB`` (allocator fragmentation, NCCL buffers, workspace)."""
     launch_overhead_us: float = 10.0
     """Fixed cost per pipelined stage per chunk (kernel launches, bookkeeping), microseconds."""
+    hop_overhead_us: float = 0.0
+    """Fixed cost per dispatcher hop (one collective of a MoE block: building its send plan,
+    the count exchange's host sync, index copies), once per block whatever the chunk count,
+    microseconds. Calibrated on the testbed; 0 where unmeasured (GPU presets: their α's carry
+    the count exchange)."""
     flash_attention: bool = True
     """Fused attention (no s² score matrix stored); False on CPU (megatron's unfused path)."""
 
@@ -127,6 +132,9 @@ class DeviceSpec:
                              f"peak_tflops={self.peak_tflops!r} memory_GB={self.memory_GB!r}")
         if self.dtype not in ("bf16", "fp32"):
             raise ValueError(f"device.dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.launch_overhead_us < 0 or self.hop_overhead_us < 0:
+            raise ValueError(f"device.launch_overhead_us and hop_overhead_us must be >= 0, got "
+                             f"{self.launch_overhead_us!r}, {self.hop_overhead_us!r}")
         for name in ("gemm_efficiency", "grouped_gemm_efficiency", "attention_efficiency",
                      "memory_headroom"):
             value = getattr(self, name)

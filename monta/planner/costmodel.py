@@ -68,8 +68,9 @@ def candidate_problems(c: Candidate, ctx: PlanContext) -> list[str]:
 
 
 def _moe_block(vol: MoEVolume, expert_s: float, chunks: int, cluster: ClusterSpec,
-               copies: Copies, launch_s: float) -> tuple[Pipelined, LinkTime]:
-    """One MoE block (dispatch → experts → combine) through the chunk pipeline."""
+               copies: Copies, launch_s: float, hop_s: float) -> tuple[Pipelined, LinkTime]:
+    """One MoE block (dispatch → experts → combine) through the chunk pipeline, plus each
+    hop's fixed cost (``hop_overhead_us``: paid once per hop, not per chunk)."""
     parts = {"inter": 0.0, "intra": 0.0, "compute": expert_s}
     totals = {"inter": 0.0, "intra": 0.0, "compute": expert_s}
     raw = LinkTime()
@@ -82,7 +83,11 @@ def _moe_block(vol: MoEVolume, expert_s: float, chunks: int, cluster: ClusterSpe
         totals["intra"] += lt.intra
         parts["inter" if lt.inter >= lt.intra else "intra"] += lt.stage
     latency = raw.latency + launch_s * (len(every) + 1)
-    return pipeline(parts, totals, latency, chunks, cluster), raw
+    piped = pipeline(parts, totals, latency, chunks, cluster)
+    hops = 0.0 if vol.mode == "alltoall" else hop_s * sum(
+        1 for tr in every if tr.intra_total + tr.inter_total > 0)
+    exposed = piped.exposed | {"overhead": piped.exposed["overhead"] + hops}
+    return Pipelined(piped.total + hops, exposed, piped.hidden, piped.bottleneck), raw
 
 
 def evaluate(c: Candidate, ctx: PlanContext) -> Plan:
@@ -100,12 +105,13 @@ def evaluate(c: Candidate, ctx: PlanContext) -> Plan:
     flops = layer_flops(model, layout, wl, vol.expert_copies * copies.rank_imbalance)
     chunks = c.chunks if c.dispatcher == "monta" else 1
     times = layer_times(flops, dev, chunks)
-    launch_s = dev.launch_overhead_us * 1e-6
+    launch_s, hop_s = dev.launch_overhead_us * 1e-6, dev.hop_overhead_us * 1e-6
     rc = 1 if c.recompute == "full" else 0
 
     # 1) one layer, one micro-batch
-    fwd, fwd_raw = _moe_block(vol, times.experts, chunks, cl, copies, launch_s)
-    bwd, bwd_raw = _moe_block(vol, 2 * times.experts, chunks, cl, copies, launch_s)
+    fwd, fwd_raw = _moe_block(vol, times.experts, chunks, cl, copies, launch_s, hop_s)
+    bwd, bwd_raw = _moe_block(vol, 2 * times.experts, chunks, cl, copies, launch_s,
+                               hop_s)
     moe_exposed = {k: (1 + rc) * fwd.exposed.get(k, 0.0) + bwd.exposed.get(k, 0.0)
                    for k in ("inter", "intra", "compute", "overhead")}
     moe_raw = {"inter": (1 + rc) * fwd_raw.inter + bwd_raw.inter,

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _COMM = {"ep/inter": "inter-node dispatch/combine", "ep/intra": "intra-node EP phases",
          "tp/collectives": "TP/SP collectives", "dp/grad_sync": "gradient sync",
          "pp/p2p": "pipeline sends", "pp/bubble": "the pipeline bubble",
-         "ep/overhead": "per-chunk overhead"}
+         "ep/overhead": "per-chunk and per-hop overhead"}
 
 
 def _ms(seconds: float) -> str:

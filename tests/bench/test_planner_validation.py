@@ -52,11 +52,14 @@ def test_calibration_reproduces_the_measured_steps():
     spec_of = fit.spec_loader(args.cluster_dir)
     peak = fit.CalibrationRun(pv.train_flags(args, pv.CALIBRATION), 1.0, 1.5)
     one, many = (fit.CalibrationRun(pv.train_flags(args, c), c["cap_gbit"], s)
-                 for c, s in zip(pv.LAUNCH_CALIBRATION, (0.9, 1.3)))
+                 for c, s in zip(pv.LAUNCH_CALIBRATION, (1.6, 2.0)))
     cal = fit.calibrate(spec_of, peak, (one, many))
-    assert cal["fitted"] == ["peak_tflops", "launch_overhead_us"]
+    assert cal["fitted"] == ["peak_tflops", "launch_overhead_us", "hop_overhead_us"]
     dev = cal["device"]
     assert fit.predict(peak.flags, spec_of(1.0, dev)).step_time_s == pytest.approx(1.5, rel=1e-4)
+    # the 1-chunk run is predicted as measured through the hop cost
+    assert fit.predict(one.flags, spec_of(4.0, dev)).step_time_s == pytest.approx(1.6, rel=1e-4)
+    assert dev["hop_overhead_us"] > 0
     gap = (fit.predict(many.flags, spec_of(4.0, dev)).step_time_s
            - fit.predict(one.flags, spec_of(4.0, dev)).step_time_s)
     assert gap == pytest.approx(0.4, rel=1e-6) and dev["launch_overhead_us"] > 0
@@ -65,12 +68,14 @@ def test_calibration_reproduces_the_measured_steps():
     slow = fit.calibrate(spec_of, fit.CalibrationRun(peak.flags, 1.0, 3.0))
     assert slow["device"]["peak_tflops"] < dev["peak_tflops"]
     assert slow["fitted"] == ["peak_tflops"]
-    fast = fit.CalibrationRun(many.flags, 4.0, 0.9)  # 8 chunks as fast as 1: below the α's
+    fast = fit.CalibrationRun(many.flags, 4.0, 1.6)  # 8 chunks as fast as 1: below the α's
     assert fit.fit_launch(spec_of, dev, one, fast) == 0.0
     assert fit.fit_launch(spec_of, dev, one, fast, clamp=False) < 0
     noisy = fit.calibrate(spec_of, peak, (one, fast))
     assert noisy["after"]["launch_overhead_us"] == 0 > noisy["launch_overhead_us_unclamped"]
-    assert cal["launch_overhead_us_unclamped"] is None
+    assert cal["launch_overhead_us_unclamped"] is None and cal["hop_overhead_us_unclamped"] is None
+    quick = fit.CalibrationRun(one.flags, 4.0, 0.01)  # faster than its links allow: no hop cost
+    assert fit.fit_hop(spec_of, dev, quick) == 0.0 > fit.fit_hop(spec_of, dev, quick, clamp=False)
     with pytest.raises(ValueError, match="without any compute"):
         fit.calibrate(spec_of, fit.CalibrationRun(peak.flags, 1.0, 1e-4))  # < the all-reduce
 

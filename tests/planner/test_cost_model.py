@@ -70,6 +70,21 @@ def test_chunks_pipeline_the_moe_block(ctx):
     assert one.step_time_s - four.step_time_s == pytest.approx(saved, rel=1e-6)
 
 
+def test_hop_cost_is_paid_once_per_monta_hop_whatever_the_chunks(make_cluster, toy_model):
+    def step(dispatcher, hop_us, **options):
+        cluster = make_cluster(device__hop_overhead_us=hop_us)
+        ctx = PlanContext(cluster, toy_model, Workload(32, 1, 4))
+        return evaluate(Candidate(1, 1, 4, 1, dispatcher, **options), ctx).step_time_s
+
+    # per MoE block: flat monta sends a2a + back (2 hops), dedup a2a + fan-out + their two
+    # returns (4); a forward and a backward block in each of 2 layers, 1 micro-batch
+    for options, hops in (({}, 2), ({"chunks": 4}, 2), ({"node_dedup": True}, 4)):
+        added = step("monta", 100.0, **options) - step("monta", 0.0, **options)
+        assert added == pytest.approx(2 * 2 * hops * 100e-6, rel=1e-9), options
+    # megatron's stock path: its permutation is priced by α and launch costs only
+    assert step("alltoall", 100.0) == step("alltoall", 0.0)
+
+
 def test_ds_tp_sends_tp_times_the_inter_bytes(ctx):
     monta = evaluate(Candidate(2, 1, 2, 2, "monta"), ctx)
     ds_tp = evaluate(Candidate(2, 1, 2, 2, "ds_tp"), ctx)
