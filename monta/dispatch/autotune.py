@@ -12,21 +12,27 @@ fastest:
    group spans nodes and top-k > 1, chunks from :data:`CHUNK_OPTIONS` — plus megatron's own
    ``alltoall`` path (``stock``: permute + one flat all-to-all, no send plans; on a fast link at
    top-1 its lower fixed cost wins, so ``tune`` is never slower than stock by more than the
-   timing noise), run in a fixed order, ``trials`` forwards each (every candidate computes the
-   same function, only summation order differs, so training goes on meanwhile);
-2) a candidate's time is its fastest trial (the first one pays warm-up, noise only adds);
-3) the ranks that exchange this layer's tokens (EP × expert-TP) must agree, so once every
-   candidate ran they take the max over ranks of each time (one small all-reduce, the only
-   collective the tuner adds) and all pick the same minimum.
+   timing noise). They take turns, one forward each, for :data:`TRIALS` rounds (every
+   candidate computes the same function, only summation order differs, so training goes on
+   meanwhile); round-robin rather than back-to-back so a burst of host noise hits one trial of
+   several candidates, not every trial of one;
+2) a trial is timed over the layer's forward *and* backward (from the output's gradient
+   arriving to the input's gradient leaving): a chunked pipeline can win the forward and lose
+   the backward, and the forward alone picked such options on the testbed. A candidate's time
+   is its fastest trial (the first one pays warm-up, noise only adds);
+3) the ranks that exchange this layer's tokens (EP × expert-TP) must agree, so at the first
+   forward after the last trial they take the max over ranks of each time (one small
+   all-reduce, the only collective the tuner adds) and all pick the same minimum. Where a
+   trial's backward has not run by then (forward-only use, or pipeline schedules that run
+   several forwards first), every candidate is compared on its forward time instead.
 
-Forward time stands for forward + backward: backward runs the mirrored collectives and twice the
-expert work through the same pipeline. On GPU the timed forwards synchronise the device (only
-while tuning). Runs that tune are not bit-reproducible across jobs (the choice depends on
-timing); fix the flags for that.
+On GPU the timed passes synchronise the device (only while tuning). Runs that tune are not
+bit-reproducible across jobs (the choice depends on timing); fix the flags for that.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 CHUNK_OPTIONS = (1, 2, 4, 8)
+TRIALS = 3
 
 
 @dataclass(frozen=True)
@@ -60,15 +67,21 @@ class DispatchTuner:
     candidates: list[Setting]
     group: object
     """Process group whose members must agree (EP × expert-TP)."""
-    trials: int = 2
-    times: dict[Setting, float] = field(default_factory=dict)
+    trials: int = TRIALS
+    forward_s: dict[Setting, float] = field(default_factory=dict)
+    """Fastest forward per candidate."""
+    step_s: dict[Setting, float] = field(default_factory=dict)
+    """Fastest forward + backward per candidate."""
     runs: int = 0
     chosen: Setting | None = None
+    times: dict[Setting, float] = field(default_factory=dict)
+    """After the choice: the times it compared (max over ranks), on :attr:`basis`."""
+    basis: str = "forward + backward"
     clock: Callable[[], float] = time.perf_counter
 
     @staticmethod
     def for_options(dedup_options: list[bool], chunk_options: list[int], group,
-                    trials: int = 2, with_stock: bool = False) -> "DispatchTuner":
+                    trials: int = TRIALS, with_stock: bool = False) -> "DispatchTuner":
         candidates = [Setting(d, c) for d in dedup_options for c in chunk_options]
         if with_stock:
             candidates.append(STOCK)
@@ -78,10 +91,13 @@ class DispatchTuner:
     def setting(self) -> Setting:
         if self.chosen is not None:
             return self.chosen
-        return self.candidates[self.runs // self.trials]
+        return self.candidates[self.runs % len(self.candidates)]
 
-    def timed_forward(self, forward, device: torch.device):
-        """Run ``forward()`` under the current setting; time it while tuning."""
+    def timed_forward(self, forward, device: torch.device, inputs: torch.Tensor | None = None):
+        """Run ``forward()`` under the current setting; while tuning, time it and (when
+        ``inputs`` and the output take part in autograd) its backward."""
+        if self.chosen is None and self.runs >= len(self.candidates) * self.trials:
+            self._decide(device)
         if self.chosen is not None:
             return forward()
         setting = self.setting()
@@ -90,26 +106,53 @@ class DispatchTuner:
         out = forward()
         _sync(device)
         seconds = self.clock() - start
-        self.times[setting] = min(seconds, self.times.get(setting, float("inf")))
         self.runs += 1
-        if self.runs == len(self.candidates) * self.trials:
-            self._decide(device)
+        _keep_min(self.forward_s, setting, seconds)
+        output = out[0] if isinstance(out, tuple) else out
+        if inputs is not None and inputs.requires_grad and output.requires_grad:
+            self._time_backward(setting, seconds, output, inputs, device)
         return out
 
+    def _time_backward(self, setting: Setting, forward_s: float, output: torch.Tensor,
+                       inputs: torch.Tensor, device: torch.device) -> None:
+        began: list[float] = []
+
+        def output_grad_arrived(grad):
+            _sync(device)
+            began.append(self.clock())
+
+        def input_grad_done(grad):
+            if began:
+                _sync(device)
+                _keep_min(self.step_s, setting, forward_s + self.clock() - began[0])
+
+        output.register_hook(output_grad_arrived)
+        inputs.register_hook(input_grad_done)
+
     def _decide(self, device: torch.device) -> None:
-        times = torch.tensor([self.times[c] for c in self.candidates], dtype=torch.float64,
-                             device=device)
+        n = len(self.candidates)
+        times = torch.tensor([self.forward_s[c] for c in self.candidates]
+                             + [self.step_s.get(c, math.inf) for c in self.candidates],
+                             dtype=torch.float64, device=device)
         if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            # inf after the max: some rank has no backward time for that candidate
             dist.all_reduce(times, op=dist.ReduceOp.MAX, group=self.group)
-        slowest_first = times.tolist()
-        best = min(range(len(self.candidates)), key=lambda i: (slowest_first[i], i))
+        slowest = times.tolist()
+        steps = slowest[n:]
+        self.basis = "forward + backward" if all(math.isfinite(t) for t in steps) else "forward"
+        compared = steps if self.basis == "forward + backward" else slowest[:n]
+        best = min(range(n), key=lambda i: (compared[i], i))
         self.chosen = self.candidates[best]
-        self.times = dict(zip(self.candidates, slowest_first))
+        self.times = dict(zip(self.candidates, compared))
 
     def report(self) -> str:
         ranked = sorted(self.times.items(), key=lambda kv: kv[1])
-        return (f"{self.chosen} (forward ms, max over ranks: "
+        return (f"{self.chosen} ({self.basis} ms, max over ranks: "
                 + ", ".join(f"{s} {t * 1e3:.1f}" for s, t in ranked) + ")")
+
+
+def _keep_min(table: dict, key, seconds: float) -> None:
+    table[key] = min(seconds, table.get(key, math.inf))
 
 
 def _sync(device: torch.device) -> None:

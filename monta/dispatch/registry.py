@@ -119,7 +119,7 @@ class MoNTAMoELayer(MoELayer):
                 return self._pipelined_forward(hidden_states, padding_mask, chunks)
 
             deciding = tuner.chosen is None
-            output = tuner.timed_forward(run, hidden_states.device)
+            output = tuner.timed_forward(run, hidden_states.device, inputs=hidden_states)
             if deciding and tuner.chosen is not None:
                 logger.info("layer %s monta dispatch tuned: %s", self.layer_number,
                             tuner.report())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monta.dispatch.autotune import CHUNK_OPTIONS, STOCK, DispatchTuner, Setting
+from monta.dispatch.autotune import CHUNK_OPTIONS, STOCK, TRIALS, DispatchTuner, Setting
 from monta.dispatch.monta_dispatcher import DispatchOptions, _or_stock
 from monta.testing import run_distributed
 from monta.testing.moe_layer_check import (
@@ -19,7 +19,7 @@ from monta.testing.moe_layer_check import (
 
 
 
-def test_tuner_tries_each_candidate_then_keeps_the_fastest():
+def test_tuner_takes_turns_then_keeps_the_fastest_forward_when_there_is_no_backward():
     # forward durations per candidate, trial by trial: dedup/c4 is fastest on its second trial
     durations = {Setting(False, 1): [5, 4], Setting(False, 4): [6, 3], Setting(True, 1): [9, 9],
                  Setting(True, 4): [7, 1]}
@@ -36,12 +36,41 @@ def test_tuner_tries_each_candidate_then_keeps_the_fastest():
 
     outputs = [tuner.timed_forward(forward, torch.device("cpu")) for _ in range(8)]
     assert outputs == list(range(1, 9))
-    assert seen == [c for c in tuner.candidates for _ in range(2)], "fixed order, trials each"
-    assert tuner.chosen == Setting(True, 4)
-    assert tuner.times[Setting(False, 1)] == 4 and tuner.times[Setting(True, 4)] == 1
+    assert seen == tuner.candidates * 2, "round-robin, one forward per turn"
+    assert tuner.chosen is None, "decided at the next forward, once every trial is in"
     tuner.timed_forward(forward, torch.device("cpu"))
+    assert tuner.chosen == Setting(True, 4) and tuner.basis == "forward"
+    assert tuner.times[Setting(False, 1)] == 4 and tuner.times[Setting(True, 4)] == 1
     assert seen[-1] == Setting(True, 4) and tuner.setting() == Setting(True, 4)
-    assert tuner.report().startswith("dedup/c4")
+    assert tuner.report().startswith("dedup/c4 (forward ms")
+
+
+def test_tuner_times_forward_and_backward_when_autograd_runs():
+    # c4's forward is faster but its backward slower: the sum decides (forward alone would
+    # pick c4)
+    forward_s = {Setting(False, 1): 2.0, Setting(False, 4): 1.0}
+    backward_s = {Setting(False, 1): 3.0, Setting(False, 4): 5.0}
+    now = [0.0]
+    tuner = DispatchTuner.for_options([False], [1, 4], group=None, trials=1)
+    tuner.clock = lambda: now[0]
+    for _ in range(3):
+        setting = tuner.setting()
+        x = torch.ones(3, requires_grad=True)
+
+        def forward():
+            now[0] += forward_s[setting]
+            return x * 2
+
+        out = tuner.timed_forward(forward, torch.device("cpu"), inputs=x)
+
+        def backward_takes_time(grad):
+            now[0] += backward_s[setting]
+            return grad
+
+        out.register_hook(backward_takes_time)  # runs between the tuner's two marks
+        out.sum().backward()
+    assert tuner.step_s == {Setting(False, 1): 5.0, Setting(False, 4): 6.0}
+    assert tuner.chosen == Setting(False, 1) and tuner.basis == "forward + backward"
 
 
 def test_stock_is_the_last_candidate_and_can_win():
@@ -49,7 +78,7 @@ def test_stock_is_the_last_candidate_and_can_win():
     assert tuner.candidates == [Setting(False, 1), Setting(False, 2), STOCK]
     now = [0.0]
     tuner.clock = lambda: now[0]
-    for seconds in (3.0, 2.0, 1.0):  # stock, run last, is fastest
+    for seconds in (3.0, 2.0, 1.0, 0.0):  # stock, tried last, is fastest; the 4th pass decides
         tuner.timed_forward(lambda: now.__setitem__(0, now[0] + seconds), torch.device("cpu"))
     assert tuner.chosen == STOCK and str(STOCK) == "stock"
 
@@ -68,7 +97,7 @@ def test_calls_go_to_megatron_while_stock_is_tried_or_chosen():
             return ("stock", x)
 
     tuner = DispatchTuner.for_options([False], [1], group=None, trials=1, with_stock=True)
-    dispatcher = Dispatcher(Megatron(), tuner)
+    dispatcher = Dispatcher(Megatron(), tuner)  # candidates: flat/c1, stock
     assert dispatcher.token_dispatch(1) == ("monta", 1)  # first candidate: flat/c1
     tuner.runs = 1
     assert dispatcher.token_dispatch(2) == ("stock", 2)  # trying stock
@@ -101,7 +130,7 @@ def test_tuning_layer_matches_reference_and_ranks_agree(layout):
     options = DispatchOptions(node_dedup="tune", chunks="tune")
     # 2 nodes of 2 ranks: dedup on/off × chunk counts, and megatron's stock path
     candidates = 2 * len(CHUNK_OPTIONS) + 1
-    passes = 2 * candidates + 1  # every trial, then one pass with the choice
+    passes = TRIALS * candidates + 1  # every trial, then one pass with the choice
     items = [(case, shape, ("monta", options), 2, passes)]
     got = run_distributed(run_mixed_cases, layout.world_size, layout, items, timeout_s=300)[0][0]
     assert got["pass_spread"] < 1e-5, "a candidate computed something else"
