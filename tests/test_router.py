@@ -5,10 +5,13 @@ One gloo rank, fp32 on CPU: the MoNTA layer with the deferred loss against the s
 computing it inside ``routing()`` as megatron does (same weights, same tokens): output, every
 gradient and the logged loss are bitwise equal, and the loss does reach the router's gradient.
 Likewise the one-rank layer whose router returns the expert order against megatron's dense
-routing map (to fp32 rounding: the softmax backward is ours there).
+routing map, to fp32 rounding: the softmax backward is ours there, and a token's k expert
+outputs are summed in ascending expert order rather than top-k's.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +62,23 @@ def _run(layer, x, grad):
             **{n: p.grad.clone() for n, p in layer.named_parameters()}}
 
 
+def _tokens(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 2, H, generator=gen), torch.randn(16, 2, H, generator=gen)
+
+
+def _assert_same(got: dict, want: dict, same) -> None:
+    """Two :func:`_run` results: the logged losses bitwise (and non-zero), the tensors by
+    ``same``."""
+    for name, expected in want.items():
+        if name == "logged":
+            assert got[name].keys() == expected.keys() and expected, got[name].keys()
+            for k in expected:
+                assert torch.equal(got[name][k], expected[k]) and expected[k].abs().sum() > 0, k
+        else:
+            assert same(got[name], expected), name
+
+
 def _deferral_cases(rank: int, world_size: int) -> list[str]:
     from megatron.core import parallel_state as ps
 
@@ -68,8 +88,7 @@ def _deferral_cases(rank: int, world_size: int) -> list[str]:
     apply_cpu_patches()
     ps.initialize_model_parallel()
     checked = []
-    gen = torch.Generator().manual_seed(1)
-    x, grad = torch.randn(16, 2, H, generator=gen), torch.randn(16, 2, H, generator=gen)
+    x, grad = _tokens(seed=1)
     try:
         for dispatcher, topk, seq_aux, chunks in (("monta", 2, False, 1), ("alltoall", 2, True, 1),
                                                   ("monta", 4, True, 1), ("monta", 2, True, 2)):
@@ -82,14 +101,7 @@ def _deferral_cases(rank: int, world_size: int) -> list[str]:
                 inline = _run(layer, x, grad)
             finally:
                 MoNTAMoELayer._defers_aux_loss = defers
-            for name, want in inline.items():
-                got = deferred[name]
-                if name == "logged":
-                    assert got.keys() == want.keys() and got, (dispatcher, got.keys())
-                    for k in want:
-                        assert torch.equal(got[k], want[k]) and want[k].abs().sum() > 0, k
-                else:
-                    assert torch.equal(got, want), (dispatcher, topk, name)
+            _assert_same(deferred, inline, torch.equal)
             no_loss = _run(_layer(dispatcher, topk, 0.0, seq_aux, chunks), x, grad)
             assert not torch.equal(no_loss["router.weight"], deferred["router.weight"])
             assert torch.equal(no_loss["output"], deferred["output"])
@@ -114,8 +126,7 @@ def _expert_order_cases(rank: int, world_size: int) -> list[str]:
     apply_cpu_patches()
     ps.initialize_model_parallel()
     checked = []
-    gen = torch.Generator().manual_seed(2)
-    x, grad = torch.randn(16, 2, H, generator=gen), torch.randn(16, 2, H, generator=gen)
+    x, grad = _tokens(seed=2)
     try:
         for topk, seq_aux, deferred in ((2, False, True), (4, True, True), (2, True, False)):
             layer = _layer("monta", topk, 1e-2, seq_aux)
@@ -131,15 +142,7 @@ def _expert_order_cases(rank: int, world_size: int) -> list[str]:
                 assert layer.token_dispatcher.rows_mask.dtype == torch.bool
             finally:
                 MoNTAMoELayer._defers_aux_loss = defers
-            assert torch.equal(ordered["output"], dense["output"])
-            for name, want in dense.items():
-                got = ordered[name]
-                if name == "logged":
-                    assert got.keys() == want.keys() and got
-                    for k in want:
-                        assert torch.equal(got[k], want[k]), k
-                else:
-                    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+            _assert_same(ordered, dense, functools.partial(torch.allclose, rtol=1e-6, atol=1e-7))
             checked.append(f"top{topk}/{'deferred' if deferred else 'inline'}")
         # routing it does not compute, or a dispatcher that needs the map: megatron's routing
         for dispatcher, extra in (("monta", dict(moe_router_pre_softmax=True)),
