@@ -108,7 +108,8 @@ def layer_table(r: dict) -> list[str]:
              "megatron = megatron-core 0.16.1 `MoELayer` + `alltoall` dispatcher + `SequentialMLP`; "
              "MoNTA = `MoNTAGroupedMLP` under MoNTA's dispatcher (one-rank path) or megatron's "
              "`alltoall`, with MoNTA's router (megatron's, its aux loss computed after the experts "
-             "are enqueued). Same weights and routing; median of "
+             "are enqueued; on the one-rank path its top-k and softmax go straight into the expert "
+             "order, one kernel). Same weights and routing; median of "
              f"{next(iter(r['moe_layer'].values()))['variants']['monta_grouped']['reps']} runs "
              "per variant, timed in interleaved rounds. Host syncs: operations "
              "that wait for the GPU in one forward + backward (torch sync debug mode).", "",

@@ -54,8 +54,13 @@ def expert_offsets(tokens_per_expert: torch.Tensor, device: torch.device) -> tor
 
     Counts already on ``device`` stay there (no sync). Host counts (megatron's alltoall
     dispatcher copies them to the host for its own split sizes) go up through pinned memory, so
-    the copy is queued on the stream instead of waiting for it.
+    the copy is queued on the stream instead of waiting for it. Counts from MoNTA's routing
+    kernel carry their row ends, computed in the same launch (``row_ends``, see
+    monta/dispatch/routed_order.py): one launch fewer before the first GEMM.
     """
+    row_ends = getattr(tokens_per_expert, "row_ends", None)
+    if row_ends is not None and row_ends.device == device:
+        return row_ends
     offsets = torch.cumsum(torch.as_tensor(tokens_per_expert), 0, dtype=torch.int32)
     if offsets.device.type == "cpu" and device.type == "cuda":
         offsets = offsets.pin_memory().to(device, non_blocking=True)

@@ -6,12 +6,17 @@ Why kernels: on one GPU the layer's work before the first expert GEMM is a chain
 launches, each costing the host ~40 µs (H200 machine, measured) while the GPU waits, so the
 torch version of :func:`monta.dispatch.plan.order_by_expert_topk` (topk over the mask, a radix
 argsort, index_add, scatter: ~15 launches, ~1 ms of host time at Mixtral shapes) delays every
-GEMM behind it. :func:`expert_order` is one launch. :func:`gather_sum` replaces
+GEMM behind it. :func:`expert_order` is one launch. :func:`topk_softmax_order` goes further
+for MoNTA's router: from the gating logits to the expert order and the routing probabilities
+already in that order, replacing megatron's top-k, softmax and two [T, E] scatters plus the
+order and a gather (~15 host ops) with one launch: each program routes a block of tokens, and
+the last one to finish orders them all. :func:`gather_sum` replaces
 ``index_select`` + ``view`` + ``sum`` (two passes and a [n, H] temporary) in the combine and in
 the dispatch's backward: at Mixtral shapes 0.22 → 0.065 ms each.
 
-Both compute exactly what the torch versions compute (the order: rows ascending within each
-expert; the sum: fp32 accumulation, one rounding), checked in tests/gpu.
+They compute what the torch versions compute (the order: rows ascending within each expert;
+the sum: fp32 accumulation, one rounding; the softmax: fp32, as megatron's), checked in
+tests/gpu.
 """
 
 from __future__ import annotations
@@ -42,36 +47,111 @@ if triton is not None:
         return tl.where(tl.cumsum(m, axis=1) <= K, m, 0)
 
     @triton.jit
-    def _expert_order_kernel(mask_ptr, rows_ptr, experts_ptr, flat_ptr, inverse_ptr, counts_ptr,
-                             T, E: tl.constexpr, EP: tl.constexpr, K: tl.constexpr,
-                             BT: tl.constexpr):
-        # One program: two passes over the [T, E] mask (T·E bytes, L2-resident).
-        cols = tl.arange(0, EP)
-        col_ok = cols < E
-        counts = tl.zeros([EP], dtype=tl.int32)
-        for start in range(0, T, BT):  # 1) copies per expert
-            t = start + tl.arange(0, BT)
-            ok = (t < T)[:, None] & col_ok[None, :]
+    def _selected(mask_ptr, t, cols, T, E: tl.constexpr, K: tl.constexpr,
+                  SAME_LAUNCH: tl.constexpr):
+        """[BT, EP] 0/1: the experts of tokens ``t`` from the [T, E] mask, each row with
+        exactly K ones. SAME_LAUNCH: other programs of this launch wrote the mask (exactly K
+        per row): loaded from L2 (``.cg``), past this SM's L1, which may hold no stale copy."""
+        ok = (t < T)[:, None] & (cols < E)[None, :]
+        if SAME_LAUNCH:
+            m = tl.load(mask_ptr + t[:, None] * E + cols[None, :], mask=ok, other=0,
+                        cache_modifier=".cg").to(tl.int32)
+        else:
             m = tl.load(mask_ptr + t[:, None] * E + cols[None, :], mask=ok, other=0).to(tl.int32)
-            m = tl.where(ok, _exactly_k(m, K), 0)
-            counts += tl.sum(m, axis=0)
-        tl.store(counts_ptr + cols, counts.to(tl.int64), mask=col_ok)
+            m = _exactly_k(m, K)
+        return tl.where(ok, m, 0)
+
+    @triton.jit
+    def _expert_order(mask_ptr, table_ptr, NB, rows_ptr, experts_ptr, flat_ptr, inverse_ptr,
+                      counts_ptr, ends_ptr, p_ptr, probs_ptr, T, E: tl.constexpr,
+                      EP: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                      SAME_LAUNCH: tl.constexpr):
+        # One program: two passes over the tokens' expert choices (T·E bytes, L2-resident);
+        # in SAME_LAUNCH the first sums the NB routing programs' [NB, EP] counts instead.
+        cols = tl.arange(0, EP)
+        counts = tl.zeros([EP], dtype=tl.int32)
+        if SAME_LAUNCH:
+            for b in range(0, NB, 64):  # 1) copies per expert
+                blocks = b + tl.arange(0, 64)
+                counts += tl.sum(tl.load(table_ptr + blocks[:, None] * EP + cols[None, :],
+                                         mask=(blocks < NB)[:, None], other=0,
+                                         cache_modifier=".cg"), axis=0)
+            tl.store(ends_ptr + cols, tl.cumsum(counts, axis=0), mask=cols < E)
+        else:
+            for start in range(0, T, BT):  # 1) copies per expert
+                m = _selected(mask_ptr, start + tl.arange(0, BT), cols, T, E, K, SAME_LAUNCH)
+                counts += tl.sum(m, axis=0)
+        tl.store(counts_ptr + cols, counts.to(tl.int64), mask=cols < E)
         next_row = tl.cumsum(counts, axis=0) - counts  # first free expert row per expert
         for start in range(0, T, BT):  # 2) each copy's row, rows ascending within an expert
             t = start + tl.arange(0, BT)
-            ok = (t < T)[:, None] & col_ok[None, :]
-            m = tl.load(mask_ptr + t[:, None] * E + cols[None, :], mask=ok, other=0).to(tl.int32)
-            m = tl.where(ok, _exactly_k(m, K), 0)
+            m = _selected(mask_ptr, t, cols, T, E, K, SAME_LAUNCH)
             sel = m != 0
             dest = (next_row[None, :] + tl.cumsum(m, axis=0) - 1).to(tl.int64)  # [BT, EP]
             choice = tl.cumsum(m, axis=1) - 1  # j: copy t·K + j, experts ascending
             tokens = tl.broadcast_to(t[:, None], (BT, EP)).to(tl.int64)
             experts = tl.broadcast_to(cols[None, :], (BT, EP)).to(tl.int64)
-            tl.store(inverse_ptr + tokens * K + choice, dest, mask=sel)
+            copy = tokens * K + choice
+            tl.store(inverse_ptr + copy, dest, mask=sel)
             tl.store(rows_ptr + dest, tokens, mask=sel)
             tl.store(experts_ptr + dest, experts, mask=sel)
-            tl.store(flat_ptr + dest, tokens * E + experts, mask=sel)
+            if SAME_LAUNCH:  # flat: the copy itself; its probability ([T, E]), in expert order
+                tl.store(flat_ptr + dest, copy, mask=sel)
+                p = tl.load(p_ptr + tokens * E + experts, mask=sel, other=0.0,
+                            cache_modifier=".cg")
+                tl.store(probs_ptr + dest, p.to(probs_ptr.dtype.element_ty), mask=sel)
+            else:
+                tl.store(flat_ptr + dest, tokens * E + experts, mask=sel)
             next_row += tl.sum(m, axis=0)
+
+    @triton.jit
+    def _expert_order_kernel(mask_ptr, rows_ptr, experts_ptr, flat_ptr, inverse_ptr, counts_ptr,
+                             T, E: tl.constexpr, EP: tl.constexpr, K: tl.constexpr,
+                             BT: tl.constexpr):
+        _expert_order(mask_ptr, mask_ptr, 0, rows_ptr, experts_ptr, flat_ptr, inverse_ptr,
+                      counts_ptr, counts_ptr, mask_ptr, mask_ptr, T, E, EP, K, BT, False)
+
+    @triton.jit
+    def _topk_softmax_order_kernel(logits_ptr, idx_ptr, p_ptr, mask_ptr, p_full_ptr, table_ptr,
+                                   ticket_ptr, rows_ptr, experts_ptr, flat_ptr, inverse_ptr,
+                                   counts_ptr, ends_ptr, probs_ptr, T, E: tl.constexpr,
+                                   EP: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                                   BT_ORDER: tl.constexpr):
+        # 1) every program: top-k of BT tokens' logits (ties: the lower expert id), softmax over
+        #    the K picked in fp32, stored with each token's experts ascending
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        cols = tl.arange(0, EP)
+        ok = (t < T)[:, None] & (cols < E)[None, :]
+        x = tl.load(logits_ptr + t[:, None] * E + cols[None, :], mask=ok,
+                    other=float("-inf")).to(tl.float32)
+        sel = tl.zeros([BT, EP], dtype=tl.int32)
+        for _ in tl.static_range(K):
+            free = (sel == 0) & (cols < E)[None, :]
+            best = tl.max(tl.where(free, x, float("-inf")), axis=1)
+            pick = tl.min(tl.where(free & (x == best[:, None]), cols[None, :], EP), axis=1)
+            sel = tl.where(cols[None, :] == pick[:, None], 1, sel)
+        top = tl.max(tl.where(sel != 0, x, float("-inf")), axis=1)
+        w = tl.where(sel != 0, tl.exp(x - top[:, None]), 0.0)
+        p = w / tl.sum(w, axis=1)[:, None]
+        keep = (sel != 0) & ok
+        copy = t[:, None] * K + tl.cumsum(sel, axis=1) - 1
+        tl.store(idx_ptr + copy, tl.broadcast_to(cols[None, :], (BT, EP)).to(tl.int64), mask=keep)
+        tl.store(p_ptr + copy, p, mask=keep)
+        # and for the order: as [T, E] (mask; p where picked, for contiguous loads), and this
+        # block's copies per expert (so the order's counting pass reads NB·EP, not T·E)
+        tl.store(mask_ptr + t[:, None] * E + cols[None, :], sel.to(tl.int8), mask=ok)
+        tl.store(p_full_ptr + t[:, None] * E + cols[None, :], p, mask=keep)
+        tl.store(table_ptr + tl.program_id(0) * EP + cols, tl.sum(keep.to(tl.int32), axis=0))
+        # 2) the last program to finish orders all copies by expert (one program, as in
+        #    expert_order). The barrier puts this program's stores before its ticket; the ticket
+        #    (acq_rel, GPU scope) orders every program's stores before the last one's loads.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1)
+        if ticket == tl.num_programs(0) - 1:
+            _expert_order(mask_ptr, table_ptr, tl.num_programs(0), rows_ptr, experts_ptr,
+                          flat_ptr, inverse_ptr, counts_ptr, ends_ptr, p_full_ptr, probs_ptr, T,
+                          E, EP, K, BT_ORDER, True)
+            tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch
 
     @triton.jit
     def _gather_sum_kernel(y_ptr, idx_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
@@ -86,6 +166,13 @@ if triton is not None:
                  mask=mask)
 
 
+def _block_rows(num_experts: int) -> tuple[int, int]:
+    """(EP, BT): experts padded to a power of two, and tokens per [BT, EP] block of 4K entries
+    (what a program holds in registers)."""
+    ep = triton.next_power_of_2(num_experts)
+    return ep, max(16, min(256, 4096 // ep))
+
+
 def expert_order(mask: torch.Tensor, topk: int):
     """``mask`` [T, E] bool → (rows [n], experts [n], flat [n] = rows·E + experts,
     inverse [n], counts [E]), all int64, n = T·topk; see plan.order_by_expert_topk."""
@@ -94,14 +181,58 @@ def expert_order(mask: torch.Tensor, topk: int):
     out = torch.empty(4, n, dtype=torch.int64, device=mask.device)
     counts = torch.empty(E, dtype=torch.int64, device=mask.device)
     if T:
-        ep = triton.next_power_of_2(E)
-        bt = max(16, min(256, 4096 // ep))  # a [BT, EP] block of 4K entries in registers
+        ep, bt = _block_rows(E)
         _expert_order_kernel[(1,)](mask.contiguous().view(torch.uint8), out[0], out[1], out[2],
                                    out[3], counts, T, E=E, EP=ep, K=topk, BT=bt, num_warps=8)
     else:
         counts.zero_()
     rows, experts, flat, inverse = out.unbind(0)
     return rows, experts, flat, inverse, counts
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    """The per-device counter :func:`topk_softmax_order`'s programs take tickets from; each
+    launch leaves it at zero. Launches on one device must not overlap (one stream, as here)."""
+    ticket = _TICKETS.get(device)
+    if ticket is None:
+        ticket = _TICKETS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return ticket
+
+
+def topk_softmax_order(logits: torch.Tensor, topk: int):
+    """Router top-k, softmax over the picked logits and the expert order, in one launch.
+
+    ``logits`` [T, E] → (probs [n] (logits' dtype, in expert order), idx [T, k] int64 (each
+    token's experts ascending), p [T, k] fp32 softmax in idx's order, rows, experts, flat,
+    inverse [n] int64 and counts [E] int64 as :func:`expert_order` returns them, except that
+    ``flat`` is each row's copy t·k + j: its entry of ``p``), and the int32 row ends of the
+    experts, cumsum(counts), as ``torch._grouped_mm`` takes them (None for no tokens). Ties
+    between logits go to the lower expert id. See monta/dispatch/routed_order.py.
+    """
+    T, E = logits.shape
+    n = T * topk
+    ints = torch.empty(5 * n + E, dtype=torch.int64, device=logits.device)
+    floats = torch.empty(n + T * E, dtype=torch.float32, device=logits.device)
+    mask = torch.empty(T, E, dtype=torch.int8, device=logits.device)  # scratch
+    probs = torch.empty(n, dtype=logits.dtype, device=logits.device)
+    idx, rows, experts, flat, inverse = ints[:5 * n].view(5, n).unbind(0)
+    counts, p = ints[5 * n:], floats[:n]
+    if not T:
+        counts.zero_()
+        return probs, idx.view(T, topk), p.view(T, topk), rows, experts, flat, inverse, counts, None
+    ep, bt = _block_rows(E)
+    blocks = triton.cdiv(T, bt)
+    int32s = torch.empty(blocks * ep + E, dtype=torch.int32, device=logits.device)
+    ends = int32s[blocks * ep:]
+    # the ordering program: twice the rows per block with twice the warps (it runs alone)
+    _topk_softmax_order_kernel[(blocks,)](
+        logits.contiguous(), idx, p, mask, floats[n:], int32s, _ticket(logits.device), rows,
+        experts, flat, inverse, counts, ends, probs, T, E=E, EP=ep, K=topk, BT=bt,
+        BT_ORDER=2 * bt, num_warps=16)
+    return probs, idx.view(T, topk), p.view(T, topk), rows, experts, flat, inverse, counts, ends
 
 
 def gather_sum(y: torch.Tensor, index: torch.Tensor, topk: int, block: int = 1024):

@@ -142,6 +142,9 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
                                                self._chunk_options(), group=self.tp_ep_group,
                                                with_stock=self.stock is not None)
         self.static_order = self.local_only and config.moe_expert_capacity_factor is None
+        # the router may hand over that order itself, instead of a [T, E] routing map
+        # (monta/router.py); the pipelined forward (chunks > 1) slices the map, so not there
+        self.takes_expert_order = self.static_order and self.options.chunks == 1
         if not self.options.tp_shard and self.tp_size not in (1, self.attn_tp_size):
             raise ValueError(f"ds_tp dispatch needs expert-TP size 1 or equal to TP "
                              f"({self.attn_tp_size}), got {self.tp_size}")
@@ -246,18 +249,20 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
     @_or_stock
     @timed("dispatch")
     def dispatch_postprocess(self, rows_x, rows_probs):
-        if self.static_order:
-            self.order: ExpertOrder = order_by_expert_topk(self.rows_mask,
-                                                           self.config.moe_router_topk)
-        else:
-            self.order = order_by_local_expert(self.rows_mask, self.local_expert_indices)
         self.num_rows = rows_x.size(0)
-        order = self.order
-        if order.inverse is not None:  # gathers both ways instead of scatters (permute.py)
+        if isinstance(self.rows_mask, ExpertOrder):
+            # MoNTA's router ordered the tokens itself, probabilities included (router.py)
+            self.order = order = self.rows_mask
+            permuted_probs = rows_probs
+        elif self.static_order:
+            self.order = order = order_by_expert_topk(self.rows_mask, self.config.moe_router_topk)
             permuted_probs = GatherFlat.apply(rows_probs, order.flat)
+        else:
+            self.order = order = order_by_local_expert(self.rows_mask, self.local_expert_indices)
+            permuted_probs = rows_probs[order.rows, order.experts]
+        if order.inverse is not None:  # gathers both ways instead of scatters (permute.py)
             permuted = ExpandToExperts.apply(rows_x, order.rows, order.inverse, order.topk)
         else:
-            permuted_probs = rows_probs[order.rows, order.experts]
             permuted = rows_x[order.rows]
         return permuted, order.tokens_per_expert, permuted_probs
 

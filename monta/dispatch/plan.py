@@ -15,7 +15,7 @@ Two shapes of dispatch:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -223,7 +223,8 @@ class ExpertOrder:
     topk: int | None = None
     flat: torch.Tensor | None = None
     """[n] int64, only from :func:`order_by_expert_topk`: ``rows·E + experts``, each copy's
-    entry of the flattened [rows, E] probabilities (one gather, see permute.GatherFlat)."""
+    entry of the flattened [rows, E] probabilities (one gather, see permute.GatherFlat); from
+    :func:`order_of_choices`: the copy ``t·k + j`` itself."""
 
 
 def order_by_local_expert(mask: torch.Tensor, local_experts: list[int]) -> ExpertOrder:
@@ -262,12 +263,22 @@ def order_by_expert_topk(mask: torch.Tensor, topk: int, use_kernel: bool = True)
         if kernels.available(mask):
             rows, experts, flat, inverse, counts = kernels.expert_order(mask, topk)
             return ExpertOrder(rows, experts, counts, inverse, topk, flat)
-    chosen = torch.topk(mask.to(torch.int8), topk, dim=1).indices.reshape(-1)  # [rows·k]
+    chosen = torch.topk(mask.to(torch.int8), topk, dim=1).indices  # [rows, k]
+    order = order_of_choices(chosen, num_experts)
+    return replace(order, flat=order.rows * num_experts + order.experts)
+
+
+def order_of_choices(chosen: torch.Tensor, num_experts: int) -> ExpertOrder:
+    """The expert order of top-k choices ``chosen`` [rows, k] (expert ids): a stable sort of
+    the copies by expert, so rows ascend within an expert. ``flat`` is each copy's index
+    ``t·k + j`` into ``chosen.reshape(-1)``."""
+    topk = chosen.size(1)
+    chosen = chosen.reshape(-1)  # [rows·k]
     order = torch.argsort(chosen, stable=True)
     rows = torch.div(order, topk, rounding_mode="floor")
     experts = chosen[order]
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=mask.device)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=chosen.device)
     counts.index_add_(0, chosen, torch.ones_like(chosen))
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(),
                                                                       device=order.device))
-    return ExpertOrder(rows, experts, counts, inverse, topk, rows * num_experts + experts)
+    return ExpertOrder(rows, experts, counts, inverse, topk, order)

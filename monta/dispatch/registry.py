@@ -57,6 +57,12 @@ class MoNTAMoELayer(MoELayer):
             pg_collection=pg_collection,
         )
         self.token_dispatcher.layer_number = layer_number
+        if isinstance(self.router, MoNTATopKRouter):
+            # routing straight into the expert order (monta/router.py); not under megatron's
+            # CUDA graphs, which capture the router and the dispatch as separate pieces
+            self.router.emit_expert_order = (
+                getattr(self.token_dispatcher, "takes_expert_order", False)
+                and getattr(config, "cuda_graph_impl", "none") in (None, "none"))
 
     def set_layer_number(self, layer_number: int):
         super().set_layer_number(layer_number)

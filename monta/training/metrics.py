@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron.core.transformer.moe import moe_utils
 
 from monta import comm, parallel
+from monta.dispatch.plan import ExpertOrder
 from monta.dispatch.stats import take_phase_seconds
 from monta.planner.compute import model_flops_per_step
 from monta.planner.model import model_from_args
@@ -34,7 +35,8 @@ class ExpertLoadTracker:
     with a capacity factor — the token-expert assignments dropped for overflowing an expert.
 
     Hooks each router's forward, whose outputs are the probabilities and the routing map
-    [tokens, experts] after capacity dropping: a kept assignment has a non-zero probability,
+    [tokens, experts] after capacity dropping (or, from MoNTA's router on the one-rank path,
+    the probabilities [tokens · top-k] in expert order and the order): a kept assignment has a non-zero probability,
     so dropped = tokens × top-k − nonzero(probs) (padding to capacity adds zero-probability
     slots, which are not tokens).
     """
@@ -54,11 +56,13 @@ class ExpertLoadTracker:
 
     def _hook(self, router, _inputs, outputs) -> None:
         probs, routing_map = outputs[0], outputs[1]
+        # MoNTA's router on the one-rank path returns the expert order itself (router.py)
+        ordered = isinstance(routing_map, ExpertOrder)
         # layer_number is 1-based and global across pipeline stages
         row = self.counts[router.layer_number - 1]
-        row[:-2] += routing_map.detach().sum(dim=0)
+        row[:-2] += routing_map.tokens_per_expert if ordered else routing_map.detach().sum(dim=0)
         if self.count_dropped:
-            routed = probs.shape[0] * router.topk
+            routed = probs.numel() if ordered else probs.shape[0] * router.topk
             row[-2] += routed - torch.count_nonzero(probs.detach())
             row[-1] += routed
 

@@ -216,6 +216,40 @@ def test_expert_order_kernel_pads_short_rows(nccl_world_of_one):
     assert torch.equal(order.flat, order.rows * 16 + order.experts)
 
 
+def test_topk_softmax_order_kernel_matches_torch(nccl_world_of_one):
+    """monta/dispatch/kernels.py's one-launch router top-k + softmax + expert order (through
+    routed_order.route_in_expert_order) = the torch version on CPU: the same order, the same
+    probabilities, the same logits gradient; twice in a row (the ticket counter resets)."""
+    from monta.dispatch.routed_order import route_in_expert_order
+
+    for tokens, experts, topk, dtype in ((8192, 8, 2, torch.bfloat16), (1000, 64, 6, torch.float32),
+                                         (77, 16, 1, torch.bfloat16), (0, 8, 2, torch.bfloat16)):
+        gen = torch.Generator(device="cuda").manual_seed(tokens)
+        if dtype == torch.bfloat16:  # distinct within a row, exact in bf16: no ties to break
+            logits = torch.rand(tokens, experts, device="cuda", generator=gen).argsort(1) / 4
+        else:
+            logits = torch.randn(tokens, experts, device="cuda", generator=gen)
+        logits = logits.to(dtype)
+        weights = torch.randn(tokens * topk, device="cuda", generator=gen).to(dtype)
+        want_logits = logits.cpu().float().requires_grad_(True)
+        want_probs, want = route_in_expert_order(want_logits, topk)
+        (want_probs.to(dtype).float() * weights.cpu().float()).sum().backward()
+        for _ in range(2):
+            got_logits = logits.clone().requires_grad_(True)
+            probs, got = route_in_expert_order(got_logits, topk)
+            (probs * weights).sum().backward()
+            for name in ("rows", "experts", "flat", "inverse", "tokens_per_expert"):
+                assert torch.equal(getattr(got, name).cpu(), getattr(want, name)), (tokens, name)
+            assert probs.dtype == dtype
+            if tokens:  # the experts' row ends come from the same launch (monta.experts)
+                assert torch.equal(got.tokens_per_expert.row_ends.cpu(),
+                                   want.tokens_per_expert.cumsum(0).int())
+                tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+                assert _rel_err(probs.float().cpu(), want_probs.to(dtype).float()) < tol
+                err = (got_logits.grad.float().cpu() - want_logits.grad).norm()
+                assert err <= tol * want_logits.grad.norm() + 1e-6  # top-1: both zero
+
+
 def test_gather_sum_kernel_matches_torch(nccl_world_of_one):
     from monta.dispatch import kernels
 
@@ -239,6 +273,7 @@ def test_grouped_experts_layer_matches_sequential_bf16(nccl_world_of_one):
     stock = _moe_layer("alltoall")
     ours = _moe_layer("monta", grouped=True)
     assert isinstance(ours.experts, MoNTAGroupedMLP) and ours.token_dispatcher.static_order
+    assert ours.router.routes_in_expert_order()  # top-k straight into the order (router.py)
     ours.router.load_state_dict(stock.router.state_dict())
     copy_from_sequential(ours.experts, stock.experts)
     x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16)
@@ -261,7 +296,7 @@ def test_grouped_moe_layer_has_no_host_sync(nccl_world_of_one):
     experts and combine, forward and backward: no operation waits for the GPU (torch's sync
     debug mode reports each one that does)."""
     layer = _moe_layer("monta", grouped=True, aux_loss=True)
-    assert layer._defers_aux_loss(None)
+    assert layer._defers_aux_loss(None) and layer.router.routes_in_expert_order()
     x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
     for _ in range(2):  # compile the fused activation and warm the allocator first

@@ -246,3 +246,15 @@ def test_dropped_tokens_are_counted_without_leaving_the_device():
     tracker._hook(SimpleNamespace(layer_number=2, topk=2), None, (probs, routing_map))
     assert tracker.counts[1].tolist() == [2, 1, 1, 0, 2, 6]  # per expert, dropped, routed
     assert tracker.counts[0].sum() == 0
+
+
+def test_expert_load_counts_the_routers_expert_order():
+    """MoNTA's router on the one-rank path returns the expert order, not a [T, E] map."""
+    from monta.dispatch.routed_order import route_in_expert_order
+    from monta.training.metrics import ExpertLoadTracker
+
+    tracker = ExpertLoadTracker([], num_layers=1, num_experts=4, count_dropped=True)
+    logits = torch.tensor([[3.0, 2, 1, 0], [0, 1, 2, 3], [3, 0, 2, 1]])
+    tracker._hook(SimpleNamespace(layer_number=1, topk=2), None,
+                  route_in_expert_order(logits, 2))
+    assert tracker.counts[0].tolist() == [2, 1, 2, 1, 0, 6]
