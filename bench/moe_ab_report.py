@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.testbed_jobs import provenance_line
+from monta.plotting import pyplot, skipped
 
 _MB = 1e6
 
@@ -92,13 +93,9 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return f"matplotlib is not importable: skipped the plot {path} (pip install matplotlib)"
+    plt = pyplot(path)
+    if plt is None:
+        return skipped(path)
     layout_names = list(dict.fromkeys(r["layout"]["name"] for r in result["rows"]))
     caps = result["caps"]
     all_labels = list(dict.fromkeys(r["label"] for r in result["rows"] if r["label"] != "nocomm"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.testbed_jobs import provenance_line
+from monta.plotting import pyplot, skipped
 
 KIND_COLOURS = {"alltoall": "tab:blue", "ds_tp": "tab:red", "monta": "tab:green",
                 "monta+dedup": "tab:purple"}
@@ -105,14 +106,10 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        return f"matplotlib is not importable: skipped the plot {path} (pip install matplotlib)"
+    plt = pyplot(path)
+    if plt is None:
+        return skipped(path)
+    import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(6.2, 5.4))
     rows = result["rows"]
     cal = list(result["calibration"]["runs"].values())

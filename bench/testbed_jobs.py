@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from monta.testbed.hostload import cpu_busy_seconds, load_averages, own_cpu_seconds
+
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "pretrain_moe.py"
 T = TypeVar("T")
@@ -79,31 +81,7 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load_average() -> float:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except OSError:
-        return float("nan")
-
-
-def cpu_busy_seconds() -> float:
-    """CPU seconds the host has spent busy since boot, summed over cores (/proc/stat)."""
-    try:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-    except (OSError, ValueError):
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq = ticks
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """This process plus every finished descendant (the testbed launchers and their ranks)."""
-    import resource
-
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total
+    return load_averages()[0]
 
 
 def foreign_cores_now(window_s: float = 3.0) -> float:

@@ -74,7 +74,10 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from monta.planner.calibration import (  # noqa: E402 (after the sys.path fix)
+from monta.testbed.hostload import (  # noqa: E402 (after the sys.path fix)
+    cpu_busy_seconds, load_averages, own_cpu_seconds,
+)
+from monta.planner.calibration import (  # noqa: E402
     OPS,
     LINKS,
     parse_size,
@@ -90,32 +93,6 @@ from monta.planner.calibration import (  # noqa: E402 (after the sys.path fix)
     _quartiles,
 )
 
-
-
-def load_average() -> list[float]:
-    try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return [math.nan] * 3
-
-
-def cpu_busy_seconds() -> float:
-    """CPU seconds the whole host has spent busy since boot, summed over cores (/proc/stat:
-    user + nice + system + irq + softirq); nan where there is no /proc/stat."""
-    try:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-    except (OSError, ValueError):
-        return math.nan
-    user, nice, system, _idle, _iowait, irq, softirq = ticks
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds of this process (all its threads: gloo's included)."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def git_commit() -> str:
@@ -387,7 +364,7 @@ class _Bench:
 
 
 def run(args: argparse.Namespace) -> int:
-    before = load_average()
+    before = load_averages()
     started = time.perf_counter()
     bench = _Bench(args)
     try:
@@ -402,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{before[0]:.2f}", flush=True)
         # foreign load: host CPU time not spent by the ranks, over the measurement
         bench.dist.barrier(group=bench.ctrl)
-        busy0, own0, wall0 = cpu_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+        busy0, own0, wall0 = cpu_busy_seconds(), own_cpu_seconds(children=False), time.perf_counter()
         points = bench.sweep()
         fits: dict[str, dict[str, dict]] = {}
         for link in bench.links:
@@ -412,12 +389,12 @@ def run(args: argparse.Namespace) -> int:
                 if pts:
                     fits.setdefault(link, {})[op] = fit_alpha_beta(pts)
         contention = None if args.no_contention else bench.contention(fits)
-        ranks_cpu = bench.torch.tensor([own_cpu_seconds() - own0], dtype=bench.torch.float64)
+        ranks_cpu = bench.torch.tensor([own_cpu_seconds(children=False) - own0], dtype=bench.torch.float64)
         bench.dist.all_reduce(ranks_cpu, group=bench.ctrl)
         busy1, wall1 = cpu_busy_seconds(), time.perf_counter()
         if bench.rank != 0:
             return 0
-        after = load_average()
+        after = load_averages()
         # mean number of cores other processes kept busy (ranks of this job excluded; one host)
         foreign = (busy1 - busy0 - ranks_cpu.item()) / (wall1 - wall0)
         foreign = round(max(0.0, foreign), 3) if bench.one_host else None

@@ -23,6 +23,12 @@ import re
 import sys
 from pathlib import Path
 
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:  # run as a script: tools/ is on the path, the repo is not
+    sys.path.insert(0, str(_REPO))
+
+from monta.plotting import pyplot  # noqa: E402
+
 EVENTS_GLOB = "events.out.tfevents.*"
 _EXPERT = re.compile(r"^expert-load/layer(\d+)/expert(\d+)$")
 _LAYER_BYTES = re.compile(r"^moe-comm/layer(\d+)/(intra|inter)-bytes$")
@@ -71,11 +77,7 @@ def find_runs(root: Path) -> list[Path]:
 
 
 def _figure(rows: int = 1, cols: int = 1, size=(7.0, 4.0)):
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the run's plots", required=True)
     fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
     return plt, fig, axes[0]
 

@@ -22,7 +22,8 @@ fastest:
    is its fastest trial (the first one pays warm-up, noise only adds);
 3) the ranks that exchange this layer's tokens (EP × expert-TP) must agree, so at the first
    forward after the last trial they take the max over ranks of each time (one small
-   all-reduce, the only collective the tuner adds) and all pick the same minimum. Where a
+   all-reduce, the only collective the tuner adds) and all pick the same minimum — or
+   ``stock`` when the minimum is not :data:`STOCK_MARGIN` faster than it. Where a
    trial's backward has not run by then (forward-only use, or pipeline schedules that run
    several forwards first), every candidate is compared on its forward time instead.
 
@@ -42,6 +43,10 @@ import torch.distributed as dist
 
 CHUNK_OPTIONS = (1, 2, 4, 8)
 TRIALS = 3
+STOCK_MARGIN = 0.05
+"""A MoNTA option replaces megatron's path only when it measured at least this much faster:
+on the 2-core testbed two layers running the *same* stock code time up to ~10 % apart, so a
+smaller win is as likely noise as real, and stock is the safe side of a tie."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,10 @@ class DispatchTuner:
         self.basis = "forward + backward" if all(math.isfinite(t) for t in steps) else "forward"
         compared = steps if self.basis == "forward + backward" else slowest[:n]
         best = min(range(n), key=lambda i: (compared[i], i))
+        if STOCK in self.candidates:
+            stock = self.candidates.index(STOCK)
+            if compared[best] > (1 - STOCK_MARGIN) * compared[stock]:
+                best = stock
         self.chosen = self.candidates[best]
         self.times = dict(zip(self.candidates, compared))
 

@@ -11,6 +11,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from monta.plotting import pyplot, skipped
+
 OPS = ("p2p", "all_to_all", "all_gather", "reduce_scatter")
 LINKS = ("intra", "inter")
 FIT_OP = "all_to_all"  # the links' headline numbers: MoE dispatch is an all-to-all
@@ -196,13 +198,9 @@ def table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> str:
     """Bus bandwidth against message size, one panel per link class; returns a status line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return f"matplotlib is not importable: skipped the plot {path} (pip install matplotlib)"
+    plt = pyplot(path)
+    if plt is None:
+        return skipped(path)
     import textwrap
 
     links = list(result["fits"])

@@ -9,6 +9,7 @@ from typing import Sequence
 from monta.planner.costmodel import PlanContext
 from monta.planner.plan import PHASES, Plan
 from monta.planner.search import SearchResult
+from monta.plotting import pyplot
 
 _GROUPS = (  # table columns: (header, phases summed)
     ("compute", ("compute/attention", "compute/experts", "compute/lm_head")),
@@ -114,11 +115,7 @@ def result_json(result: SearchResult, ctx: PlanContext, top: int) -> dict:
 
 def plot(plans: Sequence[Plan], path: str | Path, title: str = "") -> str:
     """Stacked horizontal bars of the exposed time per phase for ``plans``; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot(path, required=True)
     plans = list(plans)[::-1]  # fastest on top
     fig, ax = plt.subplots(figsize=(11, 0.45 * len(plans) + 1.8))
     left = [0.0] * len(plans)

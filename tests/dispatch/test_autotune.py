@@ -83,6 +83,21 @@ def test_stock_is_the_last_candidate_and_can_win():
     assert tuner.chosen == STOCK and str(STOCK) == "stock"
 
 
+def test_stock_wins_ties_within_the_noise_margin():
+    def choose(monta_s: float, stock_s: float) -> Setting:
+        tuner = DispatchTuner.for_options([False], [1], group=None, trials=1, with_stock=True)
+        now = [0.0]
+        tuner.clock = lambda: now[0]
+        for seconds in (monta_s, stock_s, 0.0):
+            tuner.timed_forward(lambda: now.__setitem__(0, now[0] + seconds),
+                                torch.device("cpu"))
+        return tuner.chosen
+
+    assert choose(0.97, 1.0) == STOCK  # 3 % faster: within the margin
+    assert choose(0.90, 1.0) == Setting(False, 1)  # 10 % faster: a real win
+    assert choose(1.10, 1.0) == STOCK
+
+
 def test_calls_go_to_megatron_while_stock_is_tried_or_chosen():
     class Dispatcher:
         def __init__(self, stock, tuner):
