@@ -97,6 +97,18 @@ def fit_peak(spec_of: SpecOf, device: dict, run: CalibrationRun) -> float:
     return math.sqrt(lo * hi)
 
 
+def _solve_linear(predicted: Callable[[float], float], target: float, clamp: bool,
+                  flat: str) -> float:
+    """The x ≥ 0 (or any x, without ``clamp``) at which ``predicted(x)``, linear and rising in
+    x, equals ``target``: two evaluations give the line. ValueError ``flat`` if it does not
+    rise."""
+    slope = (predicted(1000.0) - predicted(0.0)) / 1000.0
+    if slope <= 0:
+        raise ValueError(f"calibration: {flat} (slope {slope})")
+    fitted = (target - predicted(0.0)) / slope
+    return max(0.0, fitted) if clamp else fitted
+
+
 def fit_launch(spec_of: SpecOf, device: dict, one: CalibrationRun, many: CalibrationRun,
                clamp: bool = True) -> float:
     """``launch_overhead_us`` at which ``many`` − ``one`` (the same run at more chunks) is
@@ -109,12 +121,9 @@ def fit_launch(spec_of: SpecOf, device: dict, one: CalibrationRun, many: Calibra
         return (predict(many.flags, spec_of(many.cap, dev)).step_time_s
                 - predict(one.flags, spec_of(one.cap, dev)).step_time_s)
 
-    slope = (gap(1000.0) - gap(0.0)) / 1000.0
-    if slope <= 0:
-        raise ValueError(f"calibration: more chunks do not add launch costs in the model "
-                         f"(slope {slope}): the launch runs must differ in --monta-chunks")
-    fitted = (many.measured_s - one.measured_s - gap(0.0)) / slope
-    return max(0.0, fitted) if clamp else fitted
+    return _solve_linear(gap, many.measured_s - one.measured_s, clamp,
+                         "more chunks do not add launch costs in the model: the launch runs "
+                         "must differ in --monta-chunks")
 
 
 def fit_hop(spec_of: SpecOf, device: dict, run: CalibrationRun, clamp: bool = True) -> float:
@@ -124,11 +133,8 @@ def fit_hop(spec_of: SpecOf, device: dict, run: CalibrationRun, clamp: bool = Tr
         return predict(run.flags, spec_of(run.cap, device | {"hop_overhead_us": hop_us})
                        ).step_time_s
 
-    slope = (step(1000.0) - step(0.0)) / 1000.0
-    if slope <= 0:
-        raise ValueError("calibration: the hop-cost run has no dispatcher hops (EP = ETP = 1?)")
-    fitted = (run.measured_s - step(0.0)) / slope
-    return max(0.0, fitted) if clamp else fitted
+    return _solve_linear(step, run.measured_s, clamp,
+                         "the hop-cost run has no dispatcher hops (EP = ETP = 1?)")
 
 
 FITTED = ("peak_tflops", "launch_overhead_us", "hop_overhead_us")

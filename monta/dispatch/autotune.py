@@ -144,8 +144,9 @@ class DispatchTuner:
             dist.all_reduce(times, op=dist.ReduceOp.MAX, group=self.group)
         slowest = times.tolist()
         steps = slowest[n:]
-        self.basis = "forward + backward" if all(math.isfinite(t) for t in steps) else "forward"
-        compared = steps if self.basis == "forward + backward" else slowest[:n]
+        complete = all(math.isfinite(t) for t in steps)
+        self.basis = "forward + backward" if complete else "forward"
+        compared = steps if complete else slowest[:n]
         best = min(range(n), key=lambda i: (compared[i], i))
         if STOCK in self.candidates:
             stock = self.candidates.index(STOCK)
