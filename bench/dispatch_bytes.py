@@ -356,7 +356,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    from bench.testbed_jobs import provenance_line
+    from bench.harness import provenance_line
 
     lines = [
         "# Forward dispatch bytes per distinct token (copies of a token's hidden state)",

@@ -61,7 +61,6 @@ the iterations after ``--train-skip``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -75,11 +74,15 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
     sys.path.insert(0, str(_REPO))
 
+from bench.harness import (  # noqa: E402
+    REPO, add_output_args, comma_floats, comma_ints, result_header, write_result,
+)
 from bench.testbed_jobs import (  # noqa: E402
-    REPO, LoadPolicy, accounted, add_load_args, exit_on_sigterm, git, load_record, machine,
-    median_after, testbed_env, train_on_testbed, warn_if_loaded,
+    LoadPolicy, accounted, add_load_args, exit_on_sigterm, load_record, median_after,
+    testbed_env, testbed_unavailable, train_on_testbed, warn_if_loaded,
 )
 from bench.moe_ab_report import markdown, plot  # noqa: E402
+from monta.testbed import EXIT_UNAVAILABLE  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "moe_ab.json"
 STOCK = "alltoall"
@@ -316,14 +319,6 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -331,12 +326,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: cap 1 Gbit/s, top-2/8, chunks 1/4, 2 rounds, training "
                              "top-8 once with 3 iterations")
-    parser.add_argument("--caps", type=_floats, default=[0.4, 1.0, 4.0],
+    parser.add_argument("--caps", type=comma_floats, default=[0.4, 1.0, 4.0],
                         help="inter-node caps, Gbit/s per direction (one testbed job each)")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--ranks-per-node", type=int, default=2)
-    parser.add_argument("--topks", type=_ints, default=[1, 2, 4, 8])
-    parser.add_argument("--chunks", type=_ints, default=[1, 2, 4, 8],
+    parser.add_argument("--topks", type=comma_ints, default=[1, 2, 4, 8])
+    parser.add_argument("--chunks", type=comma_ints, default=[1, 2, 4, 8],
                         help="monta --monta-chunks values (TP2 layout: 1 and the largest)")
     parser.add_argument("--layouts", type=lambda s: s.split(","), default=["tp1ep4", "tp2ep2etp2"],
                         help="comma-separated: tp1ep4, tp2ep2etp2")
@@ -348,7 +343,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--no-train", action="store_true", help="skip the training comparison")
-    parser.add_argument("--train-topks", type=_ints, default=[4, 8])
+    parser.add_argument("--train-topks", type=comma_ints, default=[4, 8])
     parser.add_argument("--train-cap", type=float, default=1.0, help="Gbit/s")
     parser.add_argument("--train-iters", type=int, default=6)
     parser.add_argument("--train-skip", type=int, default=2,
@@ -362,10 +357,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="flags of the monta run")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per testbed job, seconds")
     add_load_args(parser)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="JSON path; the Markdown goes next to it (.md)")
-    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
-                        help="layer time per candidate, top-k and cap (needs matplotlib)")
+    add_output_args(parser, DEFAULT_OUT, "layer time per candidate, top-k and cap")
     args = parser.parse_args(argv)
     if args.quick:
         args.caps, args.topks, args.reps = [1.0], [2, 8], 2
@@ -386,12 +378,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from monta.testbed import testbed_available
-
-    available, reason = testbed_available()
-    if not available:
-        print(f"[moe_ab] testbed unavailable: {reason}", file=sys.stderr)
-        return 77
+    if testbed_unavailable("moe_ab"):
+        return EXIT_UNAVAILABLE
     exit_on_sigterm()
     start = time.perf_counter()
     loads: list[dict] = []
@@ -409,13 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     training = [] if args.no_train else run_training(args, loads)
     record = load_record(loads, _policy(args))
     result = {
-        "benchmark": "moe_ab",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain")),
-        "machine": machine(),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        | {"worker_config": config},
+        **result_header("moe_ab", args, worker_config=config),
         "timing_method": "layer fwd+bwd, max over ranks of end - start after a barrier; comm = "
                          "layer - no-comm reference (EP=TP=1 on single-rank groups, same routing)",
         **record,
@@ -423,18 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         "veth_bytes": veth,
         "wall_seconds": {"total": round(time.perf_counter() - start, 1), **job_seconds},
     }
-    table = markdown(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
-    if args.plot:
-        print(f"[moe_ab] {plot(result, args.plot)}")
-    print(f"[moe_ab] wrote {args.out} and {args.out.with_suffix('.md')} in "
-          f"{result['wall_seconds']['total']} s ({'clean' if result['clean'] else 'NOT clean'}: "
-          f"1-min load {record['load_average']['before_first_job']:.2f} before, other "
-          f"processes up to {record['foreign_cpu_cores_max']:.2f} cores)",
-          flush=True)
+    write_result("moe_ab", result, args, markdown, plot,
+                 seconds=result["wall_seconds"]["total"],
+                 detail=f": 1-min load {record['load_average']['before_first_job']:.2f} before, "
+                        f"other processes up to {record['foreign_cpu_cores_max']:.2f} cores")
     bad = [f"{r['cap_gbit']:g} {r['layout']['name']} top{r['topk']}" for r in rows
            if not r["same_routing_as_others"]]
     if bad:

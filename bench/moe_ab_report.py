@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.testbed_jobs import provenance_line
+from bench.harness import provenance_line
 from monta.plotting import pyplot, skipped
 
 _MB = 1e6

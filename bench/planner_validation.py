@@ -43,8 +43,6 @@ fastest?" — the planner's pick (lowest prediction) succeeds when its measured 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import sys
 import time
@@ -61,10 +59,14 @@ from bench.planner_validation_fit import (  # noqa: E402
     CalibrationRun, calibrate, cluster_path, phases_ms, predict, selection_problems,
     spec_loader, summary,
 )
-from bench.testbed_jobs import (  # noqa: E402
-    REPO, LoadPolicy, add_load_args, exit_on_sigterm, git, load_record, machine, median_after,
-    train_on_testbed, warn_if_loaded,
+from bench.harness import (  # noqa: E402
+    REPO, add_output_args, comma_floats, result_header, write_result,
 )
+from bench.testbed_jobs import (  # noqa: E402
+    LoadPolicy, add_load_args, exit_on_sigterm, load_record, median_after,
+    testbed_unavailable, train_on_testbed, warn_if_loaded,
+)
+from monta.testbed import EXIT_UNAVAILABLE  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "planner_validation.json"
 NODES, RANKS_PER_NODE = 2, 2
@@ -193,17 +195,13 @@ def row_for(c: dict, flags: list[str], measured: dict, plan) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny model, 1 Gbit/s, calibration + 2 configurations, "
                              "3 iterations")
-    parser.add_argument("--caps", type=_floats, default=None,
+    parser.add_argument("--caps", type=comma_floats, default=None,
                         help="only the configurations at these caps (Gbit/s); default all")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=512)
@@ -225,10 +223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "2 calibration runs)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per testbed job, seconds")
     add_load_args(parser)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="JSON path; the Markdown goes next to it (.md)")
-    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
-                        help="predicted vs measured scatter (needs matplotlib)")
+    add_output_args(parser, DEFAULT_OUT, "predicted vs measured scatter")
     args = parser.parse_args(argv)
     args.configs = QUICK_CONFIGS if args.quick else CONFIGS
     if args.quick:  # a smoke run: sizes at which a job is mostly start-up
@@ -291,12 +286,8 @@ def run_calibration(args: argparse.Namespace, loads: list) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from monta.testbed import testbed_available
-
-    available, reason = testbed_available()
-    if not available:
-        print(f"[planner_validation] testbed unavailable: {reason}", file=sys.stderr)
-        return 77
+    if testbed_unavailable("planner_validation"):
+        return EXIT_UNAVAILABLE
     from bench.planner_validation_report import markdown, plot
 
     preflight(args)
@@ -322,12 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row_for(c, flags, merge_samples(runs[i]), plan))
     problems = selection_problems(rows)
     result = {
-        "benchmark": "planner_validation",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain")),
-        "machine": machine(),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **result_header("planner_validation", args),
         "method": "median iteration-time after --skip warm-up iterations vs "
                   "monta.planner.costmodel.evaluate on the same flags and bench_comm's "
                   "cluster spec of the cap; device calibrated on dedicated runs (calibration)",
@@ -336,16 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary(rows, problems),
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
-    table = markdown(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
-    if args.plot:
-        print(f"[planner_validation] {plot(result, args.plot)}")
-    print(f"[planner_validation] wrote {args.out} and {args.out.with_suffix('.md')} in "
-          f"{result['wall_seconds']} s ({'clean' if result['clean'] else 'NOT clean'})",
-          flush=True)
+    write_result("planner_validation", result, args, markdown, plot,
+                 seconds=result["wall_seconds"])
     return 0
 
 

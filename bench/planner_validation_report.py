@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.testbed_jobs import provenance_line
+from bench.harness import provenance_line
 from monta.plotting import pyplot, skipped
 
 KIND_COLOURS = {"alltoall": "tab:blue", "ds_tp": "tab:red", "monta": "tab:green",

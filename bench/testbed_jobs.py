@@ -12,19 +12,18 @@ Used by ``bench/moe_ab.py`` and ``bench/planner_validation.py``:
 * :func:`train_on_testbed`: one ``pretrain_moe.py`` run on N × G testbed ranks, accounted,
   returning its TensorBoard scalars (``iteration-time``, ``moe-comm/*``, ``moe-time/*``) and
   the job's seconds;
-* result metadata: :func:`machine`, :func:`git`.
+* :func:`testbed_unavailable`: whether jobs can run here at all (and why not), before the first.
+
+The result's header, flags and files (commit, machine, ``--out``, ``--plot``) are
+:mod:`bench.harness`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import os
-import platform
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from bench.harness import REPO
 from monta.testbed.hostload import cpu_busy_seconds, load_averages, own_cpu_seconds
 
-REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "pretrain_moe.py"
 T = TypeVar("T")
 
@@ -158,6 +157,17 @@ def load_record(loads: list[dict], policy: LoadPolicy) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Jobs
 # --------------------------------------------------------------------------------------------
+def testbed_unavailable(tag: str) -> bool:
+    """Whether the testbed cannot run here (user / network namespaces or tc not allowed); when
+    so, says why on stderr and the caller exits with ``monta.testbed.EXIT_UNAVAILABLE`` (77)."""
+    from monta.testbed import testbed_available
+
+    available, reason = testbed_available()
+    if not available:
+        print(f"[{tag}] testbed unavailable: {reason}", file=sys.stderr)
+    return not available
+
+
 def testbed_env() -> dict[str, str]:
     # megatron's TE/apex import warnings are printed by every rank before any filter can run
     return {"PYTHONWARNINGS": "ignore::UserWarning", "MONTA_LOG_LEVEL": "WARNING"}
@@ -222,35 +232,3 @@ def train_on_testbed(flags: list[str], *, name: str, inter_gbit: float, nodes: i
                                f"{', timed out' if result.timed_out else ''}):\n"
                                f"{result.output[-4000:]}")
         return TrainingRun(tensorboard_scalars(tb_dir), loads[-1]["seconds"], result.output)
-
-
-# --------------------------------------------------------------------------------------------
-# Metadata
-# --------------------------------------------------------------------------------------------
-def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def machine() -> dict[str, Any]:
-    def version(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "torch": version("torch"),
-            "megatron_core": version("megatron-core")}
-
-
-def provenance_line(meta: dict[str, Any]) -> str:
-    """The Markdown line under a result table's title: when, which commit, which machine
-    (``meta`` holds ``timestamp``, ``git_commit``, ``git_dirty`` and :func:`machine`'s dict)."""
-    m = meta["machine"]
-    return (f"{meta['timestamp']} · commit {meta['git_commit'][:10]}"
-            f"{' (dirty tree)' if meta['git_dirty'] else ''} · {m['platform']} · "
-            f"{m['cpu_count']} CPUs · torch {m['torch']} · megatron-core {m['megatron_core']}")
