@@ -67,7 +67,11 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def __call__(self, fn, warmup: int = 3, reps: int = 10, setup=None) -> dict:
+    def __call__(self, fn, warmup: int = 3, reps: int = 10, setup=None, chain: int = 1) -> dict:
+        """``chain`` > 1: each sample is ``chain`` calls back to back (``setup`` before each,
+        no sync in between) divided by ``chain``, as in a training loop, where the host queues
+        the next call while the GPU runs this one; 1: one call between two syncs, so the
+        host's launch latency before the first kernel is on the clock."""
         for _ in range(warmup):
             if setup:
                 setup()
@@ -75,23 +79,33 @@ class Timer:
         self.sync()
         times = []
         for _ in range(reps):
-            if setup:
+            if setup and chain == 1:
                 setup()
             self.sync()
             if self.cuda:
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                self._calls(fn, setup, chain)
                 end.record()
                 end.synchronize()
-                times.append(start.elapsed_time(end))
+                times.append(start.elapsed_time(end) / chain)
             else:
                 t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
+                self._calls(fn, setup, chain)
+                times.append((time.perf_counter() - t0) * 1e3 / chain)
         return {"median_ms": statistics.median(times), "min_ms": min(times),
                 "max_ms": max(times), "reps": reps, "samples_ms": times}
+
+    @staticmethod
+    def _calls(fn, setup, chain: int):
+        if chain == 1:
+            fn()
+            return
+        for _ in range(chain):
+            if setup:
+                setup()
+            fn()
 
 
 def tflops(flops: float, ms: float) -> float:
@@ -146,12 +160,15 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         fast = grouped_mm_supported(x, w)
         variants = {
             "grouped": lambda: grouped_mm(x, w, counts, offsets),
+            "grouped_torch": lambda: torch._grouped_mm(x, w, offs=offsets),
             "loop": lambda: torch.cat([p @ w[i]
                                        for i, p in enumerate(torch.split(x, host_counts))]),
             "dense": lambda: x @ dense_w,
         }
         if fast:
             variants["grouped_transposed_weights"] = lambda: torch._grouped_mm(x, w_t, offs=offsets)
+        else:
+            del variants["grouped_torch"]
         flops = 2 * n * kk * nn
         row = {"K": kk, "N": nn, "flops": flops, "grouped_kernel": fast}
         for name, fn in variants.items():
@@ -195,10 +212,18 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     out["activation_fwd_bwd"] = bench_activation(n, f, device, dtype, timer)
     flops = 3 * 2 * n * (h * 2 * f + f * h)
     ffn = {"flops": flops}
-    for name, fn in {"grouped": grouped_ffn, "loop": loop_ffn, "dense": dense_ffn}.items():
-        t = timer(fn, warmup=3, reps=10, setup=clear)
+    variants = {"grouped": grouped_ffn, "grouped_torch": grouped_ffn, "loop": loop_ffn,
+                "dense": dense_ffn}
+    for name, fn in variants.items():
+        # grouped: each GEMM on the kernel monta.expert_gemm tuned; grouped_torch: all on
+        # torch._grouped_mm
+        os.environ["MONTA_GROUPED_GEMM"] = "torch" if name == "grouped_torch" else "auto"
+        try:
+            t = timer(fn, warmup=3, reps=10, setup=clear)
+        finally:
+            os.environ.pop("MONTA_GROUPED_GEMM")
         ffn[name] = {**t, "tflops": tflops(flops, t["median_ms"])}
-    for name in ("grouped", "loop", "dense"):
+    for name in variants:
         ffn[name]["fraction_of_dense"] = ffn[name]["tflops"] / ffn["dense"]["tflops"]
     out["ffn_fwd_bwd"] = ffn
     return out
@@ -351,6 +376,11 @@ def profile_summary(fn, setup, iters: int = 3, top: int = 12) -> dict:
             "blocking_runtime_calls_per_iter": blocking}
 
 
+# Passes timed back to back per chained sample (see Timer): the layer as a training step runs it,
+# with the host queueing ahead, which a sync-free layer allows and a syncing one does not.
+CHAIN = 8
+
+
 def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: bool,
                     rounds: int = 3, reps: int = 7) -> dict:
     """Each variant timed in ``rounds`` interleaved rounds of ``reps`` (median of all), so
@@ -384,22 +414,27 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
             row["rel_err_output"] = ((got[0] - reference[0]).norm() / reference[0].norm()).item()
             row["rel_err_input_grad"] = ((got[1] - reference[1]).norm()
                                          / reference[1].norm()).item()
+    chained = {name: [] for name in steps}
     for _ in range(rounds):
         for name, (step, clear) in steps.items():
             samples[name] += timer(step, warmup=2, reps=reps, setup=clear)["samples_ms"]
+            chained[name] += timer(step, warmup=1, reps=2, setup=clear,
+                                   chain=CHAIN)["samples_ms"]
     for name, (step, clear) in steps.items():
         times = samples[name]
         row = out["variants"][name]
         row.update(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times),
-                   reps=len(times))
+                   reps=len(times), chained_median_ms=statistics.median(chained[name]),
+                   chained_samples_ms=chained[name], chain=CHAIN)
         if device.type == "cuda":
             clear()
             row["host_syncs"] = count_host_syncs(step)
             if profile:
                 row["profile"] = profile_summary(step, clear)
-    base = out["variants"]["megatron_sequential"]["median_ms"]
+    base = out["variants"]["megatron_sequential"]
     for row in out["variants"].values():
-        row["speedup_vs_megatron"] = base / row["median_ms"]
+        row["speedup_vs_megatron"] = base["median_ms"] / row["median_ms"]
+        row["chained_speedup_vs_megatron"] = base["chained_median_ms"] / row["chained_median_ms"]
     del layers, steps
     return out
 

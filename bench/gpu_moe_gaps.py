@@ -25,7 +25,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-GEMM = "cutlass13device_kernel"  # torch._grouped_mm's CUTLASS kernels: the expert GEMMs
+# the expert GEMMs: torch._grouped_mm's CUTLASS kernels or MoNTA's Triton ones
+GEMMS = ("cutlass13device_kernel", "_rows_kernel", "_rows_tma_kernel")
 
 
 def _events(trace: Path):
@@ -69,14 +70,19 @@ def analyse(trace: Path, label: str = "STEP") -> list[dict]:
                 gaps.append((k["ts"] - end, k["name"][:60], launched_by(k)))
             busy += max(0.0, k["ts"] + k["dur"] - max(end, k["ts"]))
             end = max(end, k["ts"] + k["dur"])
-        first_gemm = next(k for k in ks if GEMM in k["name"])
+        first_gemm = next(k for k in ks if any(g in k["name"] for g in GEMMS))
         gemm_launch = launches[first_gemm["args"]["correlation"]]["ts"]
         before = [e for e in host[step["tid"]] if t0 < e["ts"] < gemm_launch
                   and e.get("cat") == "cpu_op"]
         top = [e for e in before if not any(o is not e and o["ts"] <= e["ts"]
                                             and e["ts"] + e["dur"] <= o["ts"] + o["dur"]
                                             for o in before)]
-        out.append({"wall_us": end - t0, "first_gemm_starts_us": first_gemm["ts"] - t0,
+        per_kernel = defaultdict(float)
+        for k in ks:
+            per_kernel[k["name"][:60]] += k["dur"]
+        out.append({"kernel_us": sorted(((round(v, 1), n) for n, v in per_kernel.items()),
+                                        reverse=True)[:12],
+                    "wall_us": end - t0, "first_gemm_starts_us": first_gemm["ts"] - t0,
                     "gpu_busy_us": busy, "gpu_idle_us": end - t0 - busy, "kernels": len(ks),
                     "host_ops_before_first_gemm": len(top),
                     "top_gaps": [[round(g, 1), name, by] for g, name, by in sorted(gaps)[::-1][:12]],
@@ -94,6 +100,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="mixtral", choices=sorted(SHAPES))
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--out", default="/tmp/gpu_moe_gaps.json")
+    parser.add_argument("--chain", type=int, default=1,
+                        help="passes per timed step, back to back without a sync (as training "
+                             "runs them: the host queues ahead while the GPU computes)")
     opts = parser.parse_args(argv)
     device, dtype = torch.device("cuda"), torch.bfloat16
     init_world(device)
@@ -106,21 +115,22 @@ def main(argv=None) -> int:
     inp = x.clone().requires_grad_(True)
 
     def step():
-        inp.grad = None
-        for p in layer.parameters():
-            p.grad = None
         torch.cuda.synchronize()
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         with record_function("STEP"):
-            layer(inp)[0].backward(grad)
+            for _ in range(opts.chain):
+                inp.grad = None
+                for p in layer.parameters():
+                    p.grad = None
+                layer(inp)[0].backward(grad)
         stop.record()
         stop.synchronize()
-        return start.elapsed_time(stop)
+        return start.elapsed_time(stop) / opts.chain
 
     for _ in range(3):
         step()
-    result = {"shape": opts.shape, "tokens": opts.tokens,
+    result = {"shape": opts.shape, "tokens": opts.tokens, "chain": opts.chain,
               "step_ms_median": statistics.median(step() for _ in range(15))}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         profiled = [step() for _ in range(4)]
@@ -134,6 +144,8 @@ def main(argv=None) -> int:
           f"{statistics.median(profiled):.2f}); first expert GEMM starts at "
           f"{last['first_gemm_starts_us'] / 1e3:.2f} ms after {last['host_ops_before_first_gemm']}"
           f" host ops; GPU idle {last['gpu_idle_us'] / 1e3:.2f} ms of {last['wall_us'] / 1e3:.2f}")
+    for kernel in last["kernel_us"][:8]:
+        print("  kernel", kernel)
     for gap in last["top_gaps"][:8]:
         print("  gap", gap)
     for op in last["host_before_first_gemm"]:

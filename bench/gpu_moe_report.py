@@ -43,18 +43,24 @@ def expert_table(r: dict) -> list[str]:
     lines = ["## Expert compute: grouped GEMM vs one dense GEMM of the same FLOPs", "",
              f"TFLOP/s (median of {first['projections']['fc1']['grouped']['reps']} runs; FFN: "
              f"{first['ffn_fwd_bwd']['grouped']['reps']}) and the fraction of the dense GEMM's "
-             f"rate; {first['tokens']} tokens routed top-k by random logits.", "",
-             "| shapes | op | grouped | % of dense | loop (per expert) | % of dense | dense | "
-             "grouped, transposed weights |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"rate; {first['tokens']} tokens routed top-k by random logits. grouped: each GEMM "
+             "on the kernel `monta.expert_gemm` tuned for it (`torch._grouped_mm` unless a Triton "
+             "kernel measured ≥ 5 % faster); torch: `torch._grouped_mm` only.", "",
+             "| shapes | op | grouped | % of dense | torch | % of dense | loop (per expert) | "
+             "% of dense | dense | torch, transposed weights |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, g in r["expert_gemm"].items():
         label = _shape_label(name, r["shapes"][name])
         rows = [(f"{p} fwd [{v['K']}→{v['N']}]", v) for p, v in g["projections"].items()]
         rows.append(("expert FFN fwd+bwd", g["ffn_fwd_bwd"]))
         for op, v in rows:
             t = v.get("grouped_transposed_weights")
+            torch_only = v.get("grouped_torch")
             lines.append(f"| {label} | {op} | {v['grouped']['tflops']:.0f} | "
-                         f"{_pct(v['grouped']['fraction_of_dense'])} | {v['loop']['tflops']:.0f} | "
+                         f"{_pct(v['grouped']['fraction_of_dense'])} | "
+                         + (f"{torch_only['tflops']:.0f} | {_pct(torch_only['fraction_of_dense'])}"
+                            if torch_only else "— | —")
+                         + f" | {v['loop']['tflops']:.0f} | "
                          f"{_pct(v['loop']['fraction_of_dense'])} | {v['dense']['tflops']:.0f} | "
                          + (f"{t['tflops']:.0f} ({_pct(t['fraction_of_dense'])})" if t else "—")
                          + " |")
@@ -78,7 +84,7 @@ def _per_op_table(r: dict) -> list[str]:
             for proj, v in g["projections"].items() if "per_op" in v]
     if not rows:
         return []
-    lines = ["", "Each GEMM of a projection's forward + backward, grouped vs the dense GEMM of the "
+    lines = ["", "Each GEMM of a projection's forward + backward, `torch._grouped_mm` vs the dense GEMM of the "
              "same shape (TFLOP/s, % of dense); \"balanced\": the forward with every expert given "
              "exactly n / E rows, i.e. without the partly filled last tile per expert that "
              "routing imbalance causes (not achievable with real routing):", "",
@@ -111,18 +117,29 @@ def layer_table(r: dict) -> list[str]:
              "are enqueued; on the one-rank path its top-k and softmax go straight into the expert "
              "order, one kernel). Same weights and routing; median of "
              f"{next(iter(r['moe_layer'].values()))['variants']['monta_grouped']['reps']} runs "
-             "per variant, timed in interleaved rounds. Host syncs: operations "
+             "per variant, timed in interleaved rounds, each pass between two syncs; "
+             "\"back to back\": passes queued without a sync in between, as a training step runs "
+             "its layers (median of "
+             f"{len(next(iter(r['moe_layer'].values()))['variants']['monta_grouped'].get('chained_samples_ms', []))}"
+             " samples of "
+             f"{next(iter(r['moe_layer'].values()))['variants']['monta_grouped'].get('chain', '—')}"
+             " passes). Host syncs: operations "
              "that wait for the GPU in one forward + backward (torch sync debug mode).", "",
-             "| shapes | megatron ms | MoNTA ms | speedup | MoNTA + alltoall ms | speedup | "
+             "| shapes | megatron ms | MoNTA ms | speedup | back to back: megatron / MoNTA ms | "
+             "speedup | MoNTA + alltoall ms | speedup | "
              "host syncs megatron / MoNTA / MoNTA+alltoall | output rel. err. vs megatron |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, layer in r["moe_layer"].items():
         v = layer["variants"]
         base, ours, a2a = v["megatron_sequential"], v["monta_grouped"], v["alltoall_grouped"]
         syncs = " / ".join(str(x.get("host_syncs", {}).get("count", "—")) for x in (base, ours, a2a))
         lines.append(f"| {_shape_label(name, r['shapes'][name])}, {layer['tokens']} tokens | "
                      f"{base['median_ms']:.2f} | {ours['median_ms']:.2f} | "
-                     f"**{ours['speedup_vs_megatron']:.2f}×** | {a2a['median_ms']:.2f} | "
+                     f"**{ours['speedup_vs_megatron']:.2f}×** | "
+                     + (f"{base['chained_median_ms']:.2f} / {ours['chained_median_ms']:.2f} | "
+                        f"**{ours['chained_speedup_vs_megatron']:.2f}×**"
+                        if "chained_median_ms" in ours else "— | —")
+                     + f" | {a2a['median_ms']:.2f} | "
                      f"{a2a['speedup_vs_megatron']:.2f}× | {syncs} | "
                      f"{ours.get('rel_err_output', float('nan')):.1e} |")
     return lines + [""]

@@ -7,8 +7,9 @@ instead whenever Transformer Engine imports, see :mod:`monta.model`). :class:`Mo
 ``weight2 [E·F/ETP, H]`` viewed as ``[E, F/ETP, H]``), same initialisation, expert-TP sharding
 and ``sharded_state_dict`` (whose keys and global shapes equal ``SequentialMLP``'s, so
 ``torch_dist`` checkpoints move between the two) — but computes each projection for all local
-experts with one ``torch._grouped_mm`` on CUDA in bf16 (CUTLASS grouped GEMM on Hopper), and with
-a loop of ``torch.mm`` elsewhere (CPU, fp32, or dims that break its 16-byte alignment). Between
+experts with one grouped GEMM on CUDA in bf16 (``torch._grouped_mm``'s CUTLASS kernel or MoNTA's
+Triton kernels, whichever :mod:`monta.expert_gemm` measured faster for that GEMM), and with a
+loop of ``torch.mm`` elsewhere (CPU, fp32, or dims that break its 16-byte alignment). Between
 the two GEMMs, SwiGLU × router probability runs as one Triton kernel each way on GPUs
 (:mod:`monta.swiglu`).
 
@@ -26,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe import grouped_gemm_util
 from megatron.core.transformer.moe.experts import GroupedMLP
+
+from monta import expert_gemm
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor
     if not force_loop and grouped_mm_supported(x, w):
         if offsets is None:
             offsets = expert_offsets(tokens_per_expert, x.device)
-        return torch._grouped_mm(x, w, offs=offsets)
+        return expert_gemm.grouped_mm(x, w, offsets)
     counts = torch.as_tensor(tokens_per_expert).tolist()  # host ints: a sync if on a GPU
     pieces = torch.split(x, counts)
     return torch.cat([piece @ w[e] for e, piece in enumerate(pieces)])

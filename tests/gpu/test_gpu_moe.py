@@ -340,3 +340,79 @@ def test_pretrain_bf16_grouped_gemm_on_one_gpu(tmp_path, tiny_data_prefix, token
     assert sorted(losses) == list(range(1, 31))
     assert losses[30] < losses[1] - 0.5, losses
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "30"
+
+
+def _loop_reference(x, w, counts):
+    """fp64 per-expert products: the forward, and the input / weight gradients for ``dy``."""
+    starts = [0, *torch.cumsum(counts, 0).tolist()]
+    return [x[a:b].double() @ w[e].double() for e, (a, b) in enumerate(zip(starts, starts[1:]))]
+
+
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("tma", [False, True])
+def test_triton_grouped_gemm_kernels_match_fp64(nccl_world_of_one, layout, tma):
+    """monta/grouped_gemm.py: forward/input-gradient and weight-gradient kernels, weights
+    stored [E, K, N] ("row") or [E, N, K] ("col"), uneven and empty experts, a row count that
+    is no multiple of any tile, against fp64 loops."""
+    from monta import grouped_gemm as gg
+
+    counts = torch.tensor([300, 0, 17, 0, 1000, 1, 0, 129], device="cuda")
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n, k, cols = int(counts.sum()), 256, 384
+    x = torch.randn(n, k, device="cuda", generator=gen).bfloat16()
+    dy = torch.randn(n, cols, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(8, k, cols, device="cuda", generator=gen) / 16).bfloat16()
+    if layout == "col":
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    rows = gg.rows_mm_tma if tma else gg.rows_mm
+    wgrad = gg.wgrad_mm_tma if tma else gg.wgrad_mm
+    if tma:
+        assert gg.tma_supported(x, w) and gg.tma_supported(dy, w.transpose(1, 2))
+    out = rows(x, w, ends)
+    assert _rel_err(out, torch.cat(_loop_reference(x, w, counts))) < 1e-2
+    dx = rows(dy, w.transpose(1, 2), ends)
+    assert _rel_err(dx, torch.cat(_loop_reference(dy, w.transpose(1, 2), counts))) < 1e-2
+    dw = wgrad(x, dy, ends, torch.full_like(w, float("nan")))  # every element written
+    assert dw.stride() == w.stride()
+    starts = [0, *torch.cumsum(counts, 0).tolist()]
+    for e in range(8):
+        want = x[starts[e]:starts[e + 1]].double().t() @ dy[starts[e]:starts[e + 1]].double()
+        if counts[e] == 0:
+            assert torch.count_nonzero(dw[e]) == 0
+        else:
+            assert _rel_err(dw[e], want) < 1e-2
+
+
+def test_tuned_grouped_mm_matches_torch_and_stays_sync_free(nccl_world_of_one, monkeypatch):
+    """monta/expert_gemm.py: the first call tunes each GEMM, the result and both gradients
+    match torch._grouped_mm's, every GEMM has a choice, and later calls wait for nothing."""
+    from monta import expert_gemm
+
+    monkeypatch.setattr(expert_gemm, "_chosen", {})
+    counts = torch.tensor([700, 0, 513, 64, 0, 1200, 3, 560], device="cuda")
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(int(counts.sum()), 512, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(8, 512, 1024, device="cuda", generator=gen) / 22).bfloat16()
+    dy = torch.randn(x.size(0), 1024, device="cuda", generator=gen).bfloat16()
+    grads = []
+    for fn in (expert_gemm.grouped_mm, lambda a, b, o: torch._grouped_mm(a, b, offs=o)):
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = fn(xg, wg, ends)
+        out.backward(dy)
+        grads.append((out, xg.grad, wg.grad))
+    for got, want in zip(*grads):
+        assert _rel_err(got, want) < 1e-2
+    assert {key[0] for key in expert_gemm.choices()} == {"rows", "wgrad"}
+    assert len(expert_gemm.choices()) == 3  # forward, input gradient, weight gradient
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            xg = x.clone().requires_grad_(True)
+            expert_gemm.grouped_mm(xg, w.clone().requires_grad_(True), ends).backward(dy)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert not [w for w in caught if "called a synchronizing" in str(w.message)]

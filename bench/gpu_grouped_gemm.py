@@ -1,0 +1,226 @@
+"""Grouped-GEMM kernels for the experts, side by side on one GPU: which to run, and which layout.
+
+For each of an expert projection's three GEMMs (forward ``x·W``, input gradient ``dy·Wᵀ``,
+weight gradient ``xᵀ·dy`` per expert), at Mixtral and fine-grained shapes with 8192 routed
+tokens, it times:
+
+* ``torch._grouped_mm`` (CUTLASS on Hopper) with the weight stored ``[E, K, N]`` ("row",
+  megatron's ``GroupedMLP`` layout) and ``[E, N, K]`` ("col", ``nn.Linear``'s per expert);
+* MoNTA's Triton kernels (:mod:`monta.grouped_gemm`), pointer loads and TMA loads, over a few
+  tile configs, both layouts;
+* the dense GEMM of the same shape (the reference the issue's "% of dense" uses);
+
+then the whole expert FFN (fc1, SwiGLU·prob, fc2) forward + backward with ``torch._grouped_mm``
+only and with each GEMM on the kernel :mod:`monta.expert_gemm` tunes for it.
+Every Triton result is checked against ``torch._grouped_mm``'s before it is timed.
+
+    python bench/gpu_grouped_gemm.py --out bench/results/gpu_grouped_gemm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.gpu_moe import SHAPES, TINY_SHAPES, Timer, environment, routed_counts, tflops  # noqa: E402
+
+ROWS_CONFIGS = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+                (64, 256, 64, 4, 8), (64, 128, 64, 4, 4)]
+WGRAD_CONFIGS = [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (128, 128, 64, 3, 4),
+                 (64, 128, 64, 4, 4)]
+
+
+def _weights(e, k, n, layout, gen, device):
+    """[E, K, N] weights stored as ``layout`` ("row": [E, K, N]; "col": [E, N, K])."""
+    if layout == "row":
+        return (torch.randn(e, k, n, device=device, generator=gen) * k ** -0.5).bfloat16()
+    return (torch.randn(e, n, k, device=device, generator=gen) * k ** -0.5).bfloat16() \
+        .transpose(1, 2)
+
+
+def _torch_ops(w):
+    def wgrad(x, dy, ends):
+        if w.stride(2) == 1:
+            return torch._grouped_mm(x.t(), dy, offs=ends)
+        return torch._grouped_mm(dy.t(), x, offs=ends).transpose(1, 2)
+    return {"fwd": lambda x, dy, ends: torch._grouped_mm(x, w, offs=ends),
+            "dgrad": lambda x, dy, ends: torch._grouped_mm(dy, w.transpose(1, 2), offs=ends),
+            "wgrad": wgrad}
+
+
+def _triton_ops(w, tma, rows_cfg, wgrad_cfg):
+    from monta import grouped_gemm as gg
+
+    rows = gg.rows_mm_tma if tma else gg.rows_mm
+    wgrad = gg.wgrad_mm_tma if tma else gg.wgrad_mm
+    return {"fwd": lambda x, dy, ends: rows(x, w, ends, rows_cfg),
+            "dgrad": lambda x, dy, ends: rows(dy, w.transpose(1, 2), ends, rows_cfg),
+            "wgrad": lambda x, dy, ends: wgrad(x, dy, ends, torch.empty_strided(
+                w.shape, w.stride(), device=w.device, dtype=w.dtype), wgrad_cfg)}
+
+
+def _rel_err(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+
+
+def bench_projection(x, w, dy, ends, timer, flops) -> dict:
+    """Every implementation of the three GEMMs for one weight layout."""
+    reference = {op: fn(x, dy, ends) for op, fn in _torch_ops(w).items()}
+    result = {}
+    candidates = [("torch", None, _torch_ops(w))]
+    for tma in (False, True):
+        for cfg in ROWS_CONFIGS:
+            candidates.append((f"triton{'_tma' if tma else ''} {cfg}", ("rows", tma, cfg),
+                               _triton_ops(w, tma, cfg, WGRAD_CONFIGS[0])))
+        for cfg in WGRAD_CONFIGS:
+            candidates.append((f"triton{'_tma' if tma else ''} {cfg}", ("wgrad", tma, cfg),
+                               _triton_ops(w, tma, ROWS_CONFIGS[0], cfg)))
+    for name, kind, ops in candidates:
+        for op, fn in ops.items():
+            if kind is not None and (kind[0] == "wgrad") != (op == "wgrad"):
+                continue
+            row = {}
+            try:
+                got = fn(x, dy, ends)
+                row["rel_err"] = _rel_err(got, reference[op])
+                if row["rel_err"] > 2e-2:
+                    row["error"] = "wrong result"
+                else:
+                    t = timer(lambda: fn(x, dy, ends), warmup=3, reps=10)
+                    row.update(ms=t["median_ms"], tflops=tflops(flops, t["median_ms"]))
+            except Exception as error:  # e.g. a config that does not fit shared memory
+                row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+            result.setdefault(op, {})[name] = row
+    return result
+
+
+def bench_shape(shape: dict, tokens: int, device, timer) -> dict:
+    h, f, e, k = shape["hidden"], shape["ffn"], shape["experts"], shape["topk"]
+    counts = routed_counts(tokens, e, k, device)
+    n = int(counts.sum())
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    even = torch.cumsum(torch.full_like(counts, n // e), 0, dtype=torch.int32)
+    gen = torch.Generator(device=device).manual_seed(2)
+    out = {"rows": n, "projections": {}}
+    for proj, (kk, nn) in {"fc1": (h, 2 * f), "fc2": (f, h)}.items():
+        x = torch.randn(n, kk, device=device, generator=gen).bfloat16()
+        dy = torch.randn(n, nn, device=device, generator=gen).bfloat16()
+        dense_w = (torch.randn(kk, nn, device=device, generator=gen) * kk ** -0.5).bfloat16()
+        flops = 2 * n * kk * nn
+        dense = {"fwd": lambda: x @ dense_w, "dgrad": lambda: dy @ dense_w.t(),
+                 "wgrad": lambda: x.t() @ dy}
+        row = {"K": kk, "N": nn, "dense": {}}
+        for op, fn in dense.items():
+            t = timer(fn, warmup=3, reps=10)
+            row["dense"][op] = {"ms": t["median_ms"], "tflops": tflops(flops, t["median_ms"])}
+        for layout in ("row", "col"):
+            w = _weights(e, kk, nn, layout, gen, device)
+            row[layout] = bench_projection(x, w, dy, ends, timer, flops)
+            t = timer(lambda: torch._grouped_mm(x, w, offs=even), warmup=3, reps=10)
+            row[layout]["fwd_balanced_torch"] = tflops(flops, t["median_ms"])
+        out["projections"][proj] = row
+        print(json.dumps(_best(row), indent=None), flush=True)
+    out["ffn_fwd_bwd"] = bench_ffn(shape, n, ends, device, timer)
+    print(json.dumps({k: v.get("fraction_of_dense") for k, v in out["ffn_fwd_bwd"].items()
+                      if isinstance(v, dict) and k != "tuned_choices"}), flush=True)
+    return out
+
+
+def bench_ffn(shape, n, ends, device, timer) -> dict:
+    """fc1 → SwiGLU·prob → fc2, forward + backward, per implementation and layout."""
+    from monta import expert_gemm
+    from monta.experts import activation_with_probs
+
+    h, f, e = shape["hidden"], shape["ffn"], shape["experts"]
+    gen = torch.Generator(device=device).manual_seed(4)
+    x = torch.randn(n, h, device=device, generator=gen).bfloat16().requires_grad_(True)
+    probs = torch.rand(n, 1, device=device, generator=gen)
+    grad = torch.randn(n, h, device=device, generator=gen).bfloat16()
+    flops = 3 * 2 * n * (h * 2 * f + f * h)
+    weights = {layout: [_weights(e, h, 2 * f, layout, gen, device).requires_grad_(True),
+                        _weights(e, f, h, layout, gen, device).requires_grad_(True)]
+               for layout in ("row", "col")}
+    dense = [(torch.randn(h, 2 * f, device=device, generator=gen) * h ** -0.5).bfloat16()
+             .requires_grad_(True),
+             (torch.randn(f, h, device=device, generator=gen) * f ** -0.5).bfloat16()
+             .requires_grad_(True)]
+
+    def ffn(mm1, mm2):
+        def run():
+            a = activation_with_probs(mm1(x), probs, F.silu, True)
+            mm2(a).backward(grad)
+        return run
+
+    variants = {"dense": ffn(lambda t: t @ dense[0], lambda t: t @ dense[1])}
+    for layout, (w1, w2) in weights.items():
+        for pin in ("torch", "auto"):  # torch._grouped_mm only; each GEMM's tuned choice
+            variants[f"{pin} {layout}"] = (pin, ffn(
+                lambda t, w=w1: expert_gemm.grouped_mm(t, w, ends),
+                lambda t, w=w2: expert_gemm.grouped_mm(t, w, ends)))
+
+    def clear():
+        for t in [x, *dense, *weights["row"], *weights["col"]]:
+            t.grad = None
+
+    out = {}
+    for name, variant in variants.items():
+        pin, fn = variant if isinstance(variant, tuple) else ("torch", variant)
+        os.environ["MONTA_GROUPED_GEMM"] = pin
+        try:
+            t = timer(fn, warmup=3, reps=10, setup=clear)
+            out[name] = {"ms": t["median_ms"], "tflops": tflops(flops, t["median_ms"])}
+        except Exception as error:
+            out[name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+        finally:
+            os.environ.pop("MONTA_GROUPED_GEMM")
+    out["tuned_choices"] = {str(k): str(v) for k, v in expert_gemm.choices().items()}
+    for row in out.values():
+        if "tflops" in row:
+            row["fraction_of_dense"] = row["tflops"] / out["dense"]["tflops"]
+    return out
+
+
+def _best(row) -> dict:
+    """Fastest implementation per layout and GEMM, as % of the dense GEMM of the same shape."""
+    best = {}
+    for layout in ("row", "col"):
+        for op in ("fwd", "dgrad", "wgrad"):
+            timed = {name: r["tflops"] for name, r in row[layout][op].items() if "tflops" in r}
+            name = max(timed, key=timed.get)
+            best[f"{layout} {op}"] = (name, round(timed[name] / row["dense"][op]["tflops"], 3),
+                                      round(timed.get("torch", 0) / row["dense"][op]["tflops"], 3))
+    return best
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(REPO / "bench/results/gpu_grouped_gemm.json"))
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--tiny", action="store_true",
+                        help="small shapes on CPU under TRITON_INTERPRET=1: a smoke run")
+    opts = parser.parse_args(argv)
+    device = torch.device("cpu" if opts.tiny else "cuda")
+    shapes, tokens = (TINY_SHAPES, 64) if opts.tiny else (SHAPES, 8192)
+    timer = Timer(device)
+    results = {"environment": environment(device), "rows_configs": ROWS_CONFIGS,
+               "wgrad_configs": WGRAD_CONFIGS, "shapes": {}}
+    for name in opts.shapes.split(","):
+        started = time.time()
+        results["shapes"][name] = bench_shape(shapes[name], tokens, device, timer)
+        print(f"[{name}] {time.time() - started:.0f}s", flush=True)
+        Path(opts.out).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

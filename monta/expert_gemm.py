@@ -1,0 +1,170 @@
+"""The experts' grouped GEMMs: for each of the three, the fastest kernel measured on this GPU.
+
+An expert projection ``out[rows_e] = x[rows_e] @ w[e]`` costs three grouped GEMMs per step:
+the forward, the input gradient ``dy @ w[e]ᵀ`` and the weight gradient ``x[rows_e]ᵀ @ dy``.
+Two implementations exist for each: ``torch._grouped_mm`` (CUTLASS, one tile shape per
+problem class) and MoNTA's Triton kernels (:mod:`monta.grouped_gemm`, a few tile configs).
+Neither wins everywhere: on an H200, Triton's 128×256 TMA kernel ran the Mixtral fc2 forward
+14 % faster than CUTLASS and the fine-grained fc1 GEMMs 4–10 % faster, while CUTLASS won the
+fine-grained fc2 GEMMs and most weight gradients (``bench/gpu_grouped_gemm.py``). So, like
+``triton.autotune``, the first call of each GEMM shape times every candidate on its real
+inputs (round-robin), checks it against ``torch._grouped_mm``'s result, and keeps the fastest,
+or ``torch._grouped_mm`` unless a kernel beat it by ``TORCH_MARGIN``; later calls launch the
+choice straight away (no host sync). Shapes are keyed by the row count rounded up to a power
+of two, so an expert-parallel rank whose row count varies from step to step tunes a handful of
+times, not every step.
+
+``MONTA_GROUPED_GEMM=torch`` (or ``triton``) pins one implementation, e.g. to compare them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+
+import torch
+
+from monta import grouped_gemm
+
+logger = logging.getLogger(__name__)
+
+TORCH = "torch"
+ROWS_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 4, 4))
+WGRAD_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 3, 4))
+TUNING_ROUNDS = 8
+# torch._grouped_mm is kept unless a Triton kernel timed at least this much faster: the same
+# kernel timed up to ~5 % apart between runs on the H200, and a pick inside that noise can
+# lose (bench/gpu_grouped_gemm.py).
+TORCH_MARGIN = 0.05
+# A candidate whose result differs from torch._grouped_mm's by more than this (relative
+# Frobenius norm; bf16 rounding differences are ~1e-3) is wrong, not just different.
+MAX_REL_ERR = 2e-2
+
+_chosen: dict = {}
+
+
+def _rows_torch(a, b, row_ends):
+    return torch._grouped_mm(a, b, offs=row_ends)
+
+
+def _wgrad_torch(x, dy, row_ends, like):
+    if like.stride(2) == 1:  # weight stored [E, K, N]
+        return torch._grouped_mm(x.t(), dy, offs=row_ends)
+    return torch._grouped_mm(dy.t(), x, offs=row_ends).transpose(1, 2)  # stored [E, N, K]
+
+
+def _run(op, candidate, args):
+    if op == "rows":
+        a, b, row_ends = args
+        if candidate == TORCH:
+            return _rows_torch(a, b, row_ends)
+        return grouped_gemm.rows(a, b, row_ends, candidate)
+    x, dy, row_ends, like = args
+    if candidate == TORCH:
+        return _wgrad_torch(x, dy, row_ends, like)
+    out = torch.empty_strided(like.shape, like.stride(), device=like.device, dtype=like.dtype)
+    return grouped_gemm.wgrad(x, dy, row_ends, out, candidate)
+
+
+def _key(op, first, weight_like, rows, pinned):
+    return (op, first.device.index, first.dtype, tuple(weight_like.shape),
+            weight_like.stride(2) == 1, 1 << max(rows - 1, 0).bit_length(), pinned)
+
+
+def _candidates(op, pinned):
+    candidates = ROWS_CANDIDATES if op == "rows" else WGRAD_CANDIDATES
+    if pinned == "triton":
+        return tuple(c for c in candidates if c != TORCH)
+    return candidates
+
+
+def _time_ms(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _tune(op, key, args):
+    candidates = _candidates(op, key[-1])
+    if len(candidates) == 1:
+        return candidates[0]
+    reference = _run(op, TORCH, args).float()
+    scale = reference.norm().clamp_min(1e-12)
+    usable = []
+    for candidate in candidates:
+        try:
+            if candidate != TORCH:  # also compiles it
+                err = ((_run(op, candidate, args).float() - reference).norm() / scale).item()
+                if err > MAX_REL_ERR:
+                    logger.warning("grouped GEMM %s %s: result off by %.2e, not used", op,
+                                   candidate, err)
+                    continue
+            usable.append(candidate)
+        except Exception as error:  # e.g. a tile config this GPU's shared memory cannot hold
+            logger.warning("grouped GEMM %s %s unavailable: %s: %s", op, candidate,
+                           type(error).__name__, error)
+    samples = {candidate: [] for candidate in usable}
+    for _ in range(TUNING_ROUNDS):  # round-robin, so clock drift favours none of them
+        for candidate in usable:
+            samples[candidate].append(_time_ms(lambda: _run(op, candidate, args)))
+    timed = {candidate: statistics.median(t) for candidate, t in samples.items()}
+    if not timed:
+        return TORCH
+    best = min(timed, key=timed.get)
+    if TORCH in timed and timed[best] > (1 - TORCH_MARGIN) * timed[TORCH]:
+        best = TORCH
+    logger.info("grouped GEMM %s %s: %s (%s)", op, key[3:6], best,
+                ", ".join(f"{c}: {t:.3f} ms" for c, t in timed.items()))
+    return best
+
+
+def _tuned(op, args, weight_like, rows):
+    first = args[0]
+    pinned = os.environ.get("MONTA_GROUPED_GEMM", "auto")
+    if pinned == TORCH or not grouped_gemm.available(first) or not first.is_cuda or rows == 0:
+        return _run(op, TORCH, args)
+    key = _key(op, first, weight_like, rows, pinned)
+    candidate = _chosen.get(key)
+    if candidate is None:
+        if torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA graph capture
+            return _run(op, TORCH, args)
+        candidate = _chosen[key] = _tune(op, key, args)
+    return _run(op, candidate, args)
+
+
+def choices() -> dict:
+    """What tuning picked so far: {(op, device, dtype, weight shape, row-major, rows, pin):
+    kernel}."""
+    return dict(_chosen)
+
+
+class GroupedMM(torch.autograd.Function):
+    """``out[rows_e] = x[rows_e] @ w[e]``: forward, input and weight gradients each on the
+    kernel tuned for it; ``w`` [E, K, N] may be a transposed view (its gradient keeps its
+    strides)."""
+
+    @staticmethod
+    def forward(ctx, x, w, row_ends):
+        ctx.save_for_backward(x, w, row_ends)
+        return _tuned("rows", (x, w, row_ends), w, x.size(0))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, row_ends = ctx.saved_tensors
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            w_t = w.transpose(1, 2)
+            dx = _tuned("rows", (dy, w_t, row_ends), w_t, dy.size(0))
+        if ctx.needs_input_grad[1]:
+            dw = _tuned("wgrad", (x, dy, row_ends, w), w, x.size(0))
+        return dx, dw, None
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, row_ends: torch.Tensor) -> torch.Tensor:
+    """Differentiable ``x [n, K] @ w [E, K, N]`` by expert groups (bf16 CUDA, see module doc)."""
+    return GroupedMM.apply(x, w, row_ends)

@@ -1,0 +1,85 @@
+"""monta/expert_gemm.py's choice of kernel, with the kernels and the clock replaced (the kernels
+themselves are checked on a GPU: tests/gpu/test_gpu_moe.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monta import expert_gemm
+
+WANT = torch.arange(12.0).reshape(3, 4)
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    """Candidate → (result, ms); a candidate mapped to an exception raises it."""
+    table = {}
+    ran = []
+
+    def run(op, candidate, args):
+        ran.append(candidate)
+        result = table[candidate][0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def time_ms(fn):
+        fn()
+        return table[ran[-1]][1]
+
+    monkeypatch.setattr(expert_gemm, "_run", run)
+    monkeypatch.setattr(expert_gemm, "_time_ms", time_ms)
+    return table
+
+
+def _tune(monkeypatch, pinned="auto"):
+    monkeypatch.setattr(expert_gemm, "ROWS_CANDIDATES", ("torch", "a", "b", "c"))
+    return expert_gemm._tune("rows", ("rows", 0, None, (8, 4, 4), True, 1024, pinned), ())
+
+
+def test_tuning_keeps_the_fastest_correct_candidate(fake_kernels, monkeypatch):
+    fake_kernels.update(torch=(WANT, 3.0), a=(WANT + 1e-4, 2.0), b=(WANT * 2, 0.5),
+                        c=(RuntimeError("out of shared memory"), 0.1))
+    # b is fastest but wrong (its result is twice torch's), c raises: a wins
+    assert _tune(monkeypatch) == "a"
+    fake_kernels["a"] = (WANT, 4.0)
+    assert _tune(monkeypatch) == "torch"
+    # faster, but inside the margin: torch._grouped_mm stays
+    fake_kernels["a"] = (WANT, 3.0 * (1 - expert_gemm.TORCH_MARGIN / 2))
+    assert _tune(monkeypatch) == "torch"
+
+
+def test_pinned_triton_never_times_torch(fake_kernels, monkeypatch):
+    fake_kernels.update(torch=(WANT, 0.1), a=(WANT, 2.0), b=(WANT, 1.0),
+                        c=(WANT, 3.0))
+    assert _tune(monkeypatch, pinned="triton") == "b"
+
+
+def test_rows_share_a_tuning_within_a_power_of_two():
+    x = torch.empty(1, 4, dtype=torch.bfloat16)
+    w = torch.empty(8, 4, 16, dtype=torch.bfloat16)
+    keys = {n: expert_gemm._key("rows", x, w, n, "auto") for n in (513, 700, 1024, 1025)}
+    assert keys[513] == keys[700] == keys[1024] != keys[1025]
+    # the same weight shape stored transposed is another problem for the kernels
+    assert expert_gemm._key("rows", x, w.transpose(1, 2).contiguous().transpose(1, 2), 700,
+                            "auto") != keys[700]
+
+
+def test_off_gpu_the_grouped_mm_is_torchs():
+    """No CUDA here: nothing is tuned and torch._grouped_mm computes the product."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch without _grouped_mm")
+    counts = torch.tensor([3, 0, 5])
+    x = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(3, 16, 8, dtype=torch.bfloat16, requires_grad=True)
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    try:
+        out = expert_gemm.grouped_mm(x, w, ends)
+    except RuntimeError as error:  # a torch build without the CPU fallback
+        pytest.skip(f"torch._grouped_mm on CPU: {error}")
+    want = torch.cat([x[:3].float() @ w[0].float(), x[3:].float() @ w[2].float()])
+    assert torch.allclose(out.float(), want, rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert torch.count_nonzero(w.grad[1]) == 0 and x.grad.shape == x.shape
+    assert expert_gemm.choices() == {}
