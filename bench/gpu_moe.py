@@ -479,10 +479,12 @@ def environment(device) -> dict:
                     multiprocessors=props.multi_processor_count)
     else:
         info["device"] = platform.processor() or "cpu"
-    # only when REPO is itself a git work tree (not a copy in one), else what the caller says
-    # it copied (MONTA_GIT_COMMIT, e.g. for a tree sent to a GPU machine without its .git)
+    # what the caller says it copied, when it says (MONTA_GIT_COMMIT: a tree sent to a GPU
+    # machine may carry a stale .git or none), else REPO's own HEAD if REPO is a git work tree
     info["git_commit"] = os.environ.get("MONTA_GIT_COMMIT") or None
     try:
+        if info["git_commit"]:
+            return info
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO,
                              capture_output=True, text=True).stdout.strip()
         if top and Path(top).resolve() == REPO:
