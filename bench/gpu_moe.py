@@ -482,9 +482,9 @@ def environment(device) -> dict:
     # what the caller says it copied, when it says (MONTA_GIT_COMMIT: a tree sent to a GPU
     # machine may carry a stale .git or none), else REPO's own HEAD if REPO is a git work tree
     info["git_commit"] = os.environ.get("MONTA_GIT_COMMIT") or None
+    if info["git_commit"]:
+        return info
     try:
-        if info["git_commit"]:
-            return info
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO,
                              capture_output=True, text=True).stdout.strip()
         if top and Path(top).resolve() == REPO:
