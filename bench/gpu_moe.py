@@ -159,7 +159,7 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         dense_w = rand(kk, nn, scale=kk ** -0.5)
         fast = grouped_mm_supported(x, w)
         variants = {
-            "grouped": lambda: grouped_mm(x, w, counts, offsets),
+            "grouped": lambda: _tuned(lambda: grouped_mm(x, w, counts, offsets)),
             "grouped_torch": lambda: torch._grouped_mm(x, w, offs=offsets),
             "loop": lambda: torch.cat([p @ w[i]
                                        for i, p in enumerate(torch.split(x, host_counts))]),
@@ -215,18 +215,29 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     variants = {"grouped": grouped_ffn, "grouped_torch": grouped_ffn, "loop": loop_ffn,
                 "dense": dense_ffn}
     for name, fn in variants.items():
-        # grouped: each GEMM on the kernel monta.expert_gemm tuned; grouped_torch: all on
-        # torch._grouped_mm
-        os.environ["MONTA_GROUPED_GEMM"] = "torch" if name == "grouped_torch" else "auto"
-        try:
-            t = timer(fn, warmup=3, reps=10, setup=clear)
-        finally:
-            os.environ.pop("MONTA_GROUPED_GEMM")
+        # grouped: each GEMM on the kernel monta.expert_gemm tunes for it; grouped_torch: all
+        # on torch._grouped_mm (the default)
+        run = (lambda fn=fn: _tuned(fn)) if name == "grouped" else fn
+        t = timer(run, warmup=3, reps=10, setup=clear)
         ffn[name] = {**t, "tflops": tflops(flops, t["median_ms"])}
     for name in variants:
         ffn[name]["fraction_of_dense"] = ffn[name]["tflops"] / ffn["dense"]["tflops"]
     out["ffn_fwd_bwd"] = ffn
     return out
+
+
+def _tuned(fn):
+    """``fn()`` with ``MONTA_GROUPED_GEMM=auto`` (monta/expert_gemm.py: each grouped GEMM on the
+    kernel measured fastest for it; the default is torch._grouped_mm for all)."""
+    before = os.environ.get("MONTA_GROUPED_GEMM")
+    os.environ["MONTA_GROUPED_GEMM"] = "auto"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            os.environ.pop("MONTA_GROUPED_GEMM")
+        else:
+            os.environ["MONTA_GROUPED_GEMM"] = before
 
 
 def _per_op(x, w, dense_w, dy, counts, offsets, flops, row, timer) -> dict:

@@ -4,17 +4,21 @@ An expert projection ``out[rows_e] = x[rows_e] @ w[e]`` costs three grouped GEMM
 the forward, the input gradient ``dy @ w[e]ᵀ`` and the weight gradient ``x[rows_e]ᵀ @ dy``.
 Two implementations exist for each: ``torch._grouped_mm`` (CUTLASS, one tile shape per
 problem class) and MoNTA's Triton kernels (:mod:`monta.grouped_gemm`, a few tile configs).
-Neither wins everywhere: on an H200, Triton's 128×256 TMA kernel ran the Mixtral fc2 forward
-14 % faster than CUTLASS and the fine-grained fc1 GEMMs 4–10 % faster, while CUTLASS won the
-fine-grained fc2 GEMMs and most weight gradients (``bench/gpu_grouped_gemm.py``). So, like
-``triton.autotune``, the first call of each GEMM shape times every candidate on its real
-inputs (round-robin), checks it against ``torch._grouped_mm``'s result, and keeps the fastest,
-or ``torch._grouped_mm`` unless a kernel beat it by ``TORCH_MARGIN``; later calls launch the
-choice straight away (no host sync). Shapes are keyed by the row count rounded up to a power
-of two, so an expert-parallel rank whose row count varies from step to step tunes a handful of
-times, not every step.
+Neither wins everywhere, and the differences are small: on an H200, Triton's 128×256 TMA
+kernel once ran the Mixtral fc2 forward 14 % faster than CUTLASS and the fine-grained fc1 GEMMs
+4–10 % faster, but in later runs every difference stayed inside the ~5 % the same kernel
+varies between runs, and the whole expert FFN did not get faster (``bench/gpu_grouped_gemm.py``,
+bench/results/gpu_grouped_gemm.json). So ``torch._grouped_mm`` is the default and tuning is
+opt-in:
 
-``MONTA_GROUPED_GEMM=torch`` (or ``triton``) pins one implementation, e.g. to compare them.
+* ``MONTA_GROUPED_GEMM=torch`` (default): ``torch._grouped_mm`` for all three GEMMs;
+* ``MONTA_GROUPED_GEMM=auto``: like ``triton.autotune``, the first call of each GEMM shape times
+  every candidate on its real inputs (round-robin), checks it against ``torch._grouped_mm``'s
+  result, and keeps ``torch._grouped_mm`` unless a kernel beat it by ``TORCH_MARGIN``; later
+  calls launch the choice straight away (no host sync). Shapes are keyed by the row count
+  rounded up to a power of two, so an expert-parallel rank whose row count varies from step to
+  step tunes a handful of times, not every step;
+* ``MONTA_GROUPED_GEMM=triton``: the fastest Triton config, tuned the same way.
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ def _tune(op, key, args):
 
 def _tuned(op, args, weight_like, rows):
     first = args[0]
-    pinned = os.environ.get("MONTA_GROUPED_GEMM", "auto")
+    pinned = os.environ.get("MONTA_GROUPED_GEMM", TORCH)
     if pinned == TORCH or not grouped_gemm.available(first) or not first.is_cuda or rows == 0:
         return _run(op, TORCH, args)
     key = _key(op, first, weight_like, rows, pinned)

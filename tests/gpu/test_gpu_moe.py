@@ -385,11 +385,18 @@ def test_triton_grouped_gemm_kernels_match_fp64(nccl_world_of_one, layout, tma):
 
 
 def test_tuned_grouped_mm_matches_torch_and_stays_sync_free(nccl_world_of_one, monkeypatch):
-    """monta/expert_gemm.py: the first call tunes each GEMM, the result and both gradients
-    match torch._grouped_mm's, every GEMM has a choice, and later calls wait for nothing."""
+    """monta/expert_gemm.py: by default nothing is tuned; with MONTA_GROUPED_GEMM=auto the first
+    call tunes each GEMM, the result and both gradients match torch._grouped_mm's, every GEMM
+    has a choice, and later calls wait for nothing."""
     from monta import expert_gemm
 
     monkeypatch.setattr(expert_gemm, "_chosen", {})
+    monkeypatch.delenv("MONTA_GROUPED_GEMM", raising=False)
+    probe = torch.ones(64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    expert_gemm.grouped_mm(probe, probe.view(1, 64, 64),
+                           torch.tensor([64], device="cuda", dtype=torch.int32)).sum().backward()
+    assert expert_gemm.choices() == {}
+    monkeypatch.setenv("MONTA_GROUPED_GEMM", "auto")
     counts = torch.tensor([700, 0, 513, 64, 0, 1200, 3, 560], device="cuda")
     ends = torch.cumsum(counts, 0, dtype=torch.int32)
     gen = torch.Generator(device="cuda").manual_seed(1)
