@@ -8,7 +8,11 @@ tokens, it times:
   megatron's ``GroupedMLP`` layout) and ``[E, N, K]`` ("col", ``nn.Linear``'s per expert);
 * MoNTA's Triton kernels (:mod:`monta.grouped_gemm`), pointer loads and TMA loads, over a few
   tile configs, both layouts;
+* ``torch._grouped_mm`` steered to its 64×128 ping-pong kernel (each expert split into empty
+  sub-groups sharing its weights; forward and input gradient only);
 * the dense GEMM of the same shape (the reference the issue's "% of dense" uses);
+* fc1's forward with the same row count for every expert, around the routed mean
+  (``uniform_rows_fc1_fwd``: how the CUTLASS kernel's time steps with the rows per expert);
 
 then the whole expert FFN (fc1, SwiGLU·prob, fc2) forward + backward with ``torch._grouped_mm``
 only and with each GEMM on the kernel :mod:`monta.expert_gemm` tunes for it.
@@ -58,6 +62,29 @@ def _torch_ops(w):
             "wgrad": wgrad}
 
 
+def _small_tile_groups(b, ends, rows):
+    """``b`` [E, K, N] and its row ends re-expressed as (E-1)·s+1 groups (group s·e is expert e,
+    the s-1 after it are empty and point into its weights), so that ``torch._grouped_mm``'s
+    heuristic (mean rows per group <= 128) picks its 64×128 ping-pong kernel instead of the
+    128×256 cooperative one. Same products, another kernel."""
+    experts, k, n = b.shape
+    split = 1
+    while rows / ((experts - 1) * split + 1) > 128 or (k * n) % (8 * split):
+        split += 1
+    groups = (experts - 1) * split + 1
+    view = torch.as_strided(b, (groups, k, n), (b.stride(0) // split, b.stride(1), b.stride(2)),
+                            b.storage_offset())
+    return view, ends.repeat_interleave(split)[:groups]
+
+
+def _torch_small_tile_ops(w, rows):
+    def rows_op(a, b, ends):
+        view, offs = _small_tile_groups(b, ends, rows)
+        return torch._grouped_mm(a, view, offs=offs)
+    return {"fwd": lambda x, dy, ends: rows_op(x, w, ends),
+            "dgrad": lambda x, dy, ends: rows_op(dy, w.transpose(1, 2), ends)}
+
+
 def _triton_ops(w, tma, rows_cfg, wgrad_cfg):
     from monta import grouped_gemm as gg
 
@@ -77,7 +104,8 @@ def bench_projection(x, w, dy, ends, timer, flops) -> dict:
     """Every implementation of the three GEMMs for one weight layout."""
     reference = {op: fn(x, dy, ends) for op, fn in _torch_ops(w).items()}
     result = {}
-    candidates = [("torch", None, _torch_ops(w))]
+    candidates = [("torch", None, _torch_ops(w)),
+                   ("torch 64x128 tiles", None, _torch_small_tile_ops(w, x.size(0)))]
     for tma in (False, True):
         for cfg in ROWS_CONFIGS:
             candidates.append((f"triton{'_tma' if tma else ''} {cfg}", ("rows", tma, cfg),
@@ -130,9 +158,28 @@ def bench_shape(shape: dict, tokens: int, device, timer) -> dict:
             row[layout]["fwd_balanced_torch"] = tflops(flops, t["median_ms"])
         out["projections"][proj] = row
         print(json.dumps(_best(row), indent=None), flush=True)
+    out["uniform_rows_fc1_fwd"] = bench_uniform_rows(shape, device, timer)
     out["ffn_fwd_bwd"] = bench_ffn(shape, n, ends, device, timer)
     print(json.dumps({k: v.get("fraction_of_dense") for k, v in out["ffn_fwd_bwd"].items()
                       if isinstance(v, dict) and k != "tuned_choices"}), flush=True)
+    return out
+
+
+def bench_uniform_rows(shape, device, timer) -> dict:
+    """fc1's forward with the same row count for every expert, over counts around the mean of
+    8192 tokens' routing: how ``torch._grouped_mm``'s time steps with the row count (its tiles
+    are 128 rows in clusters of two)."""
+    h, f, e = shape["hidden"], shape["ffn"], shape["experts"]
+    gen = torch.Generator(device=device).manual_seed(5)
+    w = (torch.randn(e, h, 2 * f, device=device, generator=gen) * h ** -0.5).bfloat16()
+    mean = 128 * round(8192 * shape["topk"] / e / 128)
+    out = {}
+    for rows in sorted({mean - 64, mean, mean + 1, mean + 64, mean + 128, mean + 256}):
+        x = torch.randn(rows * e, h, device=device, generator=gen).bfloat16()
+        ends = torch.cumsum(torch.full((e,), rows, device=device), 0, dtype=torch.int32)
+        t = timer(lambda: torch._grouped_mm(x, w, offs=ends), warmup=3, reps=10)
+        out[rows] = {"ms": t["median_ms"], "tflops": tflops(2 * rows * e * h * 2 * f,
+                                                           t["median_ms"])}
     return out
 
 
