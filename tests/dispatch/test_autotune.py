@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monta.dispatch.autotune import CHUNK_OPTIONS, STOCK, TRIALS, DispatchTuner, Setting
+from monta.dispatch.autotune import (
+    CHUNK_OPTIONS,
+    CONFIRM_ROUNDS,
+    STOCK,
+    TRIALS,
+    DispatchTuner,
+    Setting,
+)
 from monta.dispatch.monta_dispatcher import DispatchOptions, _or_stock
 from monta.testing import run_distributed
 from monta.testing.moe_layer_check import (
@@ -83,19 +90,47 @@ def test_stock_is_the_last_candidate_and_can_win():
     assert tuner.chosen == STOCK and str(STOCK) == "stock"
 
 
-def test_stock_wins_ties_within_the_noise_margin():
-    def choose(monta_s: float, stock_s: float) -> Setting:
-        tuner = DispatchTuner.for_options([False], [1], group=None, trials=1, with_stock=True)
-        now = [0.0]
-        tuner.clock = lambda: now[0]
-        for seconds in (monta_s, stock_s, 0.0):
-            tuner.timed_forward(lambda: now.__setitem__(0, now[0] + seconds),
-                                torch.device("cpu"))
-        return tuner.chosen
+def _tune_with_durations(seconds_of: dict) -> DispatchTuner:
+    """flat/c1 vs stock, one trial each, then (if flat/c1 is picked) the head-to-head rounds;
+    each forward "takes" its setting's duration."""
+    tuner = DispatchTuner.for_options([False], [1], group=None, trials=1, with_stock=True)
+    now = [0.0]
+    tuner.clock = lambda: now[0]
+    def forward():  # the layer asks the tuner what to run once the pass has started
+        now[0] += seconds_of[tuner.setting()]
 
-    assert choose(0.97, 1.0) == STOCK  # 3 % faster: within the margin
-    assert choose(0.90, 1.0) == Setting(False, 1)  # 10 % faster: a real win
-    assert choose(1.10, 1.0) == STOCK
+    while tuner.chosen is None:
+        tuner.timed_forward(forward, torch.device("cpu"))
+    return tuner
+
+
+def test_stock_wins_ties_within_the_noise_margin():
+    flat = Setting(False, 1)
+    assert _tune_with_durations({flat: 0.97, STOCK: 1.0}).chosen == STOCK  # 3 %: within it
+    tuner = _tune_with_durations({flat: 0.90, STOCK: 1.0})  # 10 % faster: a real win
+    assert tuner.chosen == flat and tuner.confirmation == pytest.approx((0.90, 1.0))
+    assert _tune_with_durations({flat: 1.10, STOCK: 1.0}).chosen == STOCK
+
+
+def test_a_pick_that_loses_head_to_head_falls_back_to_stock():
+    flat = Setting(False, 1)
+    seen = []
+    tuner = DispatchTuner.for_options([False], [1], group=None, trials=1, with_stock=True)
+    now = [0.0]
+    tuner.clock = lambda: now[0]
+    trial_s, confirm_s = {flat: 0.8, STOCK: 1.0}, {flat: 1.15, STOCK: 1.0}
+    def forward():
+        seen.append(tuner.setting())
+        now[0] += (trial_s if tuner.provisional is None else confirm_s)[seen[-1]]
+
+    while tuner.chosen is None:
+        tuner.timed_forward(forward, torch.device("cpu"))
+    # trials, then the pick and stock alternate, stock first, CONFIRM_ROUNDS times each; the
+    # pass that decides runs the decision
+    assert seen == [flat, STOCK] + [STOCK, flat] * CONFIRM_ROUNDS + [STOCK]
+    assert tuner.chosen == STOCK and tuner.provisional == flat
+    assert tuner.confirmation == pytest.approx((1.15, 1.0))
+    assert "flat/c1 rejected head to head" in tuner.report()
 
 
 def test_calls_go_to_megatron_while_stock_is_tried_or_chosen():
@@ -145,7 +180,8 @@ def test_tuning_layer_matches_reference_and_ranks_agree(layout):
     options = DispatchOptions(node_dedup="tune", chunks="tune")
     # 2 nodes of 2 ranks: dedup on/off × chunk counts, and megatron's stock path
     candidates = 2 * len(CHUNK_OPTIONS) + 1
-    passes = TRIALS * candidates + 1  # every trial, then one pass with the choice
+    # every trial, the head-to-head confirmation if a MoNTA option won, one pass with the choice
+    passes = TRIALS * candidates + 2 * CONFIRM_ROUNDS + 1
     items = [(case, shape, ("monta", options), 2, passes)]
     got = run_distributed(run_mixed_cases, layout.world_size, layout, items, timeout_s=300)[0][0]
     assert got["pass_spread"] < 1e-5, "a candidate computed something else"
