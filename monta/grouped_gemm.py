@@ -46,6 +46,7 @@ def available(t: torch.Tensor) -> bool:
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
 ROWS_CONFIG = (128, 256, 64, 3, 8)
 WGRAD_CONFIG = (128, 256, 64, 3, 8)
+GROUP_M = 8  # row tiles that sweep the columns together (L2 reuse of b[e])
 
 if triton is not None:
 
@@ -198,23 +199,30 @@ def tma_supported(a: torch.Tensor, b: torch.Tensor, config=None) -> bool:
                     for t in (a, storage)))
 
 
+def _rows_output_and_grid(a, b, config):
+    """The [n, N] output and the static grid: enough programs for the worst case, ceil(n / BM)
+    + E row tiles (each expert may end in a partial one), in whole GROUP_M groups, times the
+    column tiles."""
+    experts, _, cols = b.shape
+    out = torch.empty(a.size(0), cols, device=a.device, dtype=a.dtype)
+    max_tiles = triton.cdiv(a.size(0), config[0]) + experts
+    return out, (triton.cdiv(max_tiles, GROUP_M) * GROUP_M * triton.cdiv(cols, config[1]),)
+
+
 def rows_mm_tma(a, b, row_ends, config=ROWS_CONFIG):
     """:func:`rows_mm` with TMA loads (see :func:`tma_supported`)."""
-    n, k = a.shape
-    experts, _, cols = b.shape
-    out = torch.empty(n, cols, device=a.device, dtype=a.dtype)
-    if n == 0:
+    out, grid = _rows_output_and_grid(a, b, config)
+    if a.size(0) == 0:
         return out
     block_m, block_n, block_k, stages, warps = config
     storage, nk = _storage_2d(b)
     a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k])
     b_desc = TensorDescriptor.from_tensor(storage, [block_n, block_k] if nk else [block_k, block_n])
-    max_tiles = triton.cdiv(n, block_m) + experts
-    grid = (triton.cdiv(max_tiles, 8) * 8 * triton.cdiv(cols, block_n),)
-    _rows_tma_kernel[grid](a_desc, b_desc, out, out.stride(0), row_ends, cols, k, E=experts,
-                           E_POW2=triton.next_power_of_2(experts), B_NK=nk, BLOCK_M=block_m,
-                           BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_stages=stages,
-                           num_warps=warps)
+    experts = b.size(0)
+    _rows_tma_kernel[grid](a_desc, b_desc, out, out.stride(0), row_ends, b.size(2), a.size(1),
+                           E=experts, E_POW2=triton.next_power_of_2(experts), B_NK=nk,
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
+                           num_stages=stages, num_warps=warps)
     return out
 
 
@@ -234,18 +242,15 @@ def rows_mm(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor,
             config=ROWS_CONFIG) -> torch.Tensor:
     """``out[rows_e] = a[rows_e] @ b[e]``; a [n, K] (unit column stride), b [E, K, N] (any
     strides), row_ends int32 [E] on the device. Returns [n, N] in ``a``'s dtype."""
-    n, k = a.shape
-    experts, _, cols = b.shape
-    out = torch.empty(n, cols, device=a.device, dtype=a.dtype)
-    if n == 0:
+    out, grid = _rows_output_and_grid(a, b, config)
+    if a.size(0) == 0:
         return out
     block_m, block_n, block_k, stages, warps = config
-    max_tiles = triton.cdiv(n, block_m) + experts
-    grid = (triton.cdiv(max_tiles, 8) * 8 * triton.cdiv(cols, block_n),)
-    _rows_kernel[grid](a, b, out, row_ends, cols, k, a.stride(0), a.stride(1), b.stride(0),
-                       b.stride(1), b.stride(2), out.stride(0), E=experts,
+    experts = b.size(0)
+    _rows_kernel[grid](a, b, out, row_ends, b.size(2), a.size(1), a.stride(0), a.stride(1),
+                       b.stride(0), b.stride(1), b.stride(2), out.stride(0), E=experts,
                        E_POW2=triton.next_power_of_2(experts), BLOCK_M=block_m, BLOCK_N=block_n,
-                       BLOCK_K=block_k, GROUP_M=8, num_stages=stages, num_warps=warps)
+                       BLOCK_K=block_k, GROUP_M=GROUP_M, num_stages=stages, num_warps=warps)
     return out
 
 
