@@ -60,12 +60,8 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -400,29 +396,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def run_meta(args: argparse.Namespace) -> dict:
-    def version(dist_name: str) -> str:
-        try:
-            return importlib.metadata.version(dist_name)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
+    from bench.harness import git, machine
 
     return {
         "benchmark": "dispatch_bytes",
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain")),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpu_count": os.cpu_count(), "torch": version("torch"),
-                    "megatron_core": version("megatron-core")},
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain")),
+        "machine": machine(),
         "settings": {"quick": args.quick, "tokens_per_rank": TOKENS_PER_RANK, "hidden": HIDDEN,
                      "ffn_hidden": FFN_HIDDEN, "bytes_per_element": BYTES_PER_ELEMENT,
                      "dtype": "fp32", "seed": SEED,
