@@ -1,4 +1,5 @@
-"""The experts' grouped GEMMs: for each of the three, the fastest kernel measured on this GPU.
+"""The experts' grouped GEMMs: ``torch._grouped_mm``, or (opt-in) each on the fastest kernel
+measured on this GPU.
 
 An expert projection ``out[rows_e] = x[rows_e] @ w[e]`` costs three grouped GEMMs per step:
 the forward, the input gradient ``dy @ w[e]ᵀ`` and the weight gradient ``x[rows_e]ᵀ @ dy``.
@@ -6,9 +7,9 @@ Two implementations exist for each: ``torch._grouped_mm`` (CUTLASS, one tile sha
 problem class) and MoNTA's Triton kernels (:mod:`monta.grouped_gemm`, a few tile configs).
 Neither wins everywhere, and the differences are small: on an H200, Triton's 128×256 TMA
 kernel once ran the Mixtral fc2 forward 14 % faster than CUTLASS and the fine-grained fc1 GEMMs
-4–10 % faster, but in later runs every difference stayed inside the ~5 % the same kernel
-varies between runs, and the whole expert FFN did not get faster (``bench/gpu_grouped_gemm.py``,
-bench/results/gpu_grouped_gemm.json). So ``torch._grouped_mm`` is the default and tuning is
+4–10 % faster, but later runs did not repeat it, tuning with a margin kept CUTLASS for every
+GEMM shape, and the whole expert FFN did not get faster (``bench/gpu_grouped_gemm.py``,
+bench/results/gpu_grouped_gemm.json; the same GEMM varies by 5–20 % between runs there). So ``torch._grouped_mm`` is the default and tuning is
 opt-in:
 
 * ``MONTA_GROUPED_GEMM=torch`` (default): ``torch._grouped_mm`` for all three GEMMs;
