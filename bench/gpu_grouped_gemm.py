@@ -36,7 +36,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu_moe import SHAPES, TINY_SHAPES, Timer, environment, routed_counts, tflops  # noqa: E402
+from bench.gpu_moe import (  # noqa: E402
+    SHAPES, TINY_SHAPES, Timer, environment, routed_counts, tflops,
+)
 
 ROWS_CONFIGS = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
                 (64, 256, 64, 4, 8), (64, 128, 64, 4, 4)]

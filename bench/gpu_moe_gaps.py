@@ -94,7 +94,8 @@ def analyse(trace: Path, label: str = "STEP") -> list[dict]:
 def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from bench.gpu_moe import SHAPES, build_layers, init_world
+    from bench.gpu_moe import SHAPES, init_world
+    from bench.gpu_moe_layer import build_layers
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="mixtral", choices=sorted(SHAPES))
