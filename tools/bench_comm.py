@@ -45,10 +45,11 @@ Each rank's part (the groups, the timer, the sweep and the contention test, and 
 timed across ranks) is :mod:`monta.testbed.collective_bench`; the fits, the spec, the table and
 the plot are :mod:`monta.planner.calibration`; this file is the command line and the output.
 
-Output (rank 0): the cluster spec (``--out``, YAML: nodes, ranks_per_node, links.{intra,inter}
-.{bandwidth_GBps, latency_us} from the all-to-all fit with the other ops' fits beside them,
-node_bandwidth_GBps, contention, measured_on, date), every measured point as JSON next to it (``.json``), a table on
-stdout and, with ``--plot``, bus bandwidth against message size per link class. GB = 1e9 bytes.
+Output (rank 0): the cluster spec (``--out``, YAML: nodes, ranks_per_node,
+links.{intra,inter}.{bandwidth_GBps, latency_us} from the all-to-all fit with the other ops'
+fits beside them, node_bandwidth_GBps, contention, measured_on, date), every measured point as
+JSON next to it (``.json``), a table on stdout and, with ``--plot``, bus bandwidth against
+message size per link class. GB = 1e9 bytes.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{before[0]:.2f}", flush=True)
         # foreign load: host CPU time not spent by the ranks, over the measurement
         bench.dist.barrier(group=bench.ctrl)
-        busy0, own0, wall0 = cpu_busy_seconds(), own_cpu_seconds(children=False), time.perf_counter()
+        busy0, own0 = cpu_busy_seconds(), own_cpu_seconds(children=False)
+        wall0 = time.perf_counter()
         points = bench.sweep()
         fits: dict[str, dict[str, dict]] = {}
         for link in bench.links:
@@ -118,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
                 if pts:
                     fits.setdefault(link, {})[op] = fit_alpha_beta(pts)
         contention = None if args.no_contention else bench.contention(fits)
-        ranks_cpu = bench.torch.tensor([own_cpu_seconds(children=False) - own0], dtype=bench.torch.float64)
+        ranks_cpu = bench.torch.tensor([own_cpu_seconds(children=False) - own0],
+                                       dtype=bench.torch.float64)
         bench.dist.all_reduce(ranks_cpu, group=bench.ctrl)
         busy1, wall1 = cpu_busy_seconds(), time.perf_counter()
         if bench.rank != 0:

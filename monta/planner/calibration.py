@@ -17,7 +17,7 @@ OPS = ("p2p", "all_to_all", "all_gather", "reduce_scatter")
 LINKS = ("intra", "inter")
 FIT_OP = "all_to_all"  # the links' headline numbers: MoE dispatch is an all-to-all
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-_GB = 1e9
+GB = 1e9
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,14 +104,14 @@ def cluster_spec(result: dict[str, Any]) -> dict[str, Any]:
     for link, fits in result["fits"].items():
         head = fits.get(FIT_OP) or next(iter(fits.values()))
         links[link] = {
-            "bandwidth_GBps": _round(head["bandwidth_Bps"] / _GB if head["bandwidth_Bps"] else
+            "bandwidth_GBps": _round(head["bandwidth_Bps"] / GB if head["bandwidth_Bps"] else
                                      None, 4),
             "latency_us": _round(head["latency_s"] * 1e6 if head["latency_s"] is not None
                                  else None, 1),
             "fit_op": FIT_OP if FIT_OP in fits else next(iter(fits)),
             "group_size": result["groups"][link]["size"],
             "node_bandwidth_GBps": _round(node_bandwidth(result, link), 4),
-            "ops": {op: {"bandwidth_GBps": _round(f["bandwidth_Bps"] / _GB
+            "ops": {op: {"bandwidth_GBps": _round(f["bandwidth_Bps"] / GB
                                                   if f["bandwidth_Bps"] else None, 4),
                          "latency_us": _round(f["latency_s"] * 1e6
                                               if f["latency_s"] is not None else None, 1)}
@@ -143,10 +143,10 @@ def node_bandwidth(result: dict[str, Any], link: str) -> float | None:
         return None
     alpha = (result["fits"].get(link, {}).get(c.get(f"{link}_op")) or {}).get("latency_s") or 0
     seconds = t - alpha if t > 2 * alpha else t  # an α as large as t is a bad fit: ignore it
-    return result["ranks_per_node"] * size * (w - 1) / w / seconds / _GB
+    return result["ranks_per_node"] * size * (w - 1) / w / seconds / GB
 
 
-def _quartiles(values: list[float]) -> list[float]:
+def quartiles(values: list[float]) -> list[float]:
     """[p25, median, p75] (one value repeated for fewer than 2 values)."""
     if len(values) < 2:
         return values * 3
@@ -178,7 +178,7 @@ def table(result: dict[str, Any]) -> str:
                 p = by_key.get((link, op, s))
                 cells.append(f"{p['busbw_GBps']:.3f}" if p else "—")
             lat = "—" if fit["latency_s"] is None else f"{fit['latency_s'] * 1e6:.0f}"
-            bw = "—" if not fit["bandwidth_Bps"] else f"{fit['bandwidth_Bps'] / _GB:.3f}"
+            bw = "—" if not fit["bandwidth_Bps"] else f"{fit['bandwidth_Bps'] / GB:.3f}"
             rms = "—" if fit["rel_rms"] is None else f"{fit['rel_rms']:.2f}"
             lines.append(f"| {link} | {op} | " + " | ".join(cells) + f" | {lat} | {bw} | {rms} |")
     c = result.get("contention")
@@ -213,7 +213,7 @@ def plot(result: dict[str, Any], path: Path) -> str:
             line, = ax.plot([s for s, _, _ in pts], [b for _, _, b in pts], marker="o",
                             label=op)
             if fit["bandwidth_Bps"]:  # the α-β model through the same sizes, dashed
-                model = [x / (fit["latency_s"] + x / fit["bandwidth_Bps"]) / _GB
+                model = [x / (fit["latency_s"] + x / fit["bandwidth_Bps"]) / GB
                          for _, x, _ in pts]
                 ax.plot([s for s, _, _ in pts], model, linestyle="--", color=line.get_color(),
                         alpha=0.6)

@@ -29,7 +29,7 @@ import time
 from typing import Any, Callable
 
 from monta.planner.calibration import (
-    LINKS, OPS, _GB, _quartiles, format_size, payload_bytes, round_size, size_sweep,
+    GB, LINKS, OPS, format_size, payload_bytes, quartiles, round_size, size_sweep,
 )
 
 
@@ -226,8 +226,8 @@ class CollectiveBench:
                 points.append({"link": link, "op": op, "size": size,
                                "group_size": len(self.case(link, op)[0]), "bytes": nbytes,
                                "median_s": median, "min_s": min(times[key]), "times_s": times[key],
-                               "busbw_GBps": nbytes / median / _GB,
-                               "algbw_GBps": size / median / _GB})
+                               "busbw_GBps": nbytes / median / GB,
+                               "algbw_GBps": size / median / GB})
                 if median <= args.point_budget_s:
                     still.append(key)
                 elif self.rank == 0:
@@ -286,7 +286,7 @@ class CollectiveBench:
             "inter_together_s": med["inter_tog"], "intra_together_s": med["intra_tog"],
             "inter_under_intra": round(med["inter_tog"] / med["inter_alone"], 3),
             "intra_under_inter": round(med["intra_tog"] / med["intra_alone"], 3),
-            "ratio_quartiles": {k: [round(q, 3) for q in _quartiles(v)]
+            "ratio_quartiles": {k: [round(q, 3) for q in quartiles(v)]
                                 for k, v in ratios.items()},
             "samples_s": samples,
         }
