@@ -9,8 +9,8 @@ Neither wins everywhere, and the differences are small: on an H200, Triton's 128
 kernel once ran the Mixtral fc2 forward 14 % faster than CUTLASS and the fine-grained fc1 GEMMs
 4–10 % faster, but later runs did not repeat it, tuning with a margin kept CUTLASS for every
 GEMM shape, and the whole expert FFN did not get faster (``bench/gpu_grouped_gemm.py``,
-bench/results/gpu_grouped_gemm.json; the same GEMM varies by 5–20 % between runs there). So ``torch._grouped_mm`` is the default and tuning is
-opt-in:
+bench/results/gpu_grouped_gemm.json; the same GEMM varies by 5–20 % between runs there). So
+``torch._grouped_mm`` is the default and tuning is opt-in:
 
 * ``MONTA_GROUPED_GEMM=torch`` (default): ``torch._grouped_mm`` for all three GEMMs;
 * ``MONTA_GROUPED_GEMM=auto``: like ``triton.autotune``, the first call of each GEMM shape times

@@ -7,11 +7,11 @@ instead whenever Transformer Engine imports, see :mod:`monta.model`). :class:`Mo
 ``weight2 [E·F/ETP, H]`` viewed as ``[E, F/ETP, H]``), same initialisation, expert-TP sharding
 and ``sharded_state_dict`` (whose keys and global shapes equal ``SequentialMLP``'s, so
 ``torch_dist`` checkpoints move between the two) — but computes each projection for all local
-experts with one grouped GEMM on CUDA in bf16 (``torch._grouped_mm``'s CUTLASS kernel or MoNTA's
-Triton kernels, whichever :mod:`monta.expert_gemm` measured faster for that GEMM), and with a
-loop of ``torch.mm`` elsewhere (CPU, fp32, or dims that break its 16-byte alignment). Between
-the two GEMMs, SwiGLU × router probability runs as one Triton kernel each way on GPUs
-(:mod:`monta.swiglu`).
+experts with one grouped GEMM on CUDA in bf16 (``torch._grouped_mm``'s CUTLASS kernel; with
+``MONTA_GROUPED_GEMM=auto``, per GEMM whichever of it and MoNTA's Triton kernels
+:mod:`monta.expert_gemm` measured faster), and with a loop of ``torch.mm`` elsewhere (CPU,
+fp32, or dims that break its 16-byte alignment). Between the two GEMMs, SwiGLU × router
+probability runs as one Triton kernel each way on GPUs (:mod:`monta.swiglu`).
 
 No host sync: ``torch._grouped_mm`` takes the experts' row *ends* as an int32 tensor on the
 device, so counts that arrive on the GPU (MoNTA's dispatcher) stay there. The loop fallback

@@ -1,20 +1,22 @@
 """Grouped GEMM for the experts as Triton kernels (CUDA), next to ``torch._grouped_mm``.
 
 Rows of ``x`` are grouped by expert (``row_ends[e]`` = end row of expert ``e``, int32 on the
-device, so nothing waits for the host). Three kernels cover an expert projection's forward and
-backward:
+device, so nothing waits for the host). Two kernels, each with pointer loads and with Hopper
+TMA loads, cover an expert projection's forward and backward:
 
-    rows   (forward, input gradient)   out[rows_e] = a[rows_e] @ b[e]        b: [E, K, N] any strides
-    wgrad  (weight gradient)           dw[e]       = x[rows_e]ᵀ @ dy[rows_e] written in any strides
+    rows   (forward, input gradient)  out[rows_e] = a[rows_e] @ b[e]      b [E, K, N], any strides
+    wgrad  (weight gradient)          dw[e] = x[rows_e]ᵀ @ dy[rows_e]     dw in any strides
 
-Why not only ``torch._grouped_mm``: its Hopper kernel uses one 128×256 tile for every group
-whose mean row count exceeds 128, so with routed counts each expert ends in a partly filled
-128-row tile; at fine-grained shapes (64 experts × ~768 rows) that alone costs ~8 % of the
-FLOPs, and its row-major-weight forward ran at 63 % of dense on an H200
-(bench/results/gpu_moe.md). Here the tile shape is a parameter (64-row tiles halve that waste)
-and the schedule is static: the grid is sized for the worst case, ``ceil(n / BM) + E`` row
-tiles, and each program finds its expert from ``row_ends`` (one vector load and a cumsum over
-E), programs past the last tile exit. No host sync, so the layer stays sync-free.
+Why next to ``torch._grouped_mm``: its Hopper kernel has one tile shape per problem class
+(128×256 in 2×1 clusters at expert-FFN sizes), and an expert with a row count just past a
+multiple of 256 costs as much as the next multiple (bench/results/gpu_grouped_gemm.json,
+``uniform_rows_fc1_fwd``). Here the tile shape is a parameter and nothing is rounded, and a
+kernel of our own is where an epilogue (SwiGLU·prob) could be fused. Measured on an H200 they
+ran within a few % of CUTLASS, faster on some GEMMs and slower on others, so
+:mod:`monta.expert_gemm` uses them only when asked to tune. The schedule is static: the grid is
+sized for the worst case, ``ceil(n / BM) + E`` row tiles, and each program finds its expert
+from ``row_ends`` (one vector load and a cumsum over E); programs past the last tile exit. No
+host sync, so the layer stays sync-free.
 
 Correctness does not depend on rows past an expert's end: a row of the output depends only on
 the same row of ``a``, and stores are masked to the expert's rows; the weight-gradient kernel
@@ -124,7 +126,8 @@ if triton is not None:
             g = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_dym + ns[None, :] * stride_dyn,
                         mask=ok[:, None] & (ns < N)[None, :], other=0.0)
             acc = tl.dot(xt, g, acc)
-        out = dw_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + ns[None, :] * stride_wn
+        out = (dw_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk
+               + ns[None, :] * stride_wn)
         tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=(ks < K)[:, None] & (ns < N)[None, :])
 
 
@@ -176,7 +179,8 @@ if TensorDescriptor is not None:
             acc = tl.dot(xt, g, acc)
         ks = k0 + tl.arange(0, BLOCK_M)
         ns = n0 + tl.arange(0, BLOCK_N)
-        out = dw_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + ns[None, :] * stride_wn
+        out = (dw_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk
+               + ns[None, :] * stride_wn)
         tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=(ks < K)[:, None] & (ns < N)[None, :])
 
 
@@ -190,13 +194,18 @@ def _storage_2d(b: torch.Tensor):
     return None, None
 
 
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors can cover these 2-D CUDA tensors: unit last stride, 16-byte aligned base
+    and row stride."""
+    return TensorDescriptor is not None and all(
+        t.is_cuda and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+        and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
+
+
 def tma_supported(a: torch.Tensor, b: torch.Tensor, config=None) -> bool:
     block_k = (config or ROWS_CONFIG)[2]
     storage, _ = _storage_2d(b)
-    return (TensorDescriptor is not None and a.is_cuda and storage is not None
-            and a.stride(1) == 1 and b.size(1) % block_k == 0
-            and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
-                    for t in (a, storage)))
+    return storage is not None and b.size(1) % block_k == 0 and _tma_ready(a, storage)
 
 
 def _rows_output_and_grid(a, b, config):
@@ -277,9 +286,7 @@ def rows(a, b, row_ends, config=ROWS_CONFIG):
 
 def wgrad(x, dy, row_ends, out, config=WGRAD_CONFIG):
     """:func:`wgrad_mm_tma` where TMA applies, else :func:`wgrad_mm`."""
-    if TensorDescriptor is not None and x.is_cuda and all(
-            t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
-            for t in (x, dy)):
+    if _tma_ready(x, dy):
         return wgrad_mm_tma(x, dy, row_ends, out, config)
     return wgrad_mm(x, dy, row_ends, out, config)
 

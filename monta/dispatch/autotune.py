@@ -50,10 +50,11 @@ import torch.distributed as dist
 CHUNK_OPTIONS = (1, 2, 4, 8)
 TRIALS = 3
 STOCK_MARGIN = 0.05
-CONFIRM_ROUNDS = 2
 """A MoNTA option replaces megatron's path only when it measured at least this much faster:
 on the 2-core testbed two layers running the *same* stock code time up to ~10 % apart, so a
 smaller win is as likely noise as real, and stock is the safe side of a tie."""
+CONFIRM_ROUNDS = 2
+"""Head-to-head passes of each (the pick, then stock) that confirm a pick over stock (step 4)."""
 
 
 @dataclass(frozen=True)
