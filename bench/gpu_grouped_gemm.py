@@ -24,7 +24,6 @@ Every Triton result is checked against ``torch._grouped_mm``'s before it is time
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import sys
 import time
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.gpu_moe import (  # noqa: E402
-    SHAPES, TINY_SHAPES, Timer, environment, routed_counts, tflops,
+    SHAPES, TINY_SHAPES, Timer, environment, routed_counts, tflops, with_grouped_gemm,
 )
 
 ROWS_CONFIGS = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
@@ -224,14 +223,11 @@ def bench_ffn(shape, n, ends, device, timer) -> dict:
     out = {}
     for name, variant in variants.items():
         pin, fn = variant if isinstance(variant, tuple) else ("torch", variant)
-        os.environ["MONTA_GROUPED_GEMM"] = pin
         try:
-            t = timer(fn, warmup=3, reps=10, setup=clear)
+            t = with_grouped_gemm(pin, lambda: timer(fn, warmup=3, reps=10, setup=clear))
             out[name] = {"ms": t["median_ms"], "tflops": tflops(flops, t["median_ms"])}
         except Exception as error:
             out[name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
-        finally:
-            os.environ.pop("MONTA_GROUPED_GEMM")
     out["tuned_choices"] = {str(k): str(v) for k, v in expert_gemm.choices().items()}
     for row in out.values():
         if "tflops" in row:

@@ -159,7 +159,8 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         dense_w = rand(kk, nn, scale=kk ** -0.5)
         fast = grouped_mm_supported(x, w)
         variants = {
-            "grouped": lambda: _tuned(lambda: grouped_mm(x, w, counts, offsets)),
+            "grouped": lambda: with_grouped_gemm("auto",
+                                                 lambda: grouped_mm(x, w, counts, offsets)),
             "grouped_torch": lambda: torch._grouped_mm(x, w, offs=offsets),
             "loop": lambda: torch.cat([p @ w[i]
                                        for i, p in enumerate(torch.split(x, host_counts))]),
@@ -217,7 +218,7 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     for name, fn in variants.items():
         # grouped: each GEMM on the kernel monta.expert_gemm tunes for it; grouped_torch: all
         # on torch._grouped_mm (the default)
-        run = (lambda fn=fn: _tuned(fn)) if name == "grouped" else fn
+        run = (lambda fn=fn: with_grouped_gemm("auto", fn)) if name == "grouped" else fn
         t = timer(run, warmup=3, reps=10, setup=clear)
         ffn[name] = {**t, "tflops": tflops(flops, t["median_ms"])}
     for name in variants:
@@ -226,11 +227,11 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     return out
 
 
-def _tuned(fn):
-    """``fn()`` with ``MONTA_GROUPED_GEMM=auto`` (monta/expert_gemm.py: each grouped GEMM on the
-    kernel measured fastest for it; the default is torch._grouped_mm for all)."""
+def with_grouped_gemm(pin: str, fn):
+    """``fn()`` under ``MONTA_GROUPED_GEMM=pin`` (monta/expert_gemm.py: ``torch``, the default,
+    ``auto``: each grouped GEMM on the kernel measured fastest for it, or ``triton``)."""
     before = os.environ.get("MONTA_GROUPED_GEMM")
-    os.environ["MONTA_GROUPED_GEMM"] = "auto"
+    os.environ["MONTA_GROUPED_GEMM"] = pin
     try:
         return fn()
     finally:
