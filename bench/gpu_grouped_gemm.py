@@ -86,6 +86,19 @@ def _torch_small_tile_ops(w, rows):
             "dgrad": lambda x, dy, ends: rows_op(dy, w.transpose(1, 2), ends)}
 
 
+def _sm90_ops(w, config):
+    from monta import sm90_gemm
+
+    return {"fwd": lambda x, dy, ends: sm90_gemm.rows(x, w, ends, config),
+            "dgrad": lambda x, dy, ends: sm90_gemm.rows(dy, w.transpose(1, 2), ends, config)}
+
+
+def _sm90_configs(t) -> list:
+    from monta import sm90_gemm
+
+    return list(sm90_gemm.CONFIGS) if sm90_gemm.available(t) else []
+
+
 def _triton_ops(w, tma, rows_cfg, wgrad_cfg):
     from monta import grouped_gemm as gg
 
@@ -101,13 +114,15 @@ def _rel_err(got, want):
     return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
 
 
-def bench_projection(x, w, dy, ends, timer, flops) -> dict:
+def bench_projection(x, w, dy, ends, timer, flops, kernels) -> dict:
     """Every implementation of the three GEMMs for one weight layout."""
     reference = {op: fn(x, dy, ends) for op, fn in _torch_ops(w).items()}
     result = {}
     candidates = [("torch", None, _torch_ops(w)),
                    ("torch 64x128 tiles", None, _torch_small_tile_ops(w, x.size(0)))]
-    for tma in (False, True):
+    candidates += [(f"sm90 {config}", ("rows",), _sm90_ops(w, config))
+                   for config in _sm90_configs(x)]
+    for tma in (False, True) if "triton" in kernels else ():
         for cfg in ROWS_CONFIGS:
             candidates.append((f"triton{'_tma' if tma else ''} {cfg}", ("rows", tma, cfg),
                                _triton_ops(w, tma, cfg, WGRAD_CONFIGS[0])))
@@ -133,7 +148,7 @@ def bench_projection(x, w, dy, ends, timer, flops) -> dict:
     return result
 
 
-def bench_shape(shape: dict, tokens: int, device, timer) -> dict:
+def bench_shape(shape: dict, tokens: int, device, timer, kernels=("triton", "ffn")) -> dict:
     h, f, e, k = shape["hidden"], shape["ffn"], shape["experts"], shape["topk"]
     counts = routed_counts(tokens, e, k, device)
     n = int(counts.sum())
@@ -154,22 +169,25 @@ def bench_shape(shape: dict, tokens: int, device, timer) -> dict:
             row["dense"][op] = {"ms": t["median_ms"], "tflops": tflops(flops, t["median_ms"])}
         for layout in ("row", "col"):
             w = _weights(e, kk, nn, layout, gen, device)
-            row[layout] = bench_projection(x, w, dy, ends, timer, flops)
+            row[layout] = bench_projection(x, w, dy, ends, timer, flops, kernels)
             t = timer(lambda: torch._grouped_mm(x, w, offs=even), warmup=3, reps=10)
             row[layout]["fwd_balanced_torch"] = tflops(flops, t["median_ms"])
         out["projections"][proj] = row
         print(json.dumps(_best(row), indent=None), flush=True)
     out["uniform_rows_fc1_fwd"] = bench_uniform_rows(shape, device, timer)
-    out["ffn_fwd_bwd"] = bench_ffn(shape, n, ends, device, timer)
-    print(json.dumps({k: v.get("fraction_of_dense") for k, v in out["ffn_fwd_bwd"].items()
-                      if isinstance(v, dict) and k != "tuned_choices"}), flush=True)
+    if "ffn" in kernels:
+        out["ffn_fwd_bwd"] = bench_ffn(shape, n, ends, device, timer)
+        print(json.dumps({k: v.get("fraction_of_dense") for k, v in out["ffn_fwd_bwd"].items()
+                          if isinstance(v, dict) and k != "tuned_choices"}), flush=True)
     return out
 
 
 def bench_uniform_rows(shape, device, timer) -> dict:
     """fc1's forward with the same row count for every expert, over counts around the mean of
     8192 tokens' routing: how ``torch._grouped_mm``'s time steps with the row count (its tiles
-    are 128 rows in clusters of two)."""
+    are 128 rows in clusters of two), and each sm90 config's."""
+    from monta import sm90_gemm
+
     h, f, e = shape["hidden"], shape["ffn"], shape["experts"]
     gen = torch.Generator(device=device).manual_seed(5)
     w = (torch.randn(e, h, 2 * f, device=device, generator=gen) * h ** -0.5).bfloat16()
@@ -178,9 +196,13 @@ def bench_uniform_rows(shape, device, timer) -> dict:
     for rows in sorted({mean - 64, mean, mean + 1, mean + 64, mean + 128, mean + 256}):
         x = torch.randn(rows * e, h, device=device, generator=gen).bfloat16()
         ends = torch.cumsum(torch.full((e,), rows, device=device), 0, dtype=torch.int32)
-        t = timer(lambda: torch._grouped_mm(x, w, offs=ends), warmup=3, reps=10)
-        out[rows] = {"ms": t["median_ms"], "tflops": tflops(2 * rows * e * h * 2 * f,
-                                                           t["median_ms"])}
+        kernels = {"torch": lambda: torch._grouped_mm(x, w, offs=ends)}
+        kernels.update({f"sm90 {c}": (lambda c=c: sm90_gemm.rows(x, w, ends, c))
+                        for c in _sm90_configs(x)})
+        for name, fn in kernels.items():
+            t = timer(fn, warmup=3, reps=10)
+            out.setdefault(name, {})[rows] = {
+                "ms": t["median_ms"], "tflops": tflops(2 * rows * e * h * 2 * f, t["median_ms"])}
     return out
 
 
@@ -253,6 +275,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--tiny", action="store_true",
                         help="small shapes on CPU under TRITON_INTERPRET=1: a smoke run")
+    parser.add_argument("--kernels", default="triton,ffn",
+                        help="what to time besides torch and the sm90 library (when built): "
+                             "'triton' kernels, the whole 'ffn'; comma-separated, may be empty")
     opts = parser.parse_args(argv)
     device = torch.device("cpu" if opts.tiny else "cuda")
     shapes, tokens = (TINY_SHAPES, 64) if opts.tiny else (SHAPES, 8192)
@@ -261,7 +286,8 @@ def main(argv=None) -> int:
                "wgrad_configs": WGRAD_CONFIGS, "shapes": {}}
     for name in opts.shapes.split(","):
         started = time.time()
-        results["shapes"][name] = bench_shape(shapes[name], tokens, device, timer)
+        results["shapes"][name] = bench_shape(shapes[name], tokens, device, timer,
+                                                 opts.kernels.split(","))
         print(f"[{name}] {time.time() - started:.0f}s", flush=True)
         Path(opts.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0

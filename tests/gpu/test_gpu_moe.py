@@ -423,3 +423,30 @@ def test_tuned_grouped_mm_matches_torch_and_stays_sync_free(nccl_world_of_one, m
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert not [w for w in caught if "called a synchronizing" in str(w.message)]
+
+
+@pytest.mark.parametrize("layout", ["row", "col"])
+def test_sm90_grouped_gemm_configs_match_fp64(nccl_world_of_one, layout):
+    """monta/sm90_gemm.py (CUTLASS, built by tools/build_sm90_kernels.py): every config, weights
+    stored [E, K, N] or [E, N, K], uneven and empty experts, a row count that is no multiple of
+    any tile, against fp64 loops; the input gradient through the transposed view."""
+    from monta import sm90_gemm
+
+    probe = torch.empty(1, device="cuda", dtype=torch.bfloat16)
+    if not sm90_gemm.available(probe):
+        pytest.skip("sm90 grouped-GEMM library not built or not a Hopper GPU")
+    counts = torch.tensor([300, 0, 17, 0, 1000, 1, 0, 129], device="cuda")
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    n, k, cols = int(counts.sum()), 256, 384
+    x = torch.randn(n, k, device="cuda", generator=gen).bfloat16()
+    dy = torch.randn(n, cols, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(8, k, cols, device="cuda", generator=gen) / 16).bfloat16()
+    if layout == "col":
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    want = torch.cat(_loop_reference(x, w, counts))
+    want_dx = torch.cat(_loop_reference(dy, w.transpose(1, 2), counts))
+    for config in sm90_gemm.CONFIGS:
+        assert _rel_err(sm90_gemm.rows(x, w, ends, config), want) < 1e-2, config
+        assert _rel_err(sm90_gemm.rows(dy, w.transpose(1, 2), ends, config), want_dx) < 1e-2, \
+            config

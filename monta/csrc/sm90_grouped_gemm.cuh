@@ -1,0 +1,187 @@
+// Hopper (sm_90a) bf16 grouped GEMM for MoE experts, built on CUTLASS 3.x collectives.
+//
+// Why our own instead of torch._grouped_mm: torch builds one CUTLASS kernel with 2x1 clusters of
+// 128x256 tiles, so each expert pays for its rows rounded up to 256. With fine-grained experts
+// (~770 rows each) that rounding costs ~15 % of the FFN. Here the tile and cluster shape are
+// template parameters, so a config whose row granularity is 128 (cluster 1x2 multicasts A along
+// N instead of B along M) or 64 (ping-pong 64-row tiles) can be picked per GEMM.
+//
+// One call: rows of A are grouped by expert (`ends` = cumulative row ends, on the device, so no
+// host sync), B is one [K, N] matrix per expert (row- or column-major), D = A_g @ B_g row-major.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+namespace monta {
+
+using namespace cute;
+
+template <class TileShape, class ClusterShape, bool PingPong, bool BColumnMajor>
+struct GroupedGemm {
+  using Element = cutlass::bfloat16_t;
+  using Accumulator = float;
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cute::conditional_t<BColumnMajor, cutlass::layout::ColumnMajor,
+                                      cutlass::layout::RowMajor>;
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlignment = 16 / sizeof(Element);
+  using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
+  using MainloopSchedule =
+      cute::conditional_t<PingPong, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
+                          cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>;
+  using EpilogueSchedule =
+      cute::conditional_t<PingPong, cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
+                          cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, Accumulator,
+      Element, LayoutD*, kAlignment, Element, LayoutD*, kAlignment, EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<Element, Accumulator>>::CollectiveOp;
+
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment,
+      Element, LayoutB*, kAlignment, Accumulator, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename Epilogue::SharedStorage))>,
+      MainloopSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideD = typename Kernel::InternalStrideD;
+  using Shape3 = typename ProblemShape::UnderlyingProblemShape;
+
+  // The per-group argument arrays CUTLASS reads, laid out at the front of the workspace.
+  struct Arrays {
+    const Element** a;
+    const Element** b;
+    Element** d;
+    StrideA* stride_a;
+    StrideB* stride_b;
+    StrideD* stride_d;
+    Shape3* shapes;
+    size_t bytes;
+  };
+
+  static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
+
+  static Arrays carve(void* base, int groups) {
+    char* p = static_cast<char*>(base);
+    Arrays r;
+    size_t off = 0;
+    auto take = [&](size_t bytes) { char* q = p + off; off += round16(bytes); return q; };
+    r.a = reinterpret_cast<const Element**>(take(groups * sizeof(void*)));
+    r.b = reinterpret_cast<const Element**>(take(groups * sizeof(void*)));
+    r.d = reinterpret_cast<Element**>(take(groups * sizeof(void*)));
+    r.stride_a = reinterpret_cast<StrideA*>(take(groups * sizeof(StrideA)));
+    r.stride_b = reinterpret_cast<StrideB*>(take(groups * sizeof(StrideB)));
+    r.stride_d = reinterpret_cast<StrideD*>(take(groups * sizeof(StrideD)));
+    r.shapes = reinterpret_cast<Shape3*>(take(groups * sizeof(Shape3)));
+    r.bytes = off;
+    return r;
+  }
+
+  static typename Gemm::Arguments arguments(const Arrays& arrays, int groups, int sm_count) {
+    typename Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGrouped,
+        {groups, arrays.shapes, nullptr},
+        {arrays.a, arrays.stride_a, arrays.b, arrays.stride_b},
+        {{}, const_cast<const Element**>(arrays.d), arrays.stride_d, arrays.d, arrays.stride_d}};
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    args.hw_info.sm_count = sm_count;
+    return args;
+  }
+};
+
+// One thread per group: its row range from the cumulative ends, then its pointers and shape.
+template <class G>
+__global__ void fill_group_arrays(typename G::Arrays arrays, const typename G::Element* a,
+                                  const typename G::Element* b, typename G::Element* d,
+                                  const int32_t* ends, int groups, int n, int k,
+                                  typename G::StrideA stride_a, typename G::StrideB stride_b,
+                                  typename G::StrideD stride_d) {
+  int g = threadIdx.x;
+  if (g >= groups) return;
+  int64_t start = g == 0 ? 0 : ends[g - 1];
+  int rows = static_cast<int>(ends[g] - start);
+  arrays.a[g] = a + start * k;
+  arrays.b[g] = b + static_cast<int64_t>(g) * k * n;
+  arrays.d[g] = d + start * n;
+  arrays.stride_a[g] = stride_a;
+  arrays.stride_b[g] = stride_b;
+  arrays.stride_d[g] = stride_d;
+  arrays.shapes[g] = typename G::Shape3(rows, n, k);
+}
+
+inline int sm_count_of_current_device() {
+  static int cached[64] = {0};
+  int device = 0;
+  cudaGetDevice(&device);
+  if (!cached[device]) cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device);
+  return cached[device];
+}
+
+template <class G>
+int64_t workspace_bytes(int groups) {
+  // CUTLASS's own workspace does not depend on the pointers, only on the group count and grid.
+  typename G::Arrays arrays = G::carve(nullptr, groups);
+  auto args = G::arguments(arrays, groups, sm_count_of_current_device());
+  return static_cast<int64_t>(arrays.bytes + G::round16(G::Gemm::get_workspace_size(args)));
+}
+
+// Error codes: 0 ok, 1 workspace too small, 2 too many groups, 3 cannot implement,
+// 4 initialize failed, 5 run failed, 6 launch error.
+template <class G>
+int run(const void* a, const void* b, void* d, const int32_t* ends, int groups, int n, int k,
+        void* workspace, int64_t workspace_size, cudaStream_t stream) {
+  if (groups > 1024) return 2;
+  typename G::Arrays arrays = G::carve(workspace, groups);
+  auto args = G::arguments(arrays, groups, sm_count_of_current_device());
+  size_t cutlass_bytes = G::Gemm::get_workspace_size(args);
+  if (static_cast<int64_t>(arrays.bytes + G::round16(cutlass_bytes)) > workspace_size) return 1;
+  auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, {1, k, 1});
+  auto stride_b = cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1});
+  auto stride_d = cutlass::make_cute_packed_stride(typename G::StrideD{}, {1, n, 1});
+  fill_group_arrays<G><<<1, groups, 0, stream>>>(
+      arrays, static_cast<const typename G::Element*>(a),
+      static_cast<const typename G::Element*>(b), static_cast<typename G::Element*>(d), ends,
+      groups, n, k, stride_a, stride_b, stride_d);
+  if (cudaGetLastError() != cudaSuccess) return 6;
+  typename G::Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 3;
+  void* cutlass_workspace = static_cast<char*>(workspace) + arrays.bytes;
+  if (gemm.initialize(args, cutlass_workspace, stream) != cutlass::Status::kSuccess) return 4;
+  if (gemm.run(stream) != cutlass::Status::kSuccess) return 5;
+  return cudaGetLastError() == cudaSuccess ? 0 : 6;
+}
+
+}  // namespace monta
+
+// One exported pair of functions per config and B layout; the build script writes one
+// translation unit per instantiation so that they compile in parallel.
+#define MONTA_GROUPED_GEMM_INSTANCE(NAME, TM, TN, TK, CM, CN, PINGPONG, BCOL)                   \
+  using NAME##_t = monta::GroupedGemm<cute::Shape<cute::_##TM, cute::_##TN, cute::_##TK>,      \
+                                      cute::Shape<cute::_##CM, cute::_##CN, cute::_1>,         \
+                                      PINGPONG, BCOL>;                                        \
+  extern "C" int64_t NAME##_workspace(int groups) {                                           \
+    return monta::workspace_bytes<NAME##_t>(groups);                                          \
+  }                                                                                           \
+  extern "C" int NAME##_run(const void* a, const void* b, void* d, const int32_t* ends,        \
+                            int groups, int n, int k, void* ws, int64_t ws_bytes,             \
+                            void* stream) {                                                   \
+    return monta::run<NAME##_t>(a, b, d, ends, groups, n, k, ws, ws_bytes,                    \
+                                static_cast<cudaStream_t>(stream));                           \
+  }

@@ -1,0 +1,98 @@
+"""MoNTA's CUTLASS grouped GEMM for Hopper (``monta/csrc/sm90_grouped_gemm.cuh``), through ctypes.
+
+``torch._grouped_mm`` builds one kernel per problem class: on the experts' shapes, 128×256
+tiles in 2×1 clusters, so an expert's rows are paid for in multiples of 256. With fine-grained
+experts (~770 rows each) about half of them pay for 1024 rows. The same CUTLASS collectives
+with other tile and cluster shapes move that granularity to 128 or 64 rows; which is fastest
+depends on the GEMM, so :mod:`monta.expert_gemm` times them against torch on first use.
+
+The kernels are compiled ahead of time by ``tools/build_sm90_kernels.py`` (CUDA's compiler and
+CUTLASS's headers come from the package registry) into ``monta/_build/``. The library has a C
+interface only, so it does not depend on the torch build it runs under. Without it (CPU installs,
+other GPUs) :func:`available` is False and nothing here is used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import torch
+
+# name: (tile M, tile N, tile K, cluster M, cluster N, ping-pong schedule)
+CONFIGS = {
+    "128x256_c2x1": (128, 256, 64, 2, 1, False),  # torch._grouped_mm's large-problem kernel
+    "128x256_c1x2": (128, 256, 64, 1, 2, False),
+    "128x128_c1x2": (128, 128, 64, 1, 2, False),
+    "128x256_c1x1": (128, 256, 64, 1, 1, False),
+    "64x256_pp_c1x1": (64, 256, 64, 1, 1, True),
+}
+LIBRARY = Path(__file__).resolve().parent / "_build" / "libmonta_sm90_gemm.so"
+ERRORS = {1: "workspace too small", 2: "more than 1024 groups", 3: "CUTLASS cannot implement",
+          4: "CUTLASS initialize failed", 5: "CUTLASS run failed", 6: "CUDA launch error"}
+
+_library = None
+
+
+def symbol(config: str, b_column_major: bool) -> str:
+    return f"monta_gg_{config}_{'col' if b_column_major else 'row'}"
+
+
+def _load():
+    global _library
+    if _library is None:
+        path = Path(os.environ.get("MONTA_SM90_GEMM_LIBRARY", LIBRARY))
+        _library = False
+        if path.exists():
+            library = ctypes.CDLL(str(path))
+            for config in CONFIGS:
+                for column_major in (False, True):
+                    name = symbol(config, column_major)
+                    getattr(library, f"{name}_workspace").restype = ctypes.c_int64
+                    getattr(library, f"{name}_workspace").argtypes = [ctypes.c_int]
+                    run = getattr(library, f"{name}_run")
+                    run.restype = ctypes.c_int
+                    run.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_void_p] + [ctypes.c_int] * 3 \
+                        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+            _library = library
+    return _library or None
+
+
+def available(t: torch.Tensor) -> bool:
+    """Built, and ``t`` lives on a Hopper GPU."""
+    return (t.is_cuda and t.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(t.device) == (9, 0) and _load() is not None)
+
+
+def _b_layout(b: torch.Tensor):
+    """``b`` [E, K, N] as (tensor, column_major) with each expert's matrix packed."""
+    experts, k, n = b.shape
+    if b.stride() == (k * n, n, 1):
+        return b, False
+    if b.stride() == (k * n, 1, k):
+        return b, True
+    return b.contiguous(), False
+
+
+def rows(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor, config: str) -> torch.Tensor:
+    """``out[rows_e] = a[rows_e] @ b[e]``, like ``torch._grouped_mm(a, b, offs=row_ends)``:
+    ``a`` [n, K] bf16, ``b`` [E, K, N] in either orientation, ``row_ends`` int32 [E] on the
+    device. Rows past ``row_ends[-1]`` are left unwritten, as torch leaves them."""
+    library = _load()
+    a = a if a.stride() == (a.size(1), 1) else a.contiguous()
+    b, column_major = _b_layout(b)
+    experts, k, n = b.shape
+    if row_ends.dtype != torch.int32:
+        row_ends = row_ends.to(torch.int32)
+    out = torch.empty(a.size(0), n, device=a.device, dtype=a.dtype)
+    name = symbol(config, column_major)
+    workspace = torch.empty(getattr(library, f"{name}_workspace")(experts), device=a.device,
+                            dtype=torch.uint8)
+    status = getattr(library, f"{name}_run")(
+        a.data_ptr(), b.data_ptr(), out.data_ptr(), row_ends.data_ptr(), experts, n, k,
+        workspace.data_ptr(), workspace.numel(), torch.cuda.current_stream(a.device).cuda_stream)
+    if status:
+        raise RuntimeError(f"MoNTA sm90 grouped GEMM {name} [{a.size(0)}x{k}]x[{experts}x{k}x{n}]: "
+                           f"{ERRORS.get(status, status)}")
+    return out

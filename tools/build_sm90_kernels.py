@@ -1,0 +1,102 @@
+"""Build MoNTA's Hopper grouped-GEMM library (monta/_build/libmonta_sm90_gemm.so).
+
+    python tools/build_sm90_kernels.py [--nvcc PATH --cutlass DIR] [--jobs N]
+
+Needs no GPU: it cross-compiles sm_90a machine code. Without --nvcc/--cutlass it installs the
+pinned CUDA 13.0 compiler wheels and CUTLASS's headers (the ``nvidia-cutlass`` wheel ships them)
+from the package registry into build/sm90-toolchain/ once. Each (config, B layout) pair is one
+translation unit, compiled in parallel (~50 s each on one core); the C interface keeps the
+library independent of the torch build that loads it (see monta/sm90_gemm.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from monta import sm90_gemm  # noqa: E402
+
+TOOLCHAIN = ["nvidia-cuda-nvcc==13.0.88", "nvidia-nvvm==13.0.88", "nvidia-cuda-runtime==13.0.96",
+             "nvidia-cuda-crt==13.0.88", "nvidia-cuda-cccl==13.0.85", "nvidia-cutlass==4.2.0.0"]
+SOURCE = ROOT / "monta" / "csrc" / "sm90_grouped_gemm.cuh"
+FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
+         "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC"]
+
+
+def install_toolchain(target: Path) -> tuple[Path, Path]:
+    cuda = target / "nvidia" / "cu13"
+    if not (cuda / "bin" / "nvcc").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--target", str(target), *TOOLCHAIN], check=True)
+        for tool in [*(cuda / "bin").iterdir(), *(cuda / "nvvm" / "bin").iterdir()]:
+            if tool.is_file():
+                tool.chmod(0o755)
+    lib64 = cuda / "lib64"  # nvcc.profile looks for lib64; the wheels install lib
+    if not lib64.exists():
+        lib64.symlink_to("lib")
+    return cuda / "bin" / "nvcc", target / "cutlass_library" / "source"
+
+
+def instance_source(config: str, column_major: bool) -> str:
+    tm, tn, tk, cm, cn, pingpong = sm90_gemm.CONFIGS[config]
+    return (f'#include "{SOURCE.name}"\n'
+            f"MONTA_GROUPED_GEMM_INSTANCE({sm90_gemm.symbol(config, column_major)}, {tm}, {tn}, "
+            f"{tk}, {cm}, {cn}, {str(pingpong).lower()}, {str(column_major).lower()})\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nvcc", type=Path, help="a CUDA >= 12.4 nvcc (default: pip toolchain)")
+    parser.add_argument("--cutlass", type=Path,
+                        help="CUTLASS source root holding include/ and tools/util/include/")
+    parser.add_argument("--build-dir", type=Path, default=ROOT / "build" / "sm90")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=sm90_gemm.LIBRARY)
+    args = parser.parse_args(argv)
+
+    nvcc, cutlass = args.nvcc, args.cutlass
+    if nvcc is None or cutlass is None:
+        pip_nvcc, pip_cutlass = install_toolchain(ROOT / "build" / "sm90-toolchain")
+        nvcc, cutlass = nvcc or pip_nvcc, cutlass or pip_cutlass
+    for needed in (nvcc, cutlass / "include" / "cutlass" / "cutlass.h"):
+        if not needed.exists():
+            parser.error(f"{needed} does not exist")
+    env = dict(os.environ, PATH=f"{nvcc.parent}:{os.environ.get('PATH', '')}")
+    includes = [f"-I{SOURCE.parent}", f"-I{cutlass / 'include'}",
+                f"-I{cutlass / 'tools' / 'util' / 'include'}"]
+    args.build_dir.mkdir(parents=True, exist_ok=True)
+
+    def compile_one(pair):
+        config, column_major = pair
+        stem = args.build_dir / sm90_gemm.symbol(config, column_major)
+        source, obj = stem.with_suffix(".cu"), stem.with_suffix(".o")
+        text = instance_source(config, column_major)
+        newer = obj.exists() and obj.stat().st_mtime > SOURCE.stat().st_mtime
+        if newer and source.exists() and source.read_text() == text:
+            return obj
+        source.write_text(text)
+        subprocess.run([str(nvcc), *FLAGS, *includes, "-c", str(source), "-o", str(obj)],
+                       check=True, env=env)
+        print(f"compiled {obj.name}", flush=True)
+        return obj
+
+    pairs = [(c, col) for c in sm90_gemm.CONFIGS for col in (False, True)]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        objects = list(pool.map(compile_one, pairs))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(nvcc), "-shared", "-cudart", "static",
+                    "-gencode=arch=compute_90a,code=sm_90a", *map(str, objects), "-o",
+                    str(args.out)], check=True, env=env)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, {len(pairs)} kernels)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
