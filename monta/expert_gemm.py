@@ -30,11 +30,12 @@ import statistics
 
 import torch
 
-from monta import grouped_gemm
+from monta import grouped_gemm, sm90_gemm
 
 logger = logging.getLogger(__name__)
 
 TORCH = "torch"
+SM90 = "sm90:"  # prefix of a monta.sm90_gemm config name
 ROWS_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 4, 4))
 WGRAD_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 3, 4))
 TUNING_ROUNDS = 8
@@ -64,6 +65,8 @@ def _run(op, candidate, args):
         a, b, row_ends = args
         if candidate == TORCH:
             return _rows_torch(a, b, row_ends)
+        if isinstance(candidate, str) and candidate.startswith(SM90):
+            return sm90_gemm.rows(a, b, row_ends, candidate[len(SM90):])
         return grouped_gemm.rows(a, b, row_ends, candidate)
     x, dy, row_ends, like = args
     if candidate == TORCH:
@@ -77,10 +80,18 @@ def _key(op, first, weight_like, rows, pinned):
             weight_like.stride(2) == 1, 1 << max(rows - 1, 0).bit_length(), pinned)
 
 
-def _candidates(op, pinned):
+def _candidates(op, pinned, triton=True, sm90=False):
+    """What ``_tune`` times: torch, the Triton configs (if Triton is there) and, for the row
+    GEMMs, the sm90 library's configs (if it is built and the GPU is a Hopper)."""
     candidates = ROWS_CANDIDATES if op == "rows" else WGRAD_CANDIDATES
-    if pinned == "triton":
-        return tuple(c for c in candidates if c != TORCH)
+    if not triton:
+        candidates = (TORCH,)
+    if op == "rows" and sm90:
+        candidates += tuple(SM90 + config for config in sm90_gemm.CONFIGS)
+    if pinned in ("triton", "sm90"):
+        prefix = SM90 if pinned == "sm90" else ""
+        return tuple(c for c in candidates if c != TORCH
+                     and (isinstance(c, str) and c.startswith(SM90)) == bool(prefix)) or (TORCH,)
     return candidates
 
 
@@ -93,8 +104,8 @@ def _time_ms(fn) -> float:
     return start.elapsed_time(end)
 
 
-def _tune(op, key, args):
-    candidates = _candidates(op, key[-1])
+def _tune(op, key, args, triton=True, sm90=False):
+    candidates = _candidates(op, key[-1], triton, sm90)
     if len(candidates) == 1:
         return candidates[0]
     reference = _run(op, TORCH, args).float()
@@ -130,14 +141,15 @@ def _tune(op, key, args):
 def _tuned(op, args, weight_like, rows):
     first = args[0]
     pinned = os.environ.get("MONTA_GROUPED_GEMM", TORCH)
-    if pinned == TORCH or not grouped_gemm.available(first) or not first.is_cuda or rows == 0:
+    if pinned == TORCH or not first.is_cuda or rows == 0:
         return _run(op, TORCH, args)
     key = _key(op, first, weight_like, rows, pinned)
     candidate = _chosen.get(key)
     if candidate is None:
         if torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA graph capture
             return _run(op, TORCH, args)
-        candidate = _chosen[key] = _tune(op, key, args)
+        candidate = _chosen[key] = _tune(op, key, args, grouped_gemm.available(first),
+                                         sm90_gemm.available(first))
     return _run(op, candidate, args)
 
 

@@ -56,6 +56,23 @@ def test_pinned_triton_never_times_torch(fake_kernels, monkeypatch):
     assert _tune(monkeypatch, pinned="triton") == "b"
 
 
+def test_candidates_follow_what_is_built_and_the_pin(monkeypatch):
+    from monta import sm90_gemm
+
+    monkeypatch.setattr(expert_gemm, "ROWS_CANDIDATES", ("torch", "a"))
+    monkeypatch.setattr(expert_gemm, "WGRAD_CANDIDATES", ("torch", "w"))
+    sm90 = tuple(expert_gemm.SM90 + c for c in sm90_gemm.CONFIGS)
+    assert expert_gemm._candidates("rows", "auto", triton=True, sm90=True) == ("torch", "a", *sm90)
+    assert expert_gemm._candidates("rows", "auto", triton=False, sm90=True) == ("torch", *sm90)
+    assert expert_gemm._candidates("rows", "auto", triton=False, sm90=False) == ("torch",)
+    # the sm90 library has row GEMMs only: the weight gradient never gets its configs
+    assert expert_gemm._candidates("wgrad", "auto", triton=True, sm90=True) == ("torch", "w")
+    assert expert_gemm._candidates("rows", "sm90", triton=True, sm90=True) == sm90
+    assert expert_gemm._candidates("rows", "triton", triton=True, sm90=True) == ("a",)
+    # a pin whose kernels are not there falls back to torch rather than to nothing
+    assert expert_gemm._candidates("rows", "sm90", triton=True, sm90=False) == ("torch",)
+
+
 def test_rows_share_a_tuning_within_a_power_of_two():
     x = torch.empty(1, 4, dtype=torch.bfloat16)
     w = torch.empty(8, 4, 16, dtype=torch.bfloat16)

@@ -75,13 +75,15 @@ struct GroupedGemm {
     size_t bytes;
   };
 
-  static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
+  // CUTLASS keeps one TMA descriptor per SM in its workspace, and descriptors need 64-byte (we
+  // give 128) alignment; every region here starts on that boundary.
+  static size_t round_up(size_t n) { return (n + 127) / 128 * 128; }
 
   static Arrays carve(void* base, int groups) {
     char* p = static_cast<char*>(base);
     Arrays r;
     size_t off = 0;
-    auto take = [&](size_t bytes) { char* q = p + off; off += round16(bytes); return q; };
+    auto take = [&](size_t bytes) { char* q = p + off; off += round_up(bytes); return q; };
     r.a = reinterpret_cast<const Element**>(take(groups * sizeof(void*)));
     r.b = reinterpret_cast<const Element**>(take(groups * sizeof(void*)));
     r.d = reinterpret_cast<Element**>(take(groups * sizeof(void*)));
@@ -139,7 +141,7 @@ int64_t workspace_bytes(int groups) {
   // CUTLASS's own workspace does not depend on the pointers, only on the group count and grid.
   typename G::Arrays arrays = G::carve(nullptr, groups);
   auto args = G::arguments(arrays, groups, sm_count_of_current_device());
-  return static_cast<int64_t>(arrays.bytes + G::round16(G::Gemm::get_workspace_size(args)));
+  return static_cast<int64_t>(arrays.bytes + G::round_up(G::Gemm::get_workspace_size(args)));
 }
 
 // Error codes: 0 ok, 1 workspace too small, 2 too many groups, 3 cannot implement,
@@ -151,7 +153,7 @@ int run(const void* a, const void* b, void* d, const int32_t* ends, int groups, 
   typename G::Arrays arrays = G::carve(workspace, groups);
   auto args = G::arguments(arrays, groups, sm_count_of_current_device());
   size_t cutlass_bytes = G::Gemm::get_workspace_size(args);
-  if (static_cast<int64_t>(arrays.bytes + G::round16(cutlass_bytes)) > workspace_size) return 1;
+  if (static_cast<int64_t>(arrays.bytes + G::round_up(cutlass_bytes)) > workspace_size) return 1;
   auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, {1, k, 1});
   auto stride_b = cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1});
   auto stride_d = cutlass::make_cute_packed_stride(typename G::StrideD{}, {1, n, 1});
