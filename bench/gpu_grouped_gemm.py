@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -206,8 +207,9 @@ def bench_uniform_rows(shape, device, timer) -> dict:
     return out
 
 
-def bench_ffn(shape, n, ends, device, timer) -> dict:
-    """fc1 → SwiGLU·prob → fc2, forward + backward, per implementation and layout."""
+def bench_ffn(shape, n, ends, device, timer, rounds: int = 4, reps: int = 5) -> dict:
+    """fc1 → SwiGLU·prob → fc2, forward + backward, per implementation and layout, in
+    ``rounds`` interleaved rounds of ``reps`` (median of all)."""
     from monta import expert_gemm
     from monta.experts import activation_with_probs
 
@@ -231,9 +233,10 @@ def bench_ffn(shape, n, ends, device, timer) -> dict:
             mm2(a).backward(grad)
         return run
 
-    variants = {"dense": ffn(lambda t: t @ dense[0], lambda t: t @ dense[1])}
+    variants = {"dense": ("torch", ffn(lambda t: t @ dense[0], lambda t: t @ dense[1]))}
+    pins = ["torch", "auto", *(expert_gemm.SM90 + c for c in _sm90_configs(x))]
     for layout, (w1, w2) in weights.items():
-        for pin in ("torch", "auto"):  # torch._grouped_mm only; each GEMM's tuned choice
+        for pin in pins:  # torch._grouped_mm only; each GEMM's tuned choice; one sm90 config
             variants[f"{pin} {layout}"] = (pin, ffn(
                 lambda t, w=w1: expert_gemm.grouped_mm(t, w, ends),
                 lambda t, w=w2: expert_gemm.grouped_mm(t, w, ends)))
@@ -242,14 +245,22 @@ def bench_ffn(shape, n, ends, device, timer) -> dict:
         for t in [x, *dense, *weights["row"], *weights["col"]]:
             t.grad = None
 
-    out = {}
-    for name, variant in variants.items():
-        pin, fn = variant if isinstance(variant, tuple) else ("torch", variant)
-        try:
-            t = with_grouped_gemm(pin, lambda: timer(fn, warmup=3, reps=10, setup=clear))
-            out[name] = {"ms": t["median_ms"], "tflops": tflops(flops, t["median_ms"])}
-        except Exception as error:
-            out[name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+    # Interleaved rounds, so clock and thermal drift favour no variant.
+    samples, out = {name: [] for name in variants}, {}
+    for round_ in range(rounds):
+        for name, (pin, fn) in variants.items():
+            if name in out:
+                continue
+            try:
+                t = with_grouped_gemm(pin, lambda: timer(fn, warmup=3 if round_ == 0 else 1,
+                                                         reps=reps, setup=clear))
+                samples[name] += t["samples_ms"]
+            except Exception as error:
+                out[name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+    for name, times in samples.items():
+        if times and name not in out:
+            ms = statistics.median(times)
+            out[name] = {"ms": ms, "tflops": tflops(flops, ms), "samples_ms": times}
     out["tuned_choices"] = {str(k): str(v) for k, v in expert_gemm.choices().items()}
     for row in out.values():
         if "tflops" in row:

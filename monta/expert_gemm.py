@@ -88,6 +88,9 @@ def _candidates(op, pinned, triton=True, sm90=False):
         candidates = (TORCH,)
     if op == "rows" and sm90:
         candidates += tuple(SM90 + config for config in sm90_gemm.CONFIGS)
+    if pinned.startswith(SM90):  # one config, e.g. MONTA_GROUPED_GEMM=sm90:128x256_c1x1
+        return (pinned,) if op == "rows" and sm90 and pinned[len(SM90):] in sm90_gemm.CONFIGS \
+            else (TORCH,)
     if pinned in ("triton", "sm90"):
         prefix = SM90 if pinned == "sm90" else ""
         return tuple(c for c in candidates if c != TORCH

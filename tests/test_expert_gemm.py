@@ -69,6 +69,9 @@ def test_candidates_follow_what_is_built_and_the_pin(monkeypatch):
     assert expert_gemm._candidates("wgrad", "auto", triton=True, sm90=True) == ("torch", "w")
     assert expert_gemm._candidates("rows", "sm90", triton=True, sm90=True) == sm90
     assert expert_gemm._candidates("rows", "triton", triton=True, sm90=True) == ("a",)
+    one = expert_gemm.SM90 + next(iter(sm90_gemm.CONFIGS))
+    assert expert_gemm._candidates("rows", one, triton=True, sm90=True) == (one,)
+    assert expert_gemm._candidates("wgrad", one, triton=True, sm90=True) == ("torch",)
     # a pin whose kernels are not there falls back to torch rather than to nothing
     assert expert_gemm._candidates("rows", "sm90", triton=True, sm90=False) == ("torch",)
 
