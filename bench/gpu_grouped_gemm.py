@@ -149,7 +149,8 @@ def bench_projection(x, w, dy, ends, timer, flops, kernels) -> dict:
     return result
 
 
-def bench_shape(shape: dict, tokens: int, device, timer, kernels=("triton", "ffn")) -> dict:
+def bench_shape(shape: dict, tokens: int, device, timer, kernels=("triton", "ffn"),
+                ffn_rounds: int = 4) -> dict:
     h, f, e, k = shape["hidden"], shape["ffn"], shape["experts"], shape["topk"]
     counts = routed_counts(tokens, e, k, device)
     n = int(counts.sum())
@@ -177,7 +178,7 @@ def bench_shape(shape: dict, tokens: int, device, timer, kernels=("triton", "ffn
         print(json.dumps(_best(row), indent=None), flush=True)
     out["uniform_rows_fc1_fwd"] = bench_uniform_rows(shape, device, timer)
     if "ffn" in kernels:
-        out["ffn_fwd_bwd"] = bench_ffn(shape, n, ends, device, timer)
+        out["ffn_fwd_bwd"] = bench_ffn(shape, n, ends, device, timer, rounds=ffn_rounds)
         print(json.dumps({k: v.get("fraction_of_dense") for k, v in out["ffn_fwd_bwd"].items()
                           if isinstance(v, dict) and k != "tuned_choices"}), flush=True)
     return out
@@ -289,6 +290,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", default="triton,ffn",
                         help="what to time besides torch and the sm90 library (when built): "
                              "'triton' kernels, the whole 'ffn'; comma-separated, may be empty")
+    parser.add_argument("--ffn-rounds", type=int, default=4,
+                        help="interleaved rounds of the expert-FFN variants")
     opts = parser.parse_args(argv)
     device = torch.device("cpu" if opts.tiny else "cuda")
     shapes, tokens = (TINY_SHAPES, 64) if opts.tiny else (SHAPES, 8192)
@@ -298,7 +301,7 @@ def main(argv=None) -> int:
     for name in opts.shapes.split(","):
         started = time.time()
         results["shapes"][name] = bench_shape(shapes[name], tokens, device, timer,
-                                                 opts.kernels.split(","))
+                                                 opts.kernels.split(","), opts.ffn_rounds)
         print(f"[{name}] {time.time() - started:.0f}s", flush=True)
         Path(opts.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
