@@ -136,6 +136,9 @@ def routed_counts(tokens: int, experts: int, topk: int, device) -> torch.Tensor:
     return torch.bincount(chosen, minlength=experts)
 
 
+FFN_ROUNDS = 4  # interleaved rounds of the expert-FFN variants, 3 timed calls each
+
+
 def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     from monta.experts import (activation_with_probs, expert_offsets, grouped_mm,
                                grouped_mm_supported)
@@ -159,7 +162,7 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         dense_w = rand(kk, nn, scale=kk ** -0.5)
         fast = grouped_mm_supported(x, w)
         variants = {
-            "grouped": lambda: with_grouped_gemm("auto",
+            "grouped": lambda: with_grouped_gemm("default",
                                                  lambda: grouped_mm(x, w, counts, offsets)),
             "grouped_torch": lambda: torch._grouped_mm(x, w, offs=offsets),
             "loop": lambda: torch.cat([p @ w[i]
@@ -213,14 +216,20 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     out["activation_fwd_bwd"] = bench_activation(n, f, device, dtype, timer)
     flops = 3 * 2 * n * (h * 2 * f + f * h)
     ffn = {"flops": flops}
-    variants = {"grouped": grouped_ffn, "grouped_torch": grouped_ffn, "loop": loop_ffn,
-                "dense": dense_ffn}
-    for name, fn in variants.items():
-        # grouped: each GEMM on the kernel monta.expert_gemm tunes for it; grouped_torch: all
-        # on torch._grouped_mm (the default)
-        run = (lambda fn=fn: with_grouped_gemm("auto", fn)) if name == "grouped" else fn
-        t = timer(run, warmup=3, reps=10, setup=clear)
-        ffn[name] = {**t, "tflops": tflops(flops, t["median_ms"])}
+    # grouped: MoNTA's default kernels (monta/expert_gemm.py); grouped_torch: torch._grouped_mm
+    # for every GEMM. Interleaved rounds, so clock and thermal drift favour no variant.
+    variants = {"grouped": ("default", grouped_ffn), "grouped_torch": ("torch", grouped_ffn),
+                "loop": ("torch", loop_ffn), "dense": ("torch", dense_ffn)}
+    samples = {name: [] for name in variants}
+    for round_ in range(FFN_ROUNDS):
+        for name, (pin, fn) in variants.items():
+            t = with_grouped_gemm(pin, lambda: timer(fn, warmup=3 if round_ == 0 else 1,
+                                                     reps=3, setup=clear))
+            samples[name] += t["samples_ms"]
+    for name, times in samples.items():
+        ms = statistics.median(times)
+        ffn[name] = {"median_ms": ms, "min_ms": min(times), "max_ms": max(times),
+                     "reps": len(times), "samples_ms": times, "tflops": tflops(flops, ms)}
     for name in variants:
         ffn[name]["fraction_of_dense"] = ffn[name]["tflops"] / ffn["dense"]["tflops"]
     out["ffn_fwd_bwd"] = ffn
@@ -228,8 +237,8 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
 
 
 def with_grouped_gemm(pin: str, fn):
-    """``fn()`` under ``MONTA_GROUPED_GEMM=pin`` (monta/expert_gemm.py: ``torch``, the default,
-    ``auto``: each grouped GEMM on the kernel measured fastest for it, or ``triton``)."""
+    """``fn()`` under ``MONTA_GROUPED_GEMM=pin`` (monta/expert_gemm.py: ``default``, ``torch``,
+    ``sm90:<config>``, ``auto``: each grouped GEMM on the kernel measured fastest for it...)."""
     before = os.environ.get("MONTA_GROUPED_GEMM")
     os.environ["MONTA_GROUPED_GEMM"] = pin
     try:
@@ -328,10 +337,15 @@ def environment(device) -> dict:
     except ImportError:
         info["transformer_engine"] = False
     if device.type == "cuda":
+        from monta import expert_gemm
+
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, capability=f"{props.major}.{props.minor}",
                     memory_gib=round(props.total_memory / 2**30, 1),
-                    multiprocessors=props.multi_processor_count)
+                    multiprocessors=props.multi_processor_count,
+                    # what MoNTA's experts run their forward / input-gradient GEMMs on
+                    grouped_gemm_default=expert_gemm._pin(
+                        torch.empty(1, device=device, dtype=torch.bfloat16)))
     else:
         info["device"] = platform.processor() or "cpu"
     # what the caller says it copied, when it says (MONTA_GIT_COMMIT: a tree sent to a GPU

@@ -43,11 +43,11 @@ def expert_table(r: dict) -> list[str]:
     lines = ["## Expert compute: grouped GEMM vs one dense GEMM of the same FLOPs", "",
              f"TFLOP/s (median of {first['projections']['fc1']['grouped']['reps']} runs; FFN: "
              f"{first['ffn_fwd_bwd']['grouped']['reps']}) and the fraction of the dense GEMM's "
-             f"rate; {first['tokens']} tokens routed top-k by random logits. torch: "
-             "`torch._grouped_mm` (the default); tuned: each GEMM on the kernel "
-             "`MONTA_GROUPED_GEMM=auto` picks (`monta.expert_gemm`: `torch._grouped_mm` unless "
-             "one of MoNTA's Triton kernels measured ≥ 5 % faster).", "",
-             "| shapes | op | tuned | % of dense | torch | % of dense | loop (per expert) | "
+             f"rate; {first['tokens']} tokens routed top-k by random logits; the FFN's variants "
+             "in interleaved rounds. MoNTA: the experts' default kernels (`monta.expert_gemm`; "
+             f"here forward and input gradient on `{r['environment'].get('grouped_gemm_default')}`"
+             ", weight gradient on `torch._grouped_mm`); torch: `torch._grouped_mm` for all.", "",
+             "| shapes | op | MoNTA | % of dense | torch | % of dense | loop (per expert) | "
              "% of dense | dense | torch, transposed weights |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, g in r["expert_gemm"].items():

@@ -1,25 +1,32 @@
-"""The experts' grouped GEMMs: ``torch._grouped_mm``, or (opt-in) each on the fastest kernel
-measured on this GPU.
+"""The experts' grouped GEMMs, each on ``torch._grouped_mm`` or on one of MoNTA's kernels.
 
 An expert projection ``out[rows_e] = x[rows_e] @ w[e]`` costs three grouped GEMMs per step:
 the forward, the input gradient ``dy @ w[e]ᵀ`` and the weight gradient ``x[rows_e]ᵀ @ dy``.
-Two implementations exist for each: ``torch._grouped_mm`` (CUTLASS, one tile shape per
-problem class) and MoNTA's Triton kernels (:mod:`monta.grouped_gemm`, a few tile configs).
-Neither wins everywhere, and the differences are small: on an H200, Triton's 128×256 TMA
-kernel once ran the Mixtral fc2 forward 14 % faster than CUTLASS and the fine-grained fc1 GEMMs
-4–10 % faster, but later runs did not repeat it, tuning with a margin kept CUTLASS for every
-GEMM shape, and the whole expert FFN did not get faster (``bench/gpu_grouped_gemm.py``,
-bench/results/gpu_grouped_gemm.json; the same GEMM varies by 5–20 % between runs there). So
-``torch._grouped_mm`` is the default and tuning is opt-in:
+Three implementations exist:
 
-* ``MONTA_GROUPED_GEMM=torch`` (default): ``torch._grouped_mm`` for all three GEMMs;
-* ``MONTA_GROUPED_GEMM=auto``: like ``triton.autotune``, the first call of each GEMM shape times
-  every candidate on its real inputs (round-robin), checks it against ``torch._grouped_mm``'s
-  result, and keeps ``torch._grouped_mm`` unless a kernel beat it by ``TORCH_MARGIN``; later
-  calls launch the choice straight away (no host sync). Shapes are keyed by the row count
-  rounded up to a power of two, so an expert-parallel rank whose row count varies from step to
-  step tunes a handful of times, not every step;
-* ``MONTA_GROUPED_GEMM=triton``: the fastest Triton config, tuned the same way.
+* ``torch._grouped_mm``: CUTLASS with one tile shape per problem class, 128×256 tiles in 2×1
+  clusters at expert sizes, so each expert's rows are paid for in multiples of 256;
+* MoNTA's CUTLASS library (:mod:`monta.sm90_gemm`, Hopper, built by
+  ``tools/build_sm90_kernels.py``): the same collectives with other tile and cluster shapes,
+  for the forward and the input gradient;
+* MoNTA's Triton kernels (:mod:`monta.grouped_gemm`, a few tile configs): within a few % of
+  CUTLASS either way on an H200, never reliably faster (bench/results/gpu_grouped_gemm.json).
+
+``MONTA_GROUPED_GEMM`` picks:
+
+* unset (``default``): the forward and input gradient on ``sm90:`` + ``SM90_DEFAULT_CONFIG``
+  when the library is built and the GPU is a Hopper, otherwise ``torch._grouped_mm``; the
+  weight gradient always on ``torch._grouped_mm``;
+* ``torch``: ``torch._grouped_mm`` for all three GEMMs;
+* ``sm90:<config>``: that config of :data:`monta.sm90_gemm.CONFIGS` for the row GEMMs;
+* ``auto``: like ``triton.autotune``, the first call of each GEMM shape times every candidate
+  on its real inputs (round-robin), checks it against ``torch._grouped_mm``'s result, and keeps
+  ``torch._grouped_mm`` unless a kernel beat it by ``TORCH_MARGIN``; later calls launch the
+  choice straight away (no host sync). Shapes are keyed by the row count rounded up to a power
+  of two, so an expert-parallel rank whose row count varies from step to step tunes a handful
+  of times, not every step. Single calls time noisily (the same GEMM varies by 5-20 % between
+  runs on the H200), so its picks can lose in the whole FFN;
+* ``triton`` / ``sm90``: the fastest Triton / sm90 config, tuned the same way.
 """
 
 from __future__ import annotations
@@ -36,6 +43,13 @@ logger = logging.getLogger(__name__)
 
 TORCH = "torch"
 SM90 = "sm90:"  # prefix of a monta.sm90_gemm config name
+DEFAULT = "default"
+# The row GEMMs' kernel when the sm90 library is built: in the expert FFN fwd+bwd, timed in
+# interleaved rounds against torch._grouped_mm, it ran the fine-grained shapes 6-7 % faster in
+# two runs (medians 5.12 vs 5.48 ms, 5.03 vs 5.34 ms) and the Mixtral shapes within 1 %
+# (bench/gpu_grouped_gemm.py, bench/results/gpu_grouped_gemm.json). 1x2 clusters share each A
+# tile between two column tiles, so rows are paid for in multiples of 128, not 256.
+SM90_DEFAULT_CONFIG = "128x256_c1x2"
 ROWS_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 4, 4))
 WGRAD_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 3, 4))
 TUNING_ROUNDS = 8
@@ -141,9 +155,16 @@ def _tune(op, key, args, triton=True, sm90=False):
     return best
 
 
+def _pin(first) -> str:
+    pinned = os.environ.get("MONTA_GROUPED_GEMM", DEFAULT)
+    if pinned == DEFAULT:
+        return SM90 + SM90_DEFAULT_CONFIG if sm90_gemm.available(first) else TORCH
+    return pinned
+
+
 def _tuned(op, args, weight_like, rows):
     first = args[0]
-    pinned = os.environ.get("MONTA_GROUPED_GEMM", TORCH)
+    pinned = _pin(first)
     if pinned == TORCH or not first.is_cuda or rows == 0:
         return _run(op, TORCH, args)
     key = _key(op, first, weight_like, rows, pinned)

@@ -7,9 +7,9 @@ instead whenever Transformer Engine imports, see :mod:`monta.model`). :class:`Mo
 ``weight2 [E·F/ETP, H]`` viewed as ``[E, F/ETP, H]``), same initialisation, expert-TP sharding
 and ``sharded_state_dict`` (whose keys and global shapes equal ``SequentialMLP``'s, so
 ``torch_dist`` checkpoints move between the two) — but computes each projection for all local
-experts with one grouped GEMM on CUDA in bf16 (``torch._grouped_mm``'s CUTLASS kernel; with
-``MONTA_GROUPED_GEMM=auto``, per GEMM whichever of it and MoNTA's Triton kernels
-:mod:`monta.expert_gemm` measured faster), and with a loop of ``torch.mm`` elsewhere (CPU,
+experts with one grouped GEMM on CUDA in bf16 (``torch._grouped_mm``'s CUTLASS kernel, or on
+Hopper MoNTA's own CUTLASS build with 128-row granularity when ``tools/build_sm90_kernels.py``
+has built it; :mod:`monta.expert_gemm` says which and how to choose), and with a loop of ``torch.mm`` elsewhere (CPU,
 fp32, or dims that break its 16-byte alignment). Between the two GEMMs, SwiGLU × router
 probability runs as one Triton kernel each way on GPUs (:mod:`monta.swiglu`).
 

@@ -75,9 +75,10 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
                    help="pad every expert to its capacity (drop-and-pad)")
     g.add_argument("--moe-grouped-gemm", action="store_true",
                    help="experts as one grouped GEMM per projection: TE's when it imports, else "
-                        "torch._grouped_mm (bf16 on GPUs; a per-expert loop on CPU); with "
-                        "MONTA_GROUPED_GEMM=auto in the environment each of its three GEMMs is "
-                        "tuned between torch._grouped_mm and MoNTA's Triton kernels")
+                        "torch._grouped_mm or, on Hopper once tools/build_sm90_kernels.py has "
+                        "built it, MoNTA's CUTLASS library (bf16 on GPUs; a per-expert loop on "
+                        "CPU); MONTA_GROUPED_GEMM in the environment picks the kernel "
+                        "(monta/expert_gemm.py)")
     g.add_argument("--monta-node-dedup", choices=("auto", "on", "off", "tune"), default="auto",
                    help="monta dispatcher: send a token once per remote node and fan it out "
                         "inside the node (auto: when top-k makes it pay; tune: time both at "
