@@ -7,7 +7,7 @@ DATA_PREFIX := data/bundled_text_document
 TOKENIZER := monta/data/bundled/tokenizer.model
 PYTEST_ARGS ?=
 
-.PHONY: demo plots test test-slow test-all data venv clean
+.PHONY: demo plots test test-slow test-all data venv clean sm90-kernels
 
 venv: $(DEPS)
 
@@ -45,5 +45,9 @@ test-slow: $(DEPS)
 test-all: $(DEPS)
 	$(BIN)/python -m pytest tests -m "not gpu" $(PYTEST_ARGS)
 
+# MoNTA's Hopper grouped-GEMM library (optional; needs no GPU to build, ~4 min on 2 cores)
+sm90-kernels: $(DEPS)
+	$(BIN)/python tools/build_sm90_kernels.py
+
 clean:
-	rm -rf $(VENV) data runs checkpoints *.egg-info
+	rm -rf $(VENV) data runs checkpoints *.egg-info build monta/_build

@@ -97,7 +97,7 @@ def _sm90_ops(w, config):
 def _sm90_configs(t) -> list:
     from monta import sm90_gemm
 
-    return list(sm90_gemm.CONFIGS) if sm90_gemm.available(t) else []
+    return list(sm90_gemm.built_configs()) if sm90_gemm.available(t) else []
 
 
 def _triton_ops(w, tma, rows_cfg, wgrad_cfg):

@@ -101,10 +101,10 @@ def _candidates(op, pinned, triton=True, sm90=False):
     if not triton:
         candidates = (TORCH,)
     if op == "rows" and sm90:
-        candidates += tuple(SM90 + config for config in sm90_gemm.CONFIGS)
+        candidates += tuple(SM90 + config for config in sm90_gemm.built_configs())
     if pinned.startswith(SM90):  # one config, e.g. MONTA_GROUPED_GEMM=sm90:128x256_c1x1
-        return (pinned,) if op == "rows" and sm90 and pinned[len(SM90):] in sm90_gemm.CONFIGS \
-            else (TORCH,)
+        return (pinned,) if op == "rows" and sm90 \
+            and pinned[len(SM90):] in sm90_gemm.built_configs() else (TORCH,)
     if pinned in ("triton", "sm90"):
         prefix = SM90 if pinned == "sm90" else ""
         return tuple(c for c in candidates if c != TORCH
@@ -158,7 +158,8 @@ def _tune(op, key, args, triton=True, sm90=False):
 def _pin(first) -> str:
     pinned = os.environ.get("MONTA_GROUPED_GEMM", DEFAULT)
     if pinned == DEFAULT:
-        return SM90 + SM90_DEFAULT_CONFIG if sm90_gemm.available(first) else TORCH
+        built = sm90_gemm.available(first) and SM90_DEFAULT_CONFIG in sm90_gemm.built_configs()
+        return SM90 + SM90_DEFAULT_CONFIG if built else TORCH
     return pinned
 
 

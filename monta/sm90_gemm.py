@@ -33,6 +33,7 @@ ERRORS = {1: "workspace too small", 2: "more than 1024 groups", 3: "CUTLASS cann
           4: "CUTLASS initialize failed", 5: "CUTLASS run failed", 6: "CUDA launch error"}
 
 _library = None
+_built: tuple = ()
 
 
 def symbol(config: str, b_column_major: bool) -> str:
@@ -40,29 +41,41 @@ def symbol(config: str, b_column_major: bool) -> str:
 
 
 def _load():
-    global _library
+    """The library (None when it is not built); also notes which configs it holds (a build may
+    hold a subset: ``tools/build_sm90_kernels.py --configs``)."""
+    global _library, _built
     if _library is None:
         path = Path(os.environ.get("MONTA_SM90_GEMM_LIBRARY", LIBRARY))
         _library = False
         if path.exists():
             library = ctypes.CDLL(str(path))
+            built = []
             for config in CONFIGS:
-                for column_major in (False, True):
-                    name = symbol(config, column_major)
+                names = [symbol(config, column_major) for column_major in (False, True)]
+                if not all(hasattr(library, f"{name}_run") for name in names):
+                    continue
+                for name in names:
                     getattr(library, f"{name}_workspace").restype = ctypes.c_int64
                     getattr(library, f"{name}_workspace").argtypes = [ctypes.c_int]
                     run = getattr(library, f"{name}_run")
                     run.restype = ctypes.c_int
-                    run.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_void_p] + [ctypes.c_int] * 3 \
+                    run.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 \
                         + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-            _library = library
+                built.append(config)
+            _library, _built = library, tuple(built)
     return _library or None
+
+
+def built_configs() -> tuple:
+    """The configs of :data:`CONFIGS` the library holds (empty when it is not built)."""
+    _load()
+    return _built
 
 
 def available(t: torch.Tensor) -> bool:
     """Built, and ``t`` lives on a Hopper GPU."""
     return (t.is_cuda and t.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(t.device) == (9, 0) and _load() is not None)
+            and torch.cuda.get_device_capability(t.device) == (9, 0) and bool(built_configs()))
 
 
 def _b_layout(b: torch.Tensor):
@@ -80,6 +93,9 @@ def rows(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor, config: str) 
     ``a`` [n, K] bf16, ``b`` [E, K, N] in either orientation, ``row_ends`` int32 [E] on the
     device. Rows past ``row_ends[-1]`` are left unwritten, as torch leaves them."""
     library = _load()
+    if config not in _built:
+        raise ValueError(f"sm90 grouped-GEMM config {config!r} is not in the library "
+                         f"(built: {', '.join(_built) or 'none'}; tools/build_sm90_kernels.py)")
     a = a if a.stride() == (a.size(1), 1) else a.contiguous()
     b, column_major = _b_layout(b)
     experts, k, n = b.shape

@@ -59,6 +59,7 @@ def test_pinned_triton_never_times_torch(fake_kernels, monkeypatch):
 def test_candidates_follow_what_is_built_and_the_pin(monkeypatch):
     from monta import sm90_gemm
 
+    monkeypatch.setattr(sm90_gemm, "built_configs", lambda: tuple(sm90_gemm.CONFIGS))
     monkeypatch.setattr(expert_gemm, "ROWS_CANDIDATES", ("torch", "a"))
     monkeypatch.setattr(expert_gemm, "WGRAD_CANDIDATES", ("torch", "w"))
     sm90 = tuple(expert_gemm.SM90 + c for c in sm90_gemm.CONFIGS)
@@ -74,6 +75,8 @@ def test_candidates_follow_what_is_built_and_the_pin(monkeypatch):
     assert expert_gemm._candidates("wgrad", one, triton=True, sm90=True) == ("torch",)
     # a pin whose kernels are not there falls back to torch rather than to nothing
     assert expert_gemm._candidates("rows", "sm90", triton=True, sm90=False) == ("torch",)
+    monkeypatch.setattr(sm90_gemm, "built_configs", lambda: ())  # e.g. --configs built others
+    assert expert_gemm._candidates("rows", one, triton=True, sm90=True) == ("torch",)
 
 
 def test_rows_share_a_tuning_within_a_power_of_two():

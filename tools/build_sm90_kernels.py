@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from monta import sm90_gemm  # noqa: E402
+from monta.expert_gemm import SM90_DEFAULT_CONFIG  # noqa: E402
 
 TOOLCHAIN = ["nvidia-cuda-nvcc==13.0.88", "nvidia-nvvm==13.0.88", "nvidia-cuda-runtime==13.0.96",
              "nvidia-cuda-crt==13.0.88", "nvidia-cuda-cccl==13.0.85", "nvidia-cutlass==4.2.0.0"]
@@ -59,7 +60,14 @@ def main(argv=None) -> int:
     parser.add_argument("--build-dir", type=Path, default=ROOT / "build" / "sm90")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=sm90_gemm.LIBRARY)
+    parser.add_argument("--configs", default=",".join(sm90_gemm.CONFIGS),
+                        help="comma-separated subset of monta.sm90_gemm.CONFIGS (the default "
+                             f"kernel is {SM90_DEFAULT_CONFIG}; monta.expert_gemm uses what is built)")
     args = parser.parse_args(argv)
+    configs = args.configs.split(",")
+    unknown = sorted(set(configs) - set(sm90_gemm.CONFIGS))
+    if unknown:
+        parser.error(f"unknown config(s) {unknown}; known: {', '.join(sm90_gemm.CONFIGS)}")
 
     nvcc, cutlass = args.nvcc, args.cutlass
     if nvcc is None or cutlass is None:
@@ -87,7 +95,7 @@ def main(argv=None) -> int:
         print(f"compiled {obj.name}", flush=True)
         return obj
 
-    pairs = [(c, col) for c in sm90_gemm.CONFIGS for col in (False, True)]
+    pairs = [(c, col) for c in configs for col in (False, True)]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         objects = list(pool.map(compile_one, pairs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
