@@ -88,10 +88,12 @@ def _b_layout(b: torch.Tensor):
     return b.contiguous(), False
 
 
-def rows(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor, config: str) -> torch.Tensor:
+def rows(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor, config: str,
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """``out[rows_e] = a[rows_e] @ b[e]``, like ``torch._grouped_mm(a, b, offs=row_ends)``:
     ``a`` [n, K] bf16, ``b`` [E, K, N] in either orientation, ``row_ends`` int32 [E] on the
-    device. Rows past ``row_ends[-1]`` are left unwritten, as torch leaves them."""
+    device, ``out`` (optional) a contiguous [n, N] bf16 tensor to write. Rows past
+    ``row_ends[-1]`` are left unwritten, as torch leaves them."""
     library = _load()
     if config not in _built:
         raise ValueError(f"sm90 grouped-GEMM config {config!r} is not in the library "
@@ -101,7 +103,11 @@ def rows(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor, config: str) 
     experts, k, n = b.shape
     if row_ends.dtype != torch.int32:
         row_ends = row_ends.to(torch.int32)
-    out = torch.empty(a.size(0), n, device=a.device, dtype=a.dtype)
+    if out is None:
+        out = torch.empty(a.size(0), n, device=a.device, dtype=a.dtype)
+    elif out.shape != (a.size(0), n) or not out.is_contiguous() or out.dtype != a.dtype:
+        raise ValueError(f"out must be a contiguous {a.dtype} [{a.size(0)}, {n}] tensor, "
+                         f"got {out.dtype} {list(out.shape)}")
     name = symbol(config, column_major)
     workspace = torch.empty(getattr(library, f"{name}_workspace")(experts), device=a.device,
                             dtype=torch.uint8)

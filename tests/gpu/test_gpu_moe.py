@@ -348,6 +348,22 @@ def _loop_reference(x, w, counts):
     return [x[a:b].double() @ w[e].double() for e, (a, b) in enumerate(zip(starts, starts[1:]))]
 
 
+def _uneven_experts_problem(layout: str, seed: int):
+    """8 experts with uneven and empty row counts (1447 rows, no multiple of any tile), K 256,
+    N 384: counts, int32 row ends, x, dy and weights stored [E, K, N] ("row") or [E, N, K]
+    ("col", as a transposed view)."""
+    counts = torch.tensor([300, 0, 17, 0, 1000, 1, 0, 129], device="cuda")
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    n, k, cols = int(counts.sum()), 256, 384
+    x = torch.randn(n, k, device="cuda", generator=gen).bfloat16()
+    dy = torch.randn(n, cols, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(8, k, cols, device="cuda", generator=gen) / 16).bfloat16()
+    if layout == "col":
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    return counts, ends, x, dy, w
+
+
 @pytest.mark.parametrize("layout", ["row", "col"])
 @pytest.mark.parametrize("tma", [False, True])
 def test_triton_grouped_gemm_kernels_match_fp64(nccl_world_of_one, layout, tma):
@@ -356,15 +372,7 @@ def test_triton_grouped_gemm_kernels_match_fp64(nccl_world_of_one, layout, tma):
     is no multiple of any tile, against fp64 loops."""
     from monta import grouped_gemm as gg
 
-    counts = torch.tensor([300, 0, 17, 0, 1000, 1, 0, 129], device="cuda")
-    ends = torch.cumsum(counts, 0, dtype=torch.int32)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    n, k, cols = int(counts.sum()), 256, 384
-    x = torch.randn(n, k, device="cuda", generator=gen).bfloat16()
-    dy = torch.randn(n, cols, device="cuda", generator=gen).bfloat16()
-    w = (torch.randn(8, k, cols, device="cuda", generator=gen) / 16).bfloat16()
-    if layout == "col":
-        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    counts, ends, x, dy, w = _uneven_experts_problem(layout, seed=0)
     rows = gg.rows_mm_tma if tma else gg.rows_mm
     wgrad = gg.wgrad_mm_tma if tma else gg.wgrad_mm
     if tma:
@@ -440,18 +448,12 @@ def test_sm90_grouped_gemm_configs_match_fp64(nccl_world_of_one, layout):
     probe = torch.empty(1, device="cuda", dtype=torch.bfloat16)
     if not sm90_gemm.available(probe):
         pytest.skip("sm90 grouped-GEMM library not built or not a Hopper GPU")
-    counts = torch.tensor([300, 0, 17, 0, 1000, 1, 0, 129], device="cuda")
-    ends = torch.cumsum(counts, 0, dtype=torch.int32)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    n, k, cols = int(counts.sum()), 256, 384
-    x = torch.randn(n, k, device="cuda", generator=gen).bfloat16()
-    dy = torch.randn(n, cols, device="cuda", generator=gen).bfloat16()
-    w = (torch.randn(8, k, cols, device="cuda", generator=gen) / 16).bfloat16()
-    if layout == "col":
-        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    counts, ends, x, dy, w = _uneven_experts_problem(layout, seed=1)
     want = torch.cat(_loop_reference(x, w, counts))
     want_dx = torch.cat(_loop_reference(dy, w.transpose(1, 2), counts))
-    for config in sm90_gemm.built_configs():
-        assert _rel_err(sm90_gemm.rows(x, w, ends, config), want) < 1e-2, config
-        assert _rel_err(sm90_gemm.rows(dy, w.transpose(1, 2), ends, config), want_dx) < 1e-2, \
-            config
+    for config in sm90_gemm.built_configs():  # NaN-filled outputs: every row must be written
+        out = sm90_gemm.rows(x, w, ends, config, out=torch.full_like(dy, float("nan")))
+        assert _rel_err(out, want) < 1e-2, config
+        dx = sm90_gemm.rows(dy, w.transpose(1, 2), ends, config,
+                            out=torch.full_like(x, float("nan")))
+        assert _rel_err(dx, want_dx) < 1e-2, config

@@ -1,0 +1,40 @@
+"""monta/sm90_gemm.py off the GPU: an absent library is reported, not crashed on (the kernels
+themselves are checked on an H200 in tests/gpu; the build in tests/tools/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monta import sm90_gemm
+
+
+@pytest.fixture
+def no_library(monkeypatch, tmp_path):
+    monkeypatch.setenv("MONTA_SM90_GEMM_LIBRARY", str(tmp_path / "absent.so"))
+    monkeypatch.setattr(sm90_gemm, "_library", None)
+    monkeypatch.setattr(sm90_gemm, "_built", ())
+
+
+def test_without_the_library_nothing_is_available(no_library):
+    assert sm90_gemm.built_configs() == ()
+    assert not sm90_gemm.available(torch.empty(1, dtype=torch.bfloat16))
+
+
+def test_asking_for_an_unbuilt_config_names_the_build_tool(no_library):
+    a = torch.empty(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="build_sm90_kernels"):
+        sm90_gemm.rows(a, torch.empty(2, 8, 8, dtype=torch.bfloat16),
+                       torch.tensor([2, 4], dtype=torch.int32), "128x256_c1x2")
+
+
+def test_weights_in_either_orientation_keep_their_storage():
+    w = torch.empty(3, 8, 16)
+    same, column_major = sm90_gemm._b_layout(w)
+    assert same is w and not column_major
+    w_t = torch.empty(3, 16, 8).transpose(1, 2)  # [E, K, N] view of [E, N, K] storage
+    same, column_major = sm90_gemm._b_layout(w_t)
+    assert same is w_t and column_major
+    sliced = torch.empty(3, 8, 32)[:, :, :16]  # neither: packed into a copy
+    packed, column_major = sm90_gemm._b_layout(sliced)
+    assert packed.is_contiguous() and not column_major
