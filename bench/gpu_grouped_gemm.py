@@ -91,7 +91,8 @@ def _sm90_ops(w, config):
     from monta import sm90_gemm
 
     return {"fwd": lambda x, dy, ends: sm90_gemm.rows(x, w, ends, config),
-            "dgrad": lambda x, dy, ends: sm90_gemm.rows(dy, w.transpose(1, 2), ends, config)}
+            "dgrad": lambda x, dy, ends: sm90_gemm.rows(dy, w.transpose(1, 2), ends, config),
+            "wgrad": lambda x, dy, ends: sm90_gemm.wgrad(x, dy, ends, config, w)}
 
 
 def _sm90_configs(t) -> list:
@@ -121,8 +122,7 @@ def bench_projection(x, w, dy, ends, timer, flops, kernels) -> dict:
     result = {}
     candidates = [("torch", None, _torch_ops(w)),
                    ("torch 64x128 tiles", None, _torch_small_tile_ops(w, x.size(0)))]
-    candidates += [(f"sm90 {config}", ("rows",), _sm90_ops(w, config))
-                   for config in _sm90_configs(x)]
+    candidates += [(f"sm90 {config}", None, _sm90_ops(w, config)) for config in _sm90_configs(x)]
     for tma in (False, True) if "triton" in kernels else ():
         for cfg in ROWS_CONFIGS:
             candidates.append((f"triton{'_tma' if tma else ''} {cfg}", ("rows", tma, cfg),
@@ -235,9 +235,14 @@ def bench_ffn(shape, n, ends, device, timer, rounds: int = 4, reps: int = 5) -> 
         return run
 
     variants = {"dense": ("torch", ffn(lambda t: t @ dense[0], lambda t: t @ dense[1]))}
-    pins = ["torch", "auto", *(expert_gemm.SM90 + c for c in _sm90_configs(x))]
+    # torch._grouped_mm only; each GEMM's tuned choice; each sm90 config for the row GEMMs (the
+    # weight gradient on torch), then the default row config with each sm90 weight-gradient one
+    configs = _sm90_configs(x)
+    pins = ["torch", "auto", *(expert_gemm.SM90 + c for c in configs)]
+    if expert_gemm.SM90_DEFAULT_CONFIG in configs:
+        pins += [f"{expert_gemm.SM90}{expert_gemm.SM90_DEFAULT_CONFIG},{c}" for c in configs]
     for layout, (w1, w2) in weights.items():
-        for pin in pins:  # torch._grouped_mm only; each GEMM's tuned choice; one sm90 config
+        for pin in pins:
             variants[f"{pin} {layout}"] = (pin, ffn(
                 lambda t, w=w1: expert_gemm.grouped_mm(t, w, ends),
                 lambda t, w=w2: expert_gemm.grouped_mm(t, w, ends)))

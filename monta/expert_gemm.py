@@ -7,8 +7,7 @@ Three implementations exist:
 * ``torch._grouped_mm``: CUTLASS with one tile shape per problem class, 128×256 tiles in 2×1
   clusters at expert sizes, so each expert's rows are paid for in multiples of 256;
 * MoNTA's CUTLASS library (:mod:`monta.sm90_gemm`, Hopper, built by
-  ``tools/build_sm90_kernels.py``): the same collectives with other tile and cluster shapes,
-  for the forward and the input gradient;
+  ``tools/build_sm90_kernels.py``): the same collectives with other tile and cluster shapes;
 * MoNTA's Triton kernels (:mod:`monta.grouped_gemm`, a few tile configs): within a few % of
   CUTLASS either way on an H200, never reliably faster (bench/results/gpu_grouped_gemm.json).
 
@@ -18,7 +17,8 @@ Three implementations exist:
   when the library is built and the GPU is a Hopper, otherwise ``torch._grouped_mm``; the
   weight gradient always on ``torch._grouped_mm``;
 * ``torch``: ``torch._grouped_mm`` for all three GEMMs;
-* ``sm90:<config>``: that config of :data:`monta.sm90_gemm.CONFIGS` for the row GEMMs;
+* ``sm90:<config>[,<wgrad config>]``: that config of :data:`monta.sm90_gemm.CONFIGS` for the
+  row GEMMs and, if given, the second for the weight gradient (else ``torch._grouped_mm``);
 * ``auto``: like ``triton.autotune``, the first call of each GEMM shape times every candidate
   on its real inputs (round-robin), checks it against ``torch._grouped_mm``'s result, and keeps
   ``torch._grouped_mm`` unless a kernel beat it by ``TORCH_MARGIN``; later calls launch the
@@ -85,6 +85,8 @@ def _run(op, candidate, args):
     x, dy, row_ends, like = args
     if candidate == TORCH:
         return _wgrad_torch(x, dy, row_ends, like)
+    if isinstance(candidate, str) and candidate.startswith(SM90):
+        return sm90_gemm.wgrad(x, dy, row_ends, candidate[len(SM90):], like)
     out = torch.empty_strided(like.shape, like.stride(), device=like.device, dtype=like.dtype)
     return grouped_gemm.wgrad(x, dy, row_ends, out, candidate)
 
@@ -95,16 +97,19 @@ def _key(op, first, weight_like, rows, pinned):
 
 
 def _candidates(op, pinned, triton=True, sm90=False):
-    """What ``_tune`` times: torch, the Triton configs (if Triton is there) and, for the row
-    GEMMs, the sm90 library's configs (if it is built and the GPU is a Hopper)."""
+    """What ``_tune`` times: torch, the Triton configs (if Triton is there) and the sm90
+    library's built configs (if the GPU is a Hopper). A pin ``sm90:<rows>[,<wgrad>]`` names
+    one config for the row GEMMs and, optionally, one for the weight gradient (else torch)."""
+    if pinned.startswith(SM90):
+        configs = pinned[len(SM90):].split(",")
+        config = configs[0] if op == "rows" else (configs[1] if len(configs) > 1 else None)
+        usable = sm90 and config in sm90_gemm.built_configs()
+        return (SM90 + config,) if usable else (TORCH,)
     candidates = ROWS_CANDIDATES if op == "rows" else WGRAD_CANDIDATES
     if not triton:
         candidates = (TORCH,)
-    if op == "rows" and sm90:
+    if sm90:
         candidates += tuple(SM90 + config for config in sm90_gemm.built_configs())
-    if pinned.startswith(SM90):  # one config, e.g. MONTA_GROUPED_GEMM=sm90:128x256_c1x1
-        return (pinned,) if op == "rows" and sm90 \
-            and pinned[len(SM90):] in sm90_gemm.built_configs() else (TORCH,)
     if pinned in ("triton", "sm90"):
         prefix = SM90 if pinned == "sm90" else ""
         return tuple(c for c in candidates if c != TORCH

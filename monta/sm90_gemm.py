@@ -1,4 +1,4 @@
-"""MoNTA's CUTLASS grouped GEMM for Hopper (``monta/csrc/sm90_grouped_gemm.cuh``), through ctypes.
+"""MoNTA's CUTLASS grouped GEMMs for Hopper (``monta/csrc/sm90_grouped_gemm.cuh``), through ctypes.
 
 ``torch._grouped_mm`` builds one kernel per problem class: on the experts' shapes, 128×256
 tiles in 2×1 clusters, so an expert's rows are paid for in multiples of 256. With fine-grained
@@ -28,6 +28,8 @@ CONFIGS = {
     "128x256_c1x1": (128, 256, 64, 1, 1, False),
     "64x256_pp_c1x1": (64, 256, 64, 1, 1, True),
 }
+# Instances per config: row-grouped with B stored row- or column-major, and the weight gradient.
+KINDS = ("row", "col", "wgrad")
 LIBRARY = Path(__file__).resolve().parent / "_build" / "libmonta_sm90_gemm.so"
 ERRORS = {1: "workspace too small", 2: "more than 1024 groups", 3: "CUTLASS cannot implement",
           4: "CUTLASS initialize failed", 5: "CUTLASS run failed", 6: "CUDA launch error"}
@@ -36,8 +38,8 @@ _library = None
 _built: tuple = ()
 
 
-def symbol(config: str, b_column_major: bool) -> str:
-    return f"monta_gg_{config}_{'col' if b_column_major else 'row'}"
+def symbol(config: str, kind: str) -> str:
+    return f"monta_gg_{config}_{kind}"
 
 
 def _load():
@@ -51,7 +53,7 @@ def _load():
             library = ctypes.CDLL(str(path))
             built = []
             for config in CONFIGS:
-                names = [symbol(config, column_major) for column_major in (False, True)]
+                names = [symbol(config, kind) for kind in KINDS]
                 if not all(hasattr(library, f"{name}_run") for name in names):
                     continue
                 for name in names:
@@ -95,9 +97,7 @@ def rows(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor, config: str,
     device, ``out`` (optional) a contiguous [n, N] bf16 tensor to write. Rows past
     ``row_ends[-1]`` are left unwritten, as torch leaves them."""
     library = _load()
-    if config not in _built:
-        raise ValueError(f"sm90 grouped-GEMM config {config!r} is not in the library "
-                         f"(built: {', '.join(_built) or 'none'}; tools/build_sm90_kernels.py)")
+    _check_built(config)
     a = a if a.stride() == (a.size(1), 1) else a.contiguous()
     b, column_major = _b_layout(b)
     experts, k, n = b.shape
@@ -108,13 +108,50 @@ def rows(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor, config: str,
     elif out.shape != (a.size(0), n) or not out.is_contiguous() or out.dtype != a.dtype:
         raise ValueError(f"out must be a contiguous {a.dtype} [{a.size(0)}, {n}] tensor, "
                          f"got {out.dtype} {list(out.shape)}")
-    name = symbol(config, column_major)
-    workspace = torch.empty(getattr(library, f"{name}_workspace")(experts), device=a.device,
+    _call(library, symbol(config, "col" if column_major else "row"), a, b, out, row_ends,
+          experts, n, k)
+    return out
+
+
+def wgrad(x: torch.Tensor, dy: torch.Tensor, row_ends: torch.Tensor, config: str,
+          like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``dw[e] = x[rows_e]ᵀ @ dy[rows_e]`` (the weight gradient of :func:`rows`' forward):
+    ``x`` [n, K], ``dy`` [n, N] bf16; the result (``out`` if given) has ``like``'s shape
+    [E, K, N] and strides (``like`` stored [E, K, N] or [E, N, K]). An expert with no rows gets
+    zeros."""
+    library = _load()
+    _check_built(config)
+    x = x if x.stride() == (x.size(1), 1) else x.contiguous()
+    dy = dy if dy.stride() == (dy.size(1), 1) else dy.contiguous()
+    experts, k, n = like.shape
+    if row_ends.dtype != torch.int32:
+        row_ends = row_ends.to(torch.int32)
+    if out is None:
+        out = torch.empty_strided(like.shape, like.stride(), device=x.device, dtype=x.dtype)
+    if out.shape != like.shape or out.stride() != like.stride() or out.dtype != x.dtype:
+        raise ValueError("out must have like's shape, strides and x's dtype")
+    if like.stride() == (k * n, n, 1):  # stored [E, K, N]: dw[e] = xᵀ dy
+        _call(library, symbol(config, "wgrad"), x, dy, out, row_ends, experts, k, n)
+    elif like.stride() == (k * n, 1, k):  # stored [E, N, K]: dw[e]ᵀ = dyᵀ x
+        _call(library, symbol(config, "wgrad"), dy, x, out, row_ends, experts, n, k)
+    else:
+        raise ValueError(f"weights must be packed [E, K, N] or [E, N, K], got strides "
+                         f"{like.stride()}")
+    return out
+
+
+def _check_built(config: str):
+    if config not in _built:
+        raise ValueError(f"sm90 grouped-GEMM config {config!r} is not in the library "
+                         f"(built: {', '.join(_built) or 'none'}; tools/build_sm90_kernels.py)")
+
+
+def _call(library, name, a, b, out, row_ends, groups, dim0, dim1):
+    workspace = torch.empty(getattr(library, f"{name}_workspace")(groups), device=a.device,
                             dtype=torch.uint8)
     status = getattr(library, f"{name}_run")(
-        a.data_ptr(), b.data_ptr(), out.data_ptr(), row_ends.data_ptr(), experts, n, k,
+        a.data_ptr(), b.data_ptr(), out.data_ptr(), row_ends.data_ptr(), groups, dim0, dim1,
         workspace.data_ptr(), workspace.numel(), torch.cuda.current_stream(a.device).cuda_stream)
     if status:
-        raise RuntimeError(f"MoNTA sm90 grouped GEMM {name} [{a.size(0)}x{k}]x[{experts}x{k}x{n}]: "
-                           f"{ERRORS.get(status, status)}")
-    return out
+        raise RuntimeError(f"MoNTA sm90 grouped GEMM {name} ({groups} groups, dims {dim0}x{dim1},"
+                           f" A {list(a.shape)}): {ERRORS.get(status, status)}")

@@ -66,17 +66,22 @@ def test_candidates_follow_what_is_built_and_the_pin(monkeypatch):
     assert expert_gemm._candidates("rows", "auto", triton=True, sm90=True) == ("torch", "a", *sm90)
     assert expert_gemm._candidates("rows", "auto", triton=False, sm90=True) == ("torch", *sm90)
     assert expert_gemm._candidates("rows", "auto", triton=False, sm90=False) == ("torch",)
-    # the sm90 library has row GEMMs only: the weight gradient never gets its configs
-    assert expert_gemm._candidates("wgrad", "auto", triton=True, sm90=True) == ("torch", "w")
+    assert expert_gemm._candidates("wgrad", "auto", triton=True, sm90=True) == ("torch", "w", *sm90)
     assert expert_gemm._candidates("rows", "sm90", triton=True, sm90=True) == sm90
     assert expert_gemm._candidates("rows", "triton", triton=True, sm90=True) == ("a",)
-    one = expert_gemm.SM90 + next(iter(sm90_gemm.CONFIGS))
-    assert expert_gemm._candidates("rows", one, triton=True, sm90=True) == (one,)
-    assert expert_gemm._candidates("wgrad", one, triton=True, sm90=True) == ("torch",)
+    one, other = list(sm90_gemm.CONFIGS)[:2]
+    pin = expert_gemm.SM90 + one
+    assert expert_gemm._candidates("rows", pin, triton=True, sm90=True) == (pin,)
+    # one config pins the row GEMMs; the weight gradient stays on torch unless a second is named
+    assert expert_gemm._candidates("wgrad", pin, triton=True, sm90=True) == ("torch",)
+    both = f"{pin},{other}"
+    assert expert_gemm._candidates("rows", both, triton=True, sm90=True) == (pin,)
+    assert expert_gemm._candidates("wgrad", both, triton=True, sm90=True) == \
+        (expert_gemm.SM90 + other,)
     # a pin whose kernels are not there falls back to torch rather than to nothing
     assert expert_gemm._candidates("rows", "sm90", triton=True, sm90=False) == ("torch",)
     monkeypatch.setattr(sm90_gemm, "built_configs", lambda: ())  # e.g. --configs built others
-    assert expert_gemm._candidates("rows", one, triton=True, sm90=True) == ("torch",)
+    assert expert_gemm._candidates("rows", pin, triton=True, sm90=True) == ("torch",)
 
 
 def test_rows_share_a_tuning_within_a_power_of_two():

@@ -4,7 +4,7 @@
 
 Needs no GPU: it cross-compiles sm_90a machine code. Without --nvcc/--cutlass it installs the
 pinned CUDA 13.0 compiler wheels and CUTLASS's headers (the ``nvidia-cutlass`` wheel ships them)
-from the package registry into build/sm90-toolchain/ once. Each (config, B layout) pair is one
+from the package registry into build/sm90-toolchain/ once. Each (config, kind) pair is one
 translation unit, compiled in parallel (~50 s each on one core); the C interface keeps the
 library independent of the torch build that loads it (see monta/sm90_gemm.py).
 """
@@ -45,11 +45,11 @@ def install_toolchain(target: Path) -> tuple[Path, Path]:
     return cuda / "bin" / "nvcc", target / "cutlass_library" / "source"
 
 
-def instance_source(config: str, column_major: bool) -> str:
+def instance_source(config: str, kind: str) -> str:
     tm, tn, tk, cm, cn, pingpong = sm90_gemm.CONFIGS[config]
     return (f'#include "{SOURCE.name}"\n'
-            f"MONTA_GROUPED_GEMM_INSTANCE({sm90_gemm.symbol(config, column_major)}, {tm}, {tn}, "
-            f"{tk}, {cm}, {cn}, {str(pingpong).lower()}, {str(column_major).lower()})\n")
+            f"MONTA_GROUPED_GEMM_INSTANCE({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, "
+            f"{tk}, {cm}, {cn}, {str(pingpong).lower()}, {kind})\n")
 
 
 def main(argv=None) -> int:
@@ -82,10 +82,10 @@ def main(argv=None) -> int:
     args.build_dir.mkdir(parents=True, exist_ok=True)
 
     def compile_one(pair):
-        config, column_major = pair
-        stem = args.build_dir / sm90_gemm.symbol(config, column_major)
+        config, kind = pair
+        stem = args.build_dir / sm90_gemm.symbol(config, kind)
         source, obj = stem.with_suffix(".cu"), stem.with_suffix(".o")
-        text = instance_source(config, column_major)
+        text = instance_source(config, kind)
         newer = obj.exists() and obj.stat().st_mtime > SOURCE.stat().st_mtime
         if newer and source.exists() and source.read_text() == text:
             return obj
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         print(f"compiled {obj.name}", flush=True)
         return obj
 
-    pairs = [(c, col) for c in configs for col in (False, True)]
+    pairs = [(c, kind) for c in configs for kind in sm90_gemm.KINDS]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         objects = list(pool.map(compile_one, pairs))
     args.out.parent.mkdir(parents=True, exist_ok=True)

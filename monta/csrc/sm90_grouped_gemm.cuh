@@ -6,8 +6,13 @@
 // template parameters, so a config whose row granularity is 128 (cluster 1x2 multicasts A along
 // N instead of B along M) or 64 (ping-pong 64-row tiles) can be picked per GEMM.
 //
-// One call: rows of A are grouped by expert (`ends` = cumulative row ends, on the device, so no
-// host sync), B is one [K, N] matrix per expert (row- or column-major), D = A_g @ B_g row-major.
+// Two kinds of call, both with the experts' cumulative row ends `ends` read on the device (so no
+// host sync):
+//   rows   (forward, input gradient)  D[rows_g] = A[rows_g] @ B_g   A [n, K] row-major, B_g [K, N]
+//                                                                    row- or column-major
+//   wgrad  (weight gradient)          D_g = X[rows_g]^T @ Y[rows_g]  X [n, M], Y [n, N] row-major,
+//                                                                    D [G, M, N] row-major
+// In the weight gradient the rows are the reduction: CUTLASS sees A = X^T column-major.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,11 +31,12 @@ namespace monta {
 
 using namespace cute;
 
-template <class TileShape, class ClusterShape, bool PingPong, bool BColumnMajor>
+template <class TileShape, class ClusterShape, bool PingPong, bool AColumnMajor, bool BColumnMajor>
 struct GroupedGemm {
   using Element = cutlass::bfloat16_t;
   using Accumulator = float;
-  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutA = cute::conditional_t<AColumnMajor, cutlass::layout::ColumnMajor,
+                                      cutlass::layout::RowMajor>;
   using LayoutB = cute::conditional_t<BColumnMajor, cutlass::layout::ColumnMajor,
                                       cutlass::layout::RowMajor>;
   using LayoutD = cutlass::layout::RowMajor;
@@ -109,23 +115,42 @@ struct GroupedGemm {
 };
 
 // One thread per group: its row range from the cumulative ends, then its pointers and shape.
+// Row-grouped (forward, input gradient): A and D advance by the group's first row, B by group.
 template <class G>
-__global__ void fill_group_arrays(typename G::Arrays arrays, const typename G::Element* a,
-                                  const typename G::Element* b, typename G::Element* d,
-                                  const int32_t* ends, int groups, int n, int k,
-                                  typename G::StrideA stride_a, typename G::StrideB stride_b,
-                                  typename G::StrideD stride_d) {
+__global__ void fill_row_groups(typename G::Arrays arrays, const typename G::Element* a,
+                                const typename G::Element* b, typename G::Element* d,
+                                const int32_t* ends, int groups, int n, int k,
+                                typename G::StrideA stride_a, typename G::StrideB stride_b,
+                                typename G::StrideD stride_d) {
   int g = threadIdx.x;
   if (g >= groups) return;
   int64_t start = g == 0 ? 0 : ends[g - 1];
-  int rows = static_cast<int>(ends[g] - start);
   arrays.a[g] = a + start * k;
   arrays.b[g] = b + static_cast<int64_t>(g) * k * n;
   arrays.d[g] = d + start * n;
   arrays.stride_a[g] = stride_a;
   arrays.stride_b[g] = stride_b;
   arrays.stride_d[g] = stride_d;
-  arrays.shapes[g] = typename G::Shape3(rows, n, k);
+  arrays.shapes[g] = typename G::Shape3(static_cast<int>(ends[g] - start), n, k);
+}
+
+// K-grouped (weight gradient): the group's rows are the reduction, D advances by group.
+template <class G>
+__global__ void fill_k_groups(typename G::Arrays arrays, const typename G::Element* x,
+                              const typename G::Element* y, typename G::Element* d,
+                              const int32_t* ends, int groups, int m, int n,
+                              typename G::StrideA stride_a, typename G::StrideB stride_b,
+                              typename G::StrideD stride_d) {
+  int g = threadIdx.x;
+  if (g >= groups) return;
+  int64_t start = g == 0 ? 0 : ends[g - 1];
+  arrays.a[g] = x + start * m;
+  arrays.b[g] = y + start * n;
+  arrays.d[g] = d + static_cast<int64_t>(g) * m * n;
+  arrays.stride_a[g] = stride_a;
+  arrays.stride_b[g] = stride_b;
+  arrays.stride_d[g] = stride_d;
+  arrays.shapes[g] = typename G::Shape3(m, n, static_cast<int>(ends[g] - start));
 }
 
 inline int sm_count_of_current_device() {
@@ -146,21 +171,14 @@ int64_t workspace_bytes(int groups) {
 
 // Error codes: 0 ok, 1 workspace too small, 2 too many groups, 3 cannot implement,
 // 4 initialize failed, 5 run failed, 6 launch error.
-template <class G>
-int run(const void* a, const void* b, void* d, const int32_t* ends, int groups, int n, int k,
-        void* workspace, int64_t workspace_size, cudaStream_t stream) {
+template <class G, class Fill>
+int launch(void* workspace, int64_t workspace_size, int groups, cudaStream_t stream, Fill fill) {
   if (groups > 1024) return 2;
   typename G::Arrays arrays = G::carve(workspace, groups);
   auto args = G::arguments(arrays, groups, sm_count_of_current_device());
   size_t cutlass_bytes = G::Gemm::get_workspace_size(args);
   if (static_cast<int64_t>(arrays.bytes + G::round_up(cutlass_bytes)) > workspace_size) return 1;
-  auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, {1, k, 1});
-  auto stride_b = cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1});
-  auto stride_d = cutlass::make_cute_packed_stride(typename G::StrideD{}, {1, n, 1});
-  fill_group_arrays<G><<<1, groups, 0, stream>>>(
-      arrays, static_cast<const typename G::Element*>(a),
-      static_cast<const typename G::Element*>(b), static_cast<typename G::Element*>(d), ends,
-      groups, n, k, stride_a, stride_b, stride_d);
+  fill(arrays);
   if (cudaGetLastError() != cudaSuccess) return 6;
   typename G::Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 3;
@@ -170,20 +188,60 @@ int run(const void* a, const void* b, void* d, const int32_t* ends, int groups, 
   return cudaGetLastError() == cudaSuccess ? 0 : 6;
 }
 
+template <class G>
+int run_rows(const void* a, const void* b, void* d, const int32_t* ends, int groups, int n,
+             int k, void* workspace, int64_t workspace_size, cudaStream_t stream) {
+  using E = typename G::Element;
+  auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, {1, k, 1});
+  auto stride_b = cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1});
+  auto stride_d = cutlass::make_cute_packed_stride(typename G::StrideD{}, {1, n, 1});
+  return launch<G>(workspace, workspace_size, groups, stream, [&](typename G::Arrays arrays) {
+    fill_row_groups<G><<<1, groups, 0, stream>>>(
+        arrays, static_cast<const E*>(a), static_cast<const E*>(b), static_cast<E*>(d), ends,
+        groups, n, k, stride_a, stride_b, stride_d);
+  });
+}
+
+template <class G>
+int run_wgrad(const void* x, const void* y, void* d, const int32_t* ends, int groups, int m,
+              int n, void* workspace, int64_t workspace_size, cudaStream_t stream) {
+  using E = typename G::Element;
+  auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, {m, 1, 1});
+  auto stride_b = cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, 1, 1});
+  auto stride_d = cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, n, 1});
+  return launch<G>(workspace, workspace_size, groups, stream, [&](typename G::Arrays arrays) {
+    fill_k_groups<G><<<1, groups, 0, stream>>>(
+        arrays, static_cast<const E*>(x), static_cast<const E*>(y), static_cast<E*>(d), ends,
+        groups, m, n, stride_a, stride_b, stride_d);
+  });
+}
+
 }  // namespace monta
 
-// One exported pair of functions per config and B layout; the build script writes one
-// translation unit per instantiation so that they compile in parallel.
-#define MONTA_GROUPED_GEMM_INSTANCE(NAME, TM, TN, TK, CM, CN, PINGPONG, BCOL)                   \
+// One exported pair of functions per config and kind (rows with B row- or column-major, wgrad);
+// the build script writes one translation unit per instantiation so that they compile in
+// parallel. `dims` are (n, k) for rows and (m, n) for wgrad, as in run_rows / run_wgrad.
+#define MONTA_GROUPED_GEMM_INSTANCE(NAME, TM, TN, TK, CM, CN, PINGPONG, KIND)                   \
   using NAME##_t = monta::GroupedGemm<cute::Shape<cute::_##TM, cute::_##TN, cute::_##TK>,      \
                                       cute::Shape<cute::_##CM, cute::_##CN, cute::_1>,         \
-                                      PINGPONG, BCOL>;                                        \
+                                      PINGPONG, MONTA_A_COLUMN_MAJOR_##KIND,                   \
+                                      MONTA_B_COLUMN_MAJOR_##KIND>;                            \
   extern "C" int64_t NAME##_workspace(int groups) {                                           \
     return monta::workspace_bytes<NAME##_t>(groups);                                          \
   }                                                                                           \
   extern "C" int NAME##_run(const void* a, const void* b, void* d, const int32_t* ends,        \
-                            int groups, int n, int k, void* ws, int64_t ws_bytes,             \
+                            int groups, int dim0, int dim1, void* ws, int64_t ws_bytes,       \
                             void* stream) {                                                   \
-    return monta::run<NAME##_t>(a, b, d, ends, groups, n, k, ws, ws_bytes,                    \
-                                static_cast<cudaStream_t>(stream));                           \
+    return MONTA_RUN_##KIND<NAME##_t>(a, b, d, ends, groups, dim0, dim1, ws, ws_bytes,        \
+                                      static_cast<cudaStream_t>(stream));                     \
   }
+
+#define MONTA_A_COLUMN_MAJOR_row false
+#define MONTA_B_COLUMN_MAJOR_row false
+#define MONTA_RUN_row monta::run_rows
+#define MONTA_A_COLUMN_MAJOR_col false
+#define MONTA_B_COLUMN_MAJOR_col true
+#define MONTA_RUN_col monta::run_rows
+#define MONTA_A_COLUMN_MAJOR_wgrad true
+#define MONTA_B_COLUMN_MAJOR_wgrad false
+#define MONTA_RUN_wgrad monta::run_wgrad

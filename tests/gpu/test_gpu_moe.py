@@ -442,7 +442,8 @@ def test_grouped_mm_matches_torch_and_stays_sync_free(nccl_world_of_one, monkeyp
 def test_sm90_grouped_gemm_configs_match_fp64(nccl_world_of_one, layout):
     """monta/sm90_gemm.py (CUTLASS, built by tools/build_sm90_kernels.py): every config, weights
     stored [E, K, N] or [E, N, K], uneven and empty experts, a row count that is no multiple of
-    any tile, against fp64 loops; the input gradient through the transposed view."""
+    any tile, against fp64 loops; the input gradient through the transposed view, the weight
+    gradient in the weights' strides (zero for empty experts)."""
     from monta import sm90_gemm
 
     probe = torch.empty(1, device="cuda", dtype=torch.bfloat16)
@@ -451,9 +452,17 @@ def test_sm90_grouped_gemm_configs_match_fp64(nccl_world_of_one, layout):
     counts, ends, x, dy, w = _uneven_experts_problem(layout, seed=1)
     want = torch.cat(_loop_reference(x, w, counts))
     want_dx = torch.cat(_loop_reference(dy, w.transpose(1, 2), counts))
+    starts = [0, *torch.cumsum(counts, 0).tolist()]
     for config in sm90_gemm.built_configs():  # NaN-filled outputs: every row must be written
         out = sm90_gemm.rows(x, w, ends, config, out=torch.full_like(dy, float("nan")))
         assert _rel_err(out, want) < 1e-2, config
         dx = sm90_gemm.rows(dy, w.transpose(1, 2), ends, config,
                             out=torch.full_like(x, float("nan")))
         assert _rel_err(dx, want_dx) < 1e-2, config
+        dw = sm90_gemm.wgrad(x, dy, ends, config, w, out=torch.full_like(w, float("nan")))
+        assert dw.shape == w.shape and dw.stride() == w.stride()
+        for e, (a, b) in enumerate(zip(starts, starts[1:])):
+            if a == b:  # an expert without rows: exactly zero, whatever the memory held
+                assert torch.count_nonzero(dw[e]) == 0, (config, e)
+            else:
+                assert _rel_err(dw[e], x[a:b].double().t() @ dy[a:b].double()) < 1e-2, (config, e)

@@ -21,10 +21,13 @@ def test_each_instance_exports_the_symbols_the_loader_looks_up():
     header = build_sm90_kernels.SOURCE.read_text()
     assert "#define MONTA_GROUPED_GEMM_INSTANCE" in header
     for config, (tm, tn, tk, cm, cn, pingpong) in sm90_gemm.CONFIGS.items():
-        for column_major in (False, True):
-            text = build_sm90_kernels.instance_source(config, column_major)
-            assert f"({sm90_gemm.symbol(config, column_major)}, {tm}, {tn}, {tk}, {cm}, {cn}, " \
-                   f"{str(pingpong).lower()}, {str(column_major).lower()})" in text
+        for kind in sm90_gemm.KINDS:
+            text = build_sm90_kernels.instance_source(config, kind)
+            assert f"({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, {tk}, {cm}, {cn}, " \
+                   f"{str(pingpong).lower()}, {kind})" in text
+    for kind in sm90_gemm.KINDS:  # each kind's layouts and runner are defined in the header
+        for macro in ("A_COLUMN_MAJOR", "B_COLUMN_MAJOR", "RUN"):
+            assert f"#define MONTA_{macro}_{kind} " in header
 
 
 def test_an_unknown_config_is_refused_before_anything_is_installed(capsys):
@@ -37,7 +40,7 @@ def test_an_unknown_config_is_refused_before_anything_is_installed(capsys):
 @pytest.mark.slow
 def test_building_one_config_gives_a_library_the_loader_accepts(tmp_path):
     """Installs the pinned CUDA 13.0 compiler wheels and CUTLASS headers from the registry (once,
-    into build/sm90-toolchain), compiles 128x256_c1x2 for both B layouts, loads the result."""
+    into build/sm90-toolchain), compiles 128x256_c1x2's three instances, loads the result."""
     library = tmp_path / "libmonta_sm90_gemm.so"
     subprocess.run([sys.executable, str(ROOT / "tools" / "build_sm90_kernels.py"), "--configs",
                     "128x256_c1x2", "--build-dir", str(tmp_path / "objects"), "--out",
