@@ -45,7 +45,7 @@ test-slow: $(DEPS)
 test-all: $(DEPS)
 	$(BIN)/python -m pytest tests -m "not gpu" $(PYTEST_ARGS)
 
-# MoNTA's Hopper grouped-GEMM library (optional; needs no GPU to build, ~4 min on 2 cores)
+# MoNTA's Hopper grouped-GEMM library (optional; needs no GPU to build, ~6 min on 2 cores)
 sm90-kernels: $(DEPS)
 	$(BIN)/python tools/build_sm90_kernels.py
 
