@@ -3,8 +3,9 @@
 ``torch._grouped_mm`` builds one kernel per problem class: on the experts' shapes, 128×256
 tiles in 2×1 clusters, so an expert's rows are paid for in multiples of 256. With fine-grained
 experts (~770 rows each) about half of them pay for 1024 rows. The same CUTLASS collectives
-with other tile and cluster shapes move that granularity to 128 or 64 rows; which is fastest
-depends on the GEMM, so :mod:`monta.expert_gemm` times them against torch on first use.
+with other tile and cluster shapes move that granularity to 128 or 64 rows.
+:mod:`monta.expert_gemm` runs the row GEMMs on one of them by default when the library is
+built, and can time all of them against torch (``MONTA_GROUPED_GEMM=auto``).
 
 The kernels are compiled ahead of time by ``tools/build_sm90_kernels.py`` (CUDA's compiler and
 CUTLASS's headers come from the package registry) into ``monta/_build/``. The library has a C
@@ -97,10 +98,10 @@ def rows(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor, config: str,
     device, ``out`` (optional) a contiguous [n, N] bf16 tensor to write. Rows past
     ``row_ends[-1]`` are left unwritten, as torch leaves them."""
     library = _load()
-    _check_built(config)
-    a = a if a.stride() == (a.size(1), 1) else a.contiguous()
     b, column_major = _b_layout(b)
     experts, k, n = b.shape
+    _check(config, k, n)
+    a = a if a.stride() == (a.size(1), 1) else a.contiguous()
     if row_ends.dtype != torch.int32:
         row_ends = row_ends.to(torch.int32)
     if out is None:
@@ -120,10 +121,10 @@ def wgrad(x: torch.Tensor, dy: torch.Tensor, row_ends: torch.Tensor, config: str
     [E, K, N] and strides (``like`` stored [E, K, N] or [E, N, K]). An expert with no rows gets
     zeros."""
     library = _load()
-    _check_built(config)
+    experts, k, n = like.shape
+    _check(config, k, n)
     x = x if x.stride() == (x.size(1), 1) else x.contiguous()
     dy = dy if dy.stride() == (dy.size(1), 1) else dy.contiguous()
-    experts, k, n = like.shape
     if row_ends.dtype != torch.int32:
         row_ends = row_ends.to(torch.int32)
     if out is None:
@@ -140,7 +141,9 @@ def wgrad(x: torch.Tensor, dy: torch.Tensor, row_ends: torch.Tensor, config: str
     return out
 
 
-def _check_built(config: str):
+def _check(config: str, *dims: int):
+    if any(d % 8 for d in dims):  # 16-byte rows for TMA, as torch._grouped_mm requires too
+        raise ValueError(f"sm90 grouped GEMM needs dims divisible by 8 (bf16), got {dims}")
     if config not in _built:
         raise ValueError(f"sm90 grouped-GEMM config {config!r} is not in the library "
                          f"(built: {', '.join(_built) or 'none'}; tools/build_sm90_kernels.py)")

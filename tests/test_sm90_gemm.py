@@ -28,6 +28,17 @@ def test_asking_for_an_unbuilt_config_names_the_build_tool(no_library):
                        torch.tensor([2, 4], dtype=torch.int32), "128x256_c1x2")
 
 
+def test_dims_that_break_16_byte_rows_are_refused_before_any_launch(no_library):
+    a = torch.empty(4, 12, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        sm90_gemm.rows(a, torch.empty(2, 12, 8, dtype=torch.bfloat16),
+                       torch.tensor([2, 4], dtype=torch.int32), "128x256_c1x2")
+    with pytest.raises(ValueError, match="divisible by 8"):
+        sm90_gemm.wgrad(a, torch.empty(4, 20, dtype=torch.bfloat16),
+                        torch.tensor([2, 4], dtype=torch.int32), "128x256_c1x2",
+                        like=torch.empty(2, 12, 20, dtype=torch.bfloat16))
+
+
 def test_weights_in_either_orientation_keep_their_storage():
     w = torch.empty(3, 8, 16)
     same, column_major = sm90_gemm._b_layout(w)

@@ -1,10 +1,11 @@
 // Hopper (sm_90a) bf16 grouped GEMM for MoE experts, built on CUTLASS 3.x collectives.
 //
-// Why our own instead of torch._grouped_mm: torch builds one CUTLASS kernel with 2x1 clusters of
-// 128x256 tiles, so each expert pays for its rows rounded up to 256. With fine-grained experts
-// (~770 rows each) that rounding costs ~15 % of the FFN. Here the tile and cluster shape are
-// template parameters, so a config whose row granularity is 128 (cluster 1x2 multicasts A along
-// N instead of B along M) or 64 (ping-pong 64-row tiles) can be picked per GEMM.
+// Why our own next to torch._grouped_mm: torch builds one CUTLASS kernel with 2x1 clusters of
+// 128x256 tiles, so each expert pays for its rows rounded up to 256; with fine-grained experts
+// (~770 rows each) about half of them pay for 1024. Here the tile and cluster shape are template
+// parameters, so a config whose row granularity is 128 (cluster 1x2 multicasts A along N instead
+// of B along M) or 64 (ping-pong 64-row tiles) can be picked per GEMM (monta/expert_gemm.py says
+// which is the default and what it measured).
 //
 // Two kinds of call, both with the experts' cumulative row ends `ends` read on the device (so no
 // host sync):
@@ -81,8 +82,9 @@ struct GroupedGemm {
     size_t bytes;
   };
 
-  // CUTLASS keeps one TMA descriptor per SM in its workspace, and descriptors need 64-byte (we
-  // give 128) alignment; every region here starts on that boundary.
+  // CUTLASS keeps TMA descriptors in its workspace, which need 64-byte alignment (a first
+  // version with 16-byte regions faulted with a misaligned address); every region here starts
+  // on a 128-byte boundary.
   static size_t round_up(size_t n) { return (n + 127) / 128 * 128; }
 
   static Arrays carve(void* base, int groups) {
