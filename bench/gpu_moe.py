@@ -10,10 +10,10 @@ Sections, all in one process and one run, so every comparison is side by side on
 * ``peak``: a dense bf16 8192³ matmul, the TFLOP/s ceiling MFU is measured against;
 * ``expert_gemm``: at Mixtral-8x7B shapes (h 4096, ffn 14336, 8 experts, top-2) and
   DeepSeek-style fine-grained shapes (h 2048, ffn 1408, 64 experts, top-6), 8192 tokens routed
-  top-k by random logits: each projection as one ``torch._grouped_mm`` (our parameter layout,
-  and the transposed one for reference), as a per-expert loop of ``torch.mm`` (+ cat), and as one
-  dense GEMM of the same FLOPs; then the whole expert FFN (fc1, SwiGLU·prob, fc2) forward +
-  backward the three ways;
+  top-k by random logits: each projection as one grouped GEMM on MoNTA's default kernel and on
+  ``torch._grouped_mm`` (our parameter layout, and the transposed one for reference), as a
+  per-expert loop of ``torch.mm`` (+ cat), and as one dense GEMM of the same FLOPs; then the
+  whole expert FFN (fc1, SwiGLU·prob, fc2) forward + backward those ways, in interleaved rounds;
 * ``moe_layer``: router + permutation + experts + combine, forward + backward, bf16:
   megatron-core 0.16.1's ``MoELayer`` with its ``alltoall`` dispatcher and ``SequentialMLP``
   (what ``pretrain_moe.py`` ran on a GPU without TE before grouped experts) vs MoNTA's layer with

@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=sm90_gemm.LIBRARY)
     parser.add_argument("--configs", default=",".join(sm90_gemm.CONFIGS),
                         help="comma-separated subset of monta.sm90_gemm.CONFIGS (the default "
-                             f"kernel is {SM90_DEFAULT_CONFIG}; monta.expert_gemm uses what is built)")
+                             f"kernel is {SM90_DEFAULT_CONFIG}; monta.expert_gemm uses what is "
+                             "built)")
     args = parser.parse_args(argv)
     configs = args.configs.split(",")
     unknown = sorted(set(configs) - set(sm90_gemm.CONFIGS))
