@@ -99,9 +99,10 @@ def _per_op_table(r: dict) -> list[str]:
             return "—" if o is None else (f"{o['grouped']['tflops']:.0f} vs "
                                           f"{o['dense']['tflops']:.0f} ({_pct(o['fraction_of_dense'])})")
         bal = ops.get("fwd_balanced")
+        fwd = v.get("grouped_torch", v["grouped"])  # this table is torch._grouped_mm's
         lines.append(f"| {_shape_label(name, r['shapes'][name])} | {proj} [{v['K']}→{v['N']}] | "
-                     f"{v['grouped']['tflops']:.0f} vs {v['dense']['tflops']:.0f} "
-                     f"({_pct(v['grouped']['fraction_of_dense'])}) | {cell('dgrad')} | "
+                     f"{fwd['tflops']:.0f} vs {v['dense']['tflops']:.0f} "
+                     f"({_pct(fwd['fraction_of_dense'])}) | {cell('dgrad')} | "
                      f"{cell('wgrad')} | "
                      + ("—" if bal is None else f"{bal['grouped']['tflops']:.0f} "
                         f"({_pct(bal['fraction_of_dense'])})") + " |")
