@@ -117,42 +117,33 @@ struct GroupedGemm {
 };
 
 // One thread per group: its row range from the cumulative ends, then its pointers and shape.
-// Row-grouped (forward, input gradient): A and D advance by the group's first row, B by group.
-template <class G>
-__global__ void fill_row_groups(typename G::Arrays arrays, const typename G::Element* a,
-                                const typename G::Element* b, typename G::Element* d,
-                                const int32_t* ends, int groups, int n, int k,
-                                typename G::StrideA stride_a, typename G::StrideB stride_b,
-                                typename G::StrideD stride_d) {
+// Row-grouped (forward, input gradient; dims = n, k): A and D advance by the group's first row,
+// B by group. K-grouped (weight gradient; dims = m, n): the group's rows are the reduction, A
+// (= X) and B (= Y) advance by its first row, D by group.
+template <class G, bool KGrouped>
+__global__ void fill_group_arrays(typename G::Arrays arrays, const typename G::Element* a,
+                                  const typename G::Element* b, typename G::Element* d,
+                                  const int32_t* ends, int groups, int dim0, int dim1,
+                                  typename G::StrideA stride_a, typename G::StrideB stride_b,
+                                  typename G::StrideD stride_d) {
   int g = threadIdx.x;
   if (g >= groups) return;
   int64_t start = g == 0 ? 0 : ends[g - 1];
-  arrays.a[g] = a + start * k;
-  arrays.b[g] = b + static_cast<int64_t>(g) * k * n;
-  arrays.d[g] = d + start * n;
+  int rows = static_cast<int>(ends[g] - start);
+  if constexpr (KGrouped) {
+    arrays.a[g] = a + start * dim0;
+    arrays.b[g] = b + start * dim1;
+    arrays.d[g] = d + static_cast<int64_t>(g) * dim0 * dim1;
+    arrays.shapes[g] = typename G::Shape3(dim0, dim1, rows);
+  } else {
+    arrays.a[g] = a + start * dim1;
+    arrays.b[g] = b + static_cast<int64_t>(g) * dim1 * dim0;
+    arrays.d[g] = d + start * dim0;
+    arrays.shapes[g] = typename G::Shape3(rows, dim0, dim1);
+  }
   arrays.stride_a[g] = stride_a;
   arrays.stride_b[g] = stride_b;
   arrays.stride_d[g] = stride_d;
-  arrays.shapes[g] = typename G::Shape3(static_cast<int>(ends[g] - start), n, k);
-}
-
-// K-grouped (weight gradient): the group's rows are the reduction, D advances by group.
-template <class G>
-__global__ void fill_k_groups(typename G::Arrays arrays, const typename G::Element* x,
-                              const typename G::Element* y, typename G::Element* d,
-                              const int32_t* ends, int groups, int m, int n,
-                              typename G::StrideA stride_a, typename G::StrideB stride_b,
-                              typename G::StrideD stride_d) {
-  int g = threadIdx.x;
-  if (g >= groups) return;
-  int64_t start = g == 0 ? 0 : ends[g - 1];
-  arrays.a[g] = x + start * m;
-  arrays.b[g] = y + start * n;
-  arrays.d[g] = d + static_cast<int64_t>(g) * m * n;
-  arrays.stride_a[g] = stride_a;
-  arrays.stride_b[g] = stride_b;
-  arrays.stride_d[g] = stride_d;
-  arrays.shapes[g] = typename G::Shape3(m, n, static_cast<int>(ends[g] - start));
 }
 
 inline int sm_count_of_current_device() {
@@ -198,7 +189,7 @@ int run_rows(const void* a, const void* b, void* d, const int32_t* ends, int gro
   auto stride_b = cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1});
   auto stride_d = cutlass::make_cute_packed_stride(typename G::StrideD{}, {1, n, 1});
   return launch<G>(workspace, workspace_size, groups, stream, [&](typename G::Arrays arrays) {
-    fill_row_groups<G><<<1, groups, 0, stream>>>(
+    fill_group_arrays<G, false><<<1, groups, 0, stream>>>(
         arrays, static_cast<const E*>(a), static_cast<const E*>(b), static_cast<E*>(d), ends,
         groups, n, k, stride_a, stride_b, stride_d);
   });
@@ -212,7 +203,7 @@ int run_wgrad(const void* x, const void* y, void* d, const int32_t* ends, int gr
   auto stride_b = cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, 1, 1});
   auto stride_d = cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, n, 1});
   return launch<G>(workspace, workspace_size, groups, stream, [&](typename G::Arrays arrays) {
-    fill_k_groups<G><<<1, groups, 0, stream>>>(
+    fill_group_arrays<G, true><<<1, groups, 0, stream>>>(
         arrays, static_cast<const E*>(x), static_cast<const E*>(y), static_cast<E*>(d), ends,
         groups, m, n, stride_a, stride_b, stride_d);
   });
