@@ -6,17 +6,21 @@ tokens, it times:
 
 * ``torch._grouped_mm`` (CUTLASS on Hopper) with the weight stored ``[E, K, N]`` ("row",
   megatron's ``GroupedMLP`` layout) and ``[E, N, K]`` ("col", ``nn.Linear``'s per expert);
+* MoNTA's CUTLASS library (:mod:`monta.sm90_gemm`, when ``make sm90-kernels`` has built it),
+  every config, all three GEMMs, both layouts;
 * MoNTA's Triton kernels (:mod:`monta.grouped_gemm`), pointer loads and TMA loads, over a few
-  tile configs, both layouts;
+  tile configs, both layouts (``--kernels`` without ``triton`` skips them);
 * ``torch._grouped_mm`` steered to its 64×128 ping-pong kernel (each expert split into empty
   sub-groups sharing its weights; forward and input gradient only);
 * the dense GEMM of the same shape (the reference the issue's "% of dense" uses);
 * fc1's forward with the same row count for every expert, around the routed mean
   (``uniform_rows_fc1_fwd``: how the CUTLASS kernel's time steps with the rows per expert);
 
-then the whole expert FFN (fc1, SwiGLU·prob, fc2) forward + backward with ``torch._grouped_mm``
-only and with each GEMM on the kernel :mod:`monta.expert_gemm` tunes for it.
-Every Triton result is checked against ``torch._grouped_mm``'s before it is timed.
+then the whole expert FFN (fc1, SwiGLU·prob, fc2) forward + backward in interleaved rounds:
+dense, ``torch._grouped_mm`` only, each GEMM on the kernel :mod:`monta.expert_gemm` tunes for
+it, each sm90 config for the row GEMMs, and the default row config with each sm90
+weight-gradient config. Every single-GEMM result is checked against ``torch._grouped_mm``'s
+before it is timed.
 
     python bench/gpu_grouped_gemm.py --out bench/results/gpu_grouped_gemm.json
 """
@@ -306,7 +310,7 @@ def main(argv=None) -> int:
     for name in opts.shapes.split(","):
         started = time.time()
         results["shapes"][name] = bench_shape(shapes[name], tokens, device, timer,
-                                                 opts.kernels.split(","), opts.ffn_rounds)
+                                              opts.kernels.split(","), opts.ffn_rounds)
         print(f"[{name}] {time.time() - started:.0f}s", flush=True)
         Path(opts.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
