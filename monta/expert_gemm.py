@@ -45,11 +45,12 @@ TORCH = "torch"
 SM90 = "sm90:"  # prefix of a monta.sm90_gemm config name
 DEFAULT = "default"
 # The row GEMMs' kernel when the sm90 library is built. In the expert FFN fwd+bwd, timed in
-# interleaved rounds against torch._grouped_mm (bench/gpu_grouped_gemm.py, four runs on an
-# H200), it ran the fine-grained shapes 4-7 % faster (medians 5.03 vs 5.34, 5.12 vs 5.48, 5.13
-# vs 5.36, 5.02 vs 5.25 ms) and the Mixtral shapes 0-2 % faster. 1x2 clusters share each A
-# tile between two column tiles, so rows are paid for in multiples of 128, not 256. The weight
-# gradient stays on torch: no sm90 weight-gradient config made the FFN faster
+# interleaved rounds against torch._grouped_mm (bench/gpu_grouped_gemm.py, four runs on an H200:
+# bench/results/gpu_grouped_gemm{,_wgrad}.json and gpu_grouped_gemm_runs/ffn_{62b03f1,05a9b3c}),
+# it ran the fine-grained shapes 4-7 % faster (medians 5.03 vs 5.34, 5.12 vs 5.48, 5.13 vs 5.36,
+# 5.02 vs 5.25 ms) and the Mixtral shapes 0-2 % faster. 1x2 clusters share each A tile between
+# two column tiles, so rows are paid for in multiples of 128, not 256. The weight gradient
+# stays on torch: no sm90 weight-gradient config made the FFN faster
 # (bench/results/gpu_grouped_gemm_wgrad.json).
 SM90_DEFAULT_CONFIG = "128x256_c1x2"
 ROWS_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 4, 4))
