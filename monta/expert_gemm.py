@@ -67,6 +67,13 @@ MAX_REL_ERR = 2e-2
 _chosen: dict = {}
 
 
+def _sm90_config(candidate):
+    """The sm90 config name a candidate names (``sm90:<config>``), else None."""
+    if isinstance(candidate, str) and candidate.startswith(SM90):
+        return candidate[len(SM90):]
+    return None
+
+
 def _rows_torch(a, b, row_ends):
     return torch._grouped_mm(a, b, offs=row_ends)
 
@@ -82,14 +89,14 @@ def _run(op, candidate, args):
         a, b, row_ends = args
         if candidate == TORCH:
             return _rows_torch(a, b, row_ends)
-        if isinstance(candidate, str) and candidate.startswith(SM90):
-            return sm90_gemm.rows(a, b, row_ends, candidate[len(SM90):])
+        if _sm90_config(candidate) is not None:
+            return sm90_gemm.rows(a, b, row_ends, _sm90_config(candidate))
         return grouped_gemm.rows(a, b, row_ends, candidate)
     x, dy, row_ends, like = args
     if candidate == TORCH:
         return _wgrad_torch(x, dy, row_ends, like)
-    if isinstance(candidate, str) and candidate.startswith(SM90):
-        return sm90_gemm.wgrad(x, dy, row_ends, candidate[len(SM90):], like)
+    if _sm90_config(candidate) is not None:
+        return sm90_gemm.wgrad(x, dy, row_ends, _sm90_config(candidate), like)
     out = torch.empty_strided(like.shape, like.stride(), device=like.device, dtype=like.dtype)
     return grouped_gemm.wgrad(x, dy, row_ends, out, candidate)
 
@@ -103,8 +110,8 @@ def _candidates(op, pinned, triton=True, sm90=False):
     """What ``_tune`` times: torch, the Triton configs (if Triton is there) and the sm90
     library's built configs (if the GPU is a Hopper). A pin ``sm90:<rows>[,<wgrad>]`` names
     one config for the row GEMMs and, optionally, one for the weight gradient (else torch)."""
-    if pinned.startswith(SM90):
-        configs = pinned[len(SM90):].split(",")
+    if _sm90_config(pinned) is not None:
+        configs = _sm90_config(pinned).split(",")
         config = configs[0] if op == "rows" else (configs[1] if len(configs) > 1 else None)
         usable = sm90 and config in sm90_gemm.built_configs()
         return (SM90 + config,) if usable else (TORCH,)
@@ -114,9 +121,8 @@ def _candidates(op, pinned, triton=True, sm90=False):
     if sm90:
         candidates += tuple(SM90 + config for config in sm90_gemm.built_configs())
     if pinned in ("triton", "sm90"):
-        prefix = SM90 if pinned == "sm90" else ""
         return tuple(c for c in candidates if c != TORCH
-                     and (isinstance(c, str) and c.startswith(SM90)) == bool(prefix)) or (TORCH,)
+                     and (_sm90_config(c) is not None) == (pinned == "sm90")) or (TORCH,)
     return candidates
 
 
