@@ -16,6 +16,7 @@ other GPUs) :func:`available` is False and nothing here is used.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from pathlib import Path
 
@@ -81,14 +82,25 @@ def available(t: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(t.device) == (9, 0) and bool(built_configs()))
 
 
-def _b_layout(b: torch.Tensor):
-    """``b`` [E, K, N] as (tensor, column_major) with each expert's matrix packed."""
-    experts, k, n = b.shape
-    if b.stride() == (k * n, n, 1):
-        return b, False
-    if b.stride() == (k * n, 1, k):
-        return b, True
-    return b.contiguous(), False
+def _column_major(w: torch.Tensor) -> bool | None:
+    """How ``w`` [E, K, N] is packed per expert: False stored [E, K, N], True stored [E, N, K],
+    None neither (a strided view)."""
+    experts, k, n = w.shape
+    if w.stride() == (k * n, n, 1):
+        return False
+    if w.stride() == (k * n, 1, k):
+        return True
+    return None
+
+
+def _packed(b: torch.Tensor):
+    """``b`` [E, K, N] as (tensor, column_major), packed into a copy if it is neither."""
+    column_major = _column_major(b)
+    return (b, column_major) if column_major is not None else (b.contiguous(), False)
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride() == (t.size(1), 1) else t.contiguous()
 
 
 def rows(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor, config: str,
@@ -98,12 +110,10 @@ def rows(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor, config: str,
     device, ``out`` (optional) a contiguous [n, N] bf16 tensor to write. Rows past
     ``row_ends[-1]`` are left unwritten, as torch leaves them."""
     library = _load()
-    b, column_major = _b_layout(b)
+    b, column_major = _packed(b)
     experts, k, n = b.shape
     _check(config, k, n)
-    a = a if a.stride() == (a.size(1), 1) else a.contiguous()
-    if row_ends.dtype != torch.int32:
-        row_ends = row_ends.to(torch.int32)
+    a = _row_major(a)
     if out is None:
         out = torch.empty(a.size(0), n, device=a.device, dtype=a.dtype)
     elif out.shape != (a.size(0), n) or not out.is_contiguous() or out.dtype != a.dtype:
@@ -123,21 +133,19 @@ def wgrad(x: torch.Tensor, dy: torch.Tensor, row_ends: torch.Tensor, config: str
     library = _load()
     experts, k, n = like.shape
     _check(config, k, n)
-    x = x if x.stride() == (x.size(1), 1) else x.contiguous()
-    dy = dy if dy.stride() == (dy.size(1), 1) else dy.contiguous()
-    if row_ends.dtype != torch.int32:
-        row_ends = row_ends.to(torch.int32)
+    column_major = _column_major(like)
+    if column_major is None:
+        raise ValueError(f"weights must be packed [E, K, N] or [E, N, K], got strides "
+                         f"{like.stride()}")
     if out is None:
         out = torch.empty_strided(like.shape, like.stride(), device=x.device, dtype=x.dtype)
     if out.shape != like.shape or out.stride() != like.stride() or out.dtype != x.dtype:
         raise ValueError("out must have like's shape, strides and x's dtype")
-    if like.stride() == (k * n, n, 1):  # stored [E, K, N]: dw[e] = xᵀ dy
-        _call(library, symbol(config, "wgrad"), x, dy, out, row_ends, experts, k, n)
-    elif like.stride() == (k * n, 1, k):  # stored [E, N, K]: dw[e]ᵀ = dyᵀ x
+    x, dy = _row_major(x), _row_major(dy)
+    if column_major:  # stored [E, N, K]: dw[e]ᵀ = dyᵀ x
         _call(library, symbol(config, "wgrad"), dy, x, out, row_ends, experts, n, k)
-    else:
-        raise ValueError(f"weights must be packed [E, K, N] or [E, N, K], got strides "
-                         f"{like.stride()}")
+    else:  # stored [E, K, N]: dw[e] = xᵀ dy
+        _call(library, symbol(config, "wgrad"), x, dy, out, row_ends, experts, k, n)
     return out
 
 
@@ -149,9 +157,18 @@ def _check(config: str, *dims: int):
                          f"(built: {', '.join(_built) or 'none'}; tools/build_sm90_kernels.py)")
 
 
+@functools.lru_cache(maxsize=None)
+def _workspace_bytes(name: str, groups: int, device: int) -> int:
+    """CUTLASS's argument arrays + workspace for ``groups`` groups: a function of the instance,
+    the group count and the current device's SM count only, so asked once, not per GEMM."""
+    return getattr(_load(), f"{name}_workspace")(groups)
+
+
 def _call(library, name, a, b, out, row_ends, groups, dim0, dim1):
-    workspace = torch.empty(getattr(library, f"{name}_workspace")(groups), device=a.device,
-                            dtype=torch.uint8)
+    if row_ends.dtype != torch.int32:
+        row_ends = row_ends.to(torch.int32)
+    workspace = torch.empty(_workspace_bytes(name, groups, torch.cuda.current_device()),
+                            device=a.device, dtype=torch.uint8)
     status = getattr(library, f"{name}_run")(
         a.data_ptr(), b.data_ptr(), out.data_ptr(), row_ends.data_ptr(), groups, dim0, dim1,
         workspace.data_ptr(), workspace.numel(), torch.cuda.current_stream(a.device).cuda_stream)

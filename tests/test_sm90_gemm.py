@@ -41,11 +41,12 @@ def test_dims_that_break_16_byte_rows_are_refused_before_any_launch(no_library):
 
 def test_weights_in_either_orientation_keep_their_storage():
     w = torch.empty(3, 8, 16)
-    same, column_major = sm90_gemm._b_layout(w)
+    same, column_major = sm90_gemm._packed(w)
     assert same is w and not column_major
     w_t = torch.empty(3, 16, 8).transpose(1, 2)  # [E, K, N] view of [E, N, K] storage
-    same, column_major = sm90_gemm._b_layout(w_t)
+    same, column_major = sm90_gemm._packed(w_t)
     assert same is w_t and column_major
     sliced = torch.empty(3, 8, 32)[:, :, :16]  # neither: packed into a copy
-    packed, column_major = sm90_gemm._b_layout(sliced)
+    assert sm90_gemm._column_major(sliced) is None  # which the weight gradient refuses
+    packed, column_major = sm90_gemm._packed(sliced)
     assert packed.is_contiguous() and not column_major
