@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.gpu_moe import (  # noqa: E402
-    SHAPES, TINY_SHAPES, Timer, environment, routed_counts, tflops, with_grouped_gemm,
+    SHAPES, TINY_SHAPES, Timer, environment, routed_counts, tflops, time_interleaved,
 )
 
 ROWS_CONFIGS = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
@@ -255,18 +255,8 @@ def bench_ffn(shape, n, ends, device, timer, rounds: int = 4, reps: int = 5) -> 
         for t in [x, *dense, *weights["row"], *weights["col"]]:
             t.grad = None
 
-    # Interleaved rounds, so clock and thermal drift favour no variant.
-    samples, out = {name: [] for name in variants}, {}
-    for round_ in range(rounds):
-        for name, (pin, fn) in variants.items():
-            if name in out:
-                continue
-            try:
-                t = with_grouped_gemm(pin, lambda: timer(fn, warmup=3 if round_ == 0 else 1,
-                                                         reps=reps, setup=clear))
-                samples[name] += t["samples_ms"]
-            except Exception as error:
-                out[name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+    samples, errors = time_interleaved(variants, timer, rounds, reps, setup=clear, catch=True)
+    out = {name: {"error": error} for name, error in errors.items()}
     for name, times in samples.items():
         if times and name not in out:
             ms = statistics.median(times)

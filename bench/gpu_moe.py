@@ -220,12 +220,7 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     # for every GEMM. Interleaved rounds, so clock and thermal drift favour no variant.
     variants = {"grouped": ("default", grouped_ffn), "grouped_torch": ("torch", grouped_ffn),
                 "loop": ("torch", loop_ffn), "dense": ("torch", dense_ffn)}
-    samples = {name: [] for name in variants}
-    for round_ in range(FFN_ROUNDS):
-        for name, (pin, fn) in variants.items():
-            t = with_grouped_gemm(pin, lambda: timer(fn, warmup=3 if round_ == 0 else 1,
-                                                     reps=3, setup=clear))
-            samples[name] += t["samples_ms"]
+    samples, _ = time_interleaved(variants, timer, FFN_ROUNDS, reps=3, setup=clear)
     for name, times in samples.items():
         ms = statistics.median(times)
         ffn[name] = {"median_ms": ms, "min_ms": min(times), "max_ms": max(times),
@@ -234,6 +229,29 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         ffn[name]["fraction_of_dense"] = ffn[name]["tflops"] / ffn["dense"]["tflops"]
     out["ffn_fwd_bwd"] = ffn
     return out
+
+
+def time_interleaved(variants: dict, timer: Timer, rounds: int, reps: int, setup=None,
+                     catch: bool = False) -> tuple[dict, dict]:
+    """``variants`` {name: (MONTA_GROUPED_GEMM pin, fn)}, each timed ``reps`` calls per round in
+    ``rounds`` interleaved rounds (3 warm-up calls in the first, 1 after), so clock and thermal
+    drift favour none. Returns ({name: samples in ms}, {name: error}); with ``catch`` a variant
+    that raises is recorded and left out of later rounds, else the error propagates."""
+    samples, errors = {name: [] for name in variants}, {}
+    for round_ in range(rounds):
+        for name, (pin, fn) in variants.items():
+            if name in errors:
+                continue
+            try:
+                t = with_grouped_gemm(pin, lambda: timer(fn, warmup=3 if round_ == 0 else 1,
+                                                         reps=reps, setup=setup))
+            except Exception as error:
+                if not catch:
+                    raise
+                errors[name] = f"{type(error).__name__}: {str(error)[:200]}"
+                continue
+            samples[name] += t["samples_ms"]
+    return samples, errors
 
 
 def with_grouped_gemm(pin: str, fn):

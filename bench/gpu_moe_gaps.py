@@ -25,8 +25,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# the expert GEMMs: torch._grouped_mm's CUTLASS kernels or MoNTA's Triton ones
+# the expert GEMMs: CUTLASS kernels (torch._grouped_mm's and MoNTA's sm90 library's) or MoNTA's
+# Triton ones
 GEMMS = ("cutlass13device_kernel", "_rows_kernel", "_rows_tma_kernel")
+
+
+def is_gemm(kernel: dict) -> bool:
+    """A profiled kernel event is one of the experts' grouped GEMMs."""
+    return any(g in kernel["name"] for g in GEMMS)
 
 
 def _events(trace: Path):
@@ -70,7 +76,7 @@ def analyse(trace: Path, label: str = "STEP") -> list[dict]:
                 gaps.append((k["ts"] - end, k["name"][:60], launched_by(k)))
             busy += max(0.0, k["ts"] + k["dur"] - max(end, k["ts"]))
             end = max(end, k["ts"] + k["dur"])
-        first_gemm = next(k for k in ks if any(g in k["name"] for g in GEMMS))
+        first_gemm = next(k for k in ks if is_gemm(k))
         gemm_launch = launches[first_gemm["args"]["correlation"]]["ts"]
         before = [e for e in host[step["tid"]] if t0 < e["ts"] < gemm_launch
                   and e.get("cat") == "cpu_op"]

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.gpu_moe import SHAPES, Timer, init_world  # noqa: E402
-from bench.gpu_moe_gaps import GEMMS, _events, analyse  # noqa: E402
+from bench.gpu_moe_gaps import _events, analyse, is_gemm  # noqa: E402
 from bench.gpu_moe_layer import build_layers  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def _profiled(step, steps: int = 4) -> dict:
     out = {key: statistics.median(r[key] for r in rows)
            for key in ("wall_us", "gpu_busy_us", "first_gemm_starts_us",
                        "host_ops_before_first_gemm")}
-    last_gemm = [k for k in kernels if any(g in k["name"] for g in GEMMS)][-6]  # the last step's first
+    last_gemm = [k for k in kernels if is_gemm(k)][-6]  # the last step's first
     first = [k for k in kernels if k["ts"] < last_gemm["ts"]][-12:]
     out["front_kernels"] = [(k["name"][:28], round(k["dur"])) for k in first]
     return out
