@@ -76,10 +76,15 @@ def built_configs() -> tuple:
     return _built
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper(device: int) -> bool:
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def available(t: torch.Tensor) -> bool:
-    """Built, and ``t`` lives on a Hopper GPU."""
-    return (t.is_cuda and t.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(t.device) == (9, 0) and bool(built_configs()))
+    """Built, and ``t`` lives on a Hopper GPU (asked on every expert GEMM: cached per device)."""
+    return (t.is_cuda and t.dtype == torch.bfloat16 and _hopper(t.device.index)
+            and bool(built_configs()))
 
 
 def _column_major(w: torch.Tensor) -> bool | None:
