@@ -27,8 +27,8 @@ from monta.expert_gemm import SM90_DEFAULT_CONFIG  # noqa: E402
 TOOLCHAIN = ["nvidia-cuda-nvcc==13.0.88", "nvidia-nvvm==13.0.88", "nvidia-cuda-runtime==13.0.96",
              "nvidia-cuda-crt==13.0.88", "nvidia-cuda-cccl==13.0.85", "nvidia-cutlass==4.2.0.0"]
 SOURCE = ROOT / "monta" / "csrc" / "sm90_grouped_gemm.cuh"
-FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
-         "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC"]
+ARCH = "-gencode=arch=compute_90a,code=sm_90a"  # sm_90a: wgmma and setmaxnreg need the "a"
+FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", ARCH, "-Xcompiler", "-fPIC"]
 
 
 def install_toolchain(target: Path) -> tuple[Path, Path]:
@@ -100,8 +100,7 @@ def main(argv=None) -> int:
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         objects = list(pool.map(compile_one, pairs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([str(nvcc), "-shared", "-cudart", "static",
-                    "-gencode=arch=compute_90a,code=sm_90a", *map(str, objects), "-o",
+    subprocess.run([str(nvcc), "-shared", "-cudart", "static", ARCH, *map(str, objects), "-o",
                     str(args.out)], check=True, env=env)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB, {len(pairs)} kernels)")
     return 0
