@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.gpu_moe import (  # noqa: E402
-    SHAPES, TINY_SHAPES, Timer, environment, routed_counts, tflops, time_interleaved,
+    SHAPES, TINY_SHAPES, Timer, environment, padded_rows, routed_counts, tflops,
+    time_interleaved,
 )
 
 ROWS_CONFIGS = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
@@ -120,10 +121,43 @@ def _rel_err(got, want):
     return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
 
 
-def bench_projection(x, w, dy, ends, timer, flops, kernels) -> dict:
-    """Every implementation of the three GEMMs for one weight layout."""
+def _aligned_configs(t) -> list:
+    from monta import sm90_gemm
+
+    return list(sm90_gemm.built_configs(aligned=True)) if sm90_gemm.available(t) else []
+
+
+def _aligned_ops(x, w, dy, counts, config):
+    """The three GEMMs of ``config``'s tile-aligned kernels on the rows padded as MoNTA's
+    dispatcher pads them (bench.gpu_moe.padded_rows; the gradient's pad rows are zero, as the
+    zero probability makes them), each with the view that compares it with torch's result."""
+    from monta import sm90_gemm
+
+    source, pads, padded, positions = padded_rows(counts, x.size(0),
+                                                  sm90_gemm.row_alignment(config))
+    xp, dyp, ends = x[source], dy[source].masked_fill(pads.unsqueeze(1), 0), padded.row_ends
+    real = lambda t: t[positions]  # noqa: E731
+    return {"fwd": (lambda: sm90_gemm.rows(xp, w, ends, config, aligned=True), real),
+            "dgrad": (lambda: sm90_gemm.rows(dyp, w.transpose(1, 2), ends, config, aligned=True),
+                      real),
+            "wgrad": (lambda: sm90_gemm.wgrad(xp, dyp, ends, config, w, aligned=True),
+                      lambda t: t)}
+
+
+def bench_projection(x, w, dy, ends, timer, flops, kernels, counts=None) -> dict:
+    """Every implementation of the three GEMMs for one weight layout; with ``counts``, also
+    the tile-aligned kernels on padded rows (FLOPs of the real rows)."""
     reference = {op: fn(x, dy, ends) for op, fn in _torch_ops(w).items()}
     result = {}
+    for config in _aligned_configs(x) if counts is not None else ():
+        for op, (fn, real) in _aligned_ops(x, w, dy, counts, config).items():
+            row = {"rel_err": _rel_err(real(fn()), reference[op])}
+            if row["rel_err"] > 2e-2:
+                row["error"] = "wrong result"
+            else:
+                t = timer(fn, warmup=3, reps=10)
+                row.update(ms=t["median_ms"], tflops=tflops(flops, t["median_ms"]))
+            result.setdefault(op, {})[f"sm90 aligned {config}"] = row
     candidates = [("torch", None, _torch_ops(w)),
                    ("torch 64x128 tiles", None, _torch_small_tile_ops(w, x.size(0)))]
     candidates += [(f"sm90 {config}", None, _sm90_ops(w, config)) for config in _sm90_configs(x)]
@@ -175,14 +209,15 @@ def bench_shape(shape: dict, tokens: int, device, timer, kernels=("triton", "ffn
             row["dense"][op] = {"ms": t["median_ms"], "tflops": tflops(flops, t["median_ms"])}
         for layout in ("row", "col"):
             w = _weights(e, kk, nn, layout, gen, device)
-            row[layout] = bench_projection(x, w, dy, ends, timer, flops, kernels)
+            row[layout] = bench_projection(x, w, dy, ends, timer, flops, kernels, counts)
             t = timer(lambda: torch._grouped_mm(x, w, offs=even), warmup=3, reps=10)
             row[layout]["fwd_balanced_torch"] = tflops(flops, t["median_ms"])
         out["projections"][proj] = row
         print(json.dumps(_best(row), indent=None), flush=True)
     out["uniform_rows_fc1_fwd"] = bench_uniform_rows(shape, device, timer)
     if "ffn" in kernels:
-        out["ffn_fwd_bwd"] = bench_ffn(shape, n, ends, device, timer, rounds=ffn_rounds)
+        out["ffn_fwd_bwd"] = bench_ffn(shape, n, ends, device, timer, rounds=ffn_rounds,
+                                       counts=counts)
         print(json.dumps({k: v.get("fraction_of_dense") for k, v in out["ffn_fwd_bwd"].items()
                           if isinstance(v, dict) and k != "tuned_choices"}), flush=True)
     return out
@@ -212,10 +247,12 @@ def bench_uniform_rows(shape, device, timer) -> dict:
     return out
 
 
-def bench_ffn(shape, n, ends, device, timer, rounds: int = 4, reps: int = 5) -> dict:
+def bench_ffn(shape, n, ends, device, timer, rounds: int = 4, reps: int = 5,
+              counts=None) -> dict:
     """fc1 → SwiGLU·prob → fc2, forward + backward, per implementation and layout, in
-    ``rounds`` interleaved rounds of ``reps`` (median of all)."""
-    from monta import expert_gemm
+    ``rounds`` interleaved rounds of ``reps`` (median of all); with ``counts``, also each
+    tile-aligned config on the rows padded as MoNTA's dispatcher pads them."""
+    from monta import expert_gemm, sm90_gemm
     from monta.experts import activation_with_probs
 
     h, f, e = shape["hidden"], shape["ffn"], shape["experts"]
@@ -232,7 +269,7 @@ def bench_ffn(shape, n, ends, device, timer, rounds: int = 4, reps: int = 5) -> 
              (torch.randn(f, h, device=device, generator=gen) * f ** -0.5).bfloat16()
              .requires_grad_(True)]
 
-    def ffn(mm1, mm2):
+    def ffn(mm1, mm2, x=x, probs=probs, grad=grad):
         def run():
             a = activation_with_probs(mm1(x), probs, F.silu, True)
             mm2(a).backward(grad)
@@ -251,8 +288,21 @@ def bench_ffn(shape, n, ends, device, timer, rounds: int = 4, reps: int = 5) -> 
                 lambda t, w=w1: expert_gemm.grouped_mm(t, w, ends),
                 lambda t, w=w2: expert_gemm.grouped_mm(t, w, ends)))
 
+    padded_x = []
+    for config in _aligned_configs(x) if counts is not None else ():
+        source, pads, padded, _ = padded_rows(counts, n, sm90_gemm.row_alignment(config))
+        xp = x.detach()[source].requires_grad_(True)
+        padded_x.append(xp)
+        pp, gp = probs[source].masked_fill(pads.unsqueeze(1), 0), grad[source]
+        for layout, (w1, w2) in weights.items():
+            pin = f"{expert_gemm.SM90}{config},{config}"
+            variants[f"aligned {config} {layout}"] = (pin, ffn(
+                lambda t, w=w1, e=padded.row_ends: expert_gemm.grouped_mm(t, w, e),
+                lambda t, w=w2, e=padded.row_ends: expert_gemm.grouped_mm(t, w, e),
+                xp, pp, gp))
+
     def clear():
-        for t in [x, *dense, *weights["row"], *weights["col"]]:
+        for t in [x, *padded_x, *dense, *weights["row"], *weights["col"]]:
             t.grad = None
 
     samples, errors = time_interleaved(variants, timer, rounds, reps, setup=clear, catch=True)

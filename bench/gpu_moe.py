@@ -139,7 +139,28 @@ def routed_counts(tokens: int, experts: int, topk: int, device) -> torch.Tensor:
 FFN_ROUNDS = 4  # interleaved rounds of the expert-FFN variants, 3 timed calls each
 
 
+def padded_rows(counts: torch.Tensor, rows: int, alignment: int | None):
+    """The rows MoNTA's one-rank dispatcher hands its grouped experts: each expert's rows start
+    at a multiple of ``alignment`` where the aligned GEMMs run (monta/dispatch/padded_order.py),
+    pads copying row 0. Returns (which row each padded row copies, pads [capacity] bool, counts
+    carrying the padded ends, where each real row went), or None without an alignment."""
+    from monta.dispatch.padded_order import padded_capacity, padded_positions
+
+    if not alignment:
+        return None
+    positions, ends = padded_positions(counts, alignment, rows=rows)
+    capacity = padded_capacity(rows, counts.numel(), alignment)
+    source = torch.zeros(capacity, dtype=torch.long, device=counts.device)
+    source.index_copy_(0, positions, torch.arange(rows, device=counts.device))
+    pads = torch.ones(capacity, dtype=torch.bool, device=counts.device).index_fill_(
+        0, positions, False)
+    tokens_per_expert = counts.clone()
+    tokens_per_expert.row_ends = ends
+    return source, pads, tokens_per_expert, positions
+
+
 def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
+    from monta import expert_gemm
     from monta.experts import (activation_with_probs, expert_offsets, grouped_mm,
                                grouped_mm_supported)
 
@@ -153,17 +174,26 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     def rand(*size, scale=1.0):
         return (torch.randn(*size, device=device, generator=gen) * scale).to(dtype)
 
+    # MoNTA's default: the aligned kernels on padded rows where they are built (FLOPs below
+    # count only the real rows, so the pads are charged to it)
+    alignment = expert_gemm.row_alignment(rand(1, 8)) if device.type == "cuda" else None
+    padded = padded_rows(counts, n, alignment)
     out = {"tokens": tokens, "rows": n, "tokens_per_expert": {"min": min(host_counts),
                                                              "max": max(host_counts)},
-           "projections": {}}
+           "row_alignment": alignment, "projections": {}}
+    if padded is not None:
+        out["padded_rows"] = padded[0].numel()
+        out["padded_rows_used"] = int(padded[2].row_ends[-1])
     for proj, (kk, nn) in {"fc1": (h, 2 * f), "fc2": (f, h)}.items():
         x, w = rand(n, kk), rand(e, kk, nn, scale=kk ** -0.5)
         w_t = rand(e, nn, kk, scale=kk ** -0.5).transpose(1, 2)  # [E, K, N] column-major
         dense_w = rand(kk, nn, scale=kk ** -0.5)
         fast = grouped_mm_supported(x, w)
+        monta_x, monta_counts = (x, counts) if padded is None else (x[padded[0]], padded[2])
+        monta_ends = expert_offsets(monta_counts, device)
         variants = {
-            "grouped": lambda: with_grouped_gemm("default",
-                                                 lambda: grouped_mm(x, w, counts, offsets)),
+            "grouped": lambda: with_grouped_gemm(
+                "default", lambda: grouped_mm(monta_x, w, monta_counts, monta_ends)),
             "grouped_torch": lambda: torch._grouped_mm(x, w, offs=offsets),
             "loop": lambda: torch.cat([p @ w[i]
                                        for i, p in enumerate(torch.split(x, host_counts))]),
@@ -192,10 +222,21 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     for t in (w1, w2, d1, d2):
         t.requires_grad_(True)
     grad = rand(n, h)
+    monta = (x, probs, grad, counts)
+    if padded is not None:  # as the dispatcher lays them out: pads copy row 0, probability 0
+        source, pads, padded_counts, _ = padded
+        monta = (x.detach()[source].requires_grad_(True),
+                 probs[source].masked_fill(pads.unsqueeze(1), 0.0), grad[source], padded_counts)
 
-    def grouped_ffn():
-        a = activation_with_probs(grouped_mm(x, w1, counts, offsets), probs, F.silu, True)
-        grouped_mm(a, w2, counts, offsets).backward(grad)
+    def grouped_ffn_on(x, probs, grad, counts):
+        ends = expert_offsets(counts, device)
+
+        def run():
+            a = activation_with_probs(grouped_mm(x, w1, counts, ends), probs, F.silu, True)
+            grouped_mm(a, w2, counts, ends).backward(grad)
+        return run
+
+    grouped_ffn = grouped_ffn_on(x, probs, grad, counts)
 
     def loop_ffn():  # SequentialMLP's shape of work: per expert fc1, eager SwiGLU·prob, fc2
         outs = []
@@ -210,16 +251,21 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         (a @ d2).backward(grad)
 
     def clear():
-        for t in (x, w1, w2, d1, d2):
+        for t in (x, monta[0], w1, w2, d1, d2):
             t.grad = None
 
     out["activation_fwd_bwd"] = bench_activation(n, f, device, dtype, timer)
     flops = 3 * 2 * n * (h * 2 * f + f * h)
     ffn = {"flops": flops}
-    # grouped: MoNTA's default kernels (monta/expert_gemm.py); grouped_torch: torch._grouped_mm
-    # for every GEMM. Interleaved rounds, so clock and thermal drift favour no variant.
-    variants = {"grouped": ("default", grouped_ffn), "grouped_torch": ("torch", grouped_ffn),
+    # grouped: MoNTA's default (monta/expert_gemm.py; padded rows where the aligned kernels
+    # run); grouped_unpadded: its default on unpadded rows (the previous default where those
+    # kernels run); grouped_torch: torch._grouped_mm for every GEMM. Interleaved rounds, so
+    # clock and thermal drift favour no variant.
+    variants = {"grouped": ("default", grouped_ffn_on(*monta)),
+                "grouped_torch": ("torch", grouped_ffn),
                 "loop": ("torch", loop_ffn), "dense": ("torch", dense_ffn)}
+    if padded is not None:
+        variants["grouped_unpadded"] = ("default", grouped_ffn)
     samples, _ = time_interleaved(variants, timer, FFN_ROUNDS, reps=3, setup=clear)
     for name, times in samples.items():
         ms = statistics.median(times)
@@ -358,12 +404,19 @@ def environment(device) -> dict:
         from monta import expert_gemm
 
         props = torch.cuda.get_device_properties(0)
+        probe = torch.empty(1, device=device, dtype=torch.bfloat16)
+        alignment = expert_gemm.row_alignment(probe)
+        padded_ends = torch.zeros(1, device=device, dtype=torch.int32)
+        padded_ends.alignment = alignment
         info.update(device=props.name, capability=f"{props.major}.{props.minor}",
                     memory_gib=round(props.total_memory / 2**30, 1),
                     multiprocessors=props.multi_processor_count,
-                    # what MoNTA's experts run their forward / input-gradient GEMMs on
-                    grouped_gemm_default=expert_gemm._pin(
-                        torch.empty(1, device=device, dtype=torch.bfloat16)))
+                    # MoNTA's experts' kernels: "sm90:<rows>[,<weight gradient>]" (else torch)
+                    # on unpadded rows, and on rows padded to the alignment (if any)
+                    grouped_gemm_default=expert_gemm._pin(probe),
+                    expert_row_alignment=alignment,
+                    grouped_gemm_default_padded=expert_gemm._pin(probe, padded_ends)
+                    if alignment else None)
     else:
         info["device"] = platform.processor() or "cpu"
     # what the caller says it copied, when it says (MONTA_GIT_COMMIT: a tree sent to a GPU

@@ -44,9 +44,10 @@ def expert_table(r: dict) -> list[str]:
              f"TFLOP/s (median of {first['projections']['fc1']['grouped']['reps']} runs; FFN: "
              f"{first['ffn_fwd_bwd']['grouped']['reps']}) and the fraction of the dense GEMM's "
              f"rate; {first['tokens']} tokens routed top-k by random logits; the FFN's variants "
-             "in interleaved rounds. MoNTA: the experts' default kernels (`monta.expert_gemm`; "
-             f"here forward and input gradient on `{r['environment'].get('grouped_gemm_default')}`"
-             ", weight gradient on `torch._grouped_mm`); torch: `torch._grouped_mm` for all.", "",
+             "in interleaved rounds. MoNTA: the experts' default kernels (`monta.expert_gemm`) "
+             f"on the rows MoNTA's dispatcher lays out: {_monta_kernels(r['environment'])}; "
+             "torch: `torch._grouped_mm` for all, on unpadded rows. FLOPs count real rows only.",
+             "",
              "| shapes | op | MoNTA | % of dense | torch | % of dense | loop (per expert) | "
              "% of dense | dense | torch, transposed weights |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -65,6 +66,14 @@ def expert_table(r: dict) -> list[str]:
                          f"{_pct(v['loop']['fraction_of_dense'])} | {v['dense']['tflops']:.0f} | "
                          + (f"{t['tflops']:.0f} ({_pct(t['fraction_of_dense'])})" if t else "—")
                          + " |")
+    unpadded = [(name, g["ffn_fwd_bwd"]["grouped_unpadded"]) for name, g in r["expert_gemm"].items()
+                if "grouped_unpadded" in g["ffn_fwd_bwd"]]
+    if unpadded:
+        lines += ["", "MoNTA's default kernels on unpadded rows (what runs where the dispatcher "
+                  "cannot pad, e.g. under expert parallelism), expert FFN fwd+bwd, same rounds: "
+                  + "; ".join(f"{_shape_label(name, r['shapes'][name])}: {v['tflops']:.0f} "
+                              f"TFLOP/s, {_pct(v['fraction_of_dense'])} of dense"
+                              for name, v in unpadded) + "."]
     lines += _per_op_table(r)
     act = [(name, g["activation_fwd_bwd"]) for name, g in r["expert_gemm"].items()
            if "activation_fwd_bwd" in g]
@@ -78,6 +87,18 @@ def expert_table(r: dict) -> list[str]:
                      else "failed" for v in rows.values()]
             lines.append(f"| {_shape_label(name, r['shapes'][name])} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _monta_kernels(env: dict) -> str:
+    padded = env.get("grouped_gemm_default_padded")
+    unpadded = env.get("grouped_gemm_default")
+    if padded:
+        return (f"each expert's rows padded to a multiple of {env['expert_row_alignment']}, all "
+                f"three GEMMs on the tile-aligned kernels `{padded}` (unpadded rows: "
+                f"`{unpadded}`, weight gradient on torch)")
+    if unpadded and unpadded != "torch":
+        return f"forward and input gradient on `{unpadded}`, weight gradient on torch"
+    return "`torch._grouped_mm`"
 
 
 def _per_op_table(r: dict) -> list[str]:

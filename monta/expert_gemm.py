@@ -53,6 +53,10 @@ DEFAULT = "default"
 # stays on torch: no sm90 weight-gradient config made the FFN faster
 # (bench/results/gpu_grouped_gemm_wgrad.json).
 SM90_DEFAULT_CONFIG = "128x256_c1x2"
+# On tile-aligned expert rows (monta/dispatch/padded_order.py) all three GEMMs run on this
+# config's aligned instances (monta/csrc/sm90_aligned_gemm.cuh): one TMA descriptor per operand
+# for all experts instead of one per expert.
+SM90_ALIGNED_CONFIG = "128x256_c1x1"
 ROWS_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 4, 4))
 WGRAD_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 3, 4))
 TUNING_ROUNDS = 8
@@ -84,26 +88,35 @@ def _wgrad_torch(x, dy, row_ends, like):
     return torch._grouped_mm(dy.t(), x, offs=row_ends).transpose(1, 2)  # stored [E, N, K]
 
 
+def _aligned(config, row_ends) -> bool:
+    """Whether ``config``'s tile-aligned instance can run on ``row_ends``: padded ends carry
+    their ``alignment`` (monta/dispatch/padded_order.py), which the tile's rows must divide."""
+    alignment = getattr(row_ends, "alignment", None)
+    return (alignment is not None and config in sm90_gemm.built_configs(aligned=True)
+            and alignment % sm90_gemm.row_alignment(config) == 0)
+
+
 def _run(op, candidate, args):
+    config = _sm90_config(candidate)
     if op == "rows":
         a, b, row_ends = args
         if candidate == TORCH:
             return _rows_torch(a, b, row_ends)
-        if _sm90_config(candidate) is not None:
-            return sm90_gemm.rows(a, b, row_ends, _sm90_config(candidate))
+        if config is not None:
+            return sm90_gemm.rows(a, b, row_ends, config, aligned=_aligned(config, row_ends))
         return grouped_gemm.rows(a, b, row_ends, candidate)
     x, dy, row_ends, like = args
     if candidate == TORCH:
         return _wgrad_torch(x, dy, row_ends, like)
-    if _sm90_config(candidate) is not None:
-        return sm90_gemm.wgrad(x, dy, row_ends, _sm90_config(candidate), like)
+    if config is not None:
+        return sm90_gemm.wgrad(x, dy, row_ends, config, like, aligned=_aligned(config, row_ends))
     out = torch.empty_strided(like.shape, like.stride(), device=like.device, dtype=like.dtype)
     return grouped_gemm.wgrad(x, dy, row_ends, out, candidate)
 
 
-def _key(op, first, weight_like, rows, pinned):
+def _key(op, first, weight_like, rows, pinned, alignment=None):
     return (op, first.device.index, first.dtype, tuple(weight_like.shape),
-            weight_like.stride(2) == 1, 1 << max(rows - 1, 0).bit_length(), pinned)
+            weight_like.stride(2) == 1, 1 << max(rows - 1, 0).bit_length(), alignment, pinned)
 
 
 def _candidates(op, pinned, triton=True, sm90=False):
@@ -169,20 +182,45 @@ def _tune(op, key, args, triton=True, sm90=False):
     return best
 
 
-def _pin(first) -> str:
+def _pin(first, row_ends=None) -> str:
     pinned = os.environ.get("MONTA_GROUPED_GEMM", DEFAULT)
     if pinned == DEFAULT:
+        if row_ends is not None and _aligned(SM90_ALIGNED_CONFIG, row_ends) \
+                and sm90_gemm.available(first):
+            return f"{SM90}{SM90_ALIGNED_CONFIG},{SM90_ALIGNED_CONFIG}"
         built = sm90_gemm.available(first) and SM90_DEFAULT_CONFIG in sm90_gemm.built_configs()
         return SM90 + SM90_DEFAULT_CONFIG if built else TORCH
     return pinned
 
 
+def row_alignment(t: torch.Tensor) -> int | None:
+    """The row alignment at which the experts' GEMMs on tensors like ``t`` run faster, under
+    ``MONTA_GROUPED_GEMM``: the aligned config's tile rows by default (or a pinned sm90
+    config's, if its aligned instances are built) on a Hopper with the library built; None
+    where padding would buy nothing (CPU, other GPUs, torch or tuned kernels).
+    ``MONTA_EXPERT_ROW_ALIGNMENT`` overrides it: 0 never pads, N pads to N anywhere (tests
+    run the padded path on CPU so)."""
+    forced = os.environ.get("MONTA_EXPERT_ROW_ALIGNMENT")
+    if forced is not None:
+        if not forced.isdigit():
+            raise ValueError(f"MONTA_EXPERT_ROW_ALIGNMENT must be a row count >= 0, got {forced!r}")
+        return int(forced) or None
+    if not sm90_gemm.available(t):
+        return None
+    pinned = os.environ.get("MONTA_GROUPED_GEMM", DEFAULT)
+    config = SM90_ALIGNED_CONFIG if pinned == DEFAULT else _sm90_config(pinned)
+    config = config.split(",")[0] if config else None
+    if config not in sm90_gemm.built_configs(aligned=True):
+        return None
+    return sm90_gemm.row_alignment(config)
+
+
 def _tuned(op, args, weight_like, rows):
     first = args[0]
-    pinned = _pin(first)
+    pinned = _pin(first, args[2])
     if pinned == TORCH or not first.is_cuda or rows == 0:
         return _run(op, TORCH, args)
-    key = _key(op, first, weight_like, rows, pinned)
+    key = _key(op, first, weight_like, rows, pinned, getattr(args[2], "alignment", None))
     candidate = _chosen.get(key)
     if candidate is None:
         if torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA graph capture
@@ -193,8 +231,8 @@ def _tuned(op, args, weight_like, rows):
 
 
 def choices() -> dict:
-    """What tuning picked so far: {(op, device, dtype, weight shape, row-major, rows, pin):
-    kernel}."""
+    """What tuning picked so far: {(op, device, dtype, weight shape, row-major, rows,
+    row alignment, pin): kernel}."""
     return dict(_chosen)
 
 
@@ -206,11 +244,15 @@ class GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, row_ends):
         ctx.save_for_backward(x, w, row_ends)
+        ctx.alignment = getattr(row_ends, "alignment", None)
         return _tuned("rows", (x, w, row_ends), w, x.size(0))
 
     @staticmethod
     def backward(ctx, dy):
         x, w, row_ends = ctx.saved_tensors
+        if ctx.alignment is not None:  # a saved tensor comes back without Python attributes
+            row_ends = row_ends.view_as(row_ends)
+            row_ends.alignment = ctx.alignment
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:

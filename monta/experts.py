@@ -76,7 +76,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor
     """``out[rows of expert e] = x[rows of expert e] @ w[e]``; rows are grouped by expert.
 
     Args:
-        x: [n, K], rows sorted by expert (expert 0's first), n = sum(tokens_per_expert).
+        x: [n, K], rows sorted by expert (expert 0's first), n = sum(tokens_per_expert); or
+            each expert's rows starting at a multiple of an alignment, when
+            ``tokens_per_expert.row_ends`` holds such padded ends (monta/dispatch/
+            padded_order.py), n then a capacity past the last end.
         w: [E, K, N].
         tokens_per_expert: [E] integer counts (host or device; zeros allowed).
         offsets: :func:`expert_offsets` of the counts, if the caller already has it.
@@ -88,9 +91,22 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor
         if offsets is None:
             offsets = expert_offsets(tokens_per_expert, x.device)
         return expert_gemm.grouped_mm(x, w, offsets)
-    counts = torch.as_tensor(tokens_per_expert).tolist()  # host ints: a sync if on a GPU
-    pieces = torch.split(x, counts)
-    return torch.cat([piece @ w[e] for e, piece in enumerate(pieces)])
+    padded_ends = _padded_ends(tokens_per_expert)
+    if padded_ends is not None:  # rows padded per expert (monta/dispatch/padded_order.py)
+        ends = padded_ends.tolist()
+        counts = [b - a for a, b in zip([0, *ends], ends)]
+    else:
+        counts = torch.as_tensor(tokens_per_expert).tolist()  # host ints: a sync if on a GPU
+    used = sum(counts)
+    out = torch.cat([piece @ w[e] for e, piece in enumerate(torch.split(x[:used], counts))])
+    if used < x.size(0):  # rows past the padded ends: never read, zero here
+        out = torch.cat([out, out.new_zeros(x.size(0) - used, out.size(1))])
+    return out
+
+
+def _padded_ends(tokens_per_expert) -> torch.Tensor | None:
+    ends = getattr(tokens_per_expert, "row_ends", None)
+    return ends if getattr(ends, "alignment", None) else None
 
 
 @contextlib.contextmanager

@@ -32,12 +32,26 @@ CONFIGS = {
 }
 # Instances per config: row-grouped with B stored row- or column-major, and the weight gradient.
 KINDS = ("row", "col", "wgrad")
+# The same three on tile-aligned expert rows (monta/csrc/sm90_aligned_gemm.cuh), for cooperative
+# configs whose clusters are 1 along M (a 2x1 cluster's two row tiles could belong to two
+# experts; CUTLASS's ping-pong kernel gives every tile the whole reduction).
+ALIGNED_KINDS = ("aligned_row", "aligned_col", "aligned_wgrad")
+# Row tiles per band of the aligned kernels' tile order (see ExpertTileScheduler::place).
+BAND_M = int(os.environ.get("MONTA_SM90_BAND_M", 8))
+
+
+def has_aligned(config: str) -> bool:
+    """Whether ``config`` gets tile-aligned instances (see :data:`ALIGNED_KINDS`)."""
+    _, _, _, cluster_m, _, pingpong = CONFIGS[config]
+    return cluster_m == 1 and not pingpong
 LIBRARY = Path(__file__).resolve().parent / "_build" / "libmonta_sm90_gemm.so"
 ERRORS = {1: "workspace too small", 2: "more than 1024 groups", 3: "CUTLASS cannot implement",
-          4: "CUTLASS initialize failed", 5: "CUTLASS run failed", 6: "CUDA launch error"}
+          4: "CUTLASS initialize failed", 5: "CUTLASS run failed", 6: "CUDA launch error",
+          7: "the kernel asks for a workspace"}
 
 _library = None
 _built: tuple = ()
+_aligned_built: tuple = ()
 
 
 def symbol(config: str, kind: str) -> str:
@@ -47,33 +61,49 @@ def symbol(config: str, kind: str) -> str:
 def _load():
     """The library (None when it is not built); also notes which configs it holds (a build may
     hold a subset: ``tools/build_sm90_kernels.py --configs``)."""
-    global _library, _built
+    global _library, _built, _aligned_built
     if _library is None:
         path = Path(os.environ.get("MONTA_SM90_GEMM_LIBRARY", LIBRARY))
         _library = False
         if path.exists():
             library = ctypes.CDLL(str(path))
-            built = []
-            for config in CONFIGS:
-                names = [symbol(config, kind) for kind in KINDS]
-                if not all(hasattr(library, f"{name}_run") for name in names):
-                    continue
-                for name in names:
-                    getattr(library, f"{name}_workspace").restype = ctypes.c_int64
-                    getattr(library, f"{name}_workspace").argtypes = [ctypes.c_int]
-                    run = getattr(library, f"{name}_run")
-                    run.restype = ctypes.c_int
-                    run.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 \
-                        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-                built.append(config)
-            _library, _built = library, tuple(built)
+            _built = tuple(c for c in CONFIGS if _bind(library, c, KINDS, aligned=False))
+            _aligned_built = tuple(c for c in CONFIGS
+                                   if has_aligned(c) and _bind(library, c, ALIGNED_KINDS, True))
+            _library = library
     return _library or None
 
 
-def built_configs() -> tuple:
-    """The configs of :data:`CONFIGS` the library holds (empty when it is not built)."""
+def _bind(library, config: str, kinds, aligned: bool) -> bool:
+    """Declare the C signatures of ``config``'s instances of ``kinds``; False if any is absent."""
+    names = [symbol(config, kind) for kind in kinds]
+    if not all(hasattr(library, f"{name}_run") for name in names):
+        return False
+    for name in names:
+        run = getattr(library, f"{name}_run")
+        run.restype = ctypes.c_int
+        if aligned:  # a, b, d, ends, groups, capacity, dim0, dim1, band, stream
+            run.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
+        else:  # a, b, d, ends, groups, dim0, dim1, workspace, workspace bytes, stream
+            getattr(library, f"{name}_workspace").restype = ctypes.c_int64
+            getattr(library, f"{name}_workspace").argtypes = [ctypes.c_int]
+            run.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 \
+                + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    return True
+
+
+def built_configs(aligned: bool = False) -> tuple:
+    """The configs of :data:`CONFIGS` the library holds (empty when it is not built); with
+    ``aligned``, those whose tile-aligned instances it holds."""
     _load()
-    return _built
+    return _aligned_built if aligned else _built
+
+
+def row_alignment(config: str) -> int:
+    """Rows per tile of ``config``: each expert's rows must start at a multiple of it for the
+    aligned instances (and at a multiple of the tile's K, which divides it, in the weight
+    gradient)."""
+    return CONFIGS[config][0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,35 +139,38 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
 
 
 def rows(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor, config: str,
-         out: torch.Tensor | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, aligned: bool = False) -> torch.Tensor:
     """``out[rows_e] = a[rows_e] @ b[e]``, like ``torch._grouped_mm(a, b, offs=row_ends)``:
     ``a`` [n, K] bf16, ``b`` [E, K, N] in either orientation, ``row_ends`` int32 [E] on the
     device, ``out`` (optional) a contiguous [n, N] bf16 tensor to write. Rows past
-    ``row_ends[-1]`` are left unwritten, as torch leaves them."""
+    ``row_ends[-1]`` are left unwritten, as torch leaves them. ``aligned``: the tile-aligned
+    instance; every entry of ``row_ends`` must then be a multiple of :func:`row_alignment`
+    (read on the device, so not checked here)."""
     library = _load()
     b, column_major = _packed(b)
     experts, k, n = b.shape
-    _check(config, k, n)
+    _check(config, k, n, aligned=aligned)
     a = _row_major(a)
     if out is None:
         out = torch.empty(a.size(0), n, device=a.device, dtype=a.dtype)
     elif out.shape != (a.size(0), n) or not out.is_contiguous() or out.dtype != a.dtype:
         raise ValueError(f"out must be a contiguous {a.dtype} [{a.size(0)}, {n}] tensor, "
                          f"got {out.dtype} {list(out.shape)}")
-    _call(library, symbol(config, "col" if column_major else "row"), a, b, out, row_ends,
-          experts, n, k)
+    kind = ("aligned_" if aligned else "") + ("col" if column_major else "row")
+    _call(library, symbol(config, kind), a, b, out, row_ends, experts, n, k, aligned)
     return out
 
 
 def wgrad(x: torch.Tensor, dy: torch.Tensor, row_ends: torch.Tensor, config: str,
-          like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+          like: torch.Tensor, out: torch.Tensor | None = None,
+          aligned: bool = False) -> torch.Tensor:
     """``dw[e] = x[rows_e]ᵀ @ dy[rows_e]`` (the weight gradient of :func:`rows`' forward):
     ``x`` [n, K], ``dy`` [n, N] bf16; the result (``out`` if given) has ``like``'s shape
     [E, K, N] and strides (``like`` stored [E, K, N] or [E, N, K]). An expert with no rows gets
-    zeros."""
+    zeros. ``aligned`` as in :func:`rows`."""
     library = _load()
     experts, k, n = like.shape
-    _check(config, k, n)
+    _check(config, k, n, aligned=aligned)
     column_major = _column_major(like)
     if column_major is None:
         raise ValueError(f"weights must be packed [E, K, N] or [E, N, K], got strides "
@@ -147,19 +180,22 @@ def wgrad(x: torch.Tensor, dy: torch.Tensor, row_ends: torch.Tensor, config: str
     if out.shape != like.shape or out.stride() != like.stride() or out.dtype != x.dtype:
         raise ValueError("out must have like's shape, strides and x's dtype")
     x, dy = _row_major(x), _row_major(dy)
+    name = symbol(config, "aligned_wgrad" if aligned else "wgrad")
     if column_major:  # stored [E, N, K]: dw[e]ᵀ = dyᵀ x
-        _call(library, symbol(config, "wgrad"), dy, x, out, row_ends, experts, n, k)
+        _call(library, name, dy, x, out, row_ends, experts, n, k, aligned)
     else:  # stored [E, K, N]: dw[e] = xᵀ dy
-        _call(library, symbol(config, "wgrad"), x, dy, out, row_ends, experts, k, n)
+        _call(library, name, x, dy, out, row_ends, experts, k, n, aligned)
     return out
 
 
-def _check(config: str, *dims: int):
+def _check(config: str, *dims: int, aligned: bool = False):
     if any(d % 8 for d in dims):  # 16-byte rows for TMA, as torch._grouped_mm requires too
         raise ValueError(f"sm90 grouped GEMM needs dims divisible by 8 (bf16), got {dims}")
-    if config not in _built:
-        raise ValueError(f"sm90 grouped-GEMM config {config!r} is not in the library "
-                         f"(built: {', '.join(_built) or 'none'}; tools/build_sm90_kernels.py)")
+    built = built_configs(aligned)
+    if config not in built:
+        what = "tile-aligned instances of " if aligned else ""
+        raise ValueError(f"sm90 grouped-GEMM {what}config {config!r} is not in the library "
+                         f"(built: {', '.join(built) or 'none'}; tools/build_sm90_kernels.py)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,14 +205,19 @@ def _workspace_bytes(name: str, groups: int, device: int) -> int:
     return getattr(_load(), f"{name}_workspace")(groups)
 
 
-def _call(library, name, a, b, out, row_ends, groups, dim0, dim1):
+def _call(library, name, a, b, out, row_ends, groups, dim0, dim1, aligned=False):
     if row_ends.dtype != torch.int32:
         row_ends = row_ends.to(torch.int32)
-    workspace = torch.empty(_workspace_bytes(name, groups, torch.cuda.current_device()),
-                            device=a.device, dtype=torch.uint8)
-    status = getattr(library, f"{name}_run")(
-        a.data_ptr(), b.data_ptr(), out.data_ptr(), row_ends.data_ptr(), groups, dim0, dim1,
-        workspace.data_ptr(), workspace.numel(), torch.cuda.current_stream(a.device).cuda_stream)
+    stream = torch.cuda.current_stream(a.device).cuda_stream
+    pointers = (a.data_ptr(), b.data_ptr(), out.data_ptr(), row_ends.data_ptr())
+    if aligned:  # the row capacity: a's rows (rows kind) or the reduction's (weight gradient)
+        status = getattr(library, f"{name}_run")(*pointers, groups, a.size(0), dim0, dim1,
+                                                 BAND_M, stream)
+    else:
+        workspace = torch.empty(_workspace_bytes(name, groups, torch.cuda.current_device()),
+                                device=a.device, dtype=torch.uint8)
+        status = getattr(library, f"{name}_run")(*pointers, groups, dim0, dim1,
+                                                 workspace.data_ptr(), workspace.numel(), stream)
     if status:
         raise RuntimeError(f"MoNTA sm90 grouped GEMM {name} ({groups} groups, dims {dim0}x{dim1},"
                            f" A {list(a.shape)}): {ERRORS.get(status, status)}")

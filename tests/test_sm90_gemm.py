@@ -14,11 +14,20 @@ def no_library(monkeypatch, tmp_path):
     monkeypatch.setenv("MONTA_SM90_GEMM_LIBRARY", str(tmp_path / "absent.so"))
     monkeypatch.setattr(sm90_gemm, "_library", None)
     monkeypatch.setattr(sm90_gemm, "_built", ())
+    monkeypatch.setattr(sm90_gemm, "_aligned_built", ())
 
 
 def test_without_the_library_nothing_is_available(no_library):
-    assert sm90_gemm.built_configs() == ()
+    assert sm90_gemm.built_configs() == () == sm90_gemm.built_configs(aligned=True)
     assert not sm90_gemm.available(torch.empty(1, dtype=torch.bfloat16))
+
+
+def test_aligned_instances_exist_for_cooperative_configs_without_m_clusters():
+    """A 2x1 cluster's two row tiles may belong to two experts, and CUTLASS's ping-pong kernel
+    gives every tile the whole reduction (no per-expert K range for the weight gradient)."""
+    assert {c for c in sm90_gemm.CONFIGS if sm90_gemm.has_aligned(c)} == {
+        "128x256_c1x2", "128x128_c1x2", "128x256_c1x1"}
+    assert [sm90_gemm.row_alignment(c) for c in ("128x256_c1x1", "64x256_pp_c1x1")] == [128, 64]
 
 
 def test_asking_for_an_unbuilt_config_names_the_build_tool(no_library):
@@ -26,6 +35,13 @@ def test_asking_for_an_unbuilt_config_names_the_build_tool(no_library):
     with pytest.raises(ValueError, match="build_sm90_kernels"):
         sm90_gemm.rows(a, torch.empty(2, 8, 8, dtype=torch.bfloat16),
                        torch.tensor([2, 4], dtype=torch.int32), "128x256_c1x2")
+
+
+def test_asking_for_unbuilt_aligned_instances_says_so(no_library):
+    a = torch.empty(256, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="tile-aligned instances of config '128x256_c1x1'"):
+        sm90_gemm.rows(a, torch.empty(2, 8, 8, dtype=torch.bfloat16),
+                       torch.tensor([128, 256], dtype=torch.int32), "128x256_c1x1", aligned=True)
 
 
 def test_dims_that_break_16_byte_rows_are_refused_before_any_launch(no_library):

@@ -27,6 +27,7 @@ from monta.expert_gemm import SM90_DEFAULT_CONFIG  # noqa: E402
 TOOLCHAIN = ["nvidia-cuda-nvcc==13.0.88", "nvidia-nvvm==13.0.88", "nvidia-cuda-runtime==13.0.96",
              "nvidia-cuda-crt==13.0.88", "nvidia-cuda-cccl==13.0.85", "nvidia-cutlass==4.2.0.0"]
 SOURCE = ROOT / "monta" / "csrc" / "sm90_grouped_gemm.cuh"
+ALIGNED_SOURCE = ROOT / "monta" / "csrc" / "sm90_aligned_gemm.cuh"
 ARCH = "-gencode=arch=compute_90a,code=sm_90a"  # sm_90a: wgmma and setmaxnreg need the "a"
 FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", ARCH, "-Xcompiler", "-fPIC"]
 
@@ -45,11 +46,25 @@ def install_toolchain(target: Path) -> tuple[Path, Path]:
     return cuda / "bin" / "nvcc", target / "cutlass_library" / "source"
 
 
+def source_of(kind: str) -> Path:
+    return ALIGNED_SOURCE if kind in sm90_gemm.ALIGNED_KINDS else SOURCE
+
+
 def instance_source(config: str, kind: str) -> str:
     tm, tn, tk, cm, cn, pingpong = sm90_gemm.CONFIGS[config]
-    return (f'#include "{SOURCE.name}"\n'
-            f"MONTA_GROUPED_GEMM_INSTANCE({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, "
-            f"{tk}, {cm}, {cn}, {str(pingpong).lower()}, {kind})\n")
+    aligned = kind in sm90_gemm.ALIGNED_KINDS
+    macro = "MONTA_ALIGNED_GEMM_INSTANCE" if aligned else "MONTA_GROUPED_GEMM_INSTANCE"
+    base_kind = kind.removeprefix("aligned_")
+    return (f'#include "{source_of(kind).name}"\n'
+            f"{macro}({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, "
+            f"{tk}, {cm}, {cn}, {str(pingpong).lower()}, {base_kind})\n")
+
+
+def instances(configs) -> list:
+    """(config, kind) pairs to compile: every kind of each config, and the tile-aligned kinds
+    of those that have them (monta.sm90_gemm.has_aligned)."""
+    return [(c, kind) for c in configs for kind in sm90_gemm.KINDS] + [
+        (c, kind) for c in configs if sm90_gemm.has_aligned(c) for kind in sm90_gemm.ALIGNED_KINDS]
 
 
 def main(argv=None) -> int:
@@ -87,7 +102,7 @@ def main(argv=None) -> int:
         stem = args.build_dir / sm90_gemm.symbol(config, kind)
         source, obj = stem.with_suffix(".cu"), stem.with_suffix(".o")
         text = instance_source(config, kind)
-        newer = obj.exists() and obj.stat().st_mtime > SOURCE.stat().st_mtime
+        newer = obj.exists() and obj.stat().st_mtime > source_of(kind).stat().st_mtime
         if newer and source.exists() and source.read_text() == text:
             return obj
         source.write_text(text)
@@ -96,7 +111,7 @@ def main(argv=None) -> int:
         print(f"compiled {obj.name}", flush=True)
         return obj
 
-    pairs = [(c, kind) for c in configs for kind in sm90_gemm.KINDS]
+    pairs = instances(configs)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         objects = list(pool.map(compile_one, pairs))
     args.out.parent.mkdir(parents=True, exist_ok=True)

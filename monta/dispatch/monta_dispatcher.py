@@ -33,10 +33,11 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from monta import comm
+from monta import comm, expert_gemm
 from monta.dispatch import hops
 from monta.dispatch.autotune import CHUNK_OPTIONS, DispatchTuner
 from monta.dispatch.counted_alltoall import CountedAlltoAllTokenDispatcher
+from monta.dispatch.padded_order import pad_expert_order
 from monta.dispatch.permute import ExpandToExperts, GatherFlat, SumFromExperts
 from monta.dispatch.plan import (
     ExpertLayout,
@@ -149,6 +150,9 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
             raise ValueError(f"ds_tp dispatch needs expert-TP size 1 or equal to TP "
                              f"({self.attn_tp_size}), got {self.tp_size}")
         self.layer_number = None
+        # whether the experts take rows padded per expert (set by MoNTAMoELayer for
+        # MoNTAGroupedMLP; monta/dispatch/padded_order.py)
+        self.pad_expert_rows = False
 
     @property
     def layer_number(self):
@@ -261,6 +265,10 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
             self.order = order = order_by_local_expert(self.rows_mask, self.local_expert_indices)
             permuted_probs = rows_probs[order.rows, order.experts]
         if order.inverse is not None:  # gathers both ways instead of scatters (permute.py)
+            alignment = expert_gemm.row_alignment(rows_x) if self.pad_expert_rows else None
+            if alignment and alignment > 1:
+                order, permuted_probs = pad_expert_order(order, permuted_probs, alignment)
+                self.order = order
             permuted = ExpandToExperts.apply(rows_x, order.rows, order.inverse, order.topk)
         else:
             permuted = rows_x[order.rows]

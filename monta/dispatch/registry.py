@@ -16,6 +16,7 @@ from monta.dispatch.counted_alltoall import CountedAlltoAllTokenDispatcher
 from monta.dispatch.monta_dispatcher import DSTPTokenDispatcher, MoNTATokenDispatcher
 from monta.dispatch.pipelined import PipelinedMoE
 from monta.dispatch.stats import timed
+from monta.experts import MoNTAGroupedMLP
 from monta.router import MoNTATopKRouter
 from monta.training.watchdog import PHASE
 
@@ -57,6 +58,9 @@ class MoNTAMoELayer(MoELayer):
             pg_collection=pg_collection,
         )
         self.token_dispatcher.layer_number = layer_number
+        if isinstance(self.token_dispatcher, MoNTATokenDispatcher):
+            # MoNTA's grouped experts read rows by their padded ends; others by the counts
+            self.token_dispatcher.pad_expert_rows = isinstance(self.experts, MoNTAGroupedMLP)
         if isinstance(self.router, MoNTATopKRouter):
             # routing straight into the expert order (monta/router.py); not under megatron's
             # CUDA graphs, which capture the router and the dispatch as separate pieces

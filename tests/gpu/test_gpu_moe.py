@@ -466,3 +466,56 @@ def test_sm90_grouped_gemm_configs_match_fp64(nccl_world_of_one, layout):
                 assert torch.count_nonzero(dw[e]) == 0, (config, e)
             else:
                 assert _rel_err(dw[e], x[a:b].double().t() @ dy[a:b].double()) < 1e-2, (config, e)
+
+
+def _padded(counts: torch.Tensor, alignment: int, *tensors: torch.Tensor):
+    """Each expert's rows moved to start at a multiple of ``alignment`` (monta/dispatch/
+    padded_order.py): (padded int32 ends, positions of the real rows, the tensors laid out so,
+    pad rows random for the first tensor, zero for the others, rows past the ends NaN)."""
+    padded = (counts + alignment - 1) // alignment * alignment
+    shift = (torch.cumsum(padded, 0) - padded) - (torch.cumsum(counts, 0) - counts)
+    n = int(counts.sum())
+    position = torch.arange(n, device="cuda") + torch.repeat_interleave(shift, counts)
+    capacity = n + counts.numel() * (alignment - 1) + 5  # a few rows past the worst case
+    end = int(padded.sum())
+    laid = []
+    for i, t in enumerate(tensors):
+        out = torch.randn(capacity, t.size(1), device="cuda").to(t.dtype) if i == 0 else \
+            torch.zeros(capacity, t.size(1), device="cuda", dtype=t.dtype)
+        out[end:] = float("nan")
+        laid.append(out.index_copy_(0, position, t))
+    return torch.cumsum(padded, 0, dtype=torch.int32), position, laid
+
+
+@pytest.mark.parametrize("layout", ["row", "col"])
+def test_sm90_aligned_gemm_configs_match_fp64(nccl_world_of_one, layout):
+    """monta/csrc/sm90_aligned_gemm.cuh: every tile-aligned config on the uneven experts of
+    the test above laid out with each expert's rows starting at a multiple of the config's
+    tile rows; real rows against fp64 loops, the weight gradient zero for empty experts and
+    untouched by pad rows whose gradient is zero, NaN rows past the padded ends never read."""
+    from monta import sm90_gemm
+
+    probe = torch.empty(1, device="cuda", dtype=torch.bfloat16)
+    if not sm90_gemm.available(probe) or not sm90_gemm.built_configs(aligned=True):
+        pytest.skip("sm90 aligned grouped-GEMM kernels not built or not a Hopper GPU")
+    counts, _, x, dy, w = _uneven_experts_problem(layout, seed=2)
+    want = torch.cat(_loop_reference(x, w, counts))
+    want_dx = torch.cat(_loop_reference(dy, w.transpose(1, 2), counts))
+    starts = [0, *torch.cumsum(counts, 0).tolist()]
+    for config in sm90_gemm.built_configs(aligned=True):
+        ends, position, (xp, dyp) = _padded(counts, sm90_gemm.row_alignment(config), x, dy)
+        out = sm90_gemm.rows(xp, w, ends, config, aligned=True,
+                             out=torch.full((xp.size(0), w.size(2)), float("nan"),
+                                            device="cuda", dtype=x.dtype))
+        assert _rel_err(out[position], want) < 1e-2, config
+        assert not out[:int(ends[-1])].isnan().any(), config  # pad rows written too
+        dx = sm90_gemm.rows(dyp, w.transpose(1, 2), ends, config, aligned=True)
+        assert _rel_err(dx[position], want_dx) < 1e-2, config
+        dw = sm90_gemm.wgrad(xp, dyp, ends, config, w, out=torch.full_like(w, float("nan")),
+                             aligned=True)
+        assert dw.shape == w.shape and dw.stride() == w.stride()
+        for e, (a, b) in enumerate(zip(starts, starts[1:])):
+            if a == b:
+                assert torch.count_nonzero(dw[e]) == 0, (config, e)
+            else:
+                assert _rel_err(dw[e], x[a:b].double().t() @ dy[a:b].double()) < 1e-2, (config, e)

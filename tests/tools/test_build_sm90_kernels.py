@@ -30,6 +30,25 @@ def test_each_instance_exports_the_symbols_the_loader_looks_up():
             assert f"#define MONTA_{macro}_{kind} " in header
 
 
+def test_aligned_instances_use_their_header_for_the_configs_that_have_them():
+    header = build_sm90_kernels.ALIGNED_SOURCE.read_text()
+    assert "#define MONTA_ALIGNED_GEMM_INSTANCE" in header
+    pairs = build_sm90_kernels.instances(sm90_gemm.CONFIGS)
+    aligned = {(c, k) for c, k in pairs if k in sm90_gemm.ALIGNED_KINDS}
+    assert aligned == {(c, k) for c in sm90_gemm.CONFIGS if sm90_gemm.has_aligned(c)
+                       for k in sm90_gemm.ALIGNED_KINDS}
+    assert len(pairs) == len(set(pairs)) == 3 * len(sm90_gemm.CONFIGS) + len(aligned)
+    for config, kind in aligned:
+        tm, tn, tk, cm, cn, pingpong = sm90_gemm.CONFIGS[config]
+        base = kind.removeprefix("aligned_")
+        text = build_sm90_kernels.instance_source(config, kind)
+        assert text.startswith('#include "sm90_aligned_gemm.cuh"')
+        assert f"MONTA_ALIGNED_GEMM_INSTANCE({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, " \
+               f"{tk}, {cm}, {cn}, {str(pingpong).lower()}, {base})" in text
+        for macro in ("K_GROUPED", "B_COLUMN_MAJOR"):
+            assert f"#define MONTA_{macro}_{base} " in header
+
+
 def test_an_unknown_config_is_refused_before_anything_is_installed(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_sm90_kernels.main(["--configs", "128x256_c1x2,256x512"])
@@ -40,13 +59,15 @@ def test_an_unknown_config_is_refused_before_anything_is_installed(capsys):
 @pytest.mark.slow
 def test_building_one_config_gives_a_library_the_loader_accepts(tmp_path):
     """Installs the pinned CUDA 13.0 compiler wheels and CUTLASS headers from the registry (once,
-    into build/sm90-toolchain), compiles 128x256_c1x2's three instances, loads the result."""
+    into build/sm90-toolchain), compiles 128x256_c1x2's six instances (three grouped, three
+    tile-aligned), loads the result."""
     library = tmp_path / "libmonta_sm90_gemm.so"
     subprocess.run([sys.executable, str(ROOT / "tools" / "build_sm90_kernels.py"), "--configs",
                     "128x256_c1x2", "--build-dir", str(tmp_path / "objects"), "--out",
                     str(library)], check=True, timeout=840)
     probe = (f"import os; os.environ['MONTA_SM90_GEMM_LIBRARY'] = {str(library)!r}; "
-             "from monta import sm90_gemm; print(sm90_gemm.built_configs())")
+             "from monta import sm90_gemm; "
+             "print(sm90_gemm.built_configs(), sm90_gemm.built_configs(aligned=True))")
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
                          text=True, cwd=ROOT, timeout=60).stdout
-    assert out.strip() == "('128x256_c1x2',)"
+    assert out.strip() == "('128x256_c1x2',) ('128x256_c1x2',)"
