@@ -205,6 +205,11 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
             del variants["grouped_torch"]
         flops = 2 * n * kk * nn
         row = {"K": kk, "N": nn, "flops": flops, "grouped_kernel": fast}
+        if fast:  # MoNTA's result on its rows, against torch's
+            got = variants["grouped"]()
+            got = got if padded is None else got[padded[3]]
+            want = variants["grouped_torch"]().float()
+            row["grouped_rel_err"] = ((got.float() - want).norm() / want.norm()).item()
         for name, fn in variants.items():
             t = timer(fn, warmup=5, reps=20)
             row[name] = {**t, "tflops": tflops(flops, t["median_ms"])}

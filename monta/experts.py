@@ -63,8 +63,11 @@ def expert_offsets(tokens_per_expert: torch.Tensor, device: torch.device) -> tor
     monta/dispatch/routed_order.py): one launch fewer before the first GEMM.
     """
     row_ends = getattr(tokens_per_expert, "row_ends", None)
-    if row_ends is not None and row_ends.device == device:
-        return row_ends
+    if row_ends is not None:  # may be padded (monta/dispatch/padded_order.py): never recount
+        moved = row_ends.to(device)  # itself when already there ("cuda" is "cuda:0")
+        if moved is not row_ends and hasattr(row_ends, "alignment"):
+            moved.alignment = row_ends.alignment
+        return moved
     offsets = torch.cumsum(torch.as_tensor(tokens_per_expert), 0, dtype=torch.int32)
     if offsets.device.type == "cpu" and device.type == "cuda":
         offsets = offsets.pin_memory().to(device, non_blocking=True)

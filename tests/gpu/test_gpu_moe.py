@@ -472,19 +472,19 @@ def _padded(counts: torch.Tensor, alignment: int, *tensors: torch.Tensor):
     """Each expert's rows moved to start at a multiple of ``alignment`` (monta/dispatch/
     padded_order.py): (padded int32 ends, positions of the real rows, the tensors laid out so,
     pad rows random for the first tensor, zero for the others, rows past the ends NaN)."""
-    padded = (counts + alignment - 1) // alignment * alignment
-    shift = (torch.cumsum(padded, 0) - padded) - (torch.cumsum(counts, 0) - counts)
-    n = int(counts.sum())
-    position = torch.arange(n, device="cuda") + torch.repeat_interleave(shift, counts)
-    capacity = n + counts.numel() * (alignment - 1) + 5  # a few rows past the worst case
-    end = int(padded.sum())
+    from monta.dispatch.padded_order import padded_capacity, padded_positions
+
+    position, ends = padded_positions(counts, alignment)
+    # a few rows past the worst case
+    capacity = padded_capacity(int(counts.sum()), counts.numel(), alignment) + 5
+    end = int(ends[-1])
     laid = []
     for i, t in enumerate(tensors):
         out = torch.randn(capacity, t.size(1), device="cuda").to(t.dtype) if i == 0 else \
             torch.zeros(capacity, t.size(1), device="cuda", dtype=t.dtype)
         out[end:] = float("nan")
         laid.append(out.index_copy_(0, position, t))
-    return torch.cumsum(padded, 0, dtype=torch.int32), position, laid
+    return ends, position, laid
 
 
 @pytest.mark.parametrize("layout", ["row", "col"])
@@ -498,7 +498,14 @@ def test_sm90_aligned_gemm_configs_match_fp64(nccl_world_of_one, layout):
     probe = torch.empty(1, device="cuda", dtype=torch.bfloat16)
     if not sm90_gemm.available(probe) or not sm90_gemm.built_configs(aligned=True):
         pytest.skip("sm90 aligned grouped-GEMM kernels not built or not a Hopper GPU")
+    from monta.dispatch.padded_order import padded_positions
+    from monta.experts import expert_offsets
+
     counts, _, x, dy, w = _uneven_experts_problem(layout, seed=2)
+    padded_counts = counts.clone()
+    padded_counts.row_ends = padded_positions(counts, 128)[1]
+    # the padded ends reach the GEMMs whatever the caller calls the device ("cuda", "cuda:0")
+    assert expert_offsets(padded_counts, torch.device("cuda")) is padded_counts.row_ends
     want = torch.cat(_loop_reference(x, w, counts))
     want_dx = torch.cat(_loop_reference(dy, w.transpose(1, 2), counts))
     starts = [0, *torch.cumsum(counts, 0).tolist()]
