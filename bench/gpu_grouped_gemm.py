@@ -137,11 +137,13 @@ def _aligned_ops(x, w, dy, counts, config):
                                                   sm90_gemm.row_alignment(config))
     xp, dyp, ends = x[source], dy[source].masked_fill(pads.unsqueeze(1), 0), padded.row_ends
     real = lambda t: t[positions]  # noqa: E731
-    return {"fwd": (lambda: sm90_gemm.rows(xp, w, ends, config, aligned=True), real),
-            "dgrad": (lambda: sm90_gemm.rows(dyp, w.transpose(1, 2), ends, config, aligned=True),
-                      real),
-            "wgrad": (lambda: sm90_gemm.wgrad(xp, dyp, ends, config, w, aligned=True),
-                      lambda t: t)}
+    ops = {"fwd": (lambda: sm90_gemm.rows(xp, w, ends, config, aligned=True), real),
+           "dgrad": (lambda: sm90_gemm.rows(dyp, w.transpose(1, 2), ends, config, aligned=True),
+                     real)}
+    if sm90_gemm.aligned_wgrad_built(config):
+        ops["wgrad"] = (lambda: sm90_gemm.wgrad(xp, dyp, ends, config, w, aligned=True),
+                        lambda t: t)
+    return ops
 
 
 def bench_projection(x, w, dy, ends, timer, flops, kernels, counts=None) -> dict:
@@ -294,8 +296,11 @@ def bench_ffn(shape, n, ends, device, timer, rounds: int = 4, reps: int = 5,
         xp = x.detach()[source].requires_grad_(True)
         padded_x.append(xp)
         pp, gp = probs[source].masked_fill(pads.unsqueeze(1), 0), grad[source]
+        # its own weight gradient if it has one, else the default aligned one
+        wgrad = config if sm90_gemm.aligned_wgrad_built(config) else \
+            expert_gemm.SM90_ALIGNED_CONFIGS[1]
         for layout, (w1, w2) in weights.items():
-            pin = f"{expert_gemm.SM90}{config},{config}"
+            pin = f"{expert_gemm.SM90}{config},{wgrad}"
             variants[f"aligned {config} {layout}"] = (pin, ffn(
                 lambda t, w=w1, e=padded.row_ends: expert_gemm.grouped_mm(t, w, e),
                 lambda t, w=w2, e=padded.row_ends: expert_gemm.grouped_mm(t, w, e),

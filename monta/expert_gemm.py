@@ -53,10 +53,14 @@ DEFAULT = "default"
 # stays on torch: no sm90 weight-gradient config made the FFN faster
 # (bench/results/gpu_grouped_gemm_wgrad.json).
 SM90_DEFAULT_CONFIG = "128x256_c1x2"
-# On tile-aligned expert rows (monta/dispatch/padded_order.py) all three GEMMs run on this
-# config's aligned instances (monta/csrc/sm90_aligned_gemm.cuh): one TMA descriptor per operand
-# for all experts instead of one per expert.
-SM90_ALIGNED_CONFIG = "128x256_c1x1"
+# On rows padded per expert (monta/dispatch/padded_order.py) the row GEMMs run on the first
+# config's tile-aligned instances and the weight gradient on the second's
+# (monta/csrc/sm90_aligned_gemm.cuh): one TMA descriptor per operand for all experts instead of
+# one per expert. 64-row tiles pad each expert by 32 rows on average, 128-row ones by 64.
+SM90_ALIGNED_CONFIGS = ("64x256_pp_c1x1", "128x256_c1x1")
+# Whether the dispatcher pads rows for them unless MONTA_EXPERT_ROW_ALIGNMENT says otherwise
+# (see row_alignment).
+PAD_ROWS_BY_DEFAULT = True
 ROWS_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 4, 4))
 WGRAD_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 3, 4))
 TUNING_ROUNDS = 8
@@ -88,12 +92,16 @@ def _wgrad_torch(x, dy, row_ends, like):
     return torch._grouped_mm(dy.t(), x, offs=row_ends).transpose(1, 2)  # stored [E, N, K]
 
 
-def _aligned(config, row_ends) -> bool:
-    """Whether ``config``'s tile-aligned instance can run on ``row_ends``: padded ends carry
-    their ``alignment`` (monta/dispatch/padded_order.py), which the tile's rows must divide."""
+def _aligned(config, row_ends, op="rows") -> bool:
+    """Whether ``config``'s tile-aligned instance of ``op`` can run on ``row_ends``: padded
+    ends carry their ``alignment`` (monta/dispatch/padded_order.py), which the tile's rows (row
+    GEMMs) or K (weight gradient) must divide."""
     alignment = getattr(row_ends, "alignment", None)
-    return (alignment is not None and config in sm90_gemm.built_configs(aligned=True)
-            and alignment % sm90_gemm.row_alignment(config) == 0)
+    if alignment is None or config not in sm90_gemm.built_configs(aligned=True):
+        return False
+    if op == "wgrad" and not sm90_gemm.aligned_wgrad_built(config):
+        return False
+    return alignment % sm90_gemm.row_alignment(config, op) == 0
 
 
 def _run(op, candidate, args):
@@ -109,7 +117,8 @@ def _run(op, candidate, args):
     if candidate == TORCH:
         return _wgrad_torch(x, dy, row_ends, like)
     if config is not None:
-        return sm90_gemm.wgrad(x, dy, row_ends, config, like, aligned=_aligned(config, row_ends))
+        return sm90_gemm.wgrad(x, dy, row_ends, config, like,
+                               aligned=_aligned(config, row_ends, "wgrad"))
     out = torch.empty_strided(like.shape, like.stride(), device=like.device, dtype=like.dtype)
     return grouped_gemm.wgrad(x, dy, row_ends, out, candidate)
 
@@ -185,30 +194,32 @@ def _tune(op, key, args, triton=True, sm90=False):
 def _pin(first, row_ends=None) -> str:
     pinned = os.environ.get("MONTA_GROUPED_GEMM", DEFAULT)
     if pinned == DEFAULT:
-        if row_ends is not None and _aligned(SM90_ALIGNED_CONFIG, row_ends) \
+        rows, wgrad = SM90_ALIGNED_CONFIGS
+        if _aligned(rows, row_ends) and _aligned(wgrad, row_ends, "wgrad") \
                 and sm90_gemm.available(first):
-            return f"{SM90}{SM90_ALIGNED_CONFIG},{SM90_ALIGNED_CONFIG}"
+            return f"{SM90}{rows},{wgrad}"
         built = sm90_gemm.available(first) and SM90_DEFAULT_CONFIG in sm90_gemm.built_configs()
         return SM90 + SM90_DEFAULT_CONFIG if built else TORCH
     return pinned
 
 
 def row_alignment(t: torch.Tensor) -> int | None:
-    """The row alignment at which the experts' GEMMs on tensors like ``t`` run faster, under
-    ``MONTA_GROUPED_GEMM``: the aligned config's tile rows by default (or a pinned sm90
-    config's, if its aligned instances are built) on a Hopper with the library built; None
-    where padding would buy nothing (CPU, other GPUs, torch or tuned kernels).
-    ``MONTA_EXPERT_ROW_ALIGNMENT`` overrides it: 0 never pads, N pads to N anywhere (tests
-    run the padded path on CPU so)."""
-    forced = os.environ.get("MONTA_EXPERT_ROW_ALIGNMENT")
-    if forced is not None:
-        if not forced.isdigit():
-            raise ValueError(f"MONTA_EXPERT_ROW_ALIGNMENT must be a row count >= 0, got {forced!r}")
-        return int(forced) or None
+    """What MoNTA's dispatcher pads each expert's rows to for GEMMs on tensors like ``t``
+    (monta/dispatch/padded_order.py), from ``MONTA_EXPERT_ROW_ALIGNMENT``: ``tile`` (the
+    default when :data:`PAD_ROWS_BY_DEFAULT`) the row tile of the aligned kernels that
+    ``MONTA_GROUPED_GEMM`` would run (:data:`SM90_ALIGNED_CONFIGS` by default, or a pinned sm90
+    config's), None where they are not built or not a Hopper; ``0`` (the default otherwise)
+    never; N > 0 to N anywhere (tests run the padded path on CPU so)."""
+    asked = os.environ.get("MONTA_EXPERT_ROW_ALIGNMENT", "tile" if PAD_ROWS_BY_DEFAULT else "0")
+    if asked != "tile":
+        if not asked.isdigit():
+            raise ValueError(f"MONTA_EXPERT_ROW_ALIGNMENT must be 'tile' or a row count >= 0, "
+                             f"got {asked!r}")
+        return int(asked) or None
     if not sm90_gemm.available(t):
         return None
     pinned = os.environ.get("MONTA_GROUPED_GEMM", DEFAULT)
-    config = SM90_ALIGNED_CONFIG if pinned == DEFAULT else _sm90_config(pinned)
+    config = SM90_ALIGNED_CONFIGS[0] if pinned == DEFAULT else _sm90_config(pinned)
     config = config.split(",")[0] if config else None
     if config not in sm90_gemm.built_configs(aligned=True):
         return None

@@ -32,18 +32,23 @@ CONFIGS = {
 }
 # Instances per config: row-grouped with B stored row- or column-major, and the weight gradient.
 KINDS = ("row", "col", "wgrad")
-# The same three on tile-aligned expert rows (monta/csrc/sm90_aligned_gemm.cuh), for cooperative
-# configs whose clusters are 1 along M (a 2x1 cluster's two row tiles could belong to two
-# experts; CUTLASS's ping-pong kernel gives every tile the whole reduction).
+# The same three on tile-aligned expert rows (monta/csrc/sm90_aligned_gemm.cuh), for configs whose
+# clusters are 1 along M (a 2x1 cluster's two row tiles could belong to two experts); the weight
+# gradient only for cooperative ones (CUTLASS's ping-pong kernel gives every tile the whole
+# reduction, not an expert's rows).
 ALIGNED_KINDS = ("aligned_row", "aligned_col", "aligned_wgrad")
 # Row tiles per band of the aligned kernels' tile order (see ExpertTileScheduler::place).
 BAND_M = int(os.environ.get("MONTA_SM90_BAND_M", 8))
 
 
-def has_aligned(config: str) -> bool:
-    """Whether ``config`` gets tile-aligned instances (see :data:`ALIGNED_KINDS`)."""
+def aligned_kinds(config: str) -> tuple:
+    """The tile-aligned kinds ``config`` gets (see :data:`ALIGNED_KINDS`); empty if none."""
     _, _, _, cluster_m, _, pingpong = CONFIGS[config]
-    return cluster_m == 1 and not pingpong
+    if cluster_m != 1:
+        return ()
+    return ALIGNED_KINDS[:2] if pingpong else ALIGNED_KINDS
+
+
 LIBRARY = Path(__file__).resolve().parent / "_build" / "libmonta_sm90_gemm.so"
 ERRORS = {1: "workspace too small", 2: "more than 1024 groups", 3: "CUTLASS cannot implement",
           4: "CUTLASS initialize failed", 5: "CUTLASS run failed", 6: "CUDA launch error",
@@ -51,7 +56,7 @@ ERRORS = {1: "workspace too small", 2: "more than 1024 groups", 3: "CUTLASS cann
 
 _library = None
 _built: tuple = ()
-_aligned_built: tuple = ()
+_aligned_built: dict = {}  # config -> its tile-aligned kinds in the library
 
 
 def symbol(config: str, kind: str) -> str:
@@ -68,8 +73,8 @@ def _load():
         if path.exists():
             library = ctypes.CDLL(str(path))
             _built = tuple(c for c in CONFIGS if _bind(library, c, KINDS, aligned=False))
-            _aligned_built = tuple(c for c in CONFIGS
-                                   if has_aligned(c) and _bind(library, c, ALIGNED_KINDS, True))
+            _aligned_built = {c: aligned_kinds(c) for c in CONFIGS
+                              if aligned_kinds(c) and _bind(library, c, aligned_kinds(c), True)}
             _library = library
     return _library or None
 
@@ -94,16 +99,23 @@ def _bind(library, config: str, kinds, aligned: bool) -> bool:
 
 def built_configs(aligned: bool = False) -> tuple:
     """The configs of :data:`CONFIGS` the library holds (empty when it is not built); with
-    ``aligned``, those whose tile-aligned instances it holds."""
+    ``aligned``, those whose tile-aligned row GEMMs it holds."""
     _load()
-    return _aligned_built if aligned else _built
+    return tuple(_aligned_built) if aligned else _built
 
 
-def row_alignment(config: str) -> int:
-    """Rows per tile of ``config``: each expert's rows must start at a multiple of it for the
-    aligned instances (and at a multiple of the tile's K, which divides it, in the weight
-    gradient)."""
-    return CONFIGS[config][0]
+def aligned_wgrad_built(config: str) -> bool:
+    """Whether the library holds ``config``'s tile-aligned weight gradient."""
+    _load()
+    return "aligned_wgrad" in _aligned_built.get(config, ())
+
+
+def row_alignment(config: str, op: str = "rows") -> int:
+    """What each expert's first row must be a multiple of for ``config``'s aligned instance of
+    ``op``: the tile's rows for the row GEMMs, the tile's K for the weight gradient (where the
+    rows are the reduction)."""
+    tile_m, _, tile_k = CONFIGS[config][:3]
+    return tile_m if op == "rows" else tile_k
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,7 +182,7 @@ def wgrad(x: torch.Tensor, dy: torch.Tensor, row_ends: torch.Tensor, config: str
     zeros. ``aligned`` as in :func:`rows`."""
     library = _load()
     experts, k, n = like.shape
-    _check(config, k, n, aligned=aligned)
+    _check(config, k, n, aligned=aligned, wgrad=True)
     column_major = _column_major(like)
     if column_major is None:
         raise ValueError(f"weights must be packed [E, K, N] or [E, N, K], got strides "
@@ -188,11 +200,11 @@ def wgrad(x: torch.Tensor, dy: torch.Tensor, row_ends: torch.Tensor, config: str
     return out
 
 
-def _check(config: str, *dims: int, aligned: bool = False):
+def _check(config: str, *dims: int, aligned: bool = False, wgrad: bool = False):
     if any(d % 8 for d in dims):  # 16-byte rows for TMA, as torch._grouped_mm requires too
         raise ValueError(f"sm90 grouped GEMM needs dims divisible by 8 (bf16), got {dims}")
     built = built_configs(aligned)
-    if config not in built:
+    if config not in built or (aligned and wgrad and not aligned_wgrad_built(config)):
         what = "tile-aligned instances of " if aligned else ""
         raise ValueError(f"sm90 grouped-GEMM {what}config {config!r} is not in the library "
                          f"(built: {', '.join(built) or 'none'}; tools/build_sm90_kernels.py)")

@@ -114,28 +114,33 @@ def test_off_gpu_the_grouped_mm_is_torchs():
 
 
 def test_padded_rows_take_the_aligned_kernels_for_all_three_gemms(monkeypatch):
-    """By default on a Hopper with the library built, rows padded per expert to the aligned
-    config's tile run all three GEMMs there; unpadded rows (or padding to a smaller multiple
-    than the tile) keep the unaligned default; a pin picks its own config's alignment."""
+    """On a Hopper with the library built, rows padded per expert to the aligned row config's
+    tile run the row GEMMs there and the weight gradient on the aligned weight-gradient config;
+    unpadded rows (or padding to less than the tile) keep the unaligned default; a pin picks
+    its own config's alignment."""
     from monta import sm90_gemm
 
     monkeypatch.delenv("MONTA_GROUPED_GEMM", raising=False)
-    monkeypatch.delenv("MONTA_EXPERT_ROW_ALIGNMENT", raising=False)
+    monkeypatch.setenv("MONTA_EXPERT_ROW_ALIGNMENT", "tile")
     monkeypatch.setattr(sm90_gemm, "available", lambda t: True)
-    everything = tuple(sm90_gemm.CONFIGS)
-    monkeypatch.setattr(sm90_gemm, "built_configs", lambda aligned=False: tuple(
-        c for c in everything if not aligned or sm90_gemm.has_aligned(c)))
+    monkeypatch.setattr(sm90_gemm, "_library", object())  # "loaded": these say what it holds
+    monkeypatch.setattr(sm90_gemm, "_built", tuple(sm90_gemm.CONFIGS))
+    aligned = {c: sm90_gemm.aligned_kinds(c) for c in sm90_gemm.CONFIGS
+               if sm90_gemm.aligned_kinds(c)}
+    monkeypatch.setattr(sm90_gemm, "_aligned_built", aligned)
     x = torch.empty(1, 8, dtype=torch.bfloat16)
-    config = expert_gemm.SM90_ALIGNED_CONFIG
-    assert expert_gemm.row_alignment(x) == sm90_gemm.row_alignment(config) == 128
+    rows, wgrad = expert_gemm.SM90_ALIGNED_CONFIGS
+    assert expert_gemm.row_alignment(x) == sm90_gemm.row_alignment(rows) == 64
     unaligned = expert_gemm.SM90 + expert_gemm.SM90_DEFAULT_CONFIG
     ends = torch.tensor([128, 384], dtype=torch.int32)
     assert expert_gemm._pin(x, ends) == unaligned
-    ends.alignment = 128
-    assert expert_gemm._pin(x, ends) == f"{expert_gemm.SM90}{config},{config}"
-    assert expert_gemm._aligned(config, ends)
-    ends.alignment = 64  # 128-row tiles could straddle two experts
-    assert expert_gemm._pin(x, ends) == unaligned and not expert_gemm._aligned(config, ends)
+    ends.alignment = 64
+    assert expert_gemm._pin(x, ends) == f"{expert_gemm.SM90}{rows},{wgrad}"
+    assert expert_gemm._aligned(rows, ends) and expert_gemm._aligned(wgrad, ends, "wgrad")
+    assert not expert_gemm._aligned(rows, ends, "wgrad")  # ping-pong: no weight gradient
+    assert not expert_gemm._aligned(wgrad, ends)  # its 128-row tiles could straddle experts
+    ends.alignment = 32
+    assert expert_gemm._pin(x, ends) == unaligned
     monkeypatch.setenv("MONTA_GROUPED_GEMM", "sm90:128x128_c1x2")
     assert expert_gemm.row_alignment(x) == 128
     monkeypatch.setenv("MONTA_GROUPED_GEMM", "sm90:128x256_c2x1")  # no aligned instances
@@ -143,19 +148,19 @@ def test_padded_rows_take_the_aligned_kernels_for_all_three_gemms(monkeypatch):
     monkeypatch.setenv("MONTA_GROUPED_GEMM", "torch")
     assert expert_gemm.row_alignment(x) is None
     monkeypatch.delenv("MONTA_GROUPED_GEMM")
-    monkeypatch.setattr(sm90_gemm, "built_configs",
-                        lambda aligned=False: () if aligned else everything)
+    monkeypatch.setattr(sm90_gemm, "_aligned_built", {})
     assert expert_gemm.row_alignment(x) is None
 
 
 def test_row_alignment_is_none_off_hopper_unless_forced(monkeypatch):
-    monkeypatch.delenv("MONTA_EXPERT_ROW_ALIGNMENT", raising=False)
     x = torch.empty(1, 8)
+    for asked in ("tile", "0"):
+        monkeypatch.setenv("MONTA_EXPERT_ROW_ALIGNMENT", asked)
+        assert expert_gemm.row_alignment(x) is None
+    monkeypatch.delenv("MONTA_EXPERT_ROW_ALIGNMENT")
     assert expert_gemm.row_alignment(x) is None
     monkeypatch.setenv("MONTA_EXPERT_ROW_ALIGNMENT", "16")
     assert expert_gemm.row_alignment(x) == 16
-    monkeypatch.setenv("MONTA_EXPERT_ROW_ALIGNMENT", "0")
-    assert expert_gemm.row_alignment(x) is None
     monkeypatch.setenv("MONTA_EXPERT_ROW_ALIGNMENT", "-4")
     with pytest.raises(ValueError, match="MONTA_EXPERT_ROW_ALIGNMENT"):
         expert_gemm.row_alignment(x)

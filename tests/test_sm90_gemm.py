@@ -14,7 +14,7 @@ def no_library(monkeypatch, tmp_path):
     monkeypatch.setenv("MONTA_SM90_GEMM_LIBRARY", str(tmp_path / "absent.so"))
     monkeypatch.setattr(sm90_gemm, "_library", None)
     monkeypatch.setattr(sm90_gemm, "_built", ())
-    monkeypatch.setattr(sm90_gemm, "_aligned_built", ())
+    monkeypatch.setattr(sm90_gemm, "_aligned_built", {})
 
 
 def test_without_the_library_nothing_is_available(no_library):
@@ -22,12 +22,17 @@ def test_without_the_library_nothing_is_available(no_library):
     assert not sm90_gemm.available(torch.empty(1, dtype=torch.bfloat16))
 
 
-def test_aligned_instances_exist_for_cooperative_configs_without_m_clusters():
-    """A 2x1 cluster's two row tiles may belong to two experts, and CUTLASS's ping-pong kernel
-    gives every tile the whole reduction (no per-expert K range for the weight gradient)."""
-    assert {c for c in sm90_gemm.CONFIGS if sm90_gemm.has_aligned(c)} == {
-        "128x256_c1x2", "128x128_c1x2", "128x256_c1x1"}
+def test_aligned_instances_for_configs_without_m_clusters():
+    """A 2x1 cluster's two row tiles may belong to two experts; CUTLASS's ping-pong kernel
+    gives every tile the whole reduction, so no per-expert weight gradient there."""
+    kinds = {c: sm90_gemm.aligned_kinds(c) for c in sm90_gemm.CONFIGS}
+    assert kinds == {"128x256_c2x1": (), "128x256_c1x2": sm90_gemm.ALIGNED_KINDS,
+                     "128x128_c1x2": sm90_gemm.ALIGNED_KINDS,
+                     "128x256_c1x1": sm90_gemm.ALIGNED_KINDS,
+                     "64x256_pp_c1x1": ("aligned_row", "aligned_col")}
+    # rows start at multiples of the tile's rows; the weight gradient needs its K tile
     assert [sm90_gemm.row_alignment(c) for c in ("128x256_c1x1", "64x256_pp_c1x1")] == [128, 64]
+    assert sm90_gemm.row_alignment("128x256_c1x1", "wgrad") == 64
 
 
 def test_asking_for_an_unbuilt_config_names_the_build_tool(no_library):

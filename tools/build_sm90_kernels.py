@@ -62,9 +62,9 @@ def instance_source(config: str, kind: str) -> str:
 
 def instances(configs) -> list:
     """(config, kind) pairs to compile: every kind of each config, and the tile-aligned kinds
-    of those that have them (monta.sm90_gemm.has_aligned)."""
+    of those that have them (monta.sm90_gemm.aligned_kinds)."""
     return [(c, kind) for c in configs for kind in sm90_gemm.KINDS] + [
-        (c, kind) for c in configs if sm90_gemm.has_aligned(c) for kind in sm90_gemm.ALIGNED_KINDS]
+        (c, kind) for c in configs for kind in sm90_gemm.aligned_kinds(c)]
 
 
 def main(argv=None) -> int:

@@ -35,8 +35,7 @@ def test_aligned_instances_use_their_header_for_the_configs_that_have_them():
     assert "#define MONTA_ALIGNED_GEMM_INSTANCE" in header
     pairs = build_sm90_kernels.instances(sm90_gemm.CONFIGS)
     aligned = {(c, k) for c, k in pairs if k in sm90_gemm.ALIGNED_KINDS}
-    assert aligned == {(c, k) for c in sm90_gemm.CONFIGS if sm90_gemm.has_aligned(c)
-                       for k in sm90_gemm.ALIGNED_KINDS}
+    assert aligned == {(c, k) for c in sm90_gemm.CONFIGS for k in sm90_gemm.aligned_kinds(c)}
     assert len(pairs) == len(set(pairs)) == 3 * len(sm90_gemm.CONFIGS) + len(aligned)
     for config, kind in aligned:
         tm, tn, tk, cm, cn, pingpong = sm90_gemm.CONFIGS[config]
