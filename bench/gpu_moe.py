@@ -174,13 +174,16 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     def rand(*size, scale=1.0):
         return (torch.randn(*size, device=device, generator=gen) * scale).to(dtype)
 
-    # MoNTA's default: the aligned kernels on padded rows where they are built (FLOPs below
-    # count only the real rows, so the pads are charged to it)
-    alignment = expert_gemm.row_alignment(rand(1, 8)) if device.type == "cuda" else None
-    padded = padded_rows(counts, n, alignment)
+    # MoNTA's opt-in padded rows (MONTA_EXPERT_ROW_ALIGNMENT=tile): its aligned kernels on each
+    # expert's rows padded as the dispatcher pads them (FLOPs below count only the real rows,
+    # so the pads are charged to it)
+    tile = (with_env("MONTA_EXPERT_ROW_ALIGNMENT", "tile",
+                     lambda: expert_gemm.row_alignment(rand(1, 8)))
+            if device.type == "cuda" else None)
+    padded = padded_rows(counts, n, tile)
     out = {"tokens": tokens, "rows": n, "tokens_per_expert": {"min": min(host_counts),
                                                              "max": max(host_counts)},
-           "row_alignment": alignment, "projections": {}}
+           "padded_row_alignment": tile, "projections": {}}
     if padded is not None:
         out["padded_rows"] = padded[0].numel()
         out["padded_rows_used"] = int(padded[2].row_ends[-1])
@@ -189,27 +192,29 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         w_t = rand(e, nn, kk, scale=kk ** -0.5).transpose(1, 2)  # [E, K, N] column-major
         dense_w = rand(kk, nn, scale=kk ** -0.5)
         fast = grouped_mm_supported(x, w)
-        monta_x, monta_counts = (x, counts) if padded is None else (x[padded[0]], padded[2])
-        monta_ends = expert_offsets(monta_counts, device)
         variants = {
-            "grouped": lambda: with_grouped_gemm(
-                "default", lambda: grouped_mm(monta_x, w, monta_counts, monta_ends)),
+            "grouped": lambda: with_grouped_gemm("default",
+                                                 lambda: grouped_mm(x, w, counts, offsets)),
             "grouped_torch": lambda: torch._grouped_mm(x, w, offs=offsets),
             "loop": lambda: torch.cat([p @ w[i]
                                        for i, p in enumerate(torch.split(x, host_counts))]),
             "dense": lambda: x @ dense_w,
         }
+        if padded is not None:
+            padded_x, padded_counts = x[padded[0]], padded[2]
+            padded_ends = expert_offsets(padded_counts, device)
+            variants["grouped_padded"] = lambda: with_grouped_gemm(
+                "default", lambda: grouped_mm(padded_x, w, padded_counts, padded_ends))
         if fast:
             variants["grouped_transposed_weights"] = lambda: torch._grouped_mm(x, w_t, offs=offsets)
         else:
             del variants["grouped_torch"]
         flops = 2 * n * kk * nn
         row = {"K": kk, "N": nn, "flops": flops, "grouped_kernel": fast}
-        if fast:  # MoNTA's result on its rows, against torch's
-            got = variants["grouped"]()
-            got = got if padded is None else got[padded[3]]
+        if "grouped_padded" in variants:  # its real rows, against torch's
+            got = variants["grouped_padded"]()[padded[3]].float()
             want = variants["grouped_torch"]().float()
-            row["grouped_rel_err"] = ((got.float() - want).norm() / want.norm()).item()
+            row["grouped_padded_rel_err"] = ((got - want).norm() / want.norm()).item()
         for name, fn in variants.items():
             t = timer(fn, warmup=5, reps=20)
             row[name] = {**t, "tflops": tflops(flops, t["median_ms"])}
@@ -227,11 +232,12 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     for t in (w1, w2, d1, d2):
         t.requires_grad_(True)
     grad = rand(n, h)
-    monta = (x, probs, grad, counts)
+    padded_ffn = None
     if padded is not None:  # as the dispatcher lays them out: pads copy row 0, probability 0
         source, pads, padded_counts, _ = padded
-        monta = (x.detach()[source].requires_grad_(True),
-                 probs[source].masked_fill(pads.unsqueeze(1), 0.0), grad[source], padded_counts)
+        padded_ffn = (x.detach()[source].requires_grad_(True),
+                      probs[source].masked_fill(pads.unsqueeze(1), 0.0), grad[source],
+                      padded_counts)
 
     def grouped_ffn_on(x, probs, grad, counts):
         ends = expert_offsets(counts, device)
@@ -256,21 +262,19 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         (a @ d2).backward(grad)
 
     def clear():
-        for t in (x, monta[0], w1, w2, d1, d2):
+        for t in (x, w1, w2, d1, d2, *(padded_ffn[:1] if padded_ffn else ())):
             t.grad = None
 
     out["activation_fwd_bwd"] = bench_activation(n, f, device, dtype, timer)
     flops = 3 * 2 * n * (h * 2 * f + f * h)
     ffn = {"flops": flops}
-    # grouped: MoNTA's default (monta/expert_gemm.py; padded rows where the aligned kernels
-    # run); grouped_unpadded: its default on unpadded rows (the previous default where those
-    # kernels run); grouped_torch: torch._grouped_mm for every GEMM. Interleaved rounds, so
-    # clock and thermal drift favour no variant.
-    variants = {"grouped": ("default", grouped_ffn_on(*monta)),
-                "grouped_torch": ("torch", grouped_ffn),
+    # grouped: MoNTA's default kernels (monta/expert_gemm.py); grouped_padded: on padded rows
+    # (its aligned kernels); grouped_torch: torch._grouped_mm for every GEMM. Interleaved
+    # rounds, so clock and thermal drift favour no variant.
+    variants = {"grouped": ("default", grouped_ffn), "grouped_torch": ("torch", grouped_ffn),
                 "loop": ("torch", loop_ffn), "dense": ("torch", dense_ffn)}
-    if padded is not None:
-        variants["grouped_unpadded"] = ("default", grouped_ffn)
+    if padded_ffn is not None:
+        variants["grouped_padded"] = ("default", grouped_ffn_on(*padded_ffn))
     samples, _ = time_interleaved(variants, timer, FFN_ROUNDS, reps=3, setup=clear)
     for name, times in samples.items():
         ms = statistics.median(times)
@@ -308,15 +312,20 @@ def time_interleaved(variants: dict, timer: Timer, rounds: int, reps: int, setup
 def with_grouped_gemm(pin: str, fn):
     """``fn()`` under ``MONTA_GROUPED_GEMM=pin`` (monta/expert_gemm.py: ``default``, ``torch``,
     ``sm90:<config>``, ``auto``: each grouped GEMM on the kernel measured fastest for it...)."""
-    before = os.environ.get("MONTA_GROUPED_GEMM")
-    os.environ["MONTA_GROUPED_GEMM"] = pin
+    return with_env("MONTA_GROUPED_GEMM", pin, fn)
+
+
+def with_env(name: str, value: str, fn):
+    """``fn()`` with the environment variable ``name`` set to ``value``."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         return fn()
     finally:
         if before is None:
-            os.environ.pop("MONTA_GROUPED_GEMM")
+            os.environ.pop(name)
         else:
-            os.environ["MONTA_GROUPED_GEMM"] = before
+            os.environ[name] = before
 
 
 def _per_op(x, w, dense_w, dy, counts, offsets, flops, row, timer) -> dict:
@@ -410,18 +419,19 @@ def environment(device) -> dict:
 
         props = torch.cuda.get_device_properties(0)
         probe = torch.empty(1, device=device, dtype=torch.bfloat16)
-        alignment = expert_gemm.row_alignment(probe)
+        tile = with_env("MONTA_EXPERT_ROW_ALIGNMENT", "tile",
+                        lambda: expert_gemm.row_alignment(probe))
         padded_ends = torch.zeros(1, device=device, dtype=torch.int32)
-        padded_ends.alignment = alignment
+        padded_ends.alignment = tile
         info.update(device=props.name, capability=f"{props.major}.{props.minor}",
                     memory_gib=round(props.total_memory / 2**30, 1),
                     multiprocessors=props.multi_processor_count,
                     # MoNTA's experts' kernels: "sm90:<rows>[,<weight gradient>]" (else torch)
-                    # on unpadded rows, and on rows padded to the alignment (if any)
+                    # by default, and on rows padded to the aligned kernels' tile (opt-in)
                     grouped_gemm_default=expert_gemm._pin(probe),
-                    expert_row_alignment=alignment,
-                    grouped_gemm_default_padded=expert_gemm._pin(probe, padded_ends)
-                    if alignment else None)
+                    expert_row_alignment=expert_gemm.row_alignment(probe),
+                    padded_row_alignment=tile,
+                    grouped_gemm_padded=expert_gemm._pin(probe, padded_ends) if tile else None)
     else:
         info["device"] = platform.processor() or "cpu"
     # what the caller says it copied, when it says (MONTA_GIT_COMMIT: a tree sent to a GPU

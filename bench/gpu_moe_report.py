@@ -44,10 +44,8 @@ def expert_table(r: dict) -> list[str]:
              f"TFLOP/s (median of {first['projections']['fc1']['grouped']['reps']} runs; FFN: "
              f"{first['ffn_fwd_bwd']['grouped']['reps']}) and the fraction of the dense GEMM's "
              f"rate; {first['tokens']} tokens routed top-k by random logits; the FFN's variants "
-             "in interleaved rounds. MoNTA: the experts' default kernels (`monta.expert_gemm`) "
-             f"on the rows MoNTA's dispatcher lays out: {_monta_kernels(r['environment'])}; "
-             "torch: `torch._grouped_mm` for all, on unpadded rows. FLOPs count real rows only.",
-             "",
+             "in interleaved rounds. MoNTA: the experts' default kernels (`monta.expert_gemm`): "
+             f"{_monta_kernels(r['environment'])}; torch: `torch._grouped_mm` for all.", "",
              "| shapes | op | MoNTA | % of dense | torch | % of dense | loop (per expert) | "
              "% of dense | dense | torch, transposed weights |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -66,14 +64,21 @@ def expert_table(r: dict) -> list[str]:
                          f"{_pct(v['loop']['fraction_of_dense'])} | {v['dense']['tflops']:.0f} | "
                          + (f"{t['tflops']:.0f} ({_pct(t['fraction_of_dense'])})" if t else "—")
                          + " |")
-    unpadded = [(name, g["ffn_fwd_bwd"]["grouped_unpadded"]) for name, g in r["expert_gemm"].items()
-                if "grouped_unpadded" in g["ffn_fwd_bwd"]]
-    if unpadded:
-        lines += ["", "MoNTA's default kernels on unpadded rows (what runs where the dispatcher "
-                  "cannot pad, e.g. under expert parallelism), expert FFN fwd+bwd, same rounds: "
-                  + "; ".join(f"{_shape_label(name, r['shapes'][name])}: {v['tflops']:.0f} "
-                              f"TFLOP/s, {_pct(v['fraction_of_dense'])} of dense"
-                              for name, v in unpadded) + "."]
+    padded = [(name, g) for name, g in r["expert_gemm"].items()
+              if "grouped_padded" in g["ffn_fwd_bwd"]]
+    if padded:
+        env = r["environment"]
+        lines += ["", f"Opt-in padded rows (`MONTA_EXPERT_ROW_ALIGNMENT=tile`): each expert's rows "
+                  f"padded to a multiple of {env.get('padded_row_alignment')} with "
+                  f"zero-probability copies, the GEMMs on the tile-aligned kernels "
+                  f"`{env.get('grouped_gemm_padded')}` (FLOPs of the real rows; same rounds):", "",
+                  "| shapes | fc1 fwd | fc2 fwd | expert FFN fwd+bwd | rows computed / real |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, g in padded:
+            cells = [f"{v['grouped_padded']['tflops']:.0f} ({_pct(v['grouped_padded']['fraction_of_dense'])})"
+                     for v in (*g["projections"].values(), g["ffn_fwd_bwd"])]
+            lines.append(f"| {_shape_label(name, r['shapes'][name])} | " + " | ".join(cells)
+                         + f" | {g['padded_rows_used']} / {g['rows']} |")
     lines += _per_op_table(r)
     act = [(name, g["activation_fwd_bwd"]) for name, g in r["expert_gemm"].items()
            if "activation_fwd_bwd" in g]
@@ -90,12 +95,7 @@ def expert_table(r: dict) -> list[str]:
 
 
 def _monta_kernels(env: dict) -> str:
-    padded = env.get("grouped_gemm_default_padded")
     unpadded = env.get("grouped_gemm_default")
-    if padded:
-        return (f"each expert's rows padded to a multiple of {env['expert_row_alignment']}, all "
-                f"three GEMMs on the tile-aligned kernels `{padded}` (unpadded rows: "
-                f"`{unpadded}`, weight gradient on torch)")
     if unpadded and unpadded != "torch":
         return f"forward and input gradient on `{unpadded}`, weight gradient on torch"
     return "`torch._grouped_mm`"

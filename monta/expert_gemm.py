@@ -59,8 +59,12 @@ SM90_DEFAULT_CONFIG = "128x256_c1x2"
 # one per expert. 64-row tiles pad each expert by 32 rows on average, 128-row ones by 64.
 SM90_ALIGNED_CONFIGS = ("64x256_pp_c1x1", "128x256_c1x1")
 # Whether the dispatcher pads rows for them unless MONTA_EXPERT_ROW_ALIGNMENT says otherwise
-# (see row_alignment).
-PAD_ROWS_BY_DEFAULT = True
+# (see row_alignment). Off: single aligned GEMMs beat the pointer-array ones at fine-grained
+# shapes (fc1 forward 562-571 vs 538-546 TFLOP/s), but in the whole expert FFN, fwd+bwd in
+# interleaved rounds, padding lost: 5.21 ms (64-row tiles) and 5.41 ms (128-row) against the
+# default's 5.00 ms, and 28.4 vs 28.4 ms at Mixtral shapes
+# (bench/results/gpu_grouped_gemm_runs/ffn_aligned_1fb71b3.json).
+PAD_ROWS_BY_DEFAULT = False
 ROWS_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 4, 4))
 WGRAD_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 3, 4))
 TUNING_ROUNDS = 8

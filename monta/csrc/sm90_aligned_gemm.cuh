@@ -3,10 +3,10 @@
 // Why next to sm90_grouped_gemm.cuh: a pointer-array grouped GEMM gives every expert its own TMA
 // descriptors, and a persistent CTA rewrites them whenever its next tile belongs to another
 // expert -- with fine-grained experts that is nearly every tile. On an H200, with the same rows
-// per expert, torch._grouped_mm ran 9-12 % below torch.bmm in the forward and 12-22 % below in
-// the weight gradient at 64 experts (bench/gpu_grouped_gemm.py, "aligned" section). When every
-// expert's rows start at a multiple of the tile's M (the dispatcher pads each expert's rows with
-// zero-probability copies, monta/dispatch/routed_order.py), one descriptor per operand covers
+// per expert, torch._grouped_mm ran below torch.bmm at 64 experts, forward and weight gradient
+// (bench/gpu_batched_vs_grouped.py). When every expert's rows start at a multiple of the tile's
+// M (the dispatcher pads each expert's rows with zero-probability copies,
+// monta/dispatch/padded_order.py; opt-in, see monta/expert_gemm.py), one descriptor per operand covers
 // all experts: A and D are single [rows, ...] matrices, B is [E, ...] with the expert as the
 // batch coordinate, and only the tile scheduler knows about experts. It reads the padded row
 // ends on the device (no host sync) and hands each tile its expert as the batch index.
