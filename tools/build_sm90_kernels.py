@@ -102,7 +102,8 @@ def main(argv=None) -> int:
         stem = args.build_dir / sm90_gemm.symbol(config, kind)
         source, obj = stem.with_suffix(".cu"), stem.with_suffix(".o")
         text = instance_source(config, kind)
-        newer = obj.exists() and obj.stat().st_mtime > source_of(kind).stat().st_mtime
+        headers = {SOURCE, source_of(kind)}  # the aligned header includes the grouped one
+        newer = obj.exists() and obj.stat().st_mtime > max(h.stat().st_mtime for h in headers)
         if newer and source.exists() and source.read_text() == text:
             return obj
         source.write_text(text)

@@ -29,6 +29,8 @@
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/gemm/kernel/sm90_tile_scheduler.hpp"
+// sm_count_of_current_device, and the MONTA_B_COLUMN_MAJOR_<kind> layouts the instances share
+#include "sm90_grouped_gemm.cuh"
 
 namespace monta {
 
@@ -288,14 +290,6 @@ struct AlignedGemm {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-inline int aligned_sm_count() {
-  static int cached[64] = {0};
-  int device = 0;
-  cudaGetDevice(&device);
-  if (!cached[device]) cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device);
-  return cached[device];
-}
-
 // dims: rows kind (n, k) = B_e's columns and reduction; weight gradient (m, n) = D_e's shape.
 // Error codes as in sm90_grouped_gemm.cuh: 3 cannot implement, 4 initialize failed, 5 run
 // failed, 6 launch error, 7 the kernel wants a workspace (none is passed).
@@ -327,7 +321,7 @@ int run_aligned(const void* a, const void* b, void* d, const int32_t* ends, int 
       {static_cast<const E*>(a), stride_a, static_cast<const E*>(b), stride_b},
       {{}, nullptr, stride_d, static_cast<E*>(d), stride_d}};
   args.epilogue.thread.alpha = 1.0f;
-  args.hw_info.sm_count = aligned_sm_count();
+  args.hw_info.sm_count = sm_count_of_current_device();
   args.scheduler.ends = ends;
   args.scheduler.groups = groups;
   args.scheduler.band_m = band_m;
@@ -364,11 +358,6 @@ struct TileSchedulerSelector<monta::ExpertTileScheduler<TileShape, ClusterShape,
         a, b, d, ends, groups, capacity, dim0, dim1, band_m, static_cast<cudaStream_t>(stream)); \
   }
 
-#ifndef MONTA_B_COLUMN_MAJOR_row
-#define MONTA_B_COLUMN_MAJOR_row false
-#define MONTA_B_COLUMN_MAJOR_col true
-#define MONTA_B_COLUMN_MAJOR_wgrad false
-#endif
 #define MONTA_K_GROUPED_row false
 #define MONTA_K_GROUPED_col false
 #define MONTA_K_GROUPED_wgrad true

@@ -44,8 +44,10 @@ def test_aligned_instances_use_their_header_for_the_configs_that_have_them():
         assert text.startswith('#include "sm90_aligned_gemm.cuh"')
         assert f"MONTA_ALIGNED_GEMM_INSTANCE({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, " \
                f"{tk}, {cm}, {cn}, {str(pingpong).lower()}, {base})" in text
-        for macro in ("K_GROUPED", "B_COLUMN_MAJOR"):
-            assert f"#define MONTA_{macro}_{base} " in header
+        assert f"#define MONTA_K_GROUPED_{base} " in header
+        # the weight layouts come from the grouped header, which the aligned one includes
+        assert f"#define MONTA_B_COLUMN_MAJOR_{base} " in build_sm90_kernels.SOURCE.read_text()
+    assert f'#include "{build_sm90_kernels.SOURCE.name}"' in header
 
 
 def test_an_unknown_config_is_refused_before_anything_is_installed(capsys):
