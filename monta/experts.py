@@ -95,16 +95,15 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor
             offsets = expert_offsets(tokens_per_expert, x.device)
         return expert_gemm.grouped_mm(x, w, offsets)
     padded_ends = _padded_ends(tokens_per_expert)
-    if padded_ends is not None:  # rows padded per expert (monta/dispatch/padded_order.py)
-        ends = padded_ends.tolist()
-        counts = [b - a for a, b in zip([0, *ends], ends)]
-    else:
+    if padded_ends is None:
         counts = torch.as_tensor(tokens_per_expert).tolist()  # host ints: a sync if on a GPU
-    used = sum(counts)
-    out = torch.cat([piece @ w[e] for e, piece in enumerate(torch.split(x[:used], counts))])
-    if used < x.size(0):  # rows past the padded ends: never read, zero here
-        out = torch.cat([out, out.new_zeros(x.size(0) - used, out.size(1))])
-    return out
+        return torch.cat([piece @ w[e] for e, piece in enumerate(torch.split(x, counts))])
+    # rows padded per expert (monta/dispatch/padded_order.py); rows past the last end are never
+    # read, zero here
+    ends = padded_ends.tolist()
+    pieces = torch.split(x[:ends[-1]], [b - a for a, b in zip([0, *ends], ends)])
+    out = torch.cat([piece @ w[e] for e, piece in enumerate(pieces)])
+    return torch.cat([out, out.new_zeros(x.size(0) - ends[-1], out.size(1))])
 
 
 def _padded_ends(tokens_per_expert) -> torch.Tensor | None:

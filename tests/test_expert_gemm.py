@@ -8,7 +8,7 @@ import torch
 
 from monta import expert_gemm
 
-WANT = torch.arange(12.0).reshape(3, 4)
+WANT = torch.arange(12.0).reshape(3, 4)  # a kernel's result: 3 rows
 
 
 @pytest.fixture
@@ -35,7 +35,9 @@ def fake_kernels(monkeypatch):
 
 def _tune(monkeypatch, pinned="auto"):
     monkeypatch.setattr(expert_gemm, "ROWS_CANDIDATES", ("torch", "a", "b", "c"))
-    return expert_gemm._tune("rows", ("rows", 0, None, (8, 4, 4), True, 1024, pinned), ())
+    # (a, b, row ends): the results are compared up to the last end, here all 3 rows
+    args = (None, None, torch.tensor([1, 3], dtype=torch.int32))
+    return expert_gemm._tune("rows", ("rows", 0, None, (8, 4, 4), True, 1024, pinned), args)
 
 
 def test_tuning_keeps_the_fastest_correct_candidate(fake_kernels, monkeypatch):
@@ -48,6 +50,16 @@ def test_tuning_keeps_the_fastest_correct_candidate(fake_kernels, monkeypatch):
     # faster, but inside the margin: torch._grouped_mm stays
     fake_kernels["a"] = (WANT, 3.0 * (1 - expert_gemm.TORCH_MARGIN / 2))
     assert _tune(monkeypatch) == "torch"
+
+
+def test_tuning_compares_rows_up_to_the_last_end_only(fake_kernels, monkeypatch):
+    """Padded rows (monta/dispatch/padded_order.py) have a capacity past the last end, which no
+    kernel writes: whatever the memory held there must not disqualify a candidate."""
+    past = torch.full((2, 4), float("nan"))
+    fake_kernels.update(torch=(torch.cat([WANT, past]), 3.0),
+                        a=(torch.cat([WANT, past.zero_()]), 1.0), b=(WANT * 2, 0.5),
+                        c=(WANT, 4.0))
+    assert _tune(monkeypatch) == "a"
 
 
 def test_pinned_triton_never_times_torch(fake_kernels, monkeypatch):
