@@ -175,7 +175,7 @@ def _tune(op, key, args, triton=True, sm90=False):
             if candidate != TORCH:  # also compiles it
                 err = ((_run(op, candidate, args)[:used].float() - reference).norm()
                        / scale).item()
-                if err > MAX_REL_ERR:
+                if not err <= MAX_REL_ERR:  # NaN too
                     logger.warning("grouped GEMM %s %s: result off by %.2e, not used", op,
                                    candidate, err)
                     continue
