@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.gpu_moe import (  # noqa: E402
-    SHAPES, TINY_SHAPES, Timer, environment, padded_rows, routed_counts, tflops,
-    time_interleaved,
+    SHAPES, TINY_SHAPES, Timer, environment, padded_ffn_inputs, padded_like, padded_rows,
+    routed_counts, tflops, time_interleaved,
 )
 
 ROWS_CONFIGS = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
@@ -100,10 +100,12 @@ def _sm90_ops(w, config):
             "wgrad": lambda x, dy, ends: sm90_gemm.wgrad(x, dy, ends, config, w)}
 
 
-def _sm90_configs(t) -> list:
+def _sm90_configs(t, aligned: bool = False) -> list:
+    """The sm90 configs built (with ``aligned``: with tile-aligned instances) when ``t`` is on a
+    Hopper; none elsewhere."""
     from monta import sm90_gemm
 
-    return list(sm90_gemm.built_configs()) if sm90_gemm.available(t) else []
+    return list(sm90_gemm.built_configs(aligned)) if sm90_gemm.available(t) else []
 
 
 def _triton_ops(w, tma, rows_cfg, wgrad_cfg):
@@ -121,21 +123,15 @@ def _rel_err(got, want):
     return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
 
 
-def _aligned_configs(t) -> list:
-    from monta import sm90_gemm
-
-    return list(sm90_gemm.built_configs(aligned=True)) if sm90_gemm.available(t) else []
-
-
 def _aligned_ops(x, w, dy, counts, config):
     """The three GEMMs of ``config``'s tile-aligned kernels on the rows padded as MoNTA's
     dispatcher pads them (bench.gpu_moe.padded_rows; the gradient's pad rows are zero, as the
     zero probability makes them), each with the view that compares it with torch's result."""
     from monta import sm90_gemm
 
-    source, pads, padded, positions = padded_rows(counts, x.size(0),
-                                                  sm90_gemm.row_alignment(config))
-    xp, dyp, ends = x[source], dy[source].masked_fill(pads.unsqueeze(1), 0), padded.row_ends
+    padded = padded_rows(counts, x.size(0), sm90_gemm.row_alignment(config))
+    positions, ends = padded[3], padded[2].row_ends
+    xp, dyp = padded_like(padded, x), padded_like(padded, dy, pads=0)
     real = lambda t: t[positions]  # noqa: E731
     ops = {"fwd": (lambda: sm90_gemm.rows(xp, w, ends, config, aligned=True), real),
            "dgrad": (lambda: sm90_gemm.rows(dyp, w.transpose(1, 2), ends, config, aligned=True),
@@ -151,7 +147,7 @@ def bench_projection(x, w, dy, ends, timer, flops, kernels, counts=None) -> dict
     the tile-aligned kernels on padded rows (FLOPs of the real rows)."""
     reference = {op: fn(x, dy, ends) for op, fn in _torch_ops(w).items()}
     result = {}
-    for config in _aligned_configs(x) if counts is not None else ():
+    for config in _sm90_configs(x, aligned=True) if counts is not None else ():
         for op, (fn, real) in _aligned_ops(x, w, dy, counts, config).items():
             row = {"rel_err": _rel_err(real(fn()), reference[op])}
             if row["rel_err"] > 2e-2:
@@ -291,19 +287,18 @@ def bench_ffn(shape, n, ends, device, timer, rounds: int = 4, reps: int = 5,
                 lambda t, w=w2: expert_gemm.grouped_mm(t, w, ends)))
 
     padded_x = []
-    for config in _aligned_configs(x) if counts is not None else ():
-        source, pads, padded, _ = padded_rows(counts, n, sm90_gemm.row_alignment(config))
-        xp = x.detach()[source].requires_grad_(True)
+    for config in _sm90_configs(x, aligned=True) if counts is not None else ():
+        padded = padded_rows(counts, n, sm90_gemm.row_alignment(config))
+        xp, pp, gp = padded_ffn_inputs(padded, x, probs, grad)
         padded_x.append(xp)
-        pp, gp = probs[source].masked_fill(pads.unsqueeze(1), 0), grad[source]
         # its own weight gradient if it has one, else the default aligned one
         wgrad = config if sm90_gemm.aligned_wgrad_built(config) else \
             expert_gemm.SM90_ALIGNED_CONFIGS[1]
         for layout, (w1, w2) in weights.items():
             pin = f"{expert_gemm.SM90}{config},{wgrad}"
             variants[f"aligned {config} {layout}"] = (pin, ffn(
-                lambda t, w=w1, e=padded.row_ends: expert_gemm.grouped_mm(t, w, e),
-                lambda t, w=w2, e=padded.row_ends: expert_gemm.grouped_mm(t, w, e),
+                lambda t, w=w1, e=padded[2].row_ends: expert_gemm.grouped_mm(t, w, e),
+                lambda t, w=w2, e=padded[2].row_ends: expert_gemm.grouped_mm(t, w, e),
                 xp, pp, gp))
 
     def clear():

@@ -159,6 +159,21 @@ def padded_rows(counts: torch.Tensor, rows: int, alignment: int | None):
     return source, pads, tokens_per_expert, positions
 
 
+def padded_like(padded, t: torch.Tensor, pads: float | None = None) -> torch.Tensor:
+    """``t``'s rows laid out as :func:`padded_rows` says: pad rows copy row 0, or hold ``pads``
+    (the gradient of a zero-probability row is 0)."""
+    source, pad_rows = padded[:2]
+    laid = t[source]
+    return laid if pads is None else laid.masked_fill(pad_rows.unsqueeze(1), pads)
+
+
+def padded_ffn_inputs(padded, x, probs, grad):
+    """The expert FFN's input (a fresh leaf), probabilities (0 on pads) and output gradient on
+    :func:`padded_rows`' layout."""
+    return (padded_like(padded, x.detach()).requires_grad_(True),
+            padded_like(padded, probs, pads=0.0), padded_like(padded, grad))
+
+
 def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     from monta import expert_gemm
     from monta.experts import (activation_with_probs, expert_offsets, grouped_mm,
@@ -201,7 +216,7 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
             "dense": lambda: x @ dense_w,
         }
         if padded is not None:
-            padded_x, padded_counts = x[padded[0]], padded[2]
+            padded_x, padded_counts = padded_like(padded, x), padded[2]
             padded_ends = expert_offsets(padded_counts, device)
             variants["grouped_padded"] = lambda: with_grouped_gemm(
                 "default", lambda: grouped_mm(padded_x, w, padded_counts, padded_ends))
@@ -234,10 +249,7 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     grad = rand(n, h)
     padded_ffn = None
     if padded is not None:  # as the dispatcher lays them out: pads copy row 0, probability 0
-        source, pads, padded_counts, _ = padded
-        padded_ffn = (x.detach()[source].requires_grad_(True),
-                      probs[source].masked_fill(pads.unsqueeze(1), 0.0), grad[source],
-                      padded_counts)
+        padded_ffn = (*padded_ffn_inputs(padded, x, probs, grad), padded[2])
 
     def grouped_ffn_on(x, probs, grad, counts):
         ends = expert_offsets(counts, device)

@@ -3,9 +3,11 @@
 MoNTA's tile-aligned grouped GEMMs (``monta/csrc/sm90_aligned_gemm.cuh``) cover all experts with
 one TMA descriptor per operand, which needs every expert's first row at a multiple of the
 kernel's tile rows; a pointer-array grouped GEMM instead rewrites descriptors whenever a CTA
-moves to another expert's tile (bench/gpu_grouped_gemm.py measures what that costs). The
-padding costs nothing the unpadded layout does not already pay: a grouped GEMM computes each
-expert's last tile in full anyway.
+moves to another expert's tile (bench/gpu_batched_vs_grouped.py measures what that costs). The
+GEMMs compute no more tiles than on unpadded rows (each expert's last tile is computed in full
+either way), but the activations grow by up to E·(alignment − 1) rows and the elementwise
+kernels between the GEMMs run over them, which is why padding is opt-in
+(``MONTA_EXPERT_ROW_ALIGNMENT``, :func:`monta.expert_gemm.row_alignment`).
 
 The pads are copies of token 0 with routing probability 0. The experts multiply their
 activation by the probability (SwiGLU × p), so a pad's activation, its output and its share of
