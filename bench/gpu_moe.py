@@ -175,7 +175,7 @@ def padded_ffn_inputs(padded, x, probs, grad):
 
 
 def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
-    from monta import expert_gemm
+    from monta import expert_gemm, swiglu_gemm
     from monta.experts import (activation_with_probs, expert_offsets, grouped_mm,
                                grouped_mm_supported)
 
@@ -251,15 +251,23 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     if padded is not None:  # as the dispatcher lays them out: pads copy row 0, probability 0
         padded_ffn = (*padded_ffn_inputs(padded, x, probs, grad), padded[2])
 
-    def grouped_ffn_on(x, probs, grad, counts):
+    def grouped_ffn_on(x, probs, grad, counts, fused="fwd"):
+        """As MoNTAGroupedMLP runs it: ``fused`` = MONTA_FUSED_SWIGLU (monta/swiglu_gemm.py)."""
         ends = expert_offsets(counts, device)
+        fusable = fused != "0" and swiglu_gemm.supported(x, w1, w2)
 
         def run():
-            a = activation_with_probs(grouped_mm(x, w1, counts, ends), probs, F.silu, True)
-            grouped_mm(a, w2, counts, ends).backward(grad)
-        return run
+            if fusable:
+                out = swiglu_gemm.swiglu_expert_ffn(x, w1, w2, probs, ends,
+                                                    fuse_backward=fused == "all")
+            else:
+                a = activation_with_probs(grouped_mm(x, w1, counts, ends), probs, F.silu, True)
+                out = grouped_mm(a, w2, counts, ends)
+            out.backward(grad)
+        return run, fusable
 
-    grouped_ffn = grouped_ffn_on(x, probs, grad, counts)
+    grouped_ffn, fusable = grouped_ffn_on(x, probs, grad, counts)
+    unfused_ffn, _ = grouped_ffn_on(x, probs, grad, counts, "0")
 
     def loop_ffn():  # SequentialMLP's shape of work: per expert fc1, eager SwiGLU·prob, fc2
         outs = []
@@ -280,13 +288,19 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     out["activation_fwd_bwd"] = bench_activation(n, f, device, dtype, timer)
     flops = 3 * 2 * n * (h * 2 * f + f * h)
     ffn = {"flops": flops}
-    # grouped: MoNTA's default kernels (monta/expert_gemm.py); grouped_padded: on padded rows
-    # (its aligned kernels); grouped_torch: torch._grouped_mm for every GEMM. Interleaved
-    # rounds, so clock and thermal drift favour no variant.
-    variants = {"grouped": ("default", grouped_ffn), "grouped_torch": ("torch", grouped_ffn),
+    # grouped: MoNTA's default (monta/expert_gemm.py's kernels, SwiGLU·prob fused into fc1 where
+    # monta/swiglu_gemm.py runs); grouped_unfused / grouped_fused_all: the activation as its own
+    # kernels / fused into fc2's input gradient too; grouped_padded: on padded rows (the aligned
+    # kernels); grouped_torch: torch._grouped_mm for every GEMM, the activation unfused.
+    # Interleaved rounds, so clock and thermal drift favour no variant.
+    variants = {"grouped": ("default", grouped_ffn), "grouped_torch": ("torch", unfused_ffn),
                 "loop": ("torch", loop_ffn), "dense": ("torch", dense_ffn)}
+    if fusable:
+        variants["grouped_unfused"] = ("default", unfused_ffn)
+        variants["grouped_fused_all"] = ("default", grouped_ffn_on(x, probs, grad, counts,
+                                                                   "all")[0])
     if padded_ffn is not None:
-        variants["grouped_padded"] = ("default", grouped_ffn_on(*padded_ffn))
+        variants["grouped_padded"] = ("default", grouped_ffn_on(*padded_ffn)[0])
     samples, _ = time_interleaved(variants, timer, FFN_ROUNDS, reps=3, setup=clear)
     for name, times in samples.items():
         ms = statistics.median(times)
@@ -427,7 +441,7 @@ def environment(device) -> dict:
     except ImportError:
         info["transformer_engine"] = False
     if device.type == "cuda":
-        from monta import expert_gemm
+        from monta import expert_gemm, swiglu_gemm
 
         props = torch.cuda.get_device_properties(0)
         probe = torch.empty(1, device=device, dtype=torch.bfloat16)
@@ -443,7 +457,8 @@ def environment(device) -> dict:
                     grouped_gemm_default=expert_gemm._pin(probe),
                     expert_row_alignment=expert_gemm.row_alignment(probe),
                     padded_row_alignment=tile,
-                    grouped_gemm_padded=expert_gemm._pin(probe, padded_ends) if tile else None)
+                    grouped_gemm_padded=expert_gemm._pin(probe, padded_ends) if tile else None,
+                    fused_swiglu=swiglu_gemm.fused_passes())
     else:
         info["device"] = platform.processor() or "cpu"
     # what the caller says it copied, when it says (MONTA_GIT_COMMIT: a tree sent to a GPU

@@ -116,17 +116,26 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
                     rounds: int = 3, reps: int = 7) -> dict:
     """Each variant timed in ``rounds`` interleaved rounds of ``reps`` (median of all), so
     clock or thermal drift does not favour whichever runs first."""
+    from bench.gpu_moe import with_env
+
     layers = build_layers(shape, device, dtype)
     gen = torch.Generator(device=device).manual_seed(3)
     x = torch.randn(tokens // 2, 2, shape["hidden"], device=device, generator=gen).to(dtype)
     grad = torch.randn(x.shape, device=device, generator=gen).to(dtype)
     out = {"tokens": tokens, "variants": {}}
     steps, samples, reference = {}, {}, None
-    for name, layer in layers.items():
+    # MoNTA's layer again with SwiGLU·prob as its own kernels (monta/swiglu_gemm.py)
+    runs = {name: (layer, None) for name, layer in layers.items()}
+    if device.type == "cuda":
+        runs["monta_grouped_unfused"] = (layers["monta_grouped"], "0")
+    for name, (layer, fused) in runs.items():
         inp = x.clone().requires_grad_(True)
 
-        def step(layer=layer, inp=inp):
-            layer(inp)[0].backward(grad)
+        def step(layer=layer, inp=inp, fused=fused):
+            if fused is None:
+                layer(inp)[0].backward(grad)
+            else:
+                with_env("MONTA_FUSED_SWIGLU", fused, lambda: layer(inp)[0].backward(grad))
 
         def clear(layer=layer, inp=inp):
             inp.grad = None
@@ -135,7 +144,8 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
 
         steps[name], samples[name] = (step, clear), []
         clear()
-        result, _ = layer(inp)
+        result, _ = (layer(inp) if fused is None
+                     else with_env("MONTA_FUSED_SWIGLU", fused, lambda: layer(inp)))
         result.backward(grad)
         got = (result.detach().float(), inp.grad.float())
         row = out["variants"][name] = {}

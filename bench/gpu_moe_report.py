@@ -79,6 +79,7 @@ def expert_table(r: dict) -> list[str]:
                      for v in (*g["projections"].values(), g["ffn_fwd_bwd"])]
             lines.append(f"| {_shape_label(name, r['shapes'][name])} | " + " | ".join(cells)
                          + f" | {g['padded_rows_used']} / {g['rows']} |")
+    lines += _fusion_table(r)
     lines += _per_op_table(r)
     act = [(name, g["activation_fwd_bwd"]) for name, g in r["expert_gemm"].items()
            if "activation_fwd_bwd" in g]
@@ -94,11 +95,32 @@ def expert_table(r: dict) -> list[str]:
     return lines + [""]
 
 
+def _fusion_table(r: dict) -> list[str]:
+    rows = [(name, g["ffn_fwd_bwd"]) for name, g in r["expert_gemm"].items()
+            if "grouped_unfused" in g["ffn_fwd_bwd"]]
+    if not rows:
+        return []
+    lines = ["", "SwiGLU × router probability fused into the GEMMs' epilogues "
+             "(`monta/swiglu_gemm.py`, `MONTA_FUSED_SWIGLU`), expert FFN forward + backward, "
+             "ms (% of dense; same rounds):", "",
+             "| shapes | fused into fc1's forward (default, `fwd`) | unfused (`0`) | "
+             "also into fc2's input gradient (`all`) | dense |", "|---|---:|---:|---:|---:|"]
+    for name, ffn in rows:
+        cells = [f"{ffn[k]['median_ms']:.2f} ({_pct(ffn[k]['fraction_of_dense'])})"
+                 for k in ("grouped", "grouped_unfused", "grouped_fused_all")]
+        lines.append(f"| {_shape_label(name, r['shapes'][name])} | " + " | ".join(cells)
+                     + f" | {ffn['dense']['median_ms']:.2f} |")
+    return lines
+
+
 def _monta_kernels(env: dict) -> str:
     unpadded = env.get("grouped_gemm_default")
+    fused = (", SwiGLU·prob fused into fc1's forward (`monta/swiglu_gemm.py`)"
+             if env.get("fused_swiglu", "0") != "0" else "")
     if unpadded and unpadded != "torch":
-        return f"forward and input gradient on `{unpadded}`, weight gradient on torch"
-    return "`torch._grouped_mm`"
+        return (f"forward and input gradient on `{unpadded}`, weight gradient on torch" + fused
+                + (" for the other GEMMs" if fused else ""))
+    return "`torch._grouped_mm`" + fused
 
 
 def _per_op_table(r: dict) -> list[str]:
@@ -165,6 +187,17 @@ def layer_table(r: dict) -> list[str]:
                      + f" | {a2a['median_ms']:.2f} | "
                      f"{a2a['speedup_vs_megatron']:.2f}× | {syncs} | "
                      f"{ours.get('rel_err_output', float('nan')):.1e} |")
+    unfused = [(name, layer["variants"]) for name, layer in r["moe_layer"].items()
+               if "monta_grouped_unfused" in layer["variants"]]
+    if unfused:
+        lines += ["", "MoNTA's layer with SwiGLU·prob as its own kernels (`MONTA_FUSED_SWIGLU=0`), "
+                  "same rounds:", "", "| shapes | ms | speedup | back to back ms | speedup |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, v in unfused:
+            u = v["monta_grouped_unfused"]
+            lines.append(f"| {_shape_label(name, r['shapes'][name])} | {u['median_ms']:.2f} | "
+                         f"{u['speedup_vs_megatron']:.2f}× | {u['chained_median_ms']:.2f} | "
+                         f"{u['chained_speedup_vs_megatron']:.2f}× |")
     return lines + [""]
 
 

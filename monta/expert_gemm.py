@@ -254,6 +254,19 @@ def choices() -> dict:
     return dict(_chosen)
 
 
+def rows(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor) -> torch.Tensor:
+    """``out[rows_e] = a[rows_e] @ b[e]`` (forward or input gradient) on the kernel chosen
+    for it; not differentiable (:func:`grouped_mm` is)."""
+    return _tuned("rows", (a, b, row_ends), b, a.size(0))
+
+
+def wgrad(x: torch.Tensor, dy: torch.Tensor, row_ends: torch.Tensor,
+          like: torch.Tensor) -> torch.Tensor:
+    """``dw[e] = x[rows_e]ᵀ @ dy[rows_e]`` with ``like``'s shape and strides, on the kernel
+    chosen for it."""
+    return _tuned("wgrad", (x, dy, row_ends, like), like, x.size(0))
+
+
 class GroupedMM(torch.autograd.Function):
     """``out[rows_e] = x[rows_e] @ w[e]``: forward, input and weight gradients each on the
     kernel tuned for it; ``w`` [E, K, N] may be a transposed view (its gradient keeps its
@@ -263,7 +276,7 @@ class GroupedMM(torch.autograd.Function):
     def forward(ctx, x, w, row_ends):
         ctx.save_for_backward(x, w, row_ends)
         ctx.alignment = getattr(row_ends, "alignment", None)
-        return _tuned("rows", (x, w, row_ends), w, x.size(0))
+        return rows(x, w, row_ends)
 
     @staticmethod
     def backward(ctx, dy):
@@ -274,10 +287,9 @@ class GroupedMM(torch.autograd.Function):
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            w_t = w.transpose(1, 2)
-            dx = _tuned("rows", (dy, w_t, row_ends), w_t, dy.size(0))
+            dx = rows(dy, w.transpose(1, 2), row_ends)
         if ctx.needs_input_grad[1]:
-            dw = _tuned("wgrad", (x, dy, row_ends, w), w, x.size(0))
+            dw = wgrad(x, dy, row_ends, w)
         return dx, dw, None
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe import grouped_gemm_util
 from megatron.core.transformer.moe.experts import GroupedMLP
 
-from monta import expert_gemm
+from monta import expert_gemm, swiglu_gemm
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +158,19 @@ class MoNTAGroupedMLP(GroupedMLP):
         offsets = None
         if grouped_mm_supported(x, w1):
             offsets = expert_offsets(tokens_per_expert, x.device)  # shared by both GEMMs
+            fused = swiglu_gemm.fused_passes()
+            if fused != "0" and self._fusable(x, w1, w2):
+                return swiglu_gemm.swiglu_expert_ffn(x, w1, w2, probs, offsets,
+                                                     fuse_backward=fused == "all"), None
         return self._mlp(x, probs,
                          lambda t: grouped_mm(t, w1, tokens_per_expert, offsets),
                          lambda t: grouped_mm(t, w2, tokens_per_expert, offsets)), None
+
+    def _fusable(self, x, w1, w2) -> bool:
+        """SwiGLU·prob fused into the GEMMs (:mod:`monta.swiglu_gemm`) where its kernels run
+        and nothing asks for the activation on its own (recomputation checkpoints it)."""
+        return (self._glu and self.config.activation_func is F.silu
+                and not self.activation_recompute and swiglu_gemm.supported(x, w1, w2))
 
     def _mlp(self, x, probs, fc1, fc2):
         h = fc1(x)

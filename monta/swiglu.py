@@ -94,13 +94,19 @@ class WeightedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         h, probs = ctx.saved_tensors
-        dy = dy.contiguous()
-        n, width = h.shape
-        dh = torch.empty_like(h)
-        dp = torch.empty(n, dtype=torch.float32, device=h.device)
-        if n:
-            _backward_kernel[(n,)](h, probs, dy, dh, dp, width // 2, BLOCK_SIZE=BLOCK)
+        dh, dp = weighted_swiglu_backward(h, probs, dy)
         return dh, dp.view_as(probs).to(probs.dtype)
+
+
+def weighted_swiglu_backward(h: torch.Tensor, probs: torch.Tensor, dy: torch.Tensor):
+    """(dh [n, 2F], dp [n] fp32) for ``y = silu(gate)·up·prob`` given ``dy`` [n, F]."""
+    dy = dy.contiguous()
+    n, width = h.shape
+    dh = torch.empty_like(h)
+    dp = torch.empty(n, dtype=torch.float32, device=h.device)
+    if n:
+        _backward_kernel[(n,)](h, probs, dy, dh, dp, width // 2, BLOCK_SIZE=BLOCK)
+    return dh, dp
 
 
 def weighted_swiglu(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

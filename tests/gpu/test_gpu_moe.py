@@ -364,6 +364,79 @@ def _uneven_experts_problem(layout: str, seed: int):
     return counts, ends, x, dy, w
 
 
+@pytest.mark.parametrize("fuse_backward", [False, True])
+@pytest.mark.parametrize("ffn", [384, 1096])
+def test_fused_swiglu_expert_ffn_matches_fp64(nccl_world_of_one, ffn, fuse_backward):
+    """monta/swiglu_gemm.py: fc1 with SwiGLU·prob in its epilogue and (or not) fc2's input
+    gradient with the activation's backward in its epilogue, against an fp64 FFN: output and
+    the gradients of x, both weights and the probabilities; uneven and empty experts, an FFN
+    width that is (1096) and is not (384) a multiple of the column tile."""
+    import torch.nn.functional as F
+
+    from monta import swiglu_gemm
+
+    counts = torch.tensor([300, 0, 17, 0, 1000, 1, 0, 129], device="cuda")
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    gen = torch.Generator(device="cuda").manual_seed(ffn)
+    n, hidden = int(counts.sum()), 256
+    x = torch.randn(n, hidden, device="cuda", generator=gen).bfloat16()
+    w1 = (torch.randn(8, hidden, 2 * ffn, device="cuda", generator=gen) / 16).bfloat16()
+    w2 = (torch.randn(8, ffn, hidden, device="cuda", generator=gen) / ffn ** 0.5).bfloat16()
+    probs = torch.rand(n, 1, device="cuda", generator=gen)
+    dout = torch.randn(n, hidden, device="cuda", generator=gen).bfloat16()
+    assert swiglu_gemm.supported(x, w1, w2)
+    fused = [t.clone().requires_grad_(True) for t in (x, w1, w2, probs)]
+    out = swiglu_gemm.swiglu_expert_ffn(*fused, ends, fuse_backward=fuse_backward)
+    out.backward(dout)
+    ref = [t.double().requires_grad_(True) for t in (x, w1, w2, probs)]
+    starts = [0, *torch.cumsum(counts, 0).tolist()]
+    pieces = []
+    for e, (a, b) in enumerate(zip(starts, starts[1:])):
+        gate, up = torch.chunk(ref[0][a:b] @ ref[1][e], 2, dim=-1)
+        pieces.append((F.silu(gate) * up * ref[3][a:b]) @ ref[2][e])
+    want = torch.cat(pieces)
+    want.backward(dout.double())
+    assert out.dtype == torch.bfloat16 and _rel_err(out, want) < 1e-2
+    busy = counts > 0
+    for name, got, wanted in (("x", fused[0].grad, ref[0].grad), ("probs", fused[3].grad,
+                                                                   ref[3].grad),
+                              ("w1", fused[1].grad[busy], ref[1].grad[busy]),
+                              ("w2", fused[2].grad[busy], ref[2].grad[busy])):
+        assert _rel_err(got, wanted) < 1e-2, name
+    for grad in (fused[1].grad, fused[2].grad):
+        assert torch.count_nonzero(grad[~busy]) == 0, "an empty expert got a weight gradient"
+
+
+def test_moe_layer_fused_swiglu_matches_unfused(nccl_world_of_one, monkeypatch):
+    """The grouped experts inside MoNTA's layer take the fused path by default (``fwd``) and
+    under ``all``; both agree with MONTA_FUSED_SWIGLU=0 (the activation as its own kernels) to
+    bf16 precision, in the output and every parameter's gradient."""
+    from monta import swiglu_gemm
+
+    calls = []
+    real = swiglu_gemm.swiglu_expert_ffn
+    monkeypatch.setattr(swiglu_gemm, "swiglu_expert_ffn",
+                        lambda *args: calls.append(1) or real(*args))
+    layer = _moe_layer("monta", grouped=True)
+    x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+    results = []
+    for fused in ("fwd", "all", "0"):
+        monkeypatch.setenv("MONTA_FUSED_SWIGLU", fused)
+        layer.zero_grad(set_to_none=True)
+        inp = x.clone().requires_grad_(True)
+        out = layer(inp)[0]
+        out.backward(grad)
+        results.append((out, inp.grad, {k: p.grad for k, p in layer.named_parameters()}))
+    assert len(calls) == 2, "the fused path ran other than once per fused setting"
+    out0, dx0, g0 = results[-1]
+    for out1, dx1, g1 in results[:-1]:
+        assert _rel_err(out1, out0) < 1e-2 and _rel_err(dx1, dx0) < 1e-2
+        assert g1.keys() == g0.keys()
+        for name in g1:
+            assert _rel_err(g1[name], g0[name]) < 2e-2, name
+
+
 @pytest.mark.parametrize("layout", ["row", "col"])
 @pytest.mark.parametrize("tma", [False, True])
 def test_triton_grouped_gemm_kernels_match_fp64(nccl_world_of_one, layout, tma):

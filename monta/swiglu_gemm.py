@@ -1,0 +1,240 @@
+"""The expert FFN with SwiGLU × router probability fused into its grouped GEMMs (Triton, Hopper).
+
+Unfused, the FFN makes two extra passes over its widest tensor, the ``[rows, 2F]`` output of
+fc1 (~1 GB at Mixtral shapes): the activation's forward reads it to write ``y``, its backward
+reads it again with fc2's input gradient to write ``dh`` (:mod:`monta.swiglu`, ~0.9 ms per
+layer at Mixtral shapes on an H200, bench/results/gpu_moe.md). Here they move into GEMM
+epilogues, where the operands are already in registers:
+
+    fc1 forward       acc_g = x·W1[e][:, cols],  acc_u = x·W1[e][:, F + cols]
+                      writes h = [acc_g | acc_u] (saved for backward) and y = silu(g)·u·p
+    fc2 input grad    d = dout·W2[e]ᵀ for the same tile of y's columns, never written:
+                      dh = [d·p·u·silu'(g) | d·p·silu(g)] and dp += Σ_cols d·silu(g)·u
+
+Each program owns one ``BLOCK_M`` × ``BLOCK_N`` tile of ``y``'s columns and so holds the gate
+and up halves of the same columns in two accumulators: megatron's ``[gate | up]`` weight
+layout stays as it is (checkpoints unchanged). Rounding matches the unfused path: ``h`` and
+``d`` are rounded to bf16 before the activation uses them.
+
+``MONTA_FUSED_SWIGLU`` picks: ``fwd`` (default) fuses fc1's forward only; ``all`` also fc2's
+input gradient; ``0`` neither. Why the backward is opt-in, measured on an H200 in interleaved
+rounds (scratch probe of this module, median ms): fc1 + activation forward 6.45 fused vs 6.51
+unfused at Mixtral shapes and 1.21 vs 1.27 at fine-grained ones, but fc2's input gradient +
+activation backward 4.33 fused vs 3.70 unfused (Mixtral) and 1.05 vs 0.80 (fine-grained).
+Triton's input-gradient GEMM already trails CUTLASS's there, and, not persistent, it cannot
+hide its epilogue's loads of ``h`` behind the next tile's main loop. Under ``all``, ``dp`` is
+summed across column tiles with fp32 atomics, so its last bits depend on the order the tiles
+finish.
+
+The other GEMMs run on whatever :mod:`monta.expert_gemm` picks. Tiles are located from the
+device row ends as in :mod:`monta.grouped_gemm`, so the layer stays free of host syncs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from monta import expert_gemm, grouped_gemm, swiglu
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the unfused path runs
+    triton = None
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). fc1's BLOCK_N columns of y are 2·BLOCK_N
+# GEMM columns (gate and up), so 128 here is the work of a 128×256 tile.
+FC1_CONFIG = (128, 128, 64, 4, 8)
+DGRAD_CONFIG = (128, 128, 64, 4, 8)
+GROUP_M = grouped_gemm.GROUP_M
+
+if grouped_gemm.TensorDescriptor is not None:
+    _locate_tile = grouped_gemm._locate_tile
+
+    @triton.jit
+    def _tile_of(pid, row_ends_ptr, F, E: tl.constexpr, E_POW2: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """Expert, first row, end row and first column of y for program ``pid`` (GROUP_M row
+        tiles sweep the columns together, so they share W[e]'s slab in L2)."""
+        per_group = GROUP_M * tl.cdiv(F, BLOCK_N)
+        m_tile = (pid // per_group) * GROUP_M + (pid % per_group) % GROUP_M
+        n0 = ((pid % per_group) // GROUP_M) * BLOCK_N
+        expert, row0, row_end = _locate_tile(row_ends_ptr, m_tile, E, E_POW2, BLOCK_M)
+        return expert, row0, row_end, n0
+
+    @triton.jit
+    def _fc1_swiglu_kernel(x_desc, w_desc, h_ptr, y_ptr, p_ptr, row_ends_ptr, F, K,
+                           E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr):
+        # w_desc: W1 as [E·K, 2F] row-major storage; K % BLOCK_K == 0, so a K block never
+        # reaches the next expert. A gate block past F reads up columns and an up block past
+        # 2F reads zeros: both land only in columns the stores mask off.
+        expert, row0, row_end, n0 = _tile_of(tl.program_id(0), row_ends_ptr, F, E, E_POW2,
+                                             BLOCK_M, BLOCK_N, GROUP_M)
+        if expert < E:
+            acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                a = x_desc.load([row0, k])
+                acc_g = tl.dot(a, w_desc.load([expert * K + k, n0]), acc_g)
+                acc_u = tl.dot(a, w_desc.load([expert * K + k, F + n0]), acc_u)
+            rows = row0 + tl.arange(0, BLOCK_M)
+            cols = n0 + tl.arange(0, BLOCK_N)
+            row_ok = rows < row_end
+            mask = row_ok[:, None] & (cols < F)[None, :]
+            out_ty = h_ptr.dtype.element_ty
+            gate, up = acc_g.to(out_ty), acc_u.to(out_ty)
+            h_rows = h_ptr + rows.to(tl.int64)[:, None] * (2 * F) + cols[None, :]
+            tl.store(h_rows, gate, mask=mask)
+            tl.store(h_rows + F, up, mask=mask)
+            g = gate.to(tl.float32)
+            prob = tl.load(p_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            y = g * tl.sigmoid(g) * up.to(tl.float32) * prob[:, None]
+            tl.store(y_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :], y.to(out_ty),
+                     mask=mask)
+
+    @triton.jit
+    def _fc2_dgrad_swiglu_kernel(dout_desc, w_desc, h_ptr, p_ptr, dh_ptr, dp_ptr, row_ends_ptr,
+                                 F, K, E: tl.constexpr, E_POW2: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # w_desc: W2 as [E·F, K] row-major storage (W2[e] is [F, K=H]); its block of rows n0..
+        # may run into the next expert's rows past F: those columns are masked off below.
+        expert, row0, row_end, n0 = _tile_of(tl.program_id(0), row_ends_ptr, F, E, E_POW2,
+                                             BLOCK_M, BLOCK_N, GROUP_M)
+        if expert < E:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                acc = tl.dot(dout_desc.load([row0, k]),
+                             tl.trans(w_desc.load([expert * F + n0, k])), acc)
+            rows = row0 + tl.arange(0, BLOCK_M)
+            cols = n0 + tl.arange(0, BLOCK_N)
+            row_ok = rows < row_end
+            mask = row_ok[:, None] & (cols < F)[None, :]
+            out_ty = dh_ptr.dtype.element_ty
+            d = acc.to(out_ty).to(tl.float32)
+            offsets = rows.to(tl.int64)[:, None] * (2 * F) + cols[None, :]
+            g = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(h_ptr + offsets + F, mask=mask, other=0.0).to(tl.float32)
+            prob = tl.load(p_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            sig = tl.sigmoid(g)
+            silu = g * sig
+            tl.store(dh_ptr + offsets, (d * prob * u * sig * (1.0 + g * (1.0 - sig))).to(out_ty),
+                     mask=mask)
+            tl.store(dh_ptr + offsets + F, (d * prob * silu).to(out_ty), mask=mask)
+            tl.atomic_add(dp_ptr + rows, tl.sum(tl.where(mask, d * silu * u, 0.0), axis=1),
+                          mask=row_ok)
+
+
+def _grid(rows: int, experts: int, ffn: int, config) -> tuple[int]:
+    """Enough programs for the worst case: ceil(rows / BM) + E row tiles (each expert may end
+    in a partial one), in whole GROUP_M groups, times y's column tiles."""
+    block_m, block_n = config[:2]
+    max_tiles = triton.cdiv(rows, block_m) + experts
+    return (triton.cdiv(max_tiles, GROUP_M) * GROUP_M * triton.cdiv(ffn, block_n),)
+
+
+def supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether the fused kernels run ``x [n, H]`` through ``w1 [E, H, 2F]`` and ``w2 [E, F,
+    H]`` here: Triton with TMA descriptors on a CUDA GPU, bf16, both weights contiguous (how
+    ``GroupedMLP`` views its parameters), H a multiple of the K block, 16-byte aligned rows."""
+    if grouped_gemm.TensorDescriptor is None or not x.is_cuda:
+        return False
+    if {x.dtype, w1.dtype, w2.dtype} != {torch.bfloat16}:
+        return False
+    if not (w1.is_contiguous() and w2.is_contiguous()):
+        return False
+    hidden, ffn = w1.size(1), w2.size(1)
+    return (w1.size(2) == 2 * ffn and w2.size(2) == hidden and x.size(1) == hidden
+            and hidden % max(FC1_CONFIG[2], DGRAD_CONFIG[2]) == 0 and ffn % 8 == 0
+            and grouped_gemm._tma_ready(x))
+
+
+FUSE_CHOICES = ("fwd", "all", "0")
+
+
+def fused_passes() -> str:
+    """``MONTA_FUSED_SWIGLU`` (see module doc): ``fwd`` (default), ``all`` or ``0``."""
+    asked = os.environ.get("MONTA_FUSED_SWIGLU", "fwd")
+    if asked not in FUSE_CHOICES:
+        raise ValueError(f"MONTA_FUSED_SWIGLU must be one of {', '.join(FUSE_CHOICES)}, "
+                         f"got {asked!r}")
+    return asked
+
+
+def fc1_swiglu(x, w1, probs, row_ends, config=FC1_CONFIG):
+    """(h [n, 2F], y [n, F]): ``h`` = fc1's output per expert, ``y = silu(gate)·up·prob``."""
+    experts, hidden, width = w1.shape
+    ffn = width // 2
+    h = torch.empty(x.size(0), width, device=x.device, dtype=x.dtype)
+    y = torch.empty(x.size(0), ffn, device=x.device, dtype=x.dtype)
+    if x.size(0) == 0:
+        return h, y
+    block_m, block_n, block_k, stages, warps = config
+    x_desc = grouped_gemm.TensorDescriptor.from_tensor(x, [block_m, block_k])
+    w_desc = grouped_gemm.TensorDescriptor.from_tensor(w1.view(experts * hidden, width),
+                                                       [block_k, block_n])
+    _fc1_swiglu_kernel[_grid(x.size(0), experts, ffn, config)](
+        x_desc, w_desc, h, y, probs, row_ends, ffn, hidden, E=experts,
+        E_POW2=triton.next_power_of_2(experts), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP_M=GROUP_M, num_stages=stages, num_warps=warps)
+    return h, y
+
+
+def fc2_dgrad_swiglu(dout, w2, h, probs, row_ends, config=DGRAD_CONFIG):
+    """(dh [n, 2F], dp [n] fp32): the gradients of fc1's output and of the probabilities,
+    from fc2's output gradient ``dout`` [n, H] (see module doc)."""
+    experts, ffn, hidden = w2.shape
+    dh = torch.empty_like(h)
+    dp = torch.zeros(dout.size(0), device=dout.device, dtype=torch.float32)
+    if dout.size(0) == 0:
+        return dh, dp
+    block_m, block_n, block_k, stages, warps = config
+    dout_desc = grouped_gemm.TensorDescriptor.from_tensor(dout, [block_m, block_k])
+    w_desc = grouped_gemm.TensorDescriptor.from_tensor(w2.view(experts * ffn, hidden),
+                                                       [block_n, block_k])
+    _fc2_dgrad_swiglu_kernel[_grid(dout.size(0), experts, ffn, config)](
+        dout_desc, w_desc, h, probs, dh, dp, row_ends, ffn, hidden, E=experts,
+        E_POW2=triton.next_power_of_2(experts), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP_M=GROUP_M, num_stages=stages, num_warps=warps)
+    return dh, dp
+
+
+class SwiGLUExpertFFN(torch.autograd.Function):
+    """``out = fc2(silu(gate)·up·prob)`` with ``[gate | up] = fc1(x)``, per expert group:
+    x [n, H], w1 [E, H, 2F], w2 [E, F, H], probs [n, 1], row_ends int32 [E] on the device;
+    ``fuse_backward``: fc2's input gradient with the activation's backward in its epilogue."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, probs, row_ends, fuse_backward):
+        probs = probs.contiguous()
+        h, y = fc1_swiglu(x, w1, probs, row_ends)
+        ctx.save_for_backward(x, w1, w2, probs, row_ends, h, y)
+        ctx.alignment = getattr(row_ends, "alignment", None)
+        ctx.fuse_backward = fuse_backward
+        return expert_gemm.rows(y, w2, row_ends)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w1, w2, probs, row_ends, h, y = ctx.saved_tensors
+        if ctx.alignment is not None:  # a saved tensor comes back without Python attributes
+            row_ends = row_ends.view_as(row_ends)
+            row_ends.alignment = ctx.alignment
+        dout = dout.contiguous()
+        if ctx.fuse_backward:
+            dh, dp = fc2_dgrad_swiglu(dout, w2, h, probs, row_ends)
+        else:
+            dy = expert_gemm.rows(dout, w2.transpose(1, 2), row_ends)
+            dh, dp = swiglu.weighted_swiglu_backward(h, probs, dy)
+        dw2 = expert_gemm.wgrad(y, dout, row_ends, w2) if ctx.needs_input_grad[2] else None
+        dx = expert_gemm.rows(dh, w1.transpose(1, 2), row_ends) if ctx.needs_input_grad[0] \
+            else None
+        dw1 = expert_gemm.wgrad(x, dh, row_ends, w1) if ctx.needs_input_grad[1] else None
+        return dx, dw1, dw2, dp.view_as(probs).to(probs.dtype), None, None
+
+
+def swiglu_expert_ffn(x, w1, w2, probs, row_ends, fuse_backward: bool = False):
+    return SwiGLUExpertFFN.apply(x, w1, w2, probs, row_ends, fuse_backward)
