@@ -19,7 +19,7 @@ On the one-rank dispatch path the router also skips megatron's dense [tokens, ex
 probabilities and map: with :attr:`MoNTATopKRouter.emit_expert_order` set (by the layer, when
 its dispatcher takes it) and plain softmax top-k routing, ``routing()`` returns the
 probabilities already in expert order and the :class:`~monta.dispatch.plan.ExpertOrder` in
-place of the map (:mod:`monta.dispatch.routed_order`: one launch on a GPU instead of ~15).
+place of the map (:mod:`monta.dispatch.routed_order`: two launches on a GPU instead of ~15).
 """
 
 from __future__ import annotations

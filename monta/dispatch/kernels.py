@@ -9,8 +9,10 @@ argsort, index_add, scatter: ~15 launches, ~1 ms of host time at Mixtral shapes)
 GEMM behind it. :func:`expert_order` is one launch. :func:`topk_softmax_order` goes further
 for MoNTA's router: from the gating logits to the expert order and the routing probabilities
 already in that order, replacing megatron's top-k, softmax and two [T, E] scatters plus the
-order and a gather (~15 host ops) with one launch: each program routes a block of tokens, and
-the last one to finish orders them all. :func:`gather_sum` replaces
+order and a gather (~15 host ops) with two launches: each program of the first routes a block
+of tokens and the last one to finish scans the blocks' per-expert counts; each program of the
+second places its block's copies. (Until the placing ran in the last program alone, it took 0.69
+ms, 12 % of the fine-grained layer on an H200: bench/results/gpu_moe.md.) :func:`gather_sum` replaces
 ``index_select`` + ``view`` + ``sum`` (two passes and a [n, H] temporary) in the combine and in
 the dispatch's backward: at Mixtral shapes 0.22 → 0.065 ms each.
 
@@ -47,76 +49,54 @@ if triton is not None:
         return tl.where(tl.cumsum(m, axis=1) <= K, m, 0)
 
     @triton.jit
-    def _selected(mask_ptr, t, cols, T, E: tl.constexpr, K: tl.constexpr,
-                  SAME_LAUNCH: tl.constexpr):
+    def _selected(mask_ptr, t, cols, T, E: tl.constexpr, K: tl.constexpr):
         """[BT, EP] 0/1: the experts of tokens ``t`` from the [T, E] mask, each row with
-        exactly K ones. SAME_LAUNCH: other programs of this launch wrote the mask (exactly K
-        per row): loaded from L2 (``.cg``), past this SM's L1, which may hold no stale copy."""
+        exactly K ones."""
         ok = (t < T)[:, None] & (cols < E)[None, :]
-        if SAME_LAUNCH:
-            m = tl.load(mask_ptr + t[:, None] * E + cols[None, :], mask=ok, other=0,
-                        cache_modifier=".cg").to(tl.int32)
-        else:
-            m = tl.load(mask_ptr + t[:, None] * E + cols[None, :], mask=ok, other=0).to(tl.int32)
-            m = _exactly_k(m, K)
-        return tl.where(ok, m, 0)
+        m = tl.load(mask_ptr + t[:, None] * E + cols[None, :], mask=ok, other=0).to(tl.int32)
+        return tl.where(ok, _exactly_k(m, K), 0)
 
     @triton.jit
-    def _expert_order(mask_ptr, table_ptr, NB, rows_ptr, experts_ptr, flat_ptr, inverse_ptr,
-                      counts_ptr, ends_ptr, p_ptr, probs_ptr, T, E: tl.constexpr,
-                      EP: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                      SAME_LAUNCH: tl.constexpr):
-        # One program: two passes over the tokens' expert choices (T·E bytes, L2-resident);
-        # in SAME_LAUNCH the first sums the NB routing programs' [NB, EP] counts instead.
-        cols = tl.arange(0, EP)
-        counts = tl.zeros([EP], dtype=tl.int32)
-        if SAME_LAUNCH:
-            for b in range(0, NB, 64):  # 1) copies per expert
-                blocks = b + tl.arange(0, 64)
-                counts += tl.sum(tl.load(table_ptr + blocks[:, None] * EP + cols[None, :],
-                                         mask=(blocks < NB)[:, None], other=0,
-                                         cache_modifier=".cg"), axis=0)
-            tl.store(ends_ptr + cols, tl.cumsum(counts, axis=0), mask=cols < E)
-        else:
-            for start in range(0, T, BT):  # 1) copies per expert
-                m = _selected(mask_ptr, start + tl.arange(0, BT), cols, T, E, K, SAME_LAUNCH)
-                counts += tl.sum(m, axis=0)
-        tl.store(counts_ptr + cols, counts.to(tl.int64), mask=cols < E)
-        next_row = tl.cumsum(counts, axis=0) - counts  # first free expert row per expert
-        for start in range(0, T, BT):  # 2) each copy's row, rows ascending within an expert
-            t = start + tl.arange(0, BT)
-            m = _selected(mask_ptr, t, cols, T, E, K, SAME_LAUNCH)
-            sel = m != 0
-            dest = (next_row[None, :] + tl.cumsum(m, axis=0) - 1).to(tl.int64)  # [BT, EP]
-            choice = tl.cumsum(m, axis=1) - 1  # j: copy t·K + j, experts ascending
-            tokens = tl.broadcast_to(t[:, None], (BT, EP)).to(tl.int64)
-            experts = tl.broadcast_to(cols[None, :], (BT, EP)).to(tl.int64)
-            copy = tokens * K + choice
-            tl.store(inverse_ptr + copy, dest, mask=sel)
-            tl.store(rows_ptr + dest, tokens, mask=sel)
-            tl.store(experts_ptr + dest, experts, mask=sel)
-            if SAME_LAUNCH:  # flat: the copy itself; its probability ([T, E]), in expert order
-                tl.store(flat_ptr + dest, copy, mask=sel)
-                p = tl.load(p_ptr + tokens * E + experts, mask=sel, other=0.0,
-                            cache_modifier=".cg")
-                tl.store(probs_ptr + dest, p.to(probs_ptr.dtype.element_ty), mask=sel)
-            else:
-                tl.store(flat_ptr + dest, tokens * E + experts, mask=sel)
-            next_row += tl.sum(m, axis=0)
+    def _place(m, t, cols, next_row, rows_ptr, experts_ptr, flat_ptr, inverse_ptr,
+               K: tl.constexpr):
+        """Rows for tokens ``t``'s copies (``m`` [BT, EP] 0/1), from ``next_row`` [EP], the
+        first free row of each expert: rows ascending with the token within an expert.
+        Returns (dest rows, selected, tokens, experts, copies) as [BT, EP]."""
+        sel = m != 0
+        dest = (next_row[None, :] + tl.cumsum(m, axis=0) - 1).to(tl.int64)
+        choice = tl.cumsum(m, axis=1) - 1  # j: copy t·K + j, experts ascending
+        tokens = tl.broadcast_to(t[:, None], m.shape).to(tl.int64)
+        experts = tl.broadcast_to(cols[None, :], m.shape).to(tl.int64)
+        copy = tokens * K + choice
+        tl.store(inverse_ptr + copy, dest, mask=sel)
+        tl.store(rows_ptr + dest, tokens, mask=sel)
+        tl.store(experts_ptr + dest, experts, mask=sel)
+        return dest, sel, tokens, experts, copy
 
     @triton.jit
     def _expert_order_kernel(mask_ptr, rows_ptr, experts_ptr, flat_ptr, inverse_ptr, counts_ptr,
                              T, E: tl.constexpr, EP: tl.constexpr, K: tl.constexpr,
                              BT: tl.constexpr):
-        _expert_order(mask_ptr, mask_ptr, 0, rows_ptr, experts_ptr, flat_ptr, inverse_ptr,
-                      counts_ptr, counts_ptr, mask_ptr, mask_ptr, T, E, EP, K, BT, False)
+        # One program: two passes over the tokens' expert choices (T·E bytes, L2-resident).
+        cols = tl.arange(0, EP)
+        counts = tl.zeros([EP], dtype=tl.int32)
+        for start in range(0, T, BT):  # 1) copies per expert
+            counts += tl.sum(_selected(mask_ptr, start + tl.arange(0, BT), cols, T, E, K), axis=0)
+        tl.store(counts_ptr + cols, counts.to(tl.int64), mask=cols < E)
+        next_row = tl.cumsum(counts, axis=0) - counts  # first free expert row per expert
+        for start in range(0, T, BT):  # 2) each copy's row
+            t = start + tl.arange(0, BT)
+            m = _selected(mask_ptr, t, cols, T, E, K)
+            dest, sel, tokens, experts, _ = _place(m, t, cols, next_row, rows_ptr, experts_ptr,
+                                                   flat_ptr, inverse_ptr, K)
+            tl.store(flat_ptr + dest, tokens * E + experts, mask=sel)
+            next_row += tl.sum(m, axis=0)
 
     @triton.jit
     def _topk_softmax_order_kernel(logits_ptr, idx_ptr, p_ptr, mask_ptr, p_full_ptr, table_ptr,
-                                   ticket_ptr, rows_ptr, experts_ptr, flat_ptr, inverse_ptr,
-                                   counts_ptr, ends_ptr, probs_ptr, T, E: tl.constexpr,
-                                   EP: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                                   BT_ORDER: tl.constexpr):
+                                   ticket_ptr,
+                                   counts_ptr, ends_ptr, T, E: tl.constexpr,
+                                   EP: tl.constexpr, K: tl.constexpr, BT: tl.constexpr):
         # 1) every program: top-k of BT tokens' logits (ties: the lower expert id), softmax over
         #    the K picked in fp32, stored with each token's experts ascending
         t = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -142,16 +122,48 @@ if triton is not None:
         tl.store(mask_ptr + t[:, None] * E + cols[None, :], sel.to(tl.int8), mask=ok)
         tl.store(p_full_ptr + t[:, None] * E + cols[None, :], p, mask=keep)
         tl.store(table_ptr + tl.program_id(0) * EP + cols, tl.sum(keep.to(tl.int32), axis=0))
-        # 2) the last program to finish orders all copies by expert (one program, as in
-        #    expert_order). The barrier puts this program's stores before its ticket; the ticket
-        #    (acq_rel, GPU scope) orders every program's stores before the last one's loads.
+        # 2) the last program to finish turns the [NB, EP] table into each block's first row
+        #    per expert among that expert's rows (an exclusive scan over blocks, NB·EP entries)
+        #    and the per-expert counts and ends; :func:`_place_routed_kernel`, the next launch,
+        #    places every block's copies in parallel. The barrier puts this program's stores
+        #    before its ticket; the ticket (acq_rel, GPU scope) orders every program's stores
+        #    before the last one's loads, which read L2 (``.cg``) past this SM's L1.
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1)
         if ticket == tl.num_programs(0) - 1:
-            _expert_order(mask_ptr, table_ptr, tl.num_programs(0), rows_ptr, experts_ptr,
-                          flat_ptr, inverse_ptr, counts_ptr, ends_ptr, p_full_ptr, probs_ptr, T,
-                          E, EP, K, BT_ORDER, True)
+            running = tl.zeros([EP], dtype=tl.int32)
+            for b in range(0, tl.num_programs(0), 64):
+                blocks = b + tl.arange(0, 64)
+                here = (blocks < tl.num_programs(0))[:, None]
+                block_counts = tl.load(table_ptr + blocks[:, None] * EP + cols[None, :],
+                                       mask=here, other=0, cache_modifier=".cg")
+                tl.store(table_ptr + blocks[:, None] * EP + cols[None, :],
+                         running[None, :] + tl.cumsum(block_counts, axis=0) - block_counts,
+                         mask=here)
+                running += tl.sum(block_counts, axis=0)
+            tl.store(counts_ptr + cols, running.to(tl.int64), mask=cols < E)
+            tl.store(ends_ptr + cols, tl.cumsum(running, axis=0), mask=cols < E)
             tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch
+
+    @triton.jit
+    def _place_routed_kernel(mask_ptr, p_full_ptr, table_ptr, counts_ptr, ends_ptr, rows_ptr,
+                             experts_ptr, flat_ptr, inverse_ptr, probs_ptr, T,
+                             E: tl.constexpr, EP: tl.constexpr, K: tl.constexpr,
+                             BT: tl.constexpr):
+        # one program per routing block: its copies' rows, flat = the copy t·K + j and its
+        # probability ([T, E]), in expert order
+        cols = tl.arange(0, EP)
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        ok = (t < T)[:, None] & (cols < E)[None, :]
+        m = tl.load(mask_ptr + t[:, None] * E + cols[None, :], mask=ok, other=0).to(tl.int32)
+        expert_start = (tl.load(ends_ptr + cols, mask=cols < E, other=0)
+                        - tl.load(counts_ptr + cols, mask=cols < E, other=0).to(tl.int32))
+        next_row = expert_start + tl.load(table_ptr + tl.program_id(0) * EP + cols)
+        dest, sel, tokens, experts, copy = _place(m, t, cols, next_row, rows_ptr, experts_ptr,
+                                                  flat_ptr, inverse_ptr, K)
+        tl.store(flat_ptr + dest, copy, mask=sel)
+        p = tl.load(p_full_ptr + tokens * E + experts, mask=sel, other=0.0)
+        tl.store(probs_ptr + dest, p.to(probs_ptr.dtype.element_ty), mask=sel)
 
     @triton.jit
     def _gather_sum_kernel(y_ptr, idx_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
@@ -203,7 +215,7 @@ def _ticket(device: torch.device) -> torch.Tensor:
 
 
 def topk_softmax_order(logits: torch.Tensor, topk: int):
-    """Router top-k, softmax over the picked logits and the expert order, in one launch.
+    """Router top-k, softmax over the picked logits and the expert order, in two launches.
 
     ``logits`` [T, E] → (probs [n] (logits' dtype, in expert order), idx [T, k] int64 (each
     token's experts ascending), p [T, k] fp32 softmax in idx's order, rows, experts, flat,
@@ -227,11 +239,11 @@ def topk_softmax_order(logits: torch.Tensor, topk: int):
     blocks = triton.cdiv(T, bt)
     int32s = torch.empty(blocks * ep + E, dtype=torch.int32, device=logits.device)
     ends = int32s[blocks * ep:]
-    # the ordering program: twice the rows per block with twice the warps (it runs alone)
-    _topk_softmax_order_kernel[(blocks,)](
-        logits.contiguous(), idx, p, mask, floats[n:], int32s, _ticket(logits.device), rows,
-        experts, flat, inverse, counts, ends, probs, T, E=E, EP=ep, K=topk, BT=bt,
-        BT_ORDER=2 * bt, num_warps=16)
+    routing = (logits.contiguous(), idx, p, mask, floats[n:], int32s, _ticket(logits.device))
+    _topk_softmax_order_kernel[(blocks,)](*routing, counts, ends, T, E=E, EP=ep, K=topk, BT=bt,
+                                          num_warps=8)
+    _place_routed_kernel[(blocks,)](mask, floats[n:], int32s, counts, ends, rows, experts, flat,
+                                    inverse, probs, T, E=E, EP=ep, K=topk, BT=bt, num_warps=8)
     return probs, idx.view(T, topk), p.view(T, topk), rows, experts, flat, inverse, counts, ends
 
 

@@ -8,7 +8,7 @@ probabilities from [T, E]. On one GPU every one of those small launches costs th
 ~40–70 µs while the GPU waits for the first expert GEMM. Here the router's softmax top-k goes
 into the order without dense tensors: :func:`route_in_expert_order` returns the routing
 probabilities already in expert order and the :class:`~monta.dispatch.plan.ExpertOrder` itself,
-on a GPU from one Triton launch (:func:`monta.dispatch.kernels.topk_softmax_order`).
+on a GPU from two Triton launches (:func:`monta.dispatch.kernels.topk_softmax_order`).
 
 Same numbers as megatron's ``topk_routing_with_score_function`` (softmax score function, top-k
 then softmax over the k logits in fp32, rounded to the logits' dtype) followed by the dispatcher's

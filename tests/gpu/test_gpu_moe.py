@@ -217,13 +217,15 @@ def test_expert_order_kernel_pads_short_rows(nccl_world_of_one):
 
 
 def test_topk_softmax_order_kernel_matches_torch(nccl_world_of_one):
-    """monta/dispatch/kernels.py's one-launch router top-k + softmax + expert order (through
+    """monta/dispatch/kernels.py's two-launch router top-k + softmax + expert order (through
     routed_order.route_in_expert_order) = the torch version on CPU: the same order, the same
-    probabilities, the same logits gradient; twice in a row (the ticket counter resets)."""
+    probabilities, the same logits gradient; twice in a row (the ticket counter resets); up to
+    1250 routing blocks (256 experts), so the block scan runs in many chunks."""
     from monta.dispatch.routed_order import route_in_expert_order
 
     for tokens, experts, topk, dtype in ((8192, 8, 2, torch.bfloat16), (1000, 64, 6, torch.float32),
-                                         (77, 16, 1, torch.bfloat16), (0, 8, 2, torch.bfloat16)):
+                                         (77, 16, 1, torch.bfloat16), (0, 8, 2, torch.bfloat16),
+                                         (20000, 256, 8, torch.float32)):
         gen = torch.Generator(device="cuda").manual_seed(tokens)
         if dtype == torch.bfloat16:  # distinct within a row, exact in bf16: no ties to break
             logits = torch.rand(tokens, experts, device="cuda", generator=gen).argsort(1) / 4
@@ -416,7 +418,7 @@ def test_moe_layer_fused_swiglu_matches_unfused(nccl_world_of_one, monkeypatch):
     calls = []
     real = swiglu_gemm.swiglu_expert_ffn
     monkeypatch.setattr(swiglu_gemm, "swiglu_expert_ffn",
-                        lambda *args: calls.append(1) or real(*args))
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     layer = _moe_layer("monta", grouped=True)
     x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn_like(x)
