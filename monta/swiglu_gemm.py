@@ -165,22 +165,26 @@ def fused_passes() -> str:
     return asked
 
 
+def _launch(kernel, a, weight_2d, weight_block, experts, ffn, config, *pointers):
+    """``kernel`` over ``a``'s rows: TMA descriptors for ``a`` and the weight's 2-D storage,
+    the worst-case grid over y's columns, the shared constants."""
+    block_m, block_n, block_k, stages, warps = config
+    a_desc = grouped_gemm.TensorDescriptor.from_tensor(a, [block_m, block_k])
+    w_desc = grouped_gemm.TensorDescriptor.from_tensor(weight_2d, weight_block)
+    kernel[_grid(a.size(0), experts, ffn, config)](
+        a_desc, w_desc, *pointers, ffn, a.size(1), E=experts,
+        E_POW2=triton.next_power_of_2(experts), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP_M=GROUP_M, num_stages=stages, num_warps=warps)
+
+
 def fc1_swiglu(x, w1, probs, row_ends, config=FC1_CONFIG):
     """(h [n, 2F], y [n, F]): ``h`` = fc1's output per expert, ``y = silu(gate)·up·prob``."""
     experts, hidden, width = w1.shape
-    ffn = width // 2
     h = torch.empty(x.size(0), width, device=x.device, dtype=x.dtype)
-    y = torch.empty(x.size(0), ffn, device=x.device, dtype=x.dtype)
-    if x.size(0) == 0:
-        return h, y
-    block_m, block_n, block_k, stages, warps = config
-    x_desc = grouped_gemm.TensorDescriptor.from_tensor(x, [block_m, block_k])
-    w_desc = grouped_gemm.TensorDescriptor.from_tensor(w1.view(experts * hidden, width),
-                                                       [block_k, block_n])
-    _fc1_swiglu_kernel[_grid(x.size(0), experts, ffn, config)](
-        x_desc, w_desc, h, y, probs, row_ends, ffn, hidden, E=experts,
-        E_POW2=triton.next_power_of_2(experts), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=GROUP_M, num_stages=stages, num_warps=warps)
+    y = torch.empty(x.size(0), width // 2, device=x.device, dtype=x.dtype)
+    if x.size(0):
+        _launch(_fc1_swiglu_kernel, x, w1.view(experts * hidden, width), [config[2], config[1]],
+                experts, width // 2, config, h, y, probs, row_ends)
     return h, y
 
 
@@ -190,16 +194,9 @@ def fc2_dgrad_swiglu(dout, w2, h, probs, row_ends, config=DGRAD_CONFIG):
     experts, ffn, hidden = w2.shape
     dh = torch.empty_like(h)
     dp = torch.zeros(dout.size(0), device=dout.device, dtype=torch.float32)
-    if dout.size(0) == 0:
-        return dh, dp
-    block_m, block_n, block_k, stages, warps = config
-    dout_desc = grouped_gemm.TensorDescriptor.from_tensor(dout, [block_m, block_k])
-    w_desc = grouped_gemm.TensorDescriptor.from_tensor(w2.view(experts * ffn, hidden),
-                                                       [block_n, block_k])
-    _fc2_dgrad_swiglu_kernel[_grid(dout.size(0), experts, ffn, config)](
-        dout_desc, w_desc, h, probs, dh, dp, row_ends, ffn, hidden, E=experts,
-        E_POW2=triton.next_power_of_2(experts), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=GROUP_M, num_stages=stages, num_warps=warps)
+    if dout.size(0):
+        _launch(_fc2_dgrad_swiglu_kernel, dout, w2.view(experts * ffn, hidden),
+                [config[1], config[2]], experts, ffn, config, h, probs, dh, dp, row_ends)
     return dh, dp
 
 
