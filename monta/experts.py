@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -160,8 +161,12 @@ class MoNTAGroupedMLP(GroupedMLP):
             offsets = expert_offsets(tokens_per_expert, x.device)  # shared by both GEMMs
             fused = swiglu_gemm.fused_passes()
             if fused != "0" and self._fusable(x, w1, w2):
-                return swiglu_gemm.swiglu_expert_ffn(x, w1, w2, probs, offsets,
-                                                     fuse_backward=fused == "all"), None
+                try:
+                    return swiglu_gemm.swiglu_expert_ffn(x, w1, w2, probs, offsets,
+                                                         fuse_backward=fused == "all"), None
+                except Exception as error:  # e.g. Triton cannot compile it for this GPU
+                    asked = "MONTA_FUSED_SWIGLU" in os.environ  # then its failure is an error
+                    _give_up("fused", error, fused if asked else "auto")
         return self._mlp(x, probs,
                          lambda t: grouped_mm(t, w1, tokens_per_expert, offsets),
                          lambda t: grouped_mm(t, w2, tokens_per_expert, offsets)), None
@@ -169,7 +174,7 @@ class MoNTAGroupedMLP(GroupedMLP):
     def _fusable(self, x, w1, w2) -> bool:
         """SwiGLU·prob fused into the GEMMs (:mod:`monta.swiglu_gemm`) where its kernels run
         and nothing asks for the activation on its own (recomputation checkpoints it)."""
-        return (self._glu and self.config.activation_func is F.silu
+        return (self._glu and self.config.activation_func is F.silu and "fused" not in _failed
                 and not self.activation_recompute and swiglu_gemm.supported(x, w1, w2))
 
     def _mlp(self, x, probs, fc1, fc2):

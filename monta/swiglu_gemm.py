@@ -17,14 +17,20 @@ layout stays as it is (checkpoints unchanged). Rounding matches the unfused path
 ``d`` are rounded to bf16 before the activation uses them.
 
 ``MONTA_FUSED_SWIGLU`` picks: ``fwd`` (default) fuses fc1's forward only; ``all`` also fc2's
-input gradient; ``0`` neither. Why the backward is opt-in, measured on an H200 in interleaved
-rounds (scratch probe of this module, median ms): fc1 + activation forward 6.45 fused vs 6.51
-unfused at Mixtral shapes and 1.21 vs 1.27 at fine-grained ones, but fc2's input gradient +
-activation backward 4.33 fused vs 3.70 unfused (Mixtral) and 1.05 vs 0.80 (fine-grained).
-Triton's input-gradient GEMM already trails CUTLASS's there, and, not persistent, it cannot
-hide its epilogue's loads of ``h`` behind the next tile's main loop. Under ``all``, ``dp`` is
-summed across column tiles with fp32 atomics, so its last bits depend on the order the tiles
-finish.
+input gradient; ``0`` neither. Where the fused call fails unasked (e.g. Triton cannot compile it
+for the GPU), :class:`monta.experts.MoNTAGroupedMLP` warns once and runs unfused.
+
+Measured on an H200 (median ms, interleaved): the forward fusion is a wash at Mixtral shapes
+and a small gain at fine-grained ones. fc1 + activation forward, fused vs unfused, in two
+probes (calls back to back; one call at a time): 6.57 vs 6.39 and 6.45 vs 6.51 ms (Mixtral),
+1.17 vs 1.21 and 1.21 vs 1.27 ms (fine-grained); MoNTA's whole layer back to back (bench/results/gpu_moe.md, 8b43a16):
+28.94 vs 28.86 ms and 5.17 vs 5.40 ms. The backward fusion loses: fc2's input gradient +
+activation backward 4.33 vs 3.63–3.70 ms (Mixtral) and 0.94–1.05 vs 0.72–0.80 ms
+(fine-grained). Triton's input-gradient GEMM already trails CUTLASS's there, and, not
+persistent, it cannot hide its epilogue's loads of ``h`` behind the next tile's main loop; a
+persistent version of both kernels (the tile loop flattened with the K loop, Triton 3.6) was
+nowhere faster and up to 1.5× slower. Under ``all``, ``dp`` is summed across column tiles with fp32 atomics, so its last bits
+depend on the order the tiles finish.
 
 The other GEMMs run on whatever :mod:`monta.expert_gemm` picks. Tiles are located from the
 device row ends as in :mod:`monta.grouped_gemm`, so the layer stays free of host syncs.
@@ -139,9 +145,12 @@ def _grid(rows: int, experts: int, ffn: int, config) -> tuple[int]:
 
 def supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether the fused kernels run ``x [n, H]`` through ``w1 [E, H, 2F]`` and ``w2 [E, F,
-    H]`` here: Triton with TMA descriptors on a CUDA GPU, bf16, both weights contiguous (how
-    ``GroupedMLP`` views its parameters), H a multiple of the K block, 16-byte aligned rows."""
+    H]`` here: Triton with TMA descriptors on a Hopper or newer GPU (the configs' shared memory
+    and the measurements are Hopper's), bf16, both weights contiguous (how ``GroupedMLP`` views
+    its parameters), H a multiple of the K block, 16-byte aligned rows."""
     if grouped_gemm.TensorDescriptor is None or not x.is_cuda:
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
     if {x.dtype, w1.dtype, w2.dtype} != {torch.bfloat16}:
         return False

@@ -152,6 +152,67 @@ def test_grouped_experts_equal_sequential_mlp_on_same_weights():
     assert checked == ["alltoall/all", "alltoall/cold", "monta/all", "monta/cold"]
 
 
+def _fused_fallback_cases(rank: int, world_size: int) -> dict:
+    """The layer as on a GPU where the fused SwiGLU GEMMs apply but fail (e.g. Triton cannot
+    compile them): the fused call is stood in for by one that raises, the grouped GEMMs by the
+    loop. Unasked (no MONTA_FUSED_SWIGLU) it warns once and runs unfused; asked, it raises."""
+    import logging
+
+    from megatron.core import parallel_state as ps
+
+    from monta import experts, swiglu_gemm
+    from monta.compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    ps.initialize_model_parallel()
+    calls, warnings = [], []
+
+    def failing_ffn(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("out of resources: shared memory")
+
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    experts.logger.addHandler(handler)
+    patched = {(experts, "grouped_mm_supported"): lambda x, w: True,
+               (experts, "grouped_mm"): lambda x, w, tpe, offsets=None: loop(x, w, tpe),
+               (swiglu_gemm, "supported"): lambda x, w1, w2: True,
+               (swiglu_gemm, "swiglu_expert_ffn"): failing_ffn}
+    loop = lambda x, w, tpe: grouped_mm(x, w, tpe, force_loop=True)  # noqa: E731
+    saved = {key: getattr(*key) for key in patched}
+    try:
+        x, grad = _tokens()
+        want = _run(_moe_layer(True, "monta"), x, grad)
+        for (module, name), value in patched.items():
+            setattr(module, name, value)
+        os.environ.pop("MONTA_FUSED_SWIGLU", None)
+        got = [_run(_moe_layer(True, "monta"), x, grad) for _ in range(2)]
+        result = {"calls": len(calls), "warnings": list(warnings),
+                  "equal": all(torch.equal(g[k], want[k]) for g in got for k in want)}
+        experts._failed.discard("fused")
+        os.environ["MONTA_FUSED_SWIGLU"] = "fwd"
+        try:
+            _run(_moe_layer(True, "monta"), x, grad)
+            result["asked"] = "ran"
+        except RuntimeError as error:
+            result["asked"] = str(error)
+        return result
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
+        experts.logger.removeHandler(handler)
+        ps.destroy_model_parallel()
+
+
+def test_fused_swiglu_failure_falls_back_unless_asked_for():
+    result = run_distributed(_fused_fallback_cases, 1, timeout_s=180)[0]
+    assert result["calls"] == 1, "a fused path that failed once was tried again"
+    assert result["equal"], "the fallback did not compute what the unfused layer does"
+    assert len(result["warnings"]) == 1 and "fused" in result["warnings"][0]
+    assert "out of resources" in result["warnings"][0]
+    assert result["asked"] == "out of resources: shared memory"
+
+
 def _sharded_keys_cases(rank: int, world_size: int) -> dict:
     from megatron.core import parallel_state as ps
 
