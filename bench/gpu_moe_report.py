@@ -79,6 +79,7 @@ def expert_table(r: dict) -> list[str]:
                      for v in (*g["projections"].values(), g["ffn_fwd_bwd"])]
             lines.append(f"| {_shape_label(name, r['shapes'][name])} | " + " | ".join(cells)
                          + f" | {g['padded_rows_used']} / {g['rows']} |")
+    lines += _chained_ffn_table(r)
     lines += _fusion_table(r)
     lines += _per_op_table(r)
     act = [(name, g["activation_fwd_bwd"]) for name, g in r["expert_gemm"].items()
@@ -93,6 +94,28 @@ def expert_table(r: dict) -> list[str]:
                      else "failed" for v in rows.values()]
             lines.append(f"| {_shape_label(name, r['shapes'][name])} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _chained_ffn_table(r: dict) -> list[str]:
+    rows = [(name, g["ffn_fwd_bwd"]) for name, g in r["expert_gemm"].items()
+            if "chained_median_ms" in g["ffn_fwd_bwd"]["dense"]]
+    if not rows:
+        return []
+    names = [(k, label) for k, label in (
+        ("grouped", "MoNTA"), ("grouped_torch", "`torch._grouped_mm`"),
+        ("grouped_unfused", "MoNTA, SwiGLU·prob unfused"), ("grouped_padded", "MoNTA, padded rows"))
+        if k in rows[0][1]]
+    lines = ["", f"The expert FFN forward + backward back to back ({rows[0][1]['dense']['chain']} "
+             "calls without a sync, as a training step runs its layers: launch latency off the "
+             "clock for all), ms (% of dense; same run, interleaved):", "",
+             "| shapes | " + " | ".join(label for _, label in names) + " | dense |",
+             "|---|" + "---:|" * (len(names) + 1)]
+    for name, ffn in rows:
+        cells = [f"{ffn[k]['chained_median_ms']:.2f} ({_pct(ffn[k]['chained_fraction_of_dense'])})"
+                 if "chained_median_ms" in ffn.get(k, {}) else "—" for k, _ in names]
+        lines.append(f"| {_shape_label(name, r['shapes'][name])} | " + " | ".join(cells)
+                     + f" | {ffn['dense']['chained_median_ms']:.2f} |")
+    return lines
 
 
 def _fusion_table(r: dict) -> list[str]:
