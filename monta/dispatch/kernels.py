@@ -6,13 +6,15 @@ Why kernels: on one GPU the layer's work before the first expert GEMM is a chain
 launches, each costing the host ~40 µs (H200 machine, measured) while the GPU waits, so the
 torch version of :func:`monta.dispatch.plan.order_by_expert_topk` (topk over the mask, a radix
 argsort, index_add, scatter: ~15 launches, ~1 ms of host time at Mixtral shapes) delays every
-GEMM behind it. :func:`expert_order` is one launch. :func:`topk_softmax_order` goes further
-for MoNTA's router: from the gating logits to the expert order and the routing probabilities
+GEMM behind it. :func:`expert_order` is two launches: each program of the first counts a
+block of tokens' copies per expert and the last one to finish scans the blocks' counts; each
+program of the second places its block's copies. :func:`topk_softmax_order` goes further for
+MoNTA's router: from the gating logits to the expert order and the routing probabilities
 already in that order, replacing megatron's top-k, softmax and two [T, E] scatters plus the
-order and a gather (~15 host ops) with two launches: each program of the first routes a block
-of tokens and the last one to finish scans the blocks' per-expert counts; each program of the
-second places its block's copies. (Until the placing ran in the last program alone, it took 0.69
-ms, 12 % of the fine-grained layer on an H200: bench/results/gpu_moe.md.) :func:`gather_sum` replaces
+order and a gather (~15 host ops) with the same two launches, the first also routing its block.
+(While the last program placed every copy alone, it took 0.69 ms, 12 % of the fine-grained
+layer on an H200: bench/results/gpu_moe_runs/gpu_moe_8b43a16.json has the layer after.)
+:func:`gather_sum` replaces
 ``index_select`` + ``view`` + ``sum`` (two passes and a [n, H] temporary) in the combine and in
 the dispatch's backward: at Mixtral shapes 0.22 → 0.065 ms each.
 
@@ -74,23 +76,39 @@ if triton is not None:
         return dest, sel, tokens, experts, copy
 
     @triton.jit
-    def _expert_order_kernel(mask_ptr, rows_ptr, experts_ptr, flat_ptr, inverse_ptr, counts_ptr,
-                             T, E: tl.constexpr, EP: tl.constexpr, K: tl.constexpr,
+    def _count_and_scan(m, table_ptr, ticket_ptr, counts_ptr, ends_ptr, cols,
+                        E: tl.constexpr, EP: tl.constexpr):
+        """This block's copies per expert (``m`` [BT, EP] 0/1) into row ``program_id`` of the
+        [NB, EP] table; the last program to finish turns the table into each block's first row
+        per expert among that expert's rows (an exclusive scan over blocks, NB·EP entries) and
+        writes the per-expert counts (int64) and ends (int32). The barrier puts this program's
+        stores before its ticket; the ticket (acq_rel, GPU scope) orders every program's stores
+        before the last one's loads, which read L2 (``.cg``) past this SM's L1."""
+        tl.store(table_ptr + tl.program_id(0) * EP + cols, tl.sum(m, axis=0))
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1)
+        if ticket == tl.num_programs(0) - 1:
+            running = tl.zeros([EP], dtype=tl.int32)
+            for b in range(0, tl.num_programs(0), 64):
+                blocks = b + tl.arange(0, 64)
+                here = (blocks < tl.num_programs(0))[:, None]
+                block_counts = tl.load(table_ptr + blocks[:, None] * EP + cols[None, :],
+                                       mask=here, other=0, cache_modifier=".cg")
+                tl.store(table_ptr + blocks[:, None] * EP + cols[None, :],
+                         running[None, :] + tl.cumsum(block_counts, axis=0) - block_counts,
+                         mask=here)
+                running += tl.sum(block_counts, axis=0)
+            tl.store(counts_ptr + cols, running.to(tl.int64), mask=cols < E)
+            tl.store(ends_ptr + cols, tl.cumsum(running, axis=0), mask=cols < E)
+            tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch
+
+    @triton.jit
+    def _count_blocks_kernel(mask_ptr, table_ptr, ticket_ptr, counts_ptr, ends_ptr, T,
+                             E: tl.constexpr, EP: tl.constexpr, K: tl.constexpr,
                              BT: tl.constexpr):
-        # One program: two passes over the tokens' expert choices (T·E bytes, L2-resident).
         cols = tl.arange(0, EP)
-        counts = tl.zeros([EP], dtype=tl.int32)
-        for start in range(0, T, BT):  # 1) copies per expert
-            counts += tl.sum(_selected(mask_ptr, start + tl.arange(0, BT), cols, T, E, K), axis=0)
-        tl.store(counts_ptr + cols, counts.to(tl.int64), mask=cols < E)
-        next_row = tl.cumsum(counts, axis=0) - counts  # first free expert row per expert
-        for start in range(0, T, BT):  # 2) each copy's row
-            t = start + tl.arange(0, BT)
-            m = _selected(mask_ptr, t, cols, T, E, K)
-            dest, sel, tokens, experts, _ = _place(m, t, cols, next_row, rows_ptr, experts_ptr,
-                                                   flat_ptr, inverse_ptr, K)
-            tl.store(flat_ptr + dest, tokens * E + experts, mask=sel)
-            next_row += tl.sum(m, axis=0)
+        m = _selected(mask_ptr, tl.program_id(0) * BT + tl.arange(0, BT), cols, T, E, K)
+        _count_and_scan(m, table_ptr, ticket_ptr, counts_ptr, ends_ptr, cols, E, EP)
 
     @triton.jit
     def _topk_softmax_order_kernel(logits_ptr, idx_ptr, p_ptr, mask_ptr, p_full_ptr, table_ptr,
@@ -117,53 +135,40 @@ if triton is not None:
         copy = t[:, None] * K + tl.cumsum(sel, axis=1) - 1
         tl.store(idx_ptr + copy, tl.broadcast_to(cols[None, :], (BT, EP)).to(tl.int64), mask=keep)
         tl.store(p_ptr + copy, p, mask=keep)
-        # and for the order: as [T, E] (mask; p where picked, for contiguous loads), and this
-        # block's copies per expert (so the order's counting pass reads NB·EP, not T·E)
+        # and for the order: as [T, E] (mask; p where picked, for contiguous loads)
         tl.store(mask_ptr + t[:, None] * E + cols[None, :], sel.to(tl.int8), mask=ok)
         tl.store(p_full_ptr + t[:, None] * E + cols[None, :], p, mask=keep)
-        tl.store(table_ptr + tl.program_id(0) * EP + cols, tl.sum(keep.to(tl.int32), axis=0))
-        # 2) the last program to finish turns the [NB, EP] table into each block's first row
-        #    per expert among that expert's rows (an exclusive scan over blocks, NB·EP entries)
-        #    and the per-expert counts and ends; :func:`_place_routed_kernel`, the next launch,
-        #    places every block's copies in parallel. The barrier puts this program's stores
-        #    before its ticket; the ticket (acq_rel, GPU scope) orders every program's stores
-        #    before the last one's loads, which read L2 (``.cg``) past this SM's L1.
-        tl.debug_barrier()
-        ticket = tl.atomic_add(ticket_ptr, 1)
-        if ticket == tl.num_programs(0) - 1:
-            running = tl.zeros([EP], dtype=tl.int32)
-            for b in range(0, tl.num_programs(0), 64):
-                blocks = b + tl.arange(0, 64)
-                here = (blocks < tl.num_programs(0))[:, None]
-                block_counts = tl.load(table_ptr + blocks[:, None] * EP + cols[None, :],
-                                       mask=here, other=0, cache_modifier=".cg")
-                tl.store(table_ptr + blocks[:, None] * EP + cols[None, :],
-                         running[None, :] + tl.cumsum(block_counts, axis=0) - block_counts,
-                         mask=here)
-                running += tl.sum(block_counts, axis=0)
-            tl.store(counts_ptr + cols, running.to(tl.int64), mask=cols < E)
-            tl.store(ends_ptr + cols, tl.cumsum(running, axis=0), mask=cols < E)
-            tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch
+        # 2) this block's copies per expert and, in the last program, the scan over blocks;
+        #    :func:`_place_kernel`, the next launch, places every block's copies in parallel
+        _count_and_scan(keep.to(tl.int32), table_ptr, ticket_ptr, counts_ptr, ends_ptr, cols,
+                        E, EP)
 
     @triton.jit
-    def _place_routed_kernel(mask_ptr, p_full_ptr, table_ptr, counts_ptr, ends_ptr, rows_ptr,
-                             experts_ptr, flat_ptr, inverse_ptr, probs_ptr, T,
-                             E: tl.constexpr, EP: tl.constexpr, K: tl.constexpr,
-                             BT: tl.constexpr):
-        # one program per routing block: its copies' rows, flat = the copy t·K + j and its
-        # probability ([T, E]), in expert order
+    def _place_kernel(mask_ptr, p_full_ptr, table_ptr, counts_ptr, ends_ptr, rows_ptr,
+                      experts_ptr, flat_ptr, inverse_ptr, probs_ptr, T, E: tl.constexpr,
+                      EP: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                      ROUTED: tl.constexpr):
+        # one program per block of tokens: its copies' rows from the scanned table. ROUTED
+        # (after _topk_softmax_order_kernel): flat = the copy t·K + j, and its probability
+        # ([T, E]) in expert order; else (a mask from torch): flat = t·E + e
         cols = tl.arange(0, EP)
         t = tl.program_id(0) * BT + tl.arange(0, BT)
-        ok = (t < T)[:, None] & (cols < E)[None, :]
-        m = tl.load(mask_ptr + t[:, None] * E + cols[None, :], mask=ok, other=0).to(tl.int32)
+        if ROUTED:  # exactly K per row, written by the routing launch
+            ok = (t < T)[:, None] & (cols < E)[None, :]
+            m = tl.load(mask_ptr + t[:, None] * E + cols[None, :], mask=ok, other=0).to(tl.int32)
+        else:
+            m = _selected(mask_ptr, t, cols, T, E, K)
         expert_start = (tl.load(ends_ptr + cols, mask=cols < E, other=0)
                         - tl.load(counts_ptr + cols, mask=cols < E, other=0).to(tl.int32))
         next_row = expert_start + tl.load(table_ptr + tl.program_id(0) * EP + cols)
         dest, sel, tokens, experts, copy = _place(m, t, cols, next_row, rows_ptr, experts_ptr,
                                                   flat_ptr, inverse_ptr, K)
-        tl.store(flat_ptr + dest, copy, mask=sel)
-        p = tl.load(p_full_ptr + tokens * E + experts, mask=sel, other=0.0)
-        tl.store(probs_ptr + dest, p.to(probs_ptr.dtype.element_ty), mask=sel)
+        if ROUTED:
+            tl.store(flat_ptr + dest, copy, mask=sel)
+            p = tl.load(p_full_ptr + tokens * E + experts, mask=sel, other=0.0)
+            tl.store(probs_ptr + dest, p.to(probs_ptr.dtype.element_ty), mask=sel)
+        else:
+            tl.store(flat_ptr + dest, tokens * E + experts, mask=sel)
 
     @triton.jit
     def _gather_sum_kernel(y_ptr, idx_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
@@ -187,18 +192,26 @@ def _block_rows(num_experts: int) -> tuple[int, int]:
 
 def expert_order(mask: torch.Tensor, topk: int):
     """``mask`` [T, E] bool → (rows [n], experts [n], flat [n] = rows·E + experts,
-    inverse [n], counts [E]), all int64, n = T·topk; see plan.order_by_expert_topk."""
+    inverse [n], counts [E]), all int64, n = T·topk; see plan.order_by_expert_topk. Two
+    launches: each program counts a block of tokens' copies per expert (the last one scans the
+    blocks), then each places its block's copies."""
     T, E = mask.shape
     n = T * topk
     out = torch.empty(4, n, dtype=torch.int64, device=mask.device)
     counts = torch.empty(E, dtype=torch.int64, device=mask.device)
-    if T:
-        ep, bt = _block_rows(E)
-        _expert_order_kernel[(1,)](mask.contiguous().view(torch.uint8), out[0], out[1], out[2],
-                                   out[3], counts, T, E=E, EP=ep, K=topk, BT=bt, num_warps=8)
-    else:
-        counts.zero_()
     rows, experts, flat, inverse = out.unbind(0)
+    if not T:
+        counts.zero_()
+        return rows, experts, flat, inverse, counts
+    ep, bt = _block_rows(E)
+    blocks = triton.cdiv(T, bt)
+    int32s = torch.empty(blocks * ep + E, dtype=torch.int32, device=mask.device)
+    mask = mask.contiguous().view(torch.uint8)
+    sizes = dict(E=E, EP=ep, K=topk, BT=bt, num_warps=8)
+    _count_blocks_kernel[(blocks,)](mask, int32s, _ticket(mask.device), counts,
+                                    int32s[blocks * ep:], T, **sizes)
+    _place_kernel[(blocks,)](mask, int32s, int32s, counts, int32s[blocks * ep:], rows, experts,
+                             flat, inverse, int32s, T, ROUTED=False, **sizes)
     return rows, experts, flat, inverse, counts
 
 
@@ -206,8 +219,8 @@ _TICKETS: dict[torch.device, torch.Tensor] = {}
 
 
 def _ticket(device: torch.device) -> torch.Tensor:
-    """The per-device counter :func:`topk_softmax_order`'s programs take tickets from; each
-    launch leaves it at zero. Launches on one device must not overlap (one stream, as here)."""
+    """The per-device counter the counting launches' programs take tickets from; each launch
+    leaves it at zero. Launches on one device must not overlap (one stream, as here)."""
     ticket = _TICKETS.get(device)
     if ticket is None:
         ticket = _TICKETS[device] = torch.zeros(1, dtype=torch.int32, device=device)
@@ -242,8 +255,9 @@ def topk_softmax_order(logits: torch.Tensor, topk: int):
     routing = (logits.contiguous(), idx, p, mask, floats[n:], int32s, _ticket(logits.device))
     _topk_softmax_order_kernel[(blocks,)](*routing, counts, ends, T, E=E, EP=ep, K=topk, BT=bt,
                                           num_warps=8)
-    _place_routed_kernel[(blocks,)](mask, floats[n:], int32s, counts, ends, rows, experts, flat,
-                                    inverse, probs, T, E=E, EP=ep, K=topk, BT=bt, num_warps=8)
+    _place_kernel[(blocks,)](mask, floats[n:], int32s, counts, ends, rows, experts, flat,
+                             inverse, probs, T, E=E, EP=ep, K=topk, BT=bt, ROUTED=True,
+                             num_warps=8)
     return probs, idx.view(T, topk), p.view(T, topk), rows, experts, flat, inverse, counts, ends
 
 

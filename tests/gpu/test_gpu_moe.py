@@ -179,11 +179,12 @@ def _topk_mask(tokens: int, experts: int, topk: int, seed: int) -> torch.Tensor:
 
 
 def test_expert_order_kernel_matches_torch(nccl_world_of_one):
-    """monta/dispatch/kernels.py's one-launch expert order = the torch version: the same rows,
+    """monta/dispatch/kernels.py's two-launch expert order = the torch version: the same rows,
     experts and counts; each token's copies at the same rows (their j order may differ)."""
     from monta.dispatch.plan import order_by_expert_topk
 
-    for tokens, experts, topk in ((8192, 8, 2), (1000, 64, 6), (77, 16, 1), (0, 8, 2)):
+    for tokens, experts, topk in ((8192, 8, 2), (1000, 64, 6), (77, 16, 1), (0, 8, 2),
+                                  (20000, 256, 8)):  # 1250 blocks: the scan in many chunks
         mask = _topk_mask(tokens, experts, topk, seed=tokens)
         got = order_by_expert_topk(mask, topk)
         want = order_by_expert_topk(mask, topk, use_kernel=False)
