@@ -1,0 +1,97 @@
+"""The one-rank expert-order kernels (monta/dispatch/kernels.py) against an earlier revision's.
+
+    python bench/gpu_expert_order.py --against f58da7f --out bench/results/gpu_expert_order.json
+
+Loads ``monta/dispatch/kernels.py`` as it was at ``--against`` (``git show``) next to the
+current one, checks both give the same order on the same inputs, and times each (median of 10
+samples of 20 calls back to back, interleaved per shape) for :func:`expert_order` (from a
+[T, E] mask) and :func:`topk_softmax_order` (from router logits). Small shapes are bound by the
+host's launch time, not the GPU's: read them as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHAPES = ((8192, 8, 2), (8192, 64, 6), (8192, 256, 8))  # tokens, experts, top-k
+
+
+def _kernels_at(rev: str, folder: Path):
+    source = subprocess.run(["git", "show", f"{rev}:monta/dispatch/kernels.py"], cwd=REPO,
+                            check=True, capture_output=True, text=True).stdout
+    path = folder / "kernels_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("kernels_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _per_call_us(fn, calls: int = 20, samples: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(samples):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    from monta.dispatch import kernels
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--against", required=True, help="git revision to compare with")
+    parser.add_argument("--out", default="/tmp/gpu_expert_order.json")
+    opts = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        before = _kernels_at(opts.against, Path(folder))
+        for tokens, experts, topk in SHAPES:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            logits = torch.randn(tokens, experts, device="cuda", generator=gen)
+            mask = torch.zeros(tokens, experts, dtype=torch.bool, device="cuda")
+            mask.scatter_(1, logits.topk(topk, 1).indices, True)
+            same_order = all(torch.equal(a, b) for a, b in zip(before.expert_order(mask, topk),
+                                                                kernels.expert_order(mask, topk)))
+            routed = [m.topk_softmax_order(logits, topk) for m in (before, kernels)]
+            same_routed = all(torch.equal(a, b) for a, b in zip(*routed))
+            row = {"tokens": tokens, "experts": experts, "topk": topk,
+                   "same_order": same_order, "same_routed": same_routed}
+            for name, module in (("before", before), ("now", kernels)):
+                row[f"expert_order_{name}_us"] = _per_call_us(
+                    lambda m=module: m.expert_order(mask, topk))
+                row[f"topk_softmax_order_{name}_us"] = _per_call_us(
+                    lambda m=module: m.topk_softmax_order(logits, topk))
+            rows.append(row)
+    result = {"against": opts.against, "device": torch.cuda.get_device_name(0),
+              "torch": torch.__version__, "calls_per_sample": 20, "rows": rows}
+    Path(opts.out).write_text(json.dumps(result, indent=1))
+    print(f"| T, E, k | expert_order µs ({opts.against} → now) | topk_softmax_order µs | same |")
+    print("|---|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['tokens']}, {r['experts']}, {r['topk']} | {r['expert_order_before_us']:.0f} → "
+              f"{r['expert_order_now_us']:.0f} | {r['topk_softmax_order_before_us']:.0f} → "
+              f"{r['topk_softmax_order_now_us']:.0f} | {r['same_order'] and r['same_routed']} |")
+    return 0 if all(r["same_order"] and r["same_routed"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
