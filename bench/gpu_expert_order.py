@@ -2,8 +2,8 @@
 
     python bench/gpu_expert_order.py --against f58da7f --out bench/results/gpu_expert_order.json
 
-Loads ``monta/dispatch/kernels.py`` as it was at ``--against`` (``git show``) next to the
-current one, checks both give the same order on the same inputs, and times each (median of 10
+Loads ``monta/dispatch/kernels.py`` as it was at ``--against`` (``git show``, or the copy
+``--against-file`` names, on a machine without the history) next to the current one, checks both give the same order on the same inputs, and times each (median of 10
 samples of 20 calls back to back, interleaved per shape) for :func:`expert_order` (from a
 [T, E] mask) and :func:`topk_softmax_order` (from router logits). Small shapes are bound by the
 host's launch time, not the GPU's: read them as such.
@@ -27,9 +27,12 @@ sys.path.insert(0, str(REPO))
 SHAPES = ((8192, 8, 2), (8192, 64, 6), (8192, 256, 8))  # tokens, experts, top-k
 
 
-def _kernels_at(rev: str, folder: Path):
-    source = subprocess.run(["git", "show", f"{rev}:monta/dispatch/kernels.py"], cwd=REPO,
-                            check=True, capture_output=True, text=True).stdout
+def _kernels_at(rev: str, folder: Path, copy: str | None = None):
+    if copy:
+        source = Path(copy).read_text()
+    else:
+        source = subprocess.run(["git", "show", f"{rev}:monta/dispatch/kernels.py"], cwd=REPO,
+                                check=True, capture_output=True, text=True).stdout
     path = folder / "kernels_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("kernels_before", path)
@@ -59,11 +62,12 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--against", required=True, help="git revision to compare with")
+    parser.add_argument("--against-file", help="that revision's kernels.py, if git cannot show it")
     parser.add_argument("--out", default="/tmp/gpu_expert_order.json")
     opts = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        before = _kernels_at(opts.against, Path(folder))
+        before = _kernels_at(opts.against, Path(folder), opts.against_file)
         for tokens, experts, topk in SHAPES:
             gen = torch.Generator(device="cuda").manual_seed(0)
             logits = torch.randn(tokens, experts, device="cuda", generator=gen)
