@@ -24,7 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu_moe import Timer, environment, tflops  # noqa: E402
+from bench.gpu_moe import environment  # noqa: E402
+from bench.gpu_timing import Timer, tflops  # noqa: E402
 
 PROBLEMS = {"fine_grained_fc1": (64, 768, 2048, 2816), "fine_grained_fc2": (64, 768, 1408, 2048),
             "mixtral_fc1": (8, 2048, 4096, 28672), "mixtral_fc2": (8, 2048, 14336, 4096)}

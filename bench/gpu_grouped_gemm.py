@@ -41,9 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.gpu_moe import (  # noqa: E402
-    SHAPES, TINY_SHAPES, Timer, environment, padded_ffn_inputs, padded_like, padded_rows,
-    routed_counts, tflops, time_interleaved,
+    SHAPES, TINY_SHAPES, environment, padded_ffn_inputs, padded_like, padded_rows, routed_counts,
 )
+from bench.gpu_timing import Timer, tflops, time_interleaved  # noqa: E402
 
 ROWS_CONFIGS = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
                 (64, 256, 64, 4, 8), (64, 128, 64, 4, 4)]

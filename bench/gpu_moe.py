@@ -51,67 +51,16 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.gpu_timing import (  # noqa: E402
+    Timer, tflops, time_interleaved, with_env, with_grouped_gemm,
+)
+
 SHAPES = {  # name: hidden, expert ffn, experts, top-k
     "mixtral": dict(hidden=4096, ffn=14336, experts=8, topk=2),
     "fine_grained": dict(hidden=2048, ffn=1408, experts=64, topk=6),
 }
 TINY_SHAPES = {"mixtral": dict(hidden=64, ffn=96, experts=8, topk=2),
                "fine_grained": dict(hidden=64, ffn=48, experts=16, topk=4)}
-class Timer:
-    """Median wall time of ``fn`` on this device (CUDA events; host clock on CPU)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def __call__(self, fn, warmup: int = 3, reps: int = 10, setup=None, chain: int = 1) -> dict:
-        """``chain`` > 1: each sample is ``chain`` calls back to back (``setup`` before each,
-        no sync in between) divided by ``chain``, as in a training loop, where the host queues
-        the next call while the GPU runs this one; 1: one call between two syncs, so the
-        host's launch latency before the first kernel is on the clock."""
-        for _ in range(warmup):
-            if setup:
-                setup()
-            fn()
-        self.sync()
-        times = []
-        for _ in range(reps):
-            if setup and chain == 1:
-                setup()
-            self.sync()
-            if self.cuda:
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                self._calls(fn, setup, chain)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / chain)
-            else:
-                t0 = time.perf_counter()
-                self._calls(fn, setup, chain)
-                times.append((time.perf_counter() - t0) * 1e3 / chain)
-        return {"median_ms": statistics.median(times), "min_ms": min(times),
-                "max_ms": max(times), "reps": reps, "samples_ms": times}
-
-    @staticmethod
-    def _calls(fn, setup, chain: int):
-        if chain == 1:
-            fn()
-            return
-        for _ in range(chain):
-            if setup:
-                setup()
-            fn()
-
-
-def tflops(flops: float, ms: float) -> float:
-    return flops / (ms * 1e-3) / 1e12
-
-
 # ---------------------------------------------------------------------------- peak
 
 
@@ -322,48 +271,6 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
                                                       / ffn["dense"]["chained_tflops"])
     out["ffn_fwd_bwd"] = ffn
     return out
-
-
-def time_interleaved(variants: dict, timer: Timer, rounds: int, reps: int, setup=None,
-                     catch: bool = False, chain: int = 1) -> tuple[dict, dict]:
-    """``variants`` {name: (MONTA_GROUPED_GEMM pin, fn)}, each timed ``reps`` samples (of
-    ``chain`` calls back to back, see :class:`Timer`) per round in ``rounds`` interleaved rounds
-    (3 warm-up calls in the first, 1 after), so clock and thermal drift favour none. Returns ({name: samples in ms}, {name: error}); with ``catch`` a variant
-    that raises is recorded and left out of later rounds, else the error propagates."""
-    samples, errors = {name: [] for name in variants}, {}
-    for round_ in range(rounds):
-        for name, (pin, fn) in variants.items():
-            if name in errors:
-                continue
-            try:
-                t = with_grouped_gemm(pin, lambda: timer(fn, warmup=3 if round_ == 0 else 1,
-                                                         reps=reps, setup=setup, chain=chain))
-            except Exception as error:
-                if not catch:
-                    raise
-                errors[name] = f"{type(error).__name__}: {str(error)[:200]}"
-                continue
-            samples[name] += t["samples_ms"]
-    return samples, errors
-
-
-def with_grouped_gemm(pin: str, fn):
-    """``fn()`` under ``MONTA_GROUPED_GEMM=pin`` (monta/expert_gemm.py: ``default``, ``torch``,
-    ``sm90:<config>``, ``auto``: each grouped GEMM on the kernel measured fastest for it...)."""
-    return with_env("MONTA_GROUPED_GEMM", pin, fn)
-
-
-def with_env(name: str, value: str, fn):
-    """``fn()`` with the environment variable ``name`` set to ``value``."""
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        return fn()
-    finally:
-        if before is None:
-            os.environ.pop(name)
-        else:
-            os.environ[name] = before
 
 
 def _per_op(x, w, dense_w, dy, counts, offsets, flops, row, timer) -> dict:

@@ -116,7 +116,7 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
                     rounds: int = 3, reps: int = 7) -> dict:
     """Each variant timed in ``rounds`` interleaved rounds of ``reps`` (median of all), so
     clock or thermal drift does not favour whichever runs first."""
-    from bench.gpu_moe import with_env
+    from bench.gpu_timing import with_env
 
     layers = build_layers(shape, device, dtype)
     gen = torch.Generator(device=device).manual_seed(3)

@@ -23,9 +23,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu_moe import SHAPES, Timer, init_world  # noqa: E402
+from bench.gpu_moe import SHAPES, init_world  # noqa: E402
 from bench.gpu_moe_gaps import _events, analyse, is_gemm  # noqa: E402
 from bench.gpu_moe_layer import build_layers  # noqa: E402
+from bench.gpu_timing import Timer  # noqa: E402
 
 
 def _profiled(step, steps: int = 4) -> dict:

@@ -1,0 +1,110 @@
+"""Timing for the GPU benchmarks: CUDA-event medians, one call at a time or back to back,
+variants in interleaved rounds (so clock and thermal drift favour none), and the environment
+switches (``MONTA_GROUPED_GEMM`` and others) a variant runs under. Used by ``bench/gpu_moe.py``
+and the other ``bench/gpu_*.py`` scripts.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+
+class Timer:
+    """Median wall time of ``fn`` on this device (CUDA events; host clock on CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __call__(self, fn, warmup: int = 3, reps: int = 10, setup=None, chain: int = 1) -> dict:
+        """``chain`` > 1: each sample is ``chain`` calls back to back (``setup`` before each,
+        no sync in between) divided by ``chain``, as in a training loop, where the host queues
+        the next call while the GPU runs this one; 1: one call between two syncs, so the
+        host's launch latency before the first kernel is on the clock."""
+        for _ in range(warmup):
+            if setup:
+                setup()
+            fn()
+        self.sync()
+        times = []
+        for _ in range(reps):
+            if setup and chain == 1:
+                setup()
+            self.sync()
+            if self.cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                self._calls(fn, setup, chain)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / chain)
+            else:
+                t0 = time.perf_counter()
+                self._calls(fn, setup, chain)
+                times.append((time.perf_counter() - t0) * 1e3 / chain)
+        return {"median_ms": statistics.median(times), "min_ms": min(times),
+                "max_ms": max(times), "reps": reps, "samples_ms": times}
+
+    @staticmethod
+    def _calls(fn, setup, chain: int):
+        if chain == 1:
+            fn()
+            return
+        for _ in range(chain):
+            if setup:
+                setup()
+            fn()
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
+def time_interleaved(variants: dict, timer: Timer, rounds: int, reps: int, setup=None,
+                     catch: bool = False, chain: int = 1) -> tuple[dict, dict]:
+    """``variants`` {name: (MONTA_GROUPED_GEMM pin, fn)}, each timed ``reps`` samples (of
+    ``chain`` calls back to back, see :class:`Timer`) per round in ``rounds`` interleaved rounds
+    (3 warm-up calls in the first, 1 after), so clock and thermal drift favour none. Returns ({name: samples in ms}, {name: error}); with ``catch`` a variant
+    that raises is recorded and left out of later rounds, else the error propagates."""
+    samples, errors = {name: [] for name in variants}, {}
+    for round_ in range(rounds):
+        for name, (pin, fn) in variants.items():
+            if name in errors:
+                continue
+            try:
+                t = with_grouped_gemm(pin, lambda: timer(fn, warmup=3 if round_ == 0 else 1,
+                                                         reps=reps, setup=setup, chain=chain))
+            except Exception as error:
+                if not catch:
+                    raise
+                errors[name] = f"{type(error).__name__}: {str(error)[:200]}"
+                continue
+            samples[name] += t["samples_ms"]
+    return samples, errors
+
+
+def with_grouped_gemm(pin: str, fn):
+    """``fn()`` under ``MONTA_GROUPED_GEMM=pin`` (monta/expert_gemm.py: ``default``, ``torch``,
+    ``sm90:<config>``, ``auto``: each grouped GEMM on the kernel measured fastest for it...)."""
+    return with_env("MONTA_GROUPED_GEMM", pin, fn)
+
+
+def with_env(name: str, value: str, fn):
+    """``fn()`` with the environment variable ``name`` set to ``value``."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        if before is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = before
