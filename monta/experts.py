@@ -10,9 +10,9 @@ and ``sharded_state_dict`` (whose keys and global shapes equal ``SequentialMLP``
 experts with one grouped GEMM on CUDA in bf16 (``torch._grouped_mm``'s CUTLASS kernel, or on
 Hopper MoNTA's own CUTLASS build with 128-row granularity when ``tools/build_sm90_kernels.py``
 has built it; :mod:`monta.expert_gemm` says which and how to choose), and with a loop of
-``torch.mm`` elsewhere (CPU, fp32, or dims that break its 16-byte alignment). Between the two
-GEMMs, SwiGLU × router probability runs as one Triton kernel each way on GPUs
-(:mod:`monta.swiglu`).
+``torch.mm`` elsewhere (CPU, fp32, or dims that break its 16-byte alignment). SwiGLU × router
+probability runs in fc1's epilogue on Hopper (:mod:`monta.swiglu_gemm`, ``MONTA_FUSED_SWIGLU``)
+and otherwise, and in the backward, as one Triton kernel each way on GPUs (:mod:`monta.swiglu`).
 
 No host sync: ``torch._grouped_mm`` takes the experts' row *ends* as an int32 tensor on the
 device, so counts that arrive on the GPU (MoNTA's dispatcher) stay there. The loop fallback
