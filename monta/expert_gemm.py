@@ -267,6 +267,17 @@ def wgrad(x: torch.Tensor, dy: torch.Tensor, row_ends: torch.Tensor,
     return _tuned("wgrad", (x, dy, row_ends, like), like, x.size(0))
 
 
+def with_alignment(row_ends: torch.Tensor, alignment: int | None) -> torch.Tensor:
+    """``row_ends`` carrying padded ends' ``alignment`` attribute (monta/dispatch/
+    padded_order.py): itself when it already does or ``alignment`` is None, else a view with it
+    set (autograd's saved tensors and copies to another device come back without it)."""
+    if alignment is None or getattr(row_ends, "alignment", None) == alignment:
+        return row_ends
+    view = row_ends.view_as(row_ends)
+    view.alignment = alignment
+    return view
+
+
 class GroupedMM(torch.autograd.Function):
     """``out[rows_e] = x[rows_e] @ w[e]``: forward, input and weight gradients each on the
     kernel tuned for it; ``w`` [E, K, N] may be a transposed view (its gradient keeps its
@@ -281,9 +292,7 @@ class GroupedMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w, row_ends = ctx.saved_tensors
-        if ctx.alignment is not None:  # a saved tensor comes back without Python attributes
-            row_ends = row_ends.view_as(row_ends)
-            row_ends.alignment = ctx.alignment
+        row_ends = with_alignment(row_ends, ctx.alignment)
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:

@@ -65,10 +65,9 @@ def expert_offsets(tokens_per_expert: torch.Tensor, device: torch.device) -> tor
     """
     row_ends = getattr(tokens_per_expert, "row_ends", None)
     if row_ends is not None:  # may be padded (monta/dispatch/padded_order.py): never recount
-        moved = row_ends.to(device)  # itself when already there ("cuda" is "cuda:0")
-        if moved is not row_ends and hasattr(row_ends, "alignment"):
-            moved.alignment = row_ends.alignment
-        return moved
+        # .to is itself when already there ("cuda" is "cuda:0")
+        return expert_gemm.with_alignment(row_ends.to(device),
+                                          getattr(row_ends, "alignment", None))
     offsets = torch.cumsum(torch.as_tensor(tokens_per_expert), 0, dtype=torch.int32)
     if offsets.device.type == "cpu" and device.type == "cuda":
         offsets = offsets.pin_memory().to(device, non_blocking=True)

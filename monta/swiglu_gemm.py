@@ -226,9 +226,7 @@ class SwiGLUExpertFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, w1, w2, probs, row_ends, h, y = ctx.saved_tensors
-        if ctx.alignment is not None:  # a saved tensor comes back without Python attributes
-            row_ends = row_ends.view_as(row_ends)
-            row_ends.alignment = ctx.alignment
+        row_ends = expert_gemm.with_alignment(row_ends, ctx.alignment)
         dout = dout.contiguous()
         if ctx.fuse_backward:
             dh, dp = fc2_dgrad_swiglu(dout, w2, h, probs, row_ends)

@@ -176,3 +176,24 @@ def test_row_alignment_is_none_off_hopper_unless_forced(monkeypatch):
     monkeypatch.setenv("MONTA_EXPERT_ROW_ALIGNMENT", "-4")
     with pytest.raises(ValueError, match="MONTA_EXPERT_ROW_ALIGNMENT"):
         expert_gemm.row_alignment(x)
+
+
+def test_with_alignment_restores_the_padded_ends_attribute():
+    """What a saved tensor or a moved copy loses comes back on a view of the same ends; ends
+    that carry it, or no alignment to restore, pass through as they are."""
+    ends = torch.tensor([64, 64, 192], dtype=torch.int32)
+    restored = expert_gemm.with_alignment(ends, 64)
+    assert restored.alignment == 64 and torch.equal(restored, ends)
+    assert restored.data_ptr() == ends.data_ptr() and not hasattr(ends, "alignment")
+    assert expert_gemm.with_alignment(restored, 64) is restored
+    assert expert_gemm.with_alignment(ends, None) is ends
+
+
+def test_expert_offsets_keep_padded_ends_and_their_alignment():
+    from monta.experts import expert_offsets
+
+    counts = torch.tensor([3, 0, 70])
+    counts.row_ends = expert_gemm.with_alignment(torch.tensor([64, 64, 192], dtype=torch.int32),
+                                                 64)
+    offsets = expert_offsets(counts, torch.device("cpu"))
+    assert offsets is counts.row_ends and offsets.alignment == 64
