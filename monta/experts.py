@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -164,8 +163,7 @@ class MoNTAGroupedMLP(GroupedMLP):
                     return swiglu_gemm.swiglu_expert_ffn(x, w1, w2, probs, offsets,
                                                          fuse_backward=fused == "all"), None
                 except Exception as error:  # e.g. Triton cannot compile it for this GPU
-                    asked = "MONTA_FUSED_SWIGLU" in os.environ  # then its failure is an error
-                    _give_up("fused", error, fused if asked else "auto")
+                    _give_up("fused", error, fused if swiglu_gemm.fusion_asked() else "auto")
         return self._mlp(x, probs,
                          lambda t: grouped_mm(t, w1, tokens_per_expert, offsets),
                          lambda t: grouped_mm(t, w2, tokens_per_expert, offsets)), None

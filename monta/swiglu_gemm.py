@@ -162,16 +162,22 @@ def supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
             and grouped_gemm._tma_ready(x))
 
 
+FUSE_VARIABLE = "MONTA_FUSED_SWIGLU"
 FUSE_CHOICES = ("fwd", "all", "0")
 
 
 def fused_passes() -> str:
     """``MONTA_FUSED_SWIGLU`` (see module doc): ``fwd`` (default), ``all`` or ``0``."""
-    asked = os.environ.get("MONTA_FUSED_SWIGLU", "fwd")
+    asked = os.environ.get(FUSE_VARIABLE, "fwd")
     if asked not in FUSE_CHOICES:
-        raise ValueError(f"MONTA_FUSED_SWIGLU must be one of {', '.join(FUSE_CHOICES)}, "
+        raise ValueError(f"{FUSE_VARIABLE} must be one of {', '.join(FUSE_CHOICES)}, "
                          f"got {asked!r}")
     return asked
+
+
+def fusion_asked() -> bool:
+    """Whether the user set ``MONTA_FUSED_SWIGLU`` (then a failing fused call is an error)."""
+    return FUSE_VARIABLE in os.environ
 
 
 def _launch(kernel, a, weight_2d, weight_block, experts, ffn, config, *pointers):

@@ -112,8 +112,7 @@ if triton is not None:
 
     @triton.jit
     def _topk_softmax_order_kernel(logits_ptr, idx_ptr, p_ptr, mask_ptr, p_full_ptr, table_ptr,
-                                   ticket_ptr,
-                                   counts_ptr, ends_ptr, T, E: tl.constexpr,
+                                   ticket_ptr, counts_ptr, ends_ptr, T, E: tl.constexpr,
                                    EP: tl.constexpr, K: tl.constexpr, BT: tl.constexpr):
         # 1) every program: top-k of BT tokens' logits (ties: the lower expert id), softmax over
         #    the K picked in fp32, stored with each token's experts ascending
