@@ -21,16 +21,17 @@ input gradient; ``0`` neither. Where the fused call fails unasked (e.g. Triton c
 for the GPU), :class:`monta.experts.MoNTAGroupedMLP` warns once and runs unfused.
 
 Measured on an H200 (median ms, interleaved): the forward fusion is a wash at Mixtral shapes
-and a small gain at fine-grained ones. fc1 + activation forward, fused vs unfused, in two
-probes (calls back to back; one call at a time): 6.57 vs 6.39 and 6.45 vs 6.51 ms (Mixtral),
-1.17 vs 1.21 and 1.21 vs 1.27 ms (fine-grained); MoNTA's whole layer back to back (bench/results/gpu_moe.md, 8b43a16):
-28.94 vs 28.86 ms and 5.17 vs 5.40 ms. The backward fusion loses: fc2's input gradient +
-activation backward 4.33 vs 3.63–3.70 ms (Mixtral) and 0.94–1.05 vs 0.72–0.80 ms
-(fine-grained). Triton's input-gradient GEMM already trails CUTLASS's there, and, not
-persistent, it cannot hide its epilogue's loads of ``h`` behind the next tile's main loop; a
-persistent version of both kernels (the tile loop flattened with the K loop, Triton 3.6) was
-nowhere faster and up to 1.5× slower. Under ``all``, ``dp`` is summed across column tiles with fp32 atomics, so its last bits
-depend on the order the tiles finish.
+and a small gain at fine-grained ones. fc1 + activation forward, fused vs unfused, back to
+back: 6.57 vs 6.39 ms (Mixtral), 1.17 vs 1.21 ms (fine-grained)
+(bench/results/gpu_swiglu_fusion.json; an earlier one-call-at-a-time probe, not kept: 6.45 vs
+6.51 and 1.21 vs 1.27); MoNTA's whole layer back to back (bench/results/gpu_moe.md, c260c15):
+29.84 vs 30.08 ms and 5.49 vs 5.56 ms. The backward fusion loses: fc2's input gradient +
+activation backward 4.33 vs 3.63 ms (Mixtral) and 0.97 vs 0.76 ms (fine-grained), same JSON.
+Triton's input-gradient GEMM already trails CUTLASS's there, and, not persistent, it cannot
+hide its epilogue's loads of ``h`` behind the next tile's main loop; a persistent version of
+both kernels (the tile loop flattened with the K loop, Triton 3.6; probed, not kept) was
+nowhere faster and up to 1.5× slower. Under ``all``, ``dp`` is summed across column tiles with
+fp32 atomics, so its last bits depend on the order the tiles finish.
 
 The other GEMMs run on whatever :mod:`monta.expert_gemm` picks. Tiles are located from the
 device row ends as in :mod:`monta.grouped_gemm`, so the layer stays free of host syncs.
