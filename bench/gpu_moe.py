@@ -124,8 +124,23 @@ def padded_ffn_inputs(padded, x, probs, grad):
             padded_like(padded, probs, pads=0.0), padded_like(padded, grad))
 
 
+def monta_experts(shape: dict, w1: torch.Tensor, w2: torch.Tensor, device, dtype):
+    """A ``MoNTAGroupedMLP`` of ``shape`` whose weights are ``w1`` [E, H, 2F] and ``w2`` [E,
+    F, H] (the same memory: its parameters are viewed as these per expert)."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from bench.gpu_moe_layer import layer_config
+    from monta.experts import MoNTAGroupedMLP
+
+    experts = MoNTAGroupedMLP(shape["experts"], layer_config(shape, "monta", True, device, dtype),
+                              pg_collection=get_default_pg_collection())
+    experts.weight1 = torch.nn.Parameter(w1.detach().view(shape["hidden"], -1))
+    experts.weight2 = torch.nn.Parameter(w2.detach().view(-1, shape["hidden"]))
+    return experts.to(device).train()
+
+
 def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
-    from monta import expert_gemm, swiglu_gemm
+    from monta import expert_gemm, per_expert_gemm, swiglu_gemm
     from monta.experts import (activation_with_probs, expert_offsets, grouped_mm,
                                grouped_mm_supported)
 
@@ -148,6 +163,8 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     padded = padded_rows(counts, n, tile)
     out = {"tokens": tokens, "rows": n, "tokens_per_expert": {"min": min(host_counts),
                                                              "max": max(host_counts)},
+           "per_expert_by_default": device.type == "cuda" and per_expert_gemm.per_expert_wanted(
+               n, (e, f, h), "default"),
            "padded_row_alignment": tile, "projections": {}}
     if padded is not None:
         out["padded_rows"] = padded[0].numel()
@@ -201,23 +218,15 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     if padded is not None:  # as the dispatcher lays them out: pads copy row 0, probability 0
         padded_ffn = (*padded_ffn_inputs(padded, x, probs, grad), padded[2])
 
-    def grouped_ffn_on(x, probs, grad, counts, fused="fwd"):
-        """As MoNTAGroupedMLP runs it: ``fused`` = MONTA_FUSED_SWIGLU (monta/swiglu_gemm.py)."""
-        ends = expert_offsets(counts, device)
-        fusable = fused != "0" and swiglu_gemm.supported(x, w1, w2)
+    experts = monta_experts(shape, w1, w2, device, dtype)
+    fusable = swiglu_gemm.supported(x, w1, w2)
 
+    def monta_ffn(x, probs, grad, counts, fused=None):
+        """MoNTA's experts as its MoE layer runs them (``MoNTAGroupedMLP``); ``fused``:
+        MONTA_FUSED_SWIGLU (monta/swiglu_gemm.py), its default if None."""
         def run():
-            if fusable:
-                out = swiglu_gemm.swiglu_expert_ffn(x, w1, w2, probs, ends,
-                                                    fuse_backward=fused == "all")
-            else:
-                a = activation_with_probs(grouped_mm(x, w1, counts, ends), probs, F.silu, True)
-                out = grouped_mm(a, w2, counts, ends)
-            out.backward(grad)
-        return run, fusable
-
-    grouped_ffn, fusable = grouped_ffn_on(x, probs, grad, counts)
-    unfused_ffn, _ = grouped_ffn_on(x, probs, grad, counts, "0")
+            experts(x, counts, probs.view(-1))[0].backward(grad)
+        return run if fused is None else lambda: with_env(swiglu_gemm.FUSE_VARIABLE, fused, run)
 
     def loop_ffn():  # SequentialMLP's shape of work: per expert fc1, eager SwiGLU·prob, fc2
         outs = []
@@ -232,25 +241,30 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         (a @ d2).backward(grad)
 
     def clear():
-        for t in (x, w1, w2, d1, d2, *(padded_ffn[:1] if padded_ffn else ())):
+        for t in (x, w1, w2, d1, d2, *experts.parameters(), *(padded_ffn[:1] if padded_ffn else ())):
             t.grad = None
 
     out["activation_fwd_bwd"] = bench_activation(n, f, device, dtype, timer)
     flops = 3 * 2 * n * (h * 2 * f + f * h)
     ffn = {"flops": flops}
-    # grouped: MoNTA's default (monta/expert_gemm.py's kernels, SwiGLU·prob fused into fc1 where
-    # monta/swiglu_gemm.py runs); grouped_unfused / grouped_fused_all: the activation as its own
-    # kernels / fused into fc2's input gradient too; grouped_padded: on padded rows (the aligned
-    # kernels); grouped_torch: torch._grouped_mm for every GEMM, the activation unfused.
-    # Interleaved rounds, so clock and thermal drift favour no variant.
-    variants = {"grouped": ("default", grouped_ffn), "grouped_torch": ("torch", unfused_ffn),
+    # (MONTA_GROUPED_GEMM pin, fn). grouped: MoNTA's default: one cuBLAS GEMM per expert for
+    # large experts (monta/per_expert_gemm.py), else the grouped kernels of monta/expert_gemm.py
+    # with SwiGLU·prob fused into fc1 where monta/swiglu_gemm.py runs; per_expert / grouped_only:
+    # always / never per expert; grouped_unfused / grouped_fused_all: the grouped kernels with
+    # the activation as its own kernels / fused into fc2's input gradient too; grouped_padded:
+    # on padded rows (the aligned kernels); grouped_torch: torch._grouped_mm for every GEMM, the
+    # activation unfused. Interleaved rounds, so clock and thermal drift favour no variant.
+    variants = {"grouped": ("default", monta_ffn(x, probs, grad, counts)),
+                "grouped_torch": ("torch", monta_ffn(x, probs, grad, counts, "0")),
                 "loop": ("torch", loop_ffn), "dense": ("torch", dense_ffn)}
+    if device.type == "cuda":
+        variants["per_expert"] = ("cublas", monta_ffn(x, probs, grad, counts))
+        variants["grouped_only"] = ("grouped", monta_ffn(x, probs, grad, counts))
     if fusable:
-        variants["grouped_unfused"] = ("default", unfused_ffn)
-        variants["grouped_fused_all"] = ("default", grouped_ffn_on(x, probs, grad, counts,
-                                                                   "all")[0])
+        variants["grouped_unfused"] = ("grouped", monta_ffn(x, probs, grad, counts, "0"))
+        variants["grouped_fused_all"] = ("grouped", monta_ffn(x, probs, grad, counts, "all"))
     if padded_ffn is not None:
-        variants["grouped_padded"] = ("default", grouped_ffn_on(*padded_ffn)[0])
+        variants["grouped_padded"] = ("default", monta_ffn(*padded_ffn))
     samples, _ = time_interleaved(variants, timer, FFN_ROUNDS, reps=3, setup=clear)
     for name, times in samples.items():
         ms = statistics.median(times)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _layer_config(shape: dict, dispatcher: str, grouped: bool, device, dtype):
+def layer_config(shape: dict, dispatcher: str, grouped: bool, device, dtype):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     h = shape["hidden"]
@@ -45,10 +45,10 @@ def build_layers(shape: dict, device, dtype) -> dict:
     stock_spec = get_gpt_layer_local_spec(num_experts=shape["experts"], moe_grouped_gemm=False,
                                           normalization="RMSNorm").submodules.mlp
     layers = {"megatron_sequential": build_module(
-        stock_spec, config=_layer_config(shape, "alltoall", False, device, dtype),
+        stock_spec, config=layer_config(shape, "alltoall", False, device, dtype),
         pg_collection=pg)}
     for name, dispatcher in (("monta_grouped", "monta"), ("alltoall_grouped", "alltoall")):
-        config = _layer_config(shape, dispatcher, True, device, dtype)
+        config = layer_config(shape, dispatcher, True, device, dtype)
         layer = build_module(gpt_moe_layer_spec(config, use_te=False).submodules.mlp,
                              config=config, pg_collection=pg)
         layer.router.load_state_dict(layers["megatron_sequential"].router.state_dict())
@@ -124,18 +124,21 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
     grad = torch.randn(x.shape, device=device, generator=gen).to(dtype)
     out = {"tokens": tokens, "variants": {}}
     steps, samples, reference = {}, {}, None
-    # MoNTA's layer again with SwiGLU·prob as its own kernels (monta/swiglu_gemm.py)
+    # MoNTA's layer again with SwiGLU·prob as its own kernels (monta/swiglu_gemm.py), and on
+    # its grouped kernels only (never per expert, monta/per_expert_gemm.py: no host sync)
     runs = {name: (layer, None) for name, layer in layers.items()}
     if device.type == "cuda":
-        runs["monta_grouped_unfused"] = (layers["monta_grouped"], "0")
-    for name, (layer, fused) in runs.items():
+        runs["monta_grouped_unfused"] = (layers["monta_grouped"], ("MONTA_FUSED_SWIGLU", "0"))
+        runs["monta_grouped_sync_free"] = (layers["monta_grouped"],
+                                           ("MONTA_GROUPED_GEMM", "grouped"))
+    for name, (layer, env) in runs.items():
         inp = x.clone().requires_grad_(True)
 
-        def step(layer=layer, inp=inp, fused=fused):
-            if fused is None:
-                layer(inp)[0].backward(grad)
-            else:
-                with_env("MONTA_FUSED_SWIGLU", fused, lambda: layer(inp)[0].backward(grad))
+        def under_env(fn, env=env):
+            return fn() if env is None else with_env(*env, fn)
+
+        def step(layer=layer, inp=inp, under_env=under_env):
+            under_env(lambda: layer(inp)[0].backward(grad))
 
         def clear(layer=layer, inp=inp):
             inp.grad = None
@@ -144,8 +147,7 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
 
         steps[name], samples[name] = (step, clear), []
         clear()
-        result, _ = (layer(inp) if fused is None
-                     else with_env("MONTA_FUSED_SWIGLU", fused, lambda: layer(inp)))
+        result, _ = under_env(lambda: layer(inp))
         result.backward(grad)
         got = (result.detach().float(), inp.grad.float())
         row = out["variants"][name] = {}

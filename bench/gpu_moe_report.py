@@ -102,12 +102,19 @@ def _chained_ffn_table(r: dict) -> list[str]:
     if not rows:
         return []
     names = [(k, label) for k, label in (
-        ("grouped", "MoNTA"), ("grouped_torch", "`torch._grouped_mm`"),
-        ("grouped_unfused", "MoNTA, SwiGLU·prob unfused"), ("grouped_padded", "MoNTA, padded rows"))
+        ("grouped", "MoNTA (default)"), ("per_expert", "one cuBLAS GEMM per expert (`cublas`)"),
+        ("grouped_only", "MoNTA's grouped kernels (`grouped`)"),
+        ("grouped_torch", "`torch._grouped_mm`"),
+        ("grouped_unfused", "grouped, SwiGLU·prob unfused"),
+        ("grouped_padded", "MoNTA, padded rows"))
         if k in rows[0][1]]
     lines = ["", f"The expert FFN forward + backward back to back ({rows[0][1]['dense']['chain']} "
              "calls without a sync, as a training step runs its layers: launch latency off the "
-             "clock for all), ms (% of dense; same run, interleaved):", "",
+             "clock for all), ms (% of dense; same run, interleaved). MoNTA's default runs one "
+             "cuBLAS GEMM per expert where the experts' GEMMs are large (`monta/per_expert_gemm.py`"
+             ": " + (", ".join(SHAPE_NAMES.get(n, n) for n, g
+                               in r["expert_gemm"].items() if g.get("per_expert_by_default"))
+                     or "none of these shapes") + "), else the grouped kernels:", "",
              "| shapes | " + " | ".join(label for _, label in names) + " | dense |",
              "|---|" + "---:|" * (len(names) + 1)]
     for name, ffn in rows:
@@ -124,13 +131,15 @@ def _fusion_table(r: dict) -> list[str]:
     if not rows:
         return []
     lines = ["", "SwiGLU × router probability fused into the GEMMs' epilogues "
-             "(`monta/swiglu_gemm.py`, `MONTA_FUSED_SWIGLU`), expert FFN forward + backward, "
+             "(`monta/swiglu_gemm.py`, `MONTA_FUSED_SWIGLU`), on the grouped kernels "
+             "(`MONTA_GROUPED_GEMM=grouped`), expert FFN forward + backward, "
              "ms (% of dense; same rounds):", "",
              "| shapes | fused into fc1's forward (default, `fwd`) | unfused (`0`) | "
              "also into fc2's input gradient (`all`) | dense |", "|---|---:|---:|---:|---:|"]
     for name, ffn in rows:
+        fwd = "grouped_only" if "grouped_only" in ffn else "grouped"  # grouped kernels, fused
         cells = [f"{ffn[k]['median_ms']:.2f} ({_pct(ffn[k]['fraction_of_dense'])})"
-                 for k in ("grouped", "grouped_unfused", "grouped_fused_all")]
+                 for k in (fwd, "grouped_unfused", "grouped_fused_all")]
         lines.append(f"| {_shape_label(name, r['shapes'][name])} | " + " | ".join(cells)
                      + f" | {ffn['dense']['median_ms']:.2f} |")
     return lines
@@ -175,6 +184,14 @@ def _per_op_table(r: dict) -> list[str]:
     return lines
 
 
+# MoNTA's layer under other settings (bench/gpu_moe_layer.py's extra runs): what each row is
+LAYER_VARIANTS = {
+    "monta_grouped_unfused": "with SwiGLU·prob as its own kernels (`MONTA_FUSED_SWIGLU=0`)",
+    "monta_grouped_sync_free": "on its grouped kernels only, never one GEMM per expert "
+                               "(`MONTA_GROUPED_GEMM=grouped`: no host sync)",
+}
+
+
 def layer_table(r: dict) -> list[str]:
     if "moe_layer" not in r:
         return []
@@ -210,17 +227,19 @@ def layer_table(r: dict) -> list[str]:
                      + f" | {a2a['median_ms']:.2f} | "
                      f"{a2a['speedup_vs_megatron']:.2f}× | {syncs} | "
                      f"{ours.get('rel_err_output', float('nan')):.1e} |")
-    unfused = [(name, layer["variants"]) for name, layer in r["moe_layer"].items()
-               if "monta_grouped_unfused" in layer["variants"]]
-    if unfused:
-        lines += ["", "MoNTA's layer with SwiGLU·prob as its own kernels (`MONTA_FUSED_SWIGLU=0`), "
-                  "same rounds:", "", "| shapes | ms | speedup | back to back ms | speedup |",
-                  "|---|---:|---:|---:|---:|"]
-        for name, v in unfused:
-            u = v["monta_grouped_unfused"]
+    for variant, what in LAYER_VARIANTS.items():
+        rows = [(name, layer["variants"][variant]) for name, layer in r["moe_layer"].items()
+                if variant in layer["variants"]]
+        if not rows:
+            continue
+        lines += ["", f"MoNTA's layer {what}, same rounds:", "",
+                  "| shapes | ms | speedup | back to back ms | speedup | host syncs |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, u in rows:
             lines.append(f"| {_shape_label(name, r['shapes'][name])} | {u['median_ms']:.2f} | "
                          f"{u['speedup_vs_megatron']:.2f}× | {u['chained_median_ms']:.2f} | "
-                         f"{u['chained_speedup_vs_megatron']:.2f}× |")
+                         f"{u['chained_speedup_vs_megatron']:.2f}× | "
+                         f"{u.get('host_syncs', {}).get('count', '—')} |")
     return lines + [""]
 
 

@@ -26,7 +26,11 @@ Three implementations exist:
   of two, so an expert-parallel rank whose row count varies from step to step tunes a handful
   of times, not every step. Single calls time noisily (the same GEMM varies by 5-20 % between
   runs on the H200), so its picks can lose in the whole FFN;
-* ``triton`` / ``sm90``: the fastest Triton / sm90 config, tuned the same way.
+* ``triton`` / ``sm90``: the fastest Triton / sm90 config, tuned the same way;
+* ``cublas``: one cuBLAS GEMM per expert on host counts (:mod:`monta.per_expert_gemm`, which
+  unset also picks for large experts); the grouped GEMMs that still run (padded rows) run as
+  unset;
+* ``grouped``: as unset, but never per expert, so the layer stays free of host syncs.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ logger = logging.getLogger(__name__)
 TORCH = "torch"
 SM90 = "sm90:"  # prefix of a monta.sm90_gemm config name
 DEFAULT = "default"
+CUBLAS = "cublas"  # per-expert GEMMs, monta/per_expert_gemm.py
+GROUPED = "grouped"  # the default's grouped kernels, never per expert
 # The row GEMMs' kernel when the sm90 library is built. In the expert FFN fwd+bwd, timed in
 # interleaved rounds against torch._grouped_mm (bench/gpu_grouped_gemm.py, four runs on an H200:
 # bench/results/gpu_grouped_gemm{,_wgrad}.json and gpu_grouped_gemm_runs/ffn_{62b03f1,05a9b3c}),
@@ -198,16 +204,21 @@ def _tune(op, key, args, triton=True, sm90=False):
     return best
 
 
+def kernel_pin() -> str:
+    """``MONTA_GROUPED_GEMM`` (see module doc); ``default`` when unset."""
+    return os.environ.get("MONTA_GROUPED_GEMM", DEFAULT)
+
+
 def _pin(first, row_ends=None) -> str:
-    pinned = os.environ.get("MONTA_GROUPED_GEMM", DEFAULT)
-    if pinned == DEFAULT:
+    pinned_kernel = kernel_pin()
+    if pinned_kernel in (DEFAULT, CUBLAS, GROUPED):
         rows, wgrad = SM90_ALIGNED_CONFIGS
         if _aligned(rows, row_ends) and _aligned(wgrad, row_ends, "wgrad") \
                 and sm90_gemm.available(first):
             return f"{SM90}{rows},{wgrad}"
         built = sm90_gemm.available(first) and SM90_DEFAULT_CONFIG in sm90_gemm.built_configs()
         return SM90 + SM90_DEFAULT_CONFIG if built else TORCH
-    return pinned
+    return pinned_kernel
 
 
 def row_alignment(t: torch.Tensor) -> int | None:
@@ -225,8 +236,8 @@ def row_alignment(t: torch.Tensor) -> int | None:
         return int(asked) or None
     if not sm90_gemm.available(t):
         return None
-    pinned = os.environ.get("MONTA_GROUPED_GEMM", DEFAULT)
-    config = SM90_ALIGNED_CONFIGS[0] if pinned == DEFAULT else _sm90_config(pinned)
+    pinned = kernel_pin()
+    config = SM90_ALIGNED_CONFIGS[0] if pinned in (DEFAULT, GROUPED) else _sm90_config(pinned)
     config = config.split(",")[0] if config else None
     if config not in sm90_gemm.built_configs(aligned=True):
         return None

@@ -14,9 +14,12 @@ has built it; :mod:`monta.expert_gemm` says which and how to choose), and with a
 probability runs in fc1's epilogue on Hopper (:mod:`monta.swiglu_gemm`, ``MONTA_FUSED_SWIGLU``)
 and otherwise, and in the backward, as one Triton kernel each way on GPUs (:mod:`monta.swiglu`).
 
-No host sync: ``torch._grouped_mm`` takes the experts' row *ends* as an int32 tensor on the
-device, so counts that arrive on the GPU (MoNTA's dispatcher) stay there. The loop fallback
-needs them on the host (``torch.split``), which is a sync on a GPU; on CPU it is free.
+Large experts run one cuBLAS GEMM each instead (:mod:`monta.per_expert_gemm`, as Transformer
+Engine's ``GroupedLinear`` does): at Mixtral shapes that is faster, though it needs the counts
+on the host. Otherwise there is no host sync: ``torch._grouped_mm`` and MoNTA's kernels take
+the experts' row *ends* as an int32 tensor on the device, so counts that arrive on the GPU
+(MoNTA's dispatcher) stay there. The loop fallback needs them on the host (``torch.split``),
+which is a sync on a GPU; on CPU it is free.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe import grouped_gemm_util
 from megatron.core.transformer.moe.experts import GroupedMLP
 
-from monta import expert_gemm, swiglu_gemm
+from monta import expert_gemm, per_expert_gemm, swiglu_gemm
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +157,10 @@ class MoNTAGroupedMLP(GroupedMLP):
             return self._mlp(x, probs, lambda t: t @ w1, lambda t: t @ w2), None
         w1 = self.weight1.view(self.num_local_experts, hidden, -1)
         w2 = self.weight2.view(self.num_local_experts, -1, hidden)
+        splits = per_expert_gemm.host_splits(x, w2, tokens_per_expert)
+        if splits is not None:
+            return self._mlp(x, probs, lambda t: per_expert_gemm.per_expert_mm(t, w1, splits),
+                             lambda t: per_expert_gemm.per_expert_mm(t, w2, splits)), None
         offsets = None
         if grouped_mm_supported(x, w1):
             offsets = expert_offsets(tokens_per_expert, x.device)  # shared by both GEMMs

@@ -1,0 +1,109 @@
+"""The experts' GEMMs as one cuBLAS GEMM per expert, on row counts known to the host.
+
+Transformer Engine's ``GroupedLinear`` works this way: the host splits the rows by expert and
+launches a plain GEMM per expert. When each expert's GEMM is large, cuBLAS runs it at dense
+speed, and that beats the grouped kernels (:mod:`monta.expert_gemm`). Those kernels take the
+expert ends on the device, so they need no host sync, but they tile and schedule every expert
+alike.
+
+Measured on an H200, expert FFN forward + backward, 8192 tokens, 4 calls back to back,
+interleaved (``bench/gpu_moe.py``; the first probe's JSON was not kept):
+
+* Mixtral shapes (8 experts, ~2048 rows each, a 240 GFLOP fc2 per expert): per-expert cuBLAS
+  ran 2.8-3.6 % faster than the grouped default, including its host sync.
+* Fine-grained shapes (64 experts, ~768 rows, 4.4 GFLOP per expert): it ran 1.9× slower.
+  Each GEMM is then a few microseconds of work behind a launch.
+
+:func:`host_splits` decides, per call, whether the per-expert path runs. It reads
+``MONTA_GROUPED_GEMM``:
+
+* ``cublas``: always.
+* unset (``default``): when the mean fc2 GEMM per local expert is at least
+  :data:`MIN_EXPERT_GFLOP`. The rule uses the row count, which the host already knows, so the
+  decision itself needs no sync.
+* any other pin names a grouped kernel: never.
+
+Where the counts live on the GPU (MoNTA's dispatcher), the path copies them to the host once
+per forward. That is one sync per layer; the backward reuses the counts. Megatron's alltoall
+dispatcher already hands them over on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from monta.expert_gemm import CUBLAS, DEFAULT, kernel_pin
+# Per-expert GEMMs from this size up (2·rows/E·F·H FLOPs of fc2, the smaller projection).
+# It lies between the two measured shapes: 240 GFLOP per expert, where per-expert won, and
+# 4.4 GFLOP, where it lost 1.9×. Sizes in between are not measured.
+MIN_EXPERT_GFLOP = 32.0
+
+
+def per_expert_wanted(rows: int, w2_shape, pin: str) -> bool:
+    """Whether ``rows`` routed rows through experts whose fc2 weight is ``w2_shape`` ``[E, F,
+    H]`` run per expert under the ``MONTA_GROUPED_GEMM`` value ``pin`` (see module doc)."""
+    if pin == CUBLAS:
+        return True
+    if pin != DEFAULT:
+        return False
+    experts, ffn, hidden = w2_shape
+    return 2 * rows / experts * ffn * hidden / 1e9 >= MIN_EXPERT_GFLOP
+
+
+def host_splits(x: torch.Tensor, w2: torch.Tensor, tokens_per_expert) -> list[int] | None:
+    """The experts' row counts as host ints when the FFN of ``x [n, H]`` whose fc2 weight is
+    ``w2 [E, F, H]`` should run per expert (:func:`per_expert_wanted`), else None. Only on
+    GPUs (CPU has its own loop) and not on padded rows (``tokens_per_expert.row_ends`` with
+    an alignment: their layout is the grouped kernels')."""
+    if not x.is_cuda or not per_expert_wanted(x.size(0), w2.shape, kernel_pin()):
+        return None
+    if getattr(getattr(tokens_per_expert, "row_ends", None), "alignment", None):
+        return None
+    splits = torch.as_tensor(tokens_per_expert).tolist()  # a sync if they are on the GPU
+    if len(splits) != w2.size(0) or sum(splits) != x.size(0):
+        raise ValueError(f"tokens_per_expert {splits} must give each of the {w2.size(0)} "
+                         f"local experts a count, summing to the {x.size(0)} rows")
+    return splits
+
+
+def _row_blocks(splits: list[int]):
+    start = 0
+    for expert, count in enumerate(splits):
+        yield expert, start, start + count
+        start += count
+
+
+class PerExpertMM(torch.autograd.Function):
+    """``out[rows_e] = x[rows_e] @ w[e]`` with one ``torch.mm`` per expert, each writing its
+    block of rows in place (no concatenation); empty experts get zero weight gradients."""
+
+    @staticmethod
+    def forward(ctx, x, w, splits):
+        out = x.new_empty(x.size(0), w.size(2))
+        for expert, start, end in _row_blocks(splits):
+            if end > start:
+                torch.mm(x[start:end], w[expert], out=out[start:end])
+        ctx.save_for_backward(x, w)
+        ctx.splits = splits
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
+        dw = w.new_empty(w.shape) if ctx.needs_input_grad[1] else None
+        for expert, start, end in _row_blocks(ctx.splits):
+            if dx is not None and end > start:
+                torch.mm(dy[start:end], w[expert].t(), out=dx[start:end])
+            if dw is not None:
+                if end > start:
+                    torch.mm(x[start:end].t(), dy[start:end], out=dw[expert])
+                else:
+                    dw[expert].zero_()
+        return dx, dw, None
+
+
+def per_expert_mm(x: torch.Tensor, w: torch.Tensor, splits: list[int]) -> torch.Tensor:
+    """Differentiable ``x [n, K] @ w [E, K, N]`` by expert row blocks of sizes ``splits``."""
+    return PerExpertMM.apply(x, w, splits)
