@@ -85,7 +85,7 @@ def routed_counts(tokens: int, experts: int, topk: int, device) -> torch.Tensor:
     return torch.bincount(chosen, minlength=experts)
 
 
-FFN_ROUNDS = 4  # interleaved rounds of the expert-FFN variants, 3 timed calls each
+FFN_ROUNDS = 6  # interleaved rounds of the expert-FFN variants, 3 timed calls each
 FFN_CHAIN = 4  # and 2 samples each of this many calls back to back (the loop left out)
 
 

@@ -113,10 +113,10 @@ CHAIN = 8
 
 
 def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: bool,
-                    rounds: int = 3, reps: int = 7) -> dict:
+                    rounds: int = 5, reps: int = 5) -> dict:
     """Each variant timed in ``rounds`` interleaved rounds of ``reps`` (median of all), so
     clock or thermal drift does not favour whichever runs first."""
-    from bench.gpu_timing import with_env
+    from bench.gpu_timing import rotated, with_env
 
     layers = build_layers(shape, device, dtype)
     gen = torch.Generator(device=device).manual_seed(3)
@@ -158,8 +158,8 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
             row["rel_err_input_grad"] = ((got[1] - reference[1]).norm()
                                          / reference[1].norm()).item()
     chained = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, (step, clear) in steps.items():
+    for round_ in range(rounds):
+        for name, (step, clear) in rotated(list(steps.items()), round_):
             samples[name] += timer(step, warmup=2, reps=reps, setup=clear)["samples_ms"]
             chained[name] += timer(step, warmup=1, reps=2, setup=clear,
                                    chain=CHAIN)["samples_ms"]

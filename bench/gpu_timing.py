@@ -68,15 +68,25 @@ def tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 
 
+def rotated(items: list, round_: int) -> list:
+    """``items`` starting at ``round_`` (mod their count): the order of one interleaved round.
+    The GPU's clock depends on what ran just before (an H200 ran a variant 16 % faster after one
+    that left it mostly idle, bench/results/gpu_moe_runs/gpu_moe_77a0c28.json), so each variant
+    follows a different one in each round instead of always the same."""
+    shift = round_ % max(len(items), 1)
+    return items[shift:] + items[:shift]
+
+
 def time_interleaved(variants: dict, timer: Timer, rounds: int, reps: int, setup=None,
                      catch: bool = False, chain: int = 1) -> tuple[dict, dict]:
     """``variants`` {name: (MONTA_GROUPED_GEMM pin, fn)}, each timed ``reps`` samples (of
     ``chain`` calls back to back, see :class:`Timer`) per round in ``rounds`` interleaved rounds
-    (3 warm-up calls in the first, 1 after), so clock and thermal drift favour none. Returns ({name: samples in ms}, {name: error}); with ``catch`` a variant
+    in :func:`rotated` order (3 warm-up calls the first time, 1 after), so clock and thermal
+    drift favour none. Returns ({name: samples in ms}, {name: error}); with ``catch`` a variant
     that raises is recorded and left out of later rounds, else the error propagates."""
     samples, errors = {name: [] for name in variants}, {}
     for round_ in range(rounds):
-        for name, (pin, fn) in variants.items():
+        for name, (pin, fn) in rotated(list(variants.items()), round_):
             if name in errors:
                 continue
             try:

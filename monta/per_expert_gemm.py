@@ -6,13 +6,18 @@ speed, and that beats the grouped kernels (:mod:`monta.expert_gemm`). Those kern
 expert ends on the device, so they need no host sync, but they tile and schedule every expert
 alike.
 
-Measured on an H200, expert FFN forward + backward, 8192 tokens, 4 calls back to back,
-interleaved (``bench/gpu_moe.py``; the first probe's JSON was not kept):
+Measured on an H200 (``bench/gpu_moe.py``; the runs' JSON in ``bench/results/``), expert FFN
+forward + backward, 8192 tokens, 4 calls back to back, interleaved:
 
 * Mixtral shapes (8 experts, ~2048 rows each, a 240 GFLOP fc2 per expert): per-expert cuBLAS
-  ran 2.8-3.6 % faster than the grouped default, including its host sync.
-* Fine-grained shapes (64 experts, ~768 rows, 4.4 GFLOP per expert): it ran 1.9× slower.
-  Each GEMM is then a few microseconds of work behind a launch.
+  ran 3-4 % faster than the grouped default, its host sync included. The whole MoE layer, back
+  to back, ran 27.6 instead of 29.4 ms (``gpu_moe_runs/gpu_moe_77a0c28.json``).
+* Fine-grained shapes (64 experts, ~768 rows, 4.4 GFLOP per expert): it ran 2× slower. Each
+  GEMM is then a few microseconds of work behind a launch.
+* The 0.82 B training run (8 experts, 51 GFLOP per expert) lost with it: MFU 44.9 % with the
+  GPU busy 90 % of the time (same JSON), against 48.6 % and 99 % on the grouped kernels in the
+  runs before (``gpu_moe_runs/gpu_moe_8b43a16.json``). Its FFN gains too little per layer to
+  pay for a sync in every layer's forward, which costs the host the lead it keeps over the GPU.
 
 :func:`host_splits` decides, per call, whether the per-expert path runs. It reads
 ``MONTA_GROUPED_GEMM``:
@@ -33,10 +38,10 @@ from __future__ import annotations
 import torch
 
 from monta.expert_gemm import CUBLAS, DEFAULT, kernel_pin
-# Per-expert GEMMs from this size up (2·rows/E·F·H FLOPs of fc2, the smaller projection).
-# It lies between the two measured shapes: 240 GFLOP per expert, where per-expert won, and
-# 4.4 GFLOP, where it lost 1.9×. Sizes in between are not measured.
-MIN_EXPERT_GFLOP = 32.0
+
+# Per-expert GEMMs from this size up (2·rows/E·F·H FLOPs of fc2, the smaller projection),
+# between the measured 51 GFLOP per expert (lost, in training) and 240 (won, in the layer).
+MIN_EXPERT_GFLOP = 128.0
 
 
 def per_expert_wanted(rows: int, w2_shape, pin: str) -> bool:

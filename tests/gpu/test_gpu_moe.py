@@ -463,7 +463,7 @@ def test_moe_layer_per_expert_gemms_match_grouped(nccl_world_of_one, monkeypatch
         out.backward(grad)
         results.append((out, inp.grad, {k: p.grad for k, p in layer.named_parameters()}))
     assert len(calls) == 2, "per-expert GEMMs ran other than for fc1 and fc2 under cublas"
-    assert sum(calls[0]) == 1024 and len(calls[0]) == 8  # 512·2 tokens, top-2, 8 experts
+    assert sum(calls[0]) == 2048 and len(calls[0]) == 8  # 1024 tokens, top-2, 8 experts
     (out1, dx1, g1), (out0, dx0, g0) = results
     assert out0.abs().max() > 0.01
     assert _rel_err(out1, out0) < 1e-2 and _rel_err(dx1, dx0) < 1e-2
