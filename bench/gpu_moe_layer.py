@@ -160,6 +160,7 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
     chained = {name: [] for name in steps}
     for round_ in range(rounds):
         for name, (step, clear) in rotated(list(steps.items()), round_):
+            timer.settle()
             samples[name] += timer(step, warmup=2, reps=reps, setup=clear)["samples_ms"]
             chained[name] += timer(step, warmup=1, reps=2, setup=clear,
                                    chain=CHAIN)["samples_ms"]

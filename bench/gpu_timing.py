@@ -23,6 +23,22 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
 
+    def settle(self, iters: int = 24):
+        """The same ~17 ms of dense bf16 GEMMs (on an H200) before each variant's samples: an
+        H200 ran a variant up to 16 % faster right after one that left it mostly idle (its
+        clock had risen), so every variant starts from the same load
+        (bench/results/gpu_moe_runs/gpu_moe_77a0c28.json, gpu_moe_93223d4.json)."""
+        if not self.cuda:
+            return
+        if getattr(self, "_settle_operands", None) is None:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            self._settle_operands = [torch.randn(n, 8192, device="cuda", generator=gen)
+                                     .bfloat16() for n in (8192, 4096)]
+        a, b = self._settle_operands
+        for _ in range(iters):
+            a @ b.t()
+        torch.cuda.synchronize()
+
     def __call__(self, fn, warmup: int = 3, reps: int = 10, setup=None, chain: int = 1) -> dict:
         """``chain`` > 1: each sample is ``chain`` calls back to back (``setup`` before each,
         no sync in between) divided by ``chain``, as in a training loop, where the host queues
@@ -69,10 +85,8 @@ def tflops(flops: float, ms: float) -> float:
 
 
 def rotated(items: list, round_: int) -> list:
-    """``items`` starting at ``round_`` (mod their count): the order of one interleaved round.
-    The GPU's clock depends on what ran just before (an H200 ran a variant 16 % faster after one
-    that left it mostly idle, bench/results/gpu_moe_runs/gpu_moe_77a0c28.json), so each variant
-    follows a different one in each round instead of always the same."""
+    """``items`` starting at ``round_`` (mod their count): the order of one interleaved round,
+    so that no variant always runs first (after the warm-up) or last."""
     shift = round_ % max(len(items), 1)
     return items[shift:] + items[:shift]
 
@@ -81,8 +95,8 @@ def time_interleaved(variants: dict, timer: Timer, rounds: int, reps: int, setup
                      catch: bool = False, chain: int = 1) -> tuple[dict, dict]:
     """``variants`` {name: (MONTA_GROUPED_GEMM pin, fn)}, each timed ``reps`` samples (of
     ``chain`` calls back to back, see :class:`Timer`) per round in ``rounds`` interleaved rounds
-    in :func:`rotated` order (3 warm-up calls the first time, 1 after), so clock and thermal
-    drift favour none. Returns ({name: samples in ms}, {name: error}); with ``catch`` a variant
+    in :func:`rotated` order (3 warm-up calls the first time, 1 after), each after
+    :meth:`Timer.settle`, so clock and thermal drift favour none. Returns ({name: samples in ms}, {name: error}); with ``catch`` a variant
     that raises is recorded and left out of later rounds, else the error propagates."""
     samples, errors = {name: [] for name in variants}, {}
     for round_ in range(rounds):
@@ -90,6 +104,7 @@ def time_interleaved(variants: dict, timer: Timer, rounds: int, reps: int, setup
             if name in errors:
                 continue
             try:
+                timer.settle()
                 t = with_grouped_gemm(pin, lambda: timer(fn, warmup=3 if round_ == 0 else 1,
                                                          reps=reps, setup=setup, chain=chain))
             except Exception as error:
