@@ -23,11 +23,13 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def settle(self, iters: int = 24):
-        """The same ~17 ms of dense bf16 GEMMs (on an H200) before each variant's samples: an
-        H200 ran a variant up to 16 % faster right after one that left it mostly idle (its
-        clock had risen), so every variant starts from the same load
-        (bench/results/gpu_moe_runs/gpu_moe_77a0c28.json, gpu_moe_93223d4.json)."""
+    def settle(self, iters: int = 200):
+        """The same ~150 ms of dense bf16 GEMMs (on an H200) before each variant's samples, so
+        every variant starts from the same sustained load. An H200 ran the same expert FFN
+        16 % faster in a variant that followed a mostly idle one (its clock had risen; every
+        kernel of the FFN ran that much faster): 4.4–4.7 against 5.1–5.2 ms in three runs
+        (bench/results/gpu_moe_runs/gpu_moe_{77a0c28,93223d4,74c16a8}.json, fine-grained
+        ``grouped`` and ``grouped_only``), and ~17 ms of load in between did not even it out."""
         if not self.cuda:
             return
         if getattr(self, "_settle_operands", None) is None:
