@@ -77,8 +77,9 @@ def _add_moe_args(parser: argparse.ArgumentParser) -> None:
                    help="experts as one grouped GEMM per projection: TE's when it imports, else "
                         "torch._grouped_mm or, on Hopper once tools/build_sm90_kernels.py has "
                         "built it, MoNTA's CUTLASS library (bf16 on GPUs; a per-expert loop on "
-                        "CPU); MONTA_GROUPED_GEMM in the environment picks the kernel "
-                        "(monta/expert_gemm.py)")
+                        "CPU); large experts (>= 128 GFLOP per expert GEMM) run one cuBLAS "
+                        "GEMM each instead (monta/per_expert_gemm.py); MONTA_GROUPED_GEMM in the "
+                        "environment picks the kernel (monta/expert_gemm.py)")
     g.add_argument("--monta-node-dedup", choices=("auto", "on", "off", "tune"), default="auto",
                    help="monta dispatcher: send a token once per remote node and fan it out "
                         "inside the node (auto: when top-k makes it pay; tune: time both at "
