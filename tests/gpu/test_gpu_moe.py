@@ -410,6 +410,32 @@ def test_fused_swiglu_expert_ffn_matches_fp64(nccl_world_of_one, ffn, fuse_backw
         assert torch.count_nonzero(grad[~busy]) == 0, "an empty expert got a weight gradient"
 
 
+def _monta_layer_under(monkeypatch, variable: str, values) -> list:
+    """(output, input gradient, {parameter: gradient}) of one MoNTA grouped layer, the same
+    input and output gradient, with ``variable`` set to each of ``values`` in turn."""
+    layer = _moe_layer("monta", grouped=True)
+    x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+    results = []
+    for value in values:
+        monkeypatch.setenv(variable, value)
+        layer.zero_grad(set_to_none=True)
+        inp = x.clone().requires_grad_(True)
+        out = layer(inp)[0]
+        out.backward(grad)
+        results.append((out, inp.grad, {k: p.grad for k, p in layer.named_parameters()}))
+    return results
+
+
+def _assert_same_to_bf16(got, want):
+    (out1, dx1, g1), (out0, dx0, g0) = got, want
+    assert out0.abs().max() > 0.01
+    assert _rel_err(out1, out0) < 1e-2 and _rel_err(dx1, dx0) < 1e-2
+    assert g1.keys() == g0.keys()
+    for name in g1:
+        assert _rel_err(g1[name], g0[name]) < 2e-2, name
+
+
 def test_moe_layer_fused_swiglu_matches_unfused(nccl_world_of_one, monkeypatch):
     """The grouped experts inside MoNTA's layer take the fused path by default (``fwd``) and
     under ``all``; both agree with MONTA_FUSED_SWIGLU=0 (the activation as its own kernels) to
@@ -420,24 +446,10 @@ def test_moe_layer_fused_swiglu_matches_unfused(nccl_world_of_one, monkeypatch):
     real = swiglu_gemm.swiglu_expert_ffn
     monkeypatch.setattr(swiglu_gemm, "swiglu_expert_ffn",
                         lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
-    layer = _moe_layer("monta", grouped=True)
-    x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16)
-    grad = torch.randn_like(x)
-    results = []
-    for fused in ("fwd", "all", "0"):
-        monkeypatch.setenv("MONTA_FUSED_SWIGLU", fused)
-        layer.zero_grad(set_to_none=True)
-        inp = x.clone().requires_grad_(True)
-        out = layer(inp)[0]
-        out.backward(grad)
-        results.append((out, inp.grad, {k: p.grad for k, p in layer.named_parameters()}))
+    *fused, unfused = _monta_layer_under(monkeypatch, "MONTA_FUSED_SWIGLU", ("fwd", "all", "0"))
     assert len(calls) == 2, "the fused path ran other than once per fused setting"
-    out0, dx0, g0 = results[-1]
-    for out1, dx1, g1 in results[:-1]:
-        assert _rel_err(out1, out0) < 1e-2 and _rel_err(dx1, dx0) < 1e-2
-        assert g1.keys() == g0.keys()
-        for name in g1:
-            assert _rel_err(g1[name], g0[name]) < 2e-2, name
+    for result in fused:
+        _assert_same_to_bf16(result, unfused)
 
 
 def test_moe_layer_per_expert_gemms_match_grouped(nccl_world_of_one, monkeypatch):
@@ -451,25 +463,11 @@ def test_moe_layer_per_expert_gemms_match_grouped(nccl_world_of_one, monkeypatch
     real = per_expert_gemm.per_expert_mm
     monkeypatch.setattr(per_expert_gemm, "per_expert_mm",
                         lambda *args: calls.append(args[2]) or real(*args))
-    layer = _moe_layer("monta", grouped=True)
-    x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16)
-    grad = torch.randn_like(x)
-    results = []
-    for pin in ("cublas", "default"):
-        monkeypatch.setenv("MONTA_GROUPED_GEMM", pin)
-        layer.zero_grad(set_to_none=True)
-        inp = x.clone().requires_grad_(True)
-        out = layer(inp)[0]
-        out.backward(grad)
-        results.append((out, inp.grad, {k: p.grad for k, p in layer.named_parameters()}))
+    per_expert, grouped = _monta_layer_under(monkeypatch, "MONTA_GROUPED_GEMM",
+                                             ("cublas", "default"))
     assert len(calls) == 2, "per-expert GEMMs ran other than for fc1 and fc2 under cublas"
     assert sum(calls[0]) == 2048 and len(calls[0]) == 8  # 1024 tokens, top-2, 8 experts
-    (out1, dx1, g1), (out0, dx0, g0) = results
-    assert out0.abs().max() > 0.01
-    assert _rel_err(out1, out0) < 1e-2 and _rel_err(dx1, dx0) < 1e-2
-    assert g1.keys() == g0.keys()
-    for name in g1:
-        assert _rel_err(g1[name], g0[name]) < 2e-2, name
+    _assert_same_to_bf16(per_expert, grouped)
 
 
 @pytest.mark.parametrize("layout", ["row", "col"])
