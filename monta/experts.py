@@ -18,8 +18,8 @@ Large experts run one cuBLAS GEMM each instead (:mod:`monta.per_expert_gemm`, as
 Engine's ``GroupedLinear`` does): at Mixtral shapes that is faster, though it needs the counts
 on the host. Otherwise there is no host sync: ``torch._grouped_mm`` and MoNTA's kernels take
 the experts' row *ends* as an int32 tensor on the device, so counts that arrive on the GPU
-(MoNTA's dispatcher) stay there. The loop fallback needs them on the host (``torch.split``),
-which is a sync on a GPU; on CPU it is free.
+(MoNTA's dispatcher) stay there. The loop fallback (the same per-expert GEMMs) needs them on
+the host, which is a sync on a GPU; on CPU it is free.
 """
 
 from __future__ import annotations
@@ -99,12 +99,11 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor
     padded_ends = _padded_ends(tokens_per_expert)
     if padded_ends is None:
         counts = torch.as_tensor(tokens_per_expert).tolist()  # host ints: a sync if on a GPU
-        return torch.cat([piece @ w[e] for e, piece in enumerate(torch.split(x, counts))])
+        return per_expert_gemm.per_expert_mm(x, w, counts)
     # rows padded per expert (monta/dispatch/padded_order.py); rows past the last end are never
     # read, zero here
     ends = padded_ends.tolist()
-    pieces = torch.split(x[:ends[-1]], [b - a for a, b in zip([0, *ends], ends)])
-    out = torch.cat([piece @ w[e] for e, piece in enumerate(pieces)])
+    out = per_expert_gemm.per_expert_mm(x[:ends[-1]], w, [b - a for a, b in zip([0, *ends], ends)])
     return torch.cat([out, out.new_zeros(x.size(0) - ends[-1], out.size(1))])
 
 
