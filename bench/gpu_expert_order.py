@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHAPES = ((8192, 8, 2), (8192, 64, 6), (8192, 256, 8))  # tokens, experts, top-k
+CALLS = 20  # per timed sample, back to back
 
 
 def _kernels_at(rev: str, folder: Path, copy: str | None = None):
@@ -41,23 +41,8 @@ def _kernels_at(rev: str, folder: Path, copy: str | None = None):
     return module
 
 
-def _per_call_us(fn, calls: int = 20, samples: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(samples):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls * 1e3)
-    return statistics.median(times)
-
-
 def main(argv=None) -> int:
+    from bench.gpu_timing import Timer
     from monta.dispatch import kernels
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -66,6 +51,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="/tmp/gpu_expert_order.json")
     opts = parser.parse_args(argv)
     rows = []
+    timer = Timer(torch.device("cuda"))
+
+    def per_call_us(fn) -> float:  # median of 10 samples of 20 calls back to back
+        return timer(fn, warmup=3, reps=10, chain=CALLS)["median_ms"] * 1e3
+
     with tempfile.TemporaryDirectory() as folder:
         before = _kernels_at(opts.against, Path(folder), opts.against_file)
         for tokens, experts, topk in SHAPES:
@@ -80,13 +70,13 @@ def main(argv=None) -> int:
             row = {"tokens": tokens, "experts": experts, "topk": topk,
                    "same_order": same_order, "same_routed": same_routed}
             for name, module in (("before", before), ("now", kernels)):
-                row[f"expert_order_{name}_us"] = _per_call_us(
+                row[f"expert_order_{name}_us"] = per_call_us(
                     lambda m=module: m.expert_order(mask, topk))
-                row[f"topk_softmax_order_{name}_us"] = _per_call_us(
+                row[f"topk_softmax_order_{name}_us"] = per_call_us(
                     lambda m=module: m.topk_softmax_order(logits, topk))
             rows.append(row)
     result = {"against": opts.against, "device": torch.cuda.get_device_name(0),
-              "torch": torch.__version__, "calls_per_sample": 20, "rows": rows}
+              "torch": torch.__version__, "calls_per_sample": CALLS, "rows": rows}
     Path(opts.out).write_text(json.dumps(result, indent=1))
     print(f"| T, E, k | expert_order µs ({opts.against} → now) | topk_softmax_order µs | same |")
     print("|---|---:|---:|---|")

@@ -5,7 +5,8 @@ pass and for the whole expert FFN, back to back.
 
 At the Mixtral and fine-grained shapes of ``bench/gpu_moe.py`` (8192 tokens, routed top-k by
 random logits), each variant timed as the median of ``--rounds`` interleaved samples of
-``CHAIN`` calls back to back: fc1 + the activation's forward (fused: one Triton GEMM; unfused:
+``CHAIN`` calls back to back (``bench/gpu_timing.time_interleaved``, as ``bench/gpu_moe.py``
+times its variants): fc1 + the activation's forward (fused: one Triton GEMM; unfused:
 the experts' default GEMM, then :mod:`monta.swiglu`'s kernel), fc2's input gradient + the
 activation's backward (likewise), and the FFN forward + backward under ``MONTA_FUSED_SWIGLU``
 ``0``, ``fwd`` and ``all``. The gradients of x, the probabilities and both weights under
@@ -27,28 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CHAIN = 4
 
 
-def _timed(variants: dict, rounds: int, setup) -> dict:
-    samples = {name: [] for name in variants}
-    for round_ in range(rounds):
-        for name, fn in variants.items():
-            if round_ == 0:
-                for _ in range(2):
-                    setup()
-                    fn()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(CHAIN):
-                setup()
-                fn()
-            end.record()
-            end.synchronize()
-            samples[name].append(start.elapsed_time(end) / CHAIN)
-    return {name: round(statistics.median(times), 3) for name, times in samples.items()}
-
-
 def bench_shape(shape: dict, rounds: int, device) -> dict:
     from bench.gpu_moe import routed_counts
+    from bench.gpu_timing import Timer, time_interleaved
     from monta import expert_gemm, swiglu, swiglu_gemm
     from monta.experts import activation_with_probs, expert_offsets, grouped_mm
 
@@ -97,8 +79,10 @@ def bench_shape(shape: dict, rounds: int, device) -> dict:
             h_out, pd, expert_gemm.rows(grad, w2d.transpose(1, 2), ends)),
         "dgrad_fused": lambda: swiglu_gemm.fc2_dgrad_swiglu(grad, w2d, h_out, pd, ends),
     }
+    samples, _ = time_interleaved({name: ("default", fn) for name, fn in variants.items()},
+                                  Timer(device), rounds, reps=1, setup=clear, chain=CHAIN)
     return {"rel_err_vs_unfused [x, probs, w1, w2]": errors,
-            "median_ms": _timed(variants, rounds, clear)}
+            "median_ms": {name: round(statistics.median(t), 3) for name, t in samples.items()}}
 
 
 def main(argv=None) -> int:
