@@ -45,7 +45,9 @@ def expert_table(r: dict) -> list[str]:
              f"{first['ffn_fwd_bwd']['grouped']['reps']}) and the fraction of the dense GEMM's "
              f"rate; {first['tokens']} tokens routed top-k by random logits; the FFN's variants "
              "in interleaved rounds. MoNTA: the experts' default kernels (`monta.expert_gemm`): "
-             f"{_monta_kernels(r['environment'])}; torch: `torch._grouped_mm` for all.", "",
+             f"{_monta_kernels(r['environment'])}; the FFN as `MoNTAGroupedMLP` runs it, one "
+             f"cuBLAS GEMM per expert where its experts are large ({_per_expert_shapes(r)}); "
+             "torch: `torch._grouped_mm` for all.", "",
              "| shapes | op | MoNTA | % of dense | torch | % of dense | loop (per expert) | "
              "% of dense | dense | torch, transposed weights |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -96,6 +98,12 @@ def expert_table(r: dict) -> list[str]:
     return lines + [""]
 
 
+def _per_expert_shapes(r: dict) -> str:
+    """The shapes whose expert FFN MoNTA runs per expert by default (monta/per_expert_gemm.py)."""
+    return (", ".join(SHAPE_NAMES.get(name, name) for name, g in r["expert_gemm"].items()
+                      if g.get("per_expert_by_default")) or "none of these shapes")
+
+
 def _chained_ffn_table(r: dict) -> list[str]:
     rows = [(name, g["ffn_fwd_bwd"]) for name, g in r["expert_gemm"].items()
             if "chained_median_ms" in g["ffn_fwd_bwd"]["dense"]]
@@ -112,9 +120,7 @@ def _chained_ffn_table(r: dict) -> list[str]:
              "calls without a sync, as a training step runs its layers: launch latency off the "
              "clock for all), ms (% of dense; same run, interleaved). MoNTA's default runs one "
              "cuBLAS GEMM per expert where the experts' GEMMs are large (`monta/per_expert_gemm.py`"
-             ": " + (", ".join(SHAPE_NAMES.get(n, n) for n, g
-                               in r["expert_gemm"].items() if g.get("per_expert_by_default"))
-                     or "none of these shapes") + "), else the grouped kernels:", "",
+             f": {_per_expert_shapes(r)}), else the grouped kernels:", "",
              "| shapes | " + " | ".join(label for _, label in names) + " | dense |",
              "|---|" + "---:|" * (len(names) + 1)]
     for name, ffn in rows:
