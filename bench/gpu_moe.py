@@ -85,6 +85,7 @@ def routed_counts(tokens: int, experts: int, topk: int, device) -> torch.Tensor:
     return torch.bincount(chosen, minlength=experts)
 
 
+PROJECTION_ROUNDS = 4  # interleaved rounds of one projection's GEMMs, 5 timed calls each
 FFN_ROUNDS = 6  # interleaved rounds of the expert-FFN variants, 3 timed calls each
 FFN_CHAIN = 4  # and 2 samples each of this many calls back to back (the loop left out)
 
@@ -197,13 +198,18 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
             got = variants["grouped_padded"]()[padded[3]].float()
             want = variants["grouped_torch"]().float()
             row["grouped_padded_rel_err"] = ((got - want).norm() / want.norm()).item()
-        for name, fn in variants.items():
-            t = timer(fn, warmup=5, reps=20)
-            row[name] = {**t, "tflops": tflops(flops, t["median_ms"])}
+        ops = _per_op_variants(x, w, dense_w, rand(n, nn), counts, offsets) if fast else {}
+        # one set of interleaved rounds for the projection's variants and its per-op GEMMs, so
+        # every "% of dense" compares samples taken at the same clock
+        samples, _ = time_interleaved({name: ("default", fn) for name, fn in
+                                       {**variants, **ops}.items()}, timer, PROJECTION_ROUNDS,
+                                      reps=5)
+        for name in variants:
+            row[name] = _stats(samples[name], flops)
         for name in variants:
             row[name]["fraction_of_dense"] = row[name]["tflops"] / row["dense"]["tflops"]
-        if fast:
-            row["per_op"] = _per_op(x, w, dense_w, rand(n, nn), counts, offsets, flops, row, timer)
+        if ops:
+            row["per_op"] = _per_op(samples, flops, row)
         out["projections"][proj] = row
 
     # whole expert FFN, forward + backward
@@ -253,7 +259,8 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     # always / never per expert; grouped_unfused / grouped_fused_all: the grouped kernels with
     # the activation as its own kernels / fused into fc2's input gradient too; grouped_padded:
     # on padded rows (the aligned kernels); grouped_torch: torch._grouped_mm for every GEMM, the
-    # activation unfused. Interleaved rounds, so clock and thermal drift favour no variant.
+    # activation unfused; grouped_balanced: the default on exactly n / E rows per expert (not
+    # an achievable routing: it prices the partly filled last tile per expert). Interleaved rounds, so clock and thermal drift favour no variant.
     variants = {"grouped": ("default", monta_ffn(x, probs, grad, counts)),
                 "grouped_torch": ("torch", monta_ffn(x, probs, grad, counts, "0")),
                 "loop": ("torch", loop_ffn), "dense": ("torch", dense_ffn)}
@@ -265,11 +272,12 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         variants["grouped_fused_all"] = ("grouped", monta_ffn(x, probs, grad, counts, "all"))
     if padded_ffn is not None:
         variants["grouped_padded"] = ("default", monta_ffn(*padded_ffn))
+    if n % e == 0:  # every expert n / E rows: what routing imbalance (partial tiles) costs
+        variants["grouped_balanced"] = ("default",
+                                        monta_ffn(x, probs, grad, torch.full_like(counts, n // e)))
     samples, _ = time_interleaved(variants, timer, FFN_ROUNDS, reps=3, setup=clear)
     for name, times in samples.items():
-        ms = statistics.median(times)
-        ffn[name] = {"median_ms": ms, "min_ms": min(times), "max_ms": max(times),
-                     "reps": len(times), "samples_ms": times, "tflops": tflops(flops, ms)}
+        ffn[name] = _stats(times, flops)
     # back to back, as a training step runs them: the host queues the next call while the GPU
     # runs this one, so launch latency is off the clock (for dense and grouped alike)
     chained, _ = time_interleaved({k: v for k, v in variants.items() if k != "loop"}, timer,
@@ -287,32 +295,43 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     return out
 
 
-def _per_op(x, w, dense_w, dy, counts, offsets, flops, row, timer) -> dict:
+def _per_op_variants(x, w, dense_w, dy, counts, offsets) -> dict:
     """Where a projection's forward + backward time goes: the input-gradient (``dy @ wᵀ``) and
     weight-gradient (``xᵀ @ dy`` per expert) GEMMs as ``torch._grouped_mm``'s autograd runs
-    them, each against the dense GEMM of the same shape; and the forward with every expert
+    them, each beside the dense GEMM of the same shape; and the forward with every expert
     given exactly n / E rows (no partly filled last tile per expert: the cost of routing
-    imbalance, not an achievable number)."""
+    imbalance, not an achievable number). {name: fn}, timed with the projection's variants."""
     from monta.experts import expert_offsets
 
-    ops = {"dgrad": (lambda: torch._grouped_mm(dy, w.transpose(1, 2), offs=offsets),
-                     lambda: dy @ dense_w.t()),
-           "wgrad": (lambda: torch._grouped_mm(x.t(), dy, offs=offsets), lambda: x.t() @ dy)}
-    result = {}
-    for name, (grouped, dense) in ops.items():
-        g, d = timer(grouped, warmup=5, reps=20), timer(dense, warmup=5, reps=20)
-        result[name] = {"grouped": {**g, "tflops": tflops(flops, g["median_ms"])},
-                        "dense": {**d, "tflops": tflops(flops, d["median_ms"])}}
-        result[name]["fraction_of_dense"] = (result[name]["grouped"]["tflops"]
-                                             / result[name]["dense"]["tflops"])
+    ops = {"dgrad_grouped": lambda: torch._grouped_mm(dy, w.transpose(1, 2), offs=offsets),
+           "dgrad_dense": lambda: dy @ dense_w.t(),
+           "wgrad_grouped": lambda: torch._grouped_mm(x.t(), dy, offs=offsets),
+           "wgrad_dense": lambda: x.t() @ dy}
     n, e = x.size(0), counts.numel()
     if n % e == 0:
         even = expert_offsets(torch.full_like(counts, n // e), x.device)
-        t = timer(lambda: torch._grouped_mm(x, w, offs=even), warmup=5, reps=20)
-        result["fwd_balanced"] = {"grouped": {**t, "tflops": tflops(flops, t["median_ms"])},
-                                  "fraction_of_dense": tflops(flops, t["median_ms"])
-                                  / row["dense"]["tflops"]}
+        ops["fwd_balanced_grouped"] = lambda: torch._grouped_mm(x, w, offs=even)
+    return ops
+
+
+def _per_op(samples: dict, flops: float, row: dict) -> dict:
+    """The per-op table's entries from :func:`_per_op_variants`' samples."""
+    result = {}
+    for op in ("dgrad", "wgrad"):
+        grouped, dense = (_stats(samples[f"{op}_{kind}"], flops) for kind in ("grouped", "dense"))
+        result[op] = {"grouped": grouped, "dense": dense,
+                      "fraction_of_dense": grouped["tflops"] / dense["tflops"]}
+    if "fwd_balanced_grouped" in samples:
+        balanced = _stats(samples["fwd_balanced_grouped"], flops)
+        result["fwd_balanced"] = {"grouped": balanced,
+                                  "fraction_of_dense": balanced["tflops"] / row["dense"]["tflops"]}
     return result
+
+
+def _stats(times: list, flops: float) -> dict:
+    ms = statistics.median(times)
+    return {"median_ms": ms, "min_ms": min(times), "max_ms": max(times), "reps": len(times),
+            "samples_ms": times, "tflops": tflops(flops, ms)}
 
 
 def bench_activation(n: int, f: int, device, dtype, timer) -> dict:

@@ -43,7 +43,7 @@ def expert_table(r: dict) -> list[str]:
     lines = ["## Expert compute: grouped GEMM vs one dense GEMM of the same FLOPs", "",
              f"TFLOP/s (median of {first['projections']['fc1']['grouped']['reps']} runs; FFN: "
              f"{first['ffn_fwd_bwd']['grouped']['reps']}) and the fraction of the dense GEMM's "
-             f"rate; {first['tokens']} tokens routed top-k by random logits; the FFN's variants "
+             f"rate; {first['tokens']} tokens routed top-k by random logits; each row's variants "
              "in interleaved rounds. MoNTA: the experts' default kernels (`monta.expert_gemm`): "
              f"{_monta_kernels(r['environment'])}; the FFN as `MoNTAGroupedMLP` runs it, one "
              f"cuBLAS GEMM per expert where its experts are large ({_per_expert_shapes(r)}); "
@@ -114,13 +114,16 @@ def _chained_ffn_table(r: dict) -> list[str]:
         ("grouped_only", "MoNTA's grouped kernels (`grouped`)"),
         ("grouped_torch", "`torch._grouped_mm`"),
         ("grouped_unfused", "grouped, SwiGLU·prob unfused"),
-        ("grouped_padded", "MoNTA, padded rows"))
+        ("grouped_padded", "MoNTA, padded rows"),
+        ("grouped_balanced", "MoNTA (default), balanced: n / E rows per expert"))
         if k in rows[0][1]]
     lines = ["", f"The expert FFN forward + backward back to back ({rows[0][1]['dense']['chain']} "
              "calls without a sync, as a training step runs its layers: launch latency off the "
              "clock for all), ms (% of dense; same run, interleaved). MoNTA's default runs one "
              "cuBLAS GEMM per expert where the experts' GEMMs are large (`monta/per_expert_gemm.py`"
-             f": {_per_expert_shapes(r)}), else the grouped kernels:", "",
+             f": {_per_expert_shapes(r)}), else the grouped kernels. \"Balanced\": the same default "
+             "FFN with every expert given exactly n / E rows, so no expert ends in a partly "
+             "filled tile (not a routing real tokens get; it prices routing imbalance):", "",
              "| shapes | " + " | ".join(label for _, label in names) + " | dense |",
              "|---|" + "---:|" * (len(names) + 1)]
     for name, ffn in rows:
@@ -167,7 +170,7 @@ def _per_op_table(r: dict) -> list[str]:
     if not rows:
         return []
     lines = ["", "Each GEMM of a projection's forward + backward, `torch._grouped_mm` vs the dense GEMM of the "
-             "same shape (TFLOP/s, % of dense); \"balanced\": the forward with every expert given "
+             "same shape (TFLOP/s, % of dense; timed in the projection's interleaved rounds); \"balanced\": the forward with every expert given "
              "exactly n / E rows, i.e. without the partly filled last tile per expert that "
              "routing imbalance causes (not achievable with real routing):", "",
              "| shapes | projection | fwd | dgrad (dy·Wᵀ) | wgrad (xᵀ·dy) | fwd, balanced |",
