@@ -236,6 +236,21 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
                    help="W&B run name (default: wandb picks one)")
     g.add_argument("--wandb-save-dir", default=None,
                    help="W&B run directory (default: {--save}/wandb)")
+    g.add_argument("--profile", action="store_true",
+                   help="profile the iterations after --profile-step-start up to "
+                        "--profile-step-end on --profile-ranks: with --use-pytorch-profiler a "
+                        "torch.profiler trace, else cudaProfilerStart/Stop around them for "
+                        "`nsys profile --capture-range=cudaProfilerApi` (GPU only)")
+    g.add_argument("--use-pytorch-profiler", action="store_true",
+                   help="with --profile: torch.profiler (shapes and Python stacks recorded); "
+                        "the trace goes to --tensorboard-dir (TensorBoard's profiler plugin, "
+                        "or Perfetto), a summary of the top kernels to the log")
+    g.add_argument("--profile-step-start", type=int, default=10,
+                   help="profiling starts after this many iterations (default 10)")
+    g.add_argument("--profile-step-end", type=int, default=12,
+                   help="and stops after this many (default 12: two iterations profiled)")
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0],
+                   help="global ranks that profile (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:

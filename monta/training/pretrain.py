@@ -238,7 +238,7 @@ def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_
     tokens_per_step = args.global_batch_size * args.seq_length
     last_log_iteration = state.iteration
     nonfinite = NonFiniteCounter(args.max_consecutive_nonfinite, state.iteration)
-    profiler = StepProfiler(enabled=is_reporting_rank())  # MONTA_PROFILE_STEPS=a:b
+    profiler = StepProfiler.from_args(args, torch.distributed.get_rank(), is_reporting_rank())
     while state.iteration < args.train_iters:
         profiler.step_started(state.iteration + 1)
         start = time.perf_counter()

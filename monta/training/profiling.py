@@ -1,20 +1,34 @@
-"""Optional ``torch.profiler`` window over training iterations, for diagnosis.
+"""A profiler window over training iterations, for diagnosis.
 
-``MONTA_PROFILE_STEPS=a:b`` profiles iterations a..b-1 (1-based, as logged) on the reporting
-rank and prints a summary after iteration b-1; ``MONTA_PROFILE_OUT=path.json`` also writes it
-as JSON (``bench/gpu_moe.py`` reads it). The summary says whether the GPU was kept busy (kernel
-time over wall time: far below 1 means the host, not the GPU, sets the pace), the kernels that
-took the time, and the host operations that did. Profiled iterations run slower; leave them out
-of throughput numbers.
+Megatron-LM's flags pick it: ``--profile`` with ``--use-pytorch-profiler`` runs
+``torch.profiler`` (shapes and Python stacks recorded) over the iterations after
+``--profile-step-start`` up to ``--profile-step-end`` on ``--profile-ranks``, writes the trace
+under ``--tensorboard-dir`` (``rank<N>.*.pt.trace.json``: TensorBoard's profiler plugin, or
+Perfetto) and logs a summary; ``--profile`` alone brackets the same iterations with
+``cudaProfilerStart``/``Stop`` and NVTX ranges per operator, for ``nsys profile
+--capture-range=cudaProfilerApi``.
+
+Without the flags, ``MONTA_PROFILE_STEPS=a:b`` profiles iterations a..b-1 (1-based, as logged)
+on the reporting rank, without stacks, and ``MONTA_PROFILE_OUT=path.json`` also writes the
+summary as JSON (``bench/gpu_moe.py`` reads it). The summary says whether the GPU was kept busy
+(kernel time over wall time: far below 1 means the host, not the GPU, sets the pace), the
+kernels that took the time, and the host operations that did. Profiled iterations run slower;
+leave them out of throughput numbers.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import time
 
 import torch
+
+TORCH, NSYS = "torch", "nsys"
+# what with_stack adds as events: "path.py(line): function", "<built-in ...>"
+_PYTHON_FRAME = re.compile(r"^<built-in |^<stdin>|.*\.py\(\d+\): ")
 
 
 def _self_device_us(event) -> float:
@@ -23,30 +37,56 @@ def _self_device_us(event) -> float:
 
 
 class StepProfiler:
-    """Call :meth:`step_started` / :meth:`step_finished` around every iteration."""
+    """Call :meth:`step_started` before and :meth:`step_finished` after every iteration.
 
-    def __init__(self, enabled: bool, spec: str | None = None, out: str | None = None):
-        spec = os.environ.get("MONTA_PROFILE_STEPS") if spec is None else spec
-        self.out = os.environ.get("MONTA_PROFILE_OUT") if out is None else out
-        self.window = None
-        if enabled and spec:
-            start, stop = (int(v) for v in spec.split(":"))
-            if stop <= start:
-                raise ValueError(f"MONTA_PROFILE_STEPS={spec}: want start:stop with stop > start")
-            self.window = (start, stop)
+    ``window``: (first, last + 1) iterations as logged, or None (off); ``mode``: ``torch`` or
+    ``nsys``; ``trace_dir``: where the torch trace goes (None: summary only); ``out``: the
+    summary as JSON; ``stacks``: record shapes and Python stacks (slower, richer traces)."""
+
+    def __init__(self, window: tuple[int, int] | None = None, mode: str = TORCH,
+                 trace_dir: str | None = None, out: str | None = None, rank: int = 0,
+                 stacks: bool = False):
+        if window is not None and window[1] <= window[0]:
+            raise ValueError(f"profiler window {window}: want (first, stop) with stop > first")
+        self.window, self.mode, self.trace_dir, self.out = window, mode, trace_dir, out
+        self.rank, self.stacks = rank, stacks
         self.profiler = None
         self.started = 0.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, rank: int, reporting: bool) -> "StepProfiler":
+        """From ``--profile`` and its flags on the ranks they name, else from
+        ``MONTA_PROFILE_STEPS`` on the reporting rank, else off."""
+        if args.profile:
+            if rank not in args.profile_ranks:
+                return cls()
+            return cls((args.profile_step_start + 1, args.profile_step_end + 1),
+                       TORCH if args.use_pytorch_profiler else NSYS,
+                       trace_dir=args.tensorboard_dir, rank=rank, stacks=True)
+        spec = os.environ.get("MONTA_PROFILE_STEPS")
+        if not (reporting and spec):
+            return cls()
+        first, stop = (int(v) for v in spec.split(":"))
+        if stop <= first:
+            raise ValueError(f"MONTA_PROFILE_STEPS={spec}: want start:stop with stop > start")
+        return cls((first, stop), TORCH, out=os.environ.get("MONTA_PROFILE_OUT"), rank=rank)
 
     def step_started(self, iteration: int) -> None:
         if self.window is None or iteration != self.window[0]:
             return
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU]
         if torch.cuda.is_available():
-            activities.append(ProfilerActivity.CUDA)
             torch.cuda.synchronize()
-        self.profiler = profile(activities=activities)
+        if self.mode == NSYS:
+            torch.cuda.cudart().cudaProfilerStart()
+            self.profiler = torch.autograd.profiler.emit_nvtx(record_shapes=True)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(ProfilerActivity.CUDA)
+            self.profiler = profile(activities=activities, record_shapes=self.stacks,
+                                    with_stack=self.stacks)
         self.profiler.__enter__()
         self.started = time.perf_counter()
 
@@ -57,8 +97,20 @@ class StepProfiler:
             torch.cuda.synchronize()
         wall = time.perf_counter() - self.started
         self.profiler.__exit__(None, None, None)
-        summary = self.summarize(self.profiler, wall, self.window[1] - self.window[0])
-        self.profiler = None
+        profiler, self.profiler = self.profiler, None
+        if self.mode == NSYS:
+            torch.cuda.cudart().cudaProfilerStop()
+            print(f"rank {self.rank}: profiled iterations {self.window[0]}..{iteration} for "
+                  f"Nsight Systems (cudaProfilerStart/Stop)", flush=True)
+            return None
+        summary = {"rank": self.rank, "iterations": [self.window[0], iteration],
+                   **self.summarize(profiler, wall, self.window[1] - self.window[0])}
+        if self.trace_dir:
+            os.makedirs(self.trace_dir, exist_ok=True)
+            from torch.profiler import tensorboard_trace_handler
+
+            tensorboard_trace_handler(self.trace_dir, worker_name=f"rank{self.rank}")(profiler)
+            summary["trace_dir"] = self.trace_dir
         print(json.dumps({"profile": summary}, indent=1), flush=True)
         if self.out:
             with open(self.out, "w") as f:
@@ -71,7 +123,8 @@ class StepProfiler:
         kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
                    and _self_device_us(e) > 0]
         kernel_us = sum(_self_device_us(e) for e in kernels)
-        host = [e for e in events if not str(getattr(e, "device_type", "")).endswith("CUDA")]
+        host = [e for e in events if not str(getattr(e, "device_type", "")).endswith("CUDA")
+                and not _PYTHON_FRAME.match(e.key)]  # operators, not the stacks' frames
         return {
             "steps": steps,
             "wall_ms_per_step": wall_s * 1e3 / steps,

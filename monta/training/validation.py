@@ -177,6 +177,30 @@ def validate_precision(args: argparse.Namespace, cuda_available: bool) -> None:
              "is CUDA-only; drop --bf16 to train in fp32 on CPU")
 
 
+def validate_profiling(args: argparse.Namespace, world_size: int, cuda_available: bool) -> None:
+    if not args.profile:
+        _require(not args.use_pytorch_profiler,
+                 "--use-pytorch-profiler picks the profiler --profile runs; add --profile")
+        return
+    start, end = args.profile_step_start, args.profile_step_end
+    _require(0 <= start < end,
+             f"--profile-step-start {start} and --profile-step-end {end}: want 0 <= start < end "
+             f"(the iterations after `start` up to `end` are profiled)")
+    _require(start < args.train_iters,
+             f"--profile-step-start {start} is not below --train-iters {args.train_iters}: "
+             f"nothing would be profiled")
+    bad = [r for r in args.profile_ranks if not 0 <= r < world_size]
+    _require(not bad, f"--profile-ranks {bad} outside the world of {world_size} ranks "
+                      f"(0..{world_size - 1})")
+    if args.use_pytorch_profiler:
+        _require(args.tensorboard_dir is not None,
+                 "--use-pytorch-profiler writes its trace under --tensorboard-dir; set it")
+    else:
+        _require(cuda_available,
+                 "--profile without --use-pytorch-profiler marks the window for Nsight Systems "
+                 "(cudaProfilerStart/Stop), which needs a GPU; add --use-pytorch-profiler")
+
+
 def validate_args(args: argparse.Namespace, world_size: int, dispatchers: set[str]) -> ParallelDims:
     """Validate everything that can be checked without communication."""
     dims = validate_parallel_dims(args, world_size)
@@ -187,4 +211,5 @@ def validate_args(args: argparse.Namespace, world_size: int, dispatchers: set[st
     validate_paths(args)
     validate_fault_tolerance(args)
     validate_precision(args, torch.cuda.is_available())
+    validate_profiling(args, world_size, torch.cuda.is_available())
     return dims

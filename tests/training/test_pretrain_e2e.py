@@ -3,6 +3,7 @@ resume, a kill during a save, and SIGTERM. Losses are read back from the TensorB
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -32,11 +33,14 @@ def job_args(data_prefix, tokenizer_model, run: Path, *extra) -> list[str]:
 
 
 def test_pipeline_parallel_training(tiny_data_prefix, tokenizer_model, tmp_path):
-    """TP1 · PP2 · EP2 · DP2 through megatron-core's 1F1B schedule, 2 micro-batches per step."""
+    """TP1 · PP2 · EP2 · DP2 through megatron-core's 1F1B schedule, 2 micro-batches per step;
+    iteration 3 profiled (megatron's --profile flags) on the first and last stage's ranks."""
     result = run_torchrun(
         job_args(tiny_data_prefix, tokenizer_model, tmp_path, "--pipeline-model-parallel-size",
                  "2", "--expert-model-parallel-size", "2", "--global-batch-size", "8",
-                 "--train-iters", "4", "--save", str(tmp_path / "ckpt")),
+                 "--train-iters", "4", "--save", str(tmp_path / "ckpt"), "--profile",
+                 "--use-pytorch-profiler", "--profile-step-start", "2", "--profile-step-end", "3",
+                 "--profile-ranks", "0", "3"),
         nproc=4, timeout_s=240)
     assert result.returncode == 0, result.output[-4000:]
     assert "PP=2" in result.output and "DP=2" in result.output
@@ -44,6 +48,13 @@ def test_pipeline_parallel_training(tiny_data_prefix, tokenizer_model, tmp_path)
     assert sorted(losses) == [1, 2, 3, 4]
     assert all(2.0 < value < 12.0 for value in losses.values()), losses
     assert read_tracker(str(tmp_path / "ckpt")) == 4
+    for rank in (0, 3):  # each stage's trace has its own half of the model's work
+        (trace,) = (tmp_path / "tb").glob(f"rank{rank}.*.pt.trace.json")
+        names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+        assert "aten::mm" in names
+        assert any(n and "pretrain.py" in n for n in names)  # Python stacks recorded
+        assert f'"rank": {rank},' in result.output  # and its summary logged
+    assert not list((tmp_path / "tb").glob("rank1.*")) and not list((tmp_path / "tb").glob("rank2.*"))
 
 
 def test_resume_reproduces_losses_exactly(tiny_data_prefix, tokenizer_model, tmp_path):

@@ -37,6 +37,7 @@ def test_top1_with_pre_softmax_passes(tokenizer_model, tiny_data_prefix):
     assert config.moe_router_topk == 1 and config.moe_router_pre_softmax
 
 
+TORCH_PROFILER = ["--use-pytorch-profiler", "--tensorboard-dir", "unused_tb"]
 # (extra flags, world size, the fragments the error must contain)
 BAD_CONFIGS = {
     "world_not_divisible_by_tp_pp": (["--tensor-model-parallel-size", "2",
@@ -65,14 +66,26 @@ BAD_CONFIGS = {
                             ["Bias in Moe"]),
     "save_interval_without_save": (["--save-interval", "5"], 1, ["--save-interval needs --save"]),
     "bf16_without_gpu": (["--bf16"], 1, ["--bf16 needs a GPU"]),
+    "profile_window_empty": (["--profile", *TORCH_PROFILER, "--profile-step-start", "3",
+                              "--profile-step-end", "3"], 1,
+                             ["--profile-step-start 3", "--profile-step-end 3"]),
+    "profile_window_after_training": (["--profile", *TORCH_PROFILER, "--train-iters", "4",
+                                       "--profile-step-start", "4", "--profile-step-end", "6"],
+                                      1, ["--profile-step-start 4", "--train-iters 4"]),
+    "profile_rank_outside_world": (["--profile", *TORCH_PROFILER, "--profile-ranks", "0", "3"],
+                                   2, ["--profile-ranks [3]", "world of 2 ranks"]),
+    "torch_profiler_without_tensorboard_dir": (["--profile", "--use-pytorch-profiler"], 1,
+                                               ["--tensorboard-dir"]),
+    "torch_profiler_without_profile": (["--use-pytorch-profiler"], 1, ["add --profile"]),
+    "nsys_profile_without_gpu": (["--profile"], 1, ["needs a GPU", "--use-pytorch-profiler"]),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
 def test_bad_configuration_is_refused(name, tokenizer_model, tiny_data_prefix):
     extra, world, fragments = BAD_CONFIGS[name]
-    if name == "bf16_without_gpu" and torch.cuda.is_available():
-        pytest.skip("a GPU is present: bf16 is valid here")
+    if name in ("bf16_without_gpu", "nsys_profile_without_gpu") and torch.cuda.is_available():
+        pytest.skip("a GPU is present: the flags are valid here")
     if name == "bias_with_expert_tp":  # megatron-core's own check, surfaced as ConfigError
         args = parse_args([a for a in TINY_MODEL if a != "--disable-bias-linear"] +
                           ["--data-path", tiny_data_prefix, "--tokenizer-model", tokenizer_model,
