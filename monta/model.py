@@ -23,6 +23,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from monta import rope
 from monta.attention import SDPAttention, sdpa_applies
 from monta.dispatch import MoNTAMoELayer
 from monta.experts import MoNTAGroupedMLP
@@ -84,6 +85,8 @@ def build_gpt_moe_model(
         max_sequence_length: longest sequence the position embedding must cover.
         pre_process / post_process: whether this stage holds the embedding / the output head.
     """
+    if getattr(config, "monta_rope_fusion", False):
+        rope.install()  # megatron's attention calls it for this config (monta/rope.py)
     return GPTModel(
         config=config,
         transformer_layer_spec=gpt_moe_layer_spec(config, use_te),

@@ -36,6 +36,15 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                    default="rope")
     g.add_argument("--rotary-base", type=int, default=10000,
                    help="RoPE base θ (Mixtral: 1e6)")
+    g.add_argument("--no-rope-fusion", action="store_true",
+                   help="RoPE as megatron's unfused ops, not MoNTA's one-kernel RoPE "
+                        "(monta/rope.py, CUDA with Triton; megatron's fusion needs TE)")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="megatron-core's fused vocab-parallel cross entropy (fewer passes over "
+                        "the [tokens, vocab] logits)")
+    g.add_argument("--cross-entropy-fusion-impl", choices=("native", "te"), default="native",
+                   help="with --cross-entropy-loss-fusion: megatron's torch.compile'd kernels "
+                        "(native) or Transformer Engine's (te, needs TE)")
     g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="RMSNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5,
                    help="epsilon of the norms")

@@ -60,11 +60,15 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=False,  # TE's; MoNTA's own is config.monta_rope_fusion below
+        cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=args.cross_entropy_fusion_impl,
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=False,
     )
     # MoNTA's own dispatcher options travel on the config, like megatron's moe_* fields
     config.monta_dispatch = DispatchOptions(node_dedup=args.monta_node_dedup,
                                             chunks=args.monta_chunks)
+    # RoPE as one Triton kernel each way where it applies (monta/rope.py; CUDA)
+    config.monta_rope_fusion = args.position_embedding_type == "rope" and not args.no_rope_fusion
     return config

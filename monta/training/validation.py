@@ -6,6 +6,7 @@ Every error names the flags involved and their values, and says what to change.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 
 import torch
@@ -177,6 +178,13 @@ def validate_precision(args: argparse.Namespace, cuda_available: bool) -> None:
              "is CUDA-only; drop --bf16 to train in fp32 on CPU")
 
 
+def validate_fusions(args: argparse.Namespace) -> None:
+    if args.cross_entropy_loss_fusion and args.cross_entropy_fusion_impl == "te":
+        _require(importlib.util.find_spec("transformer_engine") is not None,
+                 "--cross-entropy-fusion-impl te needs Transformer Engine, which is not "
+                 "installed; use --cross-entropy-fusion-impl native")
+
+
 def validate_profiling(args: argparse.Namespace, world_size: int, cuda_available: bool) -> None:
     if not args.profile:
         _require(not args.use_pytorch_profiler,
@@ -211,5 +219,6 @@ def validate_args(args: argparse.Namespace, world_size: int, dispatchers: set[st
     validate_paths(args)
     validate_fault_tolerance(args)
     validate_precision(args, torch.cuda.is_available())
+    validate_fusions(args)
     validate_profiling(args, world_size, torch.cuda.is_available())
     return dims

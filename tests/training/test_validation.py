@@ -77,6 +77,9 @@ BAD_CONFIGS = {
     "torch_profiler_without_tensorboard_dir": (["--profile", "--use-pytorch-profiler"], 1,
                                                ["--tensorboard-dir"]),
     "torch_profiler_without_profile": (["--use-pytorch-profiler"], 1, ["add --profile"]),
+    "te_cross_entropy_without_te": (["--cross-entropy-loss-fusion",
+                                     "--cross-entropy-fusion-impl", "te"], 1,
+                                    ["--cross-entropy-fusion-impl te", "native"]),
     "nsys_profile_without_gpu": (["--profile"], 1, ["needs a GPU", "--use-pytorch-profiler"]),
 }
 

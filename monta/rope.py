@@ -1,0 +1,133 @@
+"""Rotary position embedding as one Triton kernel each way (CUDA), for runs without TE.
+
+megatron-core fuses RoPE only through Transformer Engine (``apply_rope_fusion`` asserts TE).
+Without it, ``_apply_rotary_pos_emb_bshd`` makes about ten passes over query and key per layer,
+forward and backward: cos and sin casts, two products, ``chunk`` + negate + ``cat`` for the
+rotated half, a sum, a final ``cat``. On an H200, in the 0.82 B-parameter training run of
+``bench/gpu_moe.py`` (GQA, head dim 128, 16 × 2048 tokens), those kernels took ~70 of
+~690 ms per iteration (a ``--profile --use-pytorch-profiler`` trace).
+
+Here one program per block of ``[s, b, heads]`` rows reads each row once (from any strides:
+query and key are views of the fused QKV projection), and writes the rotated row:
+
+    out[c] = t[c]·cos[c] − t[c + R/2]·sin[c]       c < R/2
+    out[c] = t[c]·cos[c] + t[c − R/2]·sin[c]       R/2 ≤ c < R
+    out[c] = t[c]                                  R ≤ c       (the part RoPE leaves alone)
+
+and its backward, the transpose:
+
+    dt[c]  = d[c]·cos[c] + d[c + R/2]·sin[c + R/2]     c < R/2
+    dt[c]  = d[c]·cos[c] − d[c − R/2]·sin[c − R/2]     R/2 ≤ c < R
+
+R is ``freqs``' last dimension (megatron's ``[s, 1, 1, R]`` fp32 angles). Arithmetic is fp32,
+one rounding to the output dtype; megatron's unfused version rounds cos and sin to bf16 first
+and after each op, so the two agree to bf16 precision, not bitwise.
+
+:func:`install` routes megatron's attention to it for configs that ask for it
+(``config.monta_rope_fusion``, set from ``--no-rope-fusion``'s absence when TE is missing); any
+call it does not cover (packed sequences, interleaved or multi-latent RoPE, ``mscale``, CPU)
+goes to megatron's own function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: megatron's unfused RoPE runs
+    triton = None
+
+ROWS_PER_PROGRAM = 4
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_kernel(t_ptr, freqs_ptr, out_ptr, rows, B, H, stride_s, stride_b, stride_h,
+                     stride_freqs, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+                     ROWS: tl.constexpr, BACKWARD: tl.constexpr):
+        half: tl.constexpr = R // 2
+        cols = tl.arange(0, BLOCK_D)
+        in_row = cols < D
+        rotated = cols < R
+        first_half = cols < half
+        partner = tl.where(first_half, cols + half, cols - half)
+        for i in range(ROWS):
+            row = tl.program_id(0).to(tl.int64) * ROWS + i
+            if row < rows:
+                s = row // (B * H)
+                base = s * stride_s + ((row // H) % B) * stride_b + (row % H) * stride_h
+                x = tl.load(t_ptr + base + cols, mask=in_row, other=0.0).to(tl.float32)
+                x_partner = tl.load(t_ptr + base + partner, mask=rotated, other=0.0).to(tl.float32)
+                angle = tl.load(freqs_ptr + s * stride_freqs + cols, mask=rotated, other=0.0)
+                if BACKWARD:  # the partner's term uses the partner's angle, opposite sign
+                    angle_partner = tl.load(freqs_ptr + s * stride_freqs + partner, mask=rotated,
+                                            other=0.0)
+                    turn = tl.where(first_half, 1.0, -1.0) * tl.sin(angle_partner)
+                else:
+                    turn = tl.where(first_half, -1.0, 1.0) * tl.sin(angle)
+                y = tl.where(rotated, x * tl.cos(angle) + x_partner * turn, x)
+                tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+def _rotate(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
+    """``t`` [s, b, heads, D] (any strides, last one 1) through the kernel; contiguous out."""
+    s, b, heads, dim = t.shape
+    out = torch.empty((s, b, heads, dim), device=t.device, dtype=t.dtype)
+    rows = s * b * heads
+    if rows:
+        freqs2d = freqs.reshape(freqs.size(0), freqs.size(-1))
+        _rope_kernel[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
+            t, freqs2d, out, rows, b, heads, t.stride(0), t.stride(1), t.stride(2),
+            freqs2d.stride(0), D=dim, R=freqs.size(-1), BLOCK_D=triton.next_power_of_2(dim),
+            ROWS=ROWS_PER_PROGRAM, BACKWARD=backward, num_warps=1 if dim <= 128 else 2)
+    return out
+
+
+class FusedRoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, freqs):
+        ctx.save_for_backward(freqs)
+        return _rotate(t, freqs, backward=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (freqs,) = ctx.saved_tensors
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        return _rotate(grad, freqs, backward=True), None
+
+
+def fused_rope_applies(t: torch.Tensor, freqs: torch.Tensor) -> bool:
+    """Whether the kernel covers ``t`` [s, b, heads, D] with angles ``freqs`` [s, 1, 1, R]."""
+    return (triton is not None and t.is_cuda and t.dim() == 4 and t.stride(-1) == 1
+            and t.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and freqs.dtype == torch.float32 and freqs.dim() == 4 and freqs.size(0) == t.size(0)
+            and freqs.size(1) == freqs.size(2) == 1 and freqs.size(-1) % 2 == 0
+            and 0 < freqs.size(-1) <= t.size(-1) and freqs.stride(-1) == 1)
+
+
+def fused_rope(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Differentiable RoPE of ``t`` (see the module doc); needs :func:`fused_rope_applies`."""
+    return FusedRoPE.apply(t, freqs)
+
+
+def install() -> None:
+    """Route megatron's attention through :func:`fused_rope` where its config sets
+    ``monta_rope_fusion`` (idempotent; other configs and calls keep megatron's function)."""
+    from megatron.core.transformer import attention
+
+    if getattr(attention.apply_rotary_pos_emb, "monta_fused", False):
+        return
+    stock = attention.apply_rotary_pos_emb
+
+    def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
+        if (getattr(config, "monta_rope_fusion", False) and cu_seqlens is None
+                and mscale == 1.0 and not config.rotary_interleaved
+                and not config.multi_latent_attention and fused_rope_applies(t, freqs)):
+            return fused_rope(t, freqs)
+        return stock(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+
+    apply_rotary_pos_emb.monta_fused = True
+    attention.apply_rotary_pos_emb = apply_rotary_pos_emb
