@@ -86,6 +86,9 @@ def routed_counts(tokens: int, experts: int, topk: int, device) -> torch.Tensor:
 
 
 PROJECTION_ROUNDS = 4  # interleaved rounds of one projection's GEMMs, 5 timed calls each
+# what a Megatron-LM user turns on (RoPE fusion is on by default; bench/gpu_train_fusions.py
+# measures both)
+TRAIN_FUSIONS = ("--cross-entropy-loss-fusion",)
 FFN_ROUNDS = 6  # interleaved rounds of the expert-FFN variants, 3 timed calls each
 FFN_CHAIN = 4  # and 2 samples each of this many calls back to back (the loop left out)
 
@@ -478,7 +481,8 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache() if device.type == "cuda" else None
         peak = results.get("peak", {}).get("tflops")
         run("training", lambda: bench_training(peak, opts.tiny, device.type == "cuda",
-                                               out_path.with_suffix(".train.log")))
+                                               out_path.with_suffix(".train.log"),
+                                               extra_flags=TRAIN_FUSIONS))
     from bench.gpu_moe_report import render
 
     import torch.distributed as dist

@@ -68,15 +68,23 @@ def _flag_values(flags: list[str]) -> dict:
     return {k: int(v) if isinstance(v, str) and v.isdigit() else v for k, v in values.items()}
 
 
-def bench_training(peak_tflops: float | None, tiny: bool, on_gpu: bool, log_path: Path) -> dict:
+def bench_training(peak_tflops: float | None, tiny: bool, on_gpu: bool, log_path: Path,
+                   extra_flags: tuple[str, ...] = (), profile: bool = True) -> dict:
+    """``extra_flags`` go after the bench's own (bench/gpu_train_fusions.py varies them);
+    ``profile``: the profiled iterations and their summary (off: every iteration counts)."""
     model, batch = (TINY_TRAIN_MODEL, TINY_TRAIN_BATCH) if tiny else (TRAIN_MODEL, TRAIN_BATCH)
-    flags = [*model, *batch, *TRAIN_COMMON] + (["--bf16"] if on_gpu else [])
+    flags = [*model, *batch, *TRAIN_COMMON, *extra_flags] + (["--bf16"] if on_gpu else [])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
                "--master-port", "29561", "pretrain_moe.py", *flags]
     window = TINY_TRAIN_PROFILE_STEPS if tiny else TRAIN_PROFILE_STEPS
     profile_path = log_path.with_suffix(".profile.json")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MONTA_PROFILE_STEPS": f"{window[0]}:{window[1]}",
-           "MONTA_PROFILE_OUT": str(profile_path)}
+    profile_path.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if profile:
+        env.update(MONTA_PROFILE_STEPS=f"{window[0]}:{window[1]}",
+                   MONTA_PROFILE_OUT=str(profile_path))
+    else:
+        window = (0, 0)
     started = time.time()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=420, env=env)
     log_path.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)

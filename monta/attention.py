@@ -21,6 +21,10 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 
+# SDPA's enable_gqa (torch 2.5+)
+_NATIVE_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def sdpa_applies(config, on_gpu: bool | None = None) -> bool:
     """Whether the model's attention is plain causal softmax attention SDPA computes as is."""
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
@@ -41,9 +45,15 @@ class SDPAttention(DotProductAttention):
                 or query.size(0) != key.size(0)):
             return super().forward(query, key, value, attention_mask, attn_mask_type,
                                    attention_bias, packed_seq_params)
-        # GQA: query head i reads key/value group i // (heads / groups), as in megatron
+        # GQA: query head i reads key/value group i // (heads / groups), as in megatron. SDPA
+        # does that itself (enable_gqa) instead of copying key and value per query head: on an
+        # H200 (cuDNN's kernels either way) attention forward + backward at 16 heads, 4
+        # groups, 16 × 2048 tokens took 2.55 instead of 3.02 ms (scratch probe, interleaved).
         repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if repeat > 1:
+        extra = {}
+        if repeat > 1 and _NATIVE_GQA:
+            extra["enable_gqa"] = True
+        elif repeat > 1:
             key = key.repeat_interleave(repeat, dim=2)
             value = value.repeat_interleave(repeat, dim=2)
         # [s, b, heads, d] -> [b, heads, s, d] (views; SDPA only needs the last dim contiguous)
@@ -53,9 +63,10 @@ class SDPAttention(DotProductAttention):
             # megatron draws attention dropout from the tensor-parallel RNG stream
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout,
-                                                         is_causal=True, scale=self.softmax_scale)
+                                                         is_causal=True, scale=self.softmax_scale,
+                                                         **extra)
         else:
             context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                                     scale=self.softmax_scale)
+                                                     scale=self.softmax_scale, **extra)
         # [b, heads, s, d] -> [s, b, heads·d]
         return context.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), -1)
