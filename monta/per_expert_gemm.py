@@ -12,7 +12,8 @@ forward + backward, 8192 tokens, 4 calls back to back, interleaved:
 * Mixtral shapes (8 experts, ~2048 rows each, a 240 GFLOP fc2 per expert): per-expert cuBLAS
   ran 3-4 % faster than the grouped default, its host sync included. The whole MoE layer, back
   to back, ran 27.6 instead of 29.4 ms (``gpu_moe_runs/gpu_moe_77a0c28.json``), 28.0 instead of
-  29.4 ms in the committed run (``gpu_moe.json``, d68926f).
+  29.4 ms at d68926f (``gpu_moe_runs/gpu_moe_d68926f.json``), 28.5 instead of 29.9 ms in the
+  committed run (``gpu_moe.json``, 0993f04).
 * Fine-grained shapes (64 experts, ~768 rows, 4.4 GFLOP per expert): it ran 2–3× slower. Each
   GEMM is then a few microseconds of work behind a launch.
 * The 0.82 B training run (8 experts, 51 GFLOP per expert) lost with it: MFU 44.9 % with the

@@ -20,14 +20,16 @@ layout stays as it is (checkpoints unchanged). Rounding matches the unfused path
 input gradient; ``0`` neither. Where the fused call fails unasked (e.g. Triton cannot compile it
 for the GPU), :class:`monta.experts.MoNTAGroupedMLP` warns once and runs unfused.
 
-Measured on an H200 (median ms, interleaved): the forward fusion is a wash at Mixtral shapes
-and a small gain at fine-grained ones. fc1 + activation forward, fused vs unfused, back to
-back: 6.57 vs 6.39 ms (Mixtral), 1.17 vs 1.21 ms (fine-grained)
-(bench/results/gpu_swiglu_fusion.json; an earlier one-call-at-a-time probe, not kept: 6.45 vs
-6.51 and 1.21 vs 1.27); MoNTA's whole layer back to back (bench/results/gpu_moe.md, c260c15):
-29.84 vs 30.08 ms and 5.49 vs 5.56 ms. The backward fusion loses: fc2's input gradient +
-activation backward 4.33 vs 3.63 ms (Mixtral) and 0.97 vs 0.76 ms (fine-grained), same JSON.
-Triton's input-gradient GEMM already trails CUTLASS's there, and, not persistent, it cannot
+Measured on an H200 (median ms, interleaved), the forward fusion is a wash. fc1 + activation
+forward, fused vs unfused, back to back: 6.54 vs 6.27 ms (Mixtral), 1.30 vs 1.31 ms
+(fine-grained); the FFN forward + backward 28.40 vs 28.37 and 5.47 vs 5.32 ms
+(bench/results/gpu_swiglu_fusion.json, 0a6ee58; the c260c15-era run of the same script gave
+6.57 vs 6.39, 1.17 vs 1.21, 28.09 vs 27.73 and 5.00 vs 5.04). MoNTA's whole layer back to back
+at fine-grained shapes (bench/results/gpu_moe.md and gpu_moe_runs/): 5.61 vs 5.71 ms (0993f04),
+5.53 vs 5.62 (0a6ee58); at Mixtral shapes the layer now runs per expert on cuBLAS
+(monta/per_expert_gemm.py) and this fusion does not apply. The backward fusion loses: fc2's
+input gradient + activation backward 4.36 vs 3.59 ms (Mixtral) and 1.06 vs 0.83 ms
+(fine-grained), same JSON. Triton's input-gradient GEMM already trails CUTLASS's there, and, not persistent, it cannot
 hide its epilogue's loads of ``h`` behind the next tile's main loop; a persistent version of
 both kernels (the tile loop flattened with the K loop, Triton 3.6; probed, not kept) was
 nowhere faster and up to 1.5× slower. Under ``all``, ``dp`` is summed across column tiles with
