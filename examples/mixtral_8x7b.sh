@@ -29,7 +29,7 @@ CMD=(torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "
   --moe-grouped-gemm --moe-token-dispatcher-type monta --monta-node-dedup auto --monta-chunks 4
   --seq-length 4096 --max-position-embeddings 32768 --micro-batch-size 1 --global-batch-size 256
   --lr 1e-4 --min-lr 1e-5 --lr-decay-style cosine --lr-warmup-iters 500 --train-iters 100000
-  --bf16 --log-interval 10 --eval-interval 1000 --eval-iters 10
+  --bf16 --cross-entropy-loss-fusion --log-interval 10 --eval-interval 1000 --eval-iters 10
   --save checkpoints/mixtral_8x7b --load checkpoints/mixtral_8x7b --save-interval 1000
   --tensorboard-dir runs/mixtral_8x7b --exit-signal-handler
   ${EXTRA[@]+"${EXTRA[@]}"})

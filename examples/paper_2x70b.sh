@@ -28,7 +28,7 @@ CMD=(torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "
   --position-embedding-type rope --untie-embeddings-and-output-weights --disable-bias-linear
   --num-experts 2 --moe-router-topk "$TOPK" --moe-token-dispatcher-type "$DISPATCHER"
   ${MONTA_FLAGS[@]+"${MONTA_FLAGS[@]}"}
-  --seq-length 8192 --micro-batch-size 1 --global-batch-size 16 --bf16
+  --seq-length 8192 --micro-batch-size 1 --global-batch-size 16 --bf16 --cross-entropy-loss-fusion
   --lr 1e-4 --min-lr 1e-5 --train-iters 1000 --log-interval 1 --eval-iters 0
   --tensorboard-dir "runs/paper_2x70b_$DISPATCHER"
   ${EXTRA[@]+"${EXTRA[@]}"})
