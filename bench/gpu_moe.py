@@ -263,7 +263,8 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     # the activation as its own kernels / fused into fc2's input gradient too; grouped_padded:
     # on padded rows (the aligned kernels); grouped_torch: torch._grouped_mm for every GEMM, the
     # activation unfused; grouped_balanced: the default on exactly n / E rows per expert (not
-    # an achievable routing: it prices the partly filled last tile per expert). Interleaved rounds, so clock and thermal drift favour no variant.
+    # an achievable routing: it prices the partly filled last tile per expert). Interleaved
+    # rounds, so clock and thermal drift favour no variant.
     variants = {"grouped": ("default", monta_ffn(x, probs, grad, counts)),
                 "grouped_torch": ("torch", monta_ffn(x, probs, grad, counts, "0")),
                 "loop": ("torch", loop_ffn), "dense": ("torch", dense_ffn)}

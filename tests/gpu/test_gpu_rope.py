@@ -66,7 +66,8 @@ def test_attention_routes_to_fused_rope_only_when_asked(monkeypatch):
     rope.install()
     rope.install()  # idempotent: still one layer of routing
     calls = []
-    monkeypatch.setattr(rope, "fused_rope", lambda t, f: calls.append(1) or rope.FusedRoPE.apply(t, f))
+    monkeypatch.setattr(rope, "fused_rope",
+                        lambda t, f: calls.append(1) or rope.FusedRoPE.apply(t, f))
     gen = torch.Generator(device="cuda").manual_seed(0)
     t, freqs = _query_like(64, 2, 4, 128, torch.bfloat16, gen), _angles(64, 128)
     config = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False,
