@@ -30,9 +30,9 @@ at fine-grained shapes (bench/results/gpu_moe.md and gpu_moe_runs/): 5.61 vs 5.7
 (monta/per_expert_gemm.py) and this fusion does not apply. The backward fusion loses: fc2's
 input gradient + activation backward 4.36 vs 3.59 ms (Mixtral) and 1.06 vs 0.83 ms
 (fine-grained), same JSON. Triton's input-gradient GEMM already trails CUTLASS's there, and,
-not persistent, it cannot hide its epilogue's loads of ``h`` behind the next tile's main loop; a persistent version of
-both kernels (the tile loop flattened with the K loop, Triton 3.6; probed, not kept) was
-nowhere faster and up to 1.5× slower. Under ``all``, ``dp`` is summed across column tiles with
+not persistent, it cannot hide its epilogue's loads of ``h`` behind the next tile's main
+loop; a persistent version of both kernels (the tile loop flattened with the K loop, Triton
+3.6; probed, not kept) was nowhere faster and up to 1.5× slower. Under ``all``, ``dp`` is summed across column tiles with
 fp32 atomics, so its last bits depend on the order the tiles finish.
 
 The other GEMMs run on whatever :mod:`monta.expert_gemm` picks. Tiles are located from the
