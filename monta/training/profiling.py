@@ -52,6 +52,7 @@ class StepProfiler:
         self.rank, self.stacks = rank, stacks
         self.profiler = None
         self.started = 0.0
+        self.last_iteration = 0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, rank: int, reporting: bool) -> "StepProfiler":
@@ -91,8 +92,22 @@ class StepProfiler:
         self.started = time.perf_counter()
 
     def step_finished(self, iteration: int) -> dict | None:
+        self.last_iteration = iteration
         if self.profiler is None or iteration != self.window[1] - 1:
             return None
+        return self._finish(iteration)
+
+    def __enter__(self) -> "StepProfiler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """End a window that training left before its last iteration (--train-iters, an exit
+        signal or --exit-interval came first): what was profiled is reported and written as
+        usual."""
+        if self.profiler is not None:
+            self._finish(self.last_iteration)
+
+    def _finish(self, iteration: int) -> dict | None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall = time.perf_counter() - self.started
@@ -104,7 +119,7 @@ class StepProfiler:
                   f"Nsight Systems (cudaProfilerStart/Stop)", flush=True)
             return None
         summary = {"rank": self.rank, "iterations": [self.window[0], iteration],
-                   **self.summarize(profiler, wall, self.window[1] - self.window[0])}
+                   **self.summarize(profiler, wall, max(iteration - self.window[0] + 1, 1))}
         if self.trace_dir:
             os.makedirs(self.trace_dir, exist_ok=True)
             from torch.profiler import tensorboard_trace_handler

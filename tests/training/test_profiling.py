@@ -46,6 +46,20 @@ def test_window_summary_and_trace(tmp_path):
     assert not any("test_profiling.py" in op["op"] for op in summary["top_host_ops"])
 
 
+def test_window_cut_short_is_still_written(tmp_path):
+    """Training ends (--train-iters, SIGTERM) inside the window: leaving the ``with`` block
+    reports and writes what was profiled."""
+    with StepProfiler((3, 9), TORCH, trace_dir=str(tmp_path), rank=1) as profiler:
+        assert _iterations(profiler, 4) == {}  # iterations 3 and 4 profiled, window still open
+    assert profiler.profiler is None
+    (trace,) = tmp_path.glob("rank1.*.pt.trace.json")
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert [e.get("name") for e in events].count("aten::mm") == 3 + 4
+    with StepProfiler((3, 9), TORCH, trace_dir=str(tmp_path / "none")) as profiler:
+        _iterations(profiler, 2)  # ended before the window: nothing written
+    assert not (tmp_path / "none").exists()
+
+
 def test_off_without_window():
     assert _iterations(StepProfiler(), 3) == {}
     with pytest.raises(ValueError, match="stop > first"):
