@@ -28,10 +28,13 @@ and after each op, so the two agree to bf16 precision, not bitwise.
 :func:`install` routes megatron's attention to it for configs that ask for it
 (``config.monta_rope_fusion``, set from ``--no-rope-fusion``'s absence when TE is missing); any
 call it does not cover (packed sequences, interleaved or multi-latent RoPE, ``mscale``, CPU)
-goes to megatron's own function.
+goes to megatron's own function, and so does every call after the kernel failed once (e.g.
+Triton cannot compile it for the GPU; one warning).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -42,6 +45,8 @@ except ImportError:  # CPU-only installs: megatron's unfused RoPE runs
     triton = None
 
 ROWS_PER_PROGRAM = 4
+logger = logging.getLogger(__name__)
+_failed: list[Exception] = []  # the fused kernel raised once here: megatron's RoPE from then on
 
 if triton is not None:
 
@@ -125,10 +130,15 @@ def install() -> None:
     stock = attention.apply_rotary_pos_emb
 
     def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
-        if (getattr(config, "monta_rope_fusion", False) and cu_seqlens is None
+        if (getattr(config, "monta_rope_fusion", False) and not _failed and cu_seqlens is None
                 and mscale == 1.0 and not config.rotary_interleaved
                 and not config.multi_latent_attention and fused_rope_applies(t, freqs)):
-            return fused_rope(t, freqs)
+            try:
+                return fused_rope(t, freqs)
+            except Exception as error:  # e.g. Triton cannot compile the kernel for this GPU
+                logger.warning("fused RoPE unavailable (%s: %s); using megatron's unfused RoPE",
+                               type(error).__name__, error)
+                _failed.append(error)
         return stock(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
 
     apply_rotary_pos_emb.monta_fused = True

@@ -28,6 +28,30 @@ def test_cpu_calls_keep_megatrons_rope():
     assert torch.equal(got, _apply_rotary_pos_emb_bshd(t, freqs))
 
 
+def test_a_failing_kernel_falls_back_to_megatrons_rope_once(monkeypatch, caplog):
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from megatron.core.transformer import attention
+
+    rope.install()
+    calls = []
+
+    def broken(t, freqs):
+        calls.append(1)
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(rope, "fused_rope_applies", lambda t, freqs: True)
+    monkeypatch.setattr(rope, "fused_rope", broken)
+    monkeypatch.setattr(rope, "_failed", [])
+    t, freqs = torch.randn(6, 2, 3, 8), torch.randn(6, 1, 1, 8)
+    config = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False,
+                             multi_latent_attention=False, monta_rope_fusion=True)
+    for _ in range(2):
+        got = attention.apply_rotary_pos_emb(t, freqs, config=config, cp_group=object())
+        assert torch.equal(got, _apply_rotary_pos_emb_bshd(t, freqs))
+    assert calls == [1]  # tried once, then megatron's
+    assert "fused RoPE unavailable (RuntimeError: no kernel for this GPU)" in caplog.text
+
+
 def test_flags_set_the_configs_rope_fusion():
     def config(*extra):
         return transformer_config_from_args(parse_args([*TINY_MODEL, "--mock-data", *extra]))
