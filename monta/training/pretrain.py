@@ -228,7 +228,7 @@ def evaluate(args, model, valid_iterator, num_microbatches: int) -> float:
 
 def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_iterator,
           reporter: TrainingReporter, load_tracker: ExpertLoadTracker,
-          watchdog: Watchdog) -> None:
+          watchdog: Watchdog, profiler: StepProfiler) -> None:
     num_microbatches = args.global_batch_size // (args.micro_batch_size * dims.dp)
     forward_backward = get_forward_backward_func()
     config = model[0].config
@@ -238,86 +238,81 @@ def train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_
     tokens_per_step = args.global_batch_size * args.seq_length
     last_log_iteration = state.iteration
     nonfinite = NonFiniteCounter(args.max_consecutive_nonfinite, state.iteration)
-    # a window that training leaves early (--train-iters, SIGTERM) still gets its trace
-    with StepProfiler.from_args(args, torch.distributed.get_rank(),
-                                is_reporting_rank()) as profiler:
-        while state.iteration < args.train_iters:
-            profiler.step_started(state.iteration + 1)
-            start = time.perf_counter()
-            PHASE.iteration = state.iteration + 1
-            for chunk in model:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
-            outputs = forward_backward(forward_step_func=forward_step, data_iterator=train_iterator,
-                                       model=model, num_microbatches=num_microbatches,
-                                       seq_length=args.seq_length,
-                                       micro_batch_size=args.micro_batch_size, forward_only=False)
-            PHASE.enter("optimizer")
-            outcome = guarded_step(optimizer, [o["lm loss"] for o in outputs],
-                                   args.exit_signal_handler and watchdog.sigterm_received)
-            if outcome.updated:
-                scheduler.step(increment=args.global_batch_size)
-            else:
-                state.skipped_iterations += 1
-            state.iteration += 1
-            state.consumed_train_samples += args.global_batch_size
-            elapsed = time.perf_counter() - start
-            PHASE.enter("log")
-            profiler.step_finished(state.iteration)
-            log_now = (state.iteration % args.log_interval == 0
-                       or state.iteration == args.train_iters)
-            scalars = {
-                "lm loss": _mean_over_dp([o["lm loss"] for o in outputs]),
-                "lr": scheduler.get_lr(optimizer.param_groups[0]),
-                "grad-norm": outcome.grad_norm,
-                "load_balancing_loss": reduce_aux_loss(num_microbatches),
-                "tokens/s": tokens_per_step / elapsed,
-                "iteration-time": elapsed,
-                "consumed samples": state.consumed_train_samples,
-                "global batch size": args.global_batch_size,
-                "skipped iterations": state.skipped_iterations,
-                "train_iters": args.train_iters,
-            }
-            if torch.cuda.is_available():  # this rank's high-water mark of allocated memory
-                scalars["peak memory GiB"] = torch.cuda.max_memory_allocated() / 2**30
-            expert_load = None
-            if log_now:
-                expert_load, dropped = load_tracker.reduce_and_reset()
-                scalars.update(dropped)
-            traffic = None
-            if log_now:
-                traffic = reduce_moe_traffic(args.num_layers, state.iteration - last_log_iteration)
-                last_log_iteration = state.iteration
-            reporter.step(state.iteration, scalars, expert_load, traffic, log_line=log_now)
-            abort = nonfinite.record(state.iteration, outcome)
-            if outcome.nonfinite:
-                reporter.print(nonfinite.warning(state.iteration, scalars["lm loss"],
-                                                 outcome.grad_norm))
-            if abort:
-                saved = None
-                if args.save:  # the skipped steps left weights and optimizer as they were
-                    saved = checkpointing.save_checkpoint(args.save, state, model, optimizer,
-                                                          scheduler, args)
-                raise NonFiniteError(nonfinite.abort_message(state.iteration, saved))
+    while state.iteration < args.train_iters:
+        profiler.step_started(state.iteration + 1)
+        start = time.perf_counter()
+        PHASE.iteration = state.iteration + 1
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        outputs = forward_backward(forward_step_func=forward_step, data_iterator=train_iterator,
+                                   model=model, num_microbatches=num_microbatches,
+                                   seq_length=args.seq_length,
+                                   micro_batch_size=args.micro_batch_size, forward_only=False)
+        PHASE.enter("optimizer")
+        outcome = guarded_step(optimizer, [o["lm loss"] for o in outputs],
+                               args.exit_signal_handler and watchdog.sigterm_received)
+        if outcome.updated:
+            scheduler.step(increment=args.global_batch_size)
+        else:
+            state.skipped_iterations += 1
+        state.iteration += 1
+        state.consumed_train_samples += args.global_batch_size
+        elapsed = time.perf_counter() - start
+        PHASE.enter("log")
+        profiler.step_finished(state.iteration)
+        log_now = state.iteration % args.log_interval == 0 or state.iteration == args.train_iters
+        scalars = {
+            "lm loss": _mean_over_dp([o["lm loss"] for o in outputs]),
+            "lr": scheduler.get_lr(optimizer.param_groups[0]),
+            "grad-norm": outcome.grad_norm,
+            "load_balancing_loss": reduce_aux_loss(num_microbatches),
+            "tokens/s": tokens_per_step / elapsed,
+            "iteration-time": elapsed,
+            "consumed samples": state.consumed_train_samples,
+            "global batch size": args.global_batch_size,
+            "skipped iterations": state.skipped_iterations,
+            "train_iters": args.train_iters,
+        }
+        if torch.cuda.is_available():  # this rank's high-water mark of allocated memory
+            scalars["peak memory GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        expert_load = None
+        if log_now:
+            expert_load, dropped = load_tracker.reduce_and_reset()
+            scalars.update(dropped)
+        traffic = None
+        if log_now:
+            traffic = reduce_moe_traffic(args.num_layers, state.iteration - last_log_iteration)
+            last_log_iteration = state.iteration
+        reporter.step(state.iteration, scalars, expert_load, traffic, log_line=log_now)
+        abort = nonfinite.record(state.iteration, outcome)
+        if outcome.nonfinite:
+            reporter.print(nonfinite.warning(state.iteration, scalars["lm loss"],
+                                             outcome.grad_norm))
+        if abort:
+            saved = None
+            if args.save:  # the skipped steps left weights and optimizer as they were
+                saved = checkpointing.save_checkpoint(args.save, state, model, optimizer,
+                                                      scheduler, args)
+            raise NonFiniteError(nonfinite.abort_message(state.iteration, saved))
 
-            if args.eval_interval and state.iteration % args.eval_interval == 0 \
-                    and valid_iterator is not None:
-                valid_loss = evaluate(args, model, valid_iterator, num_microbatches)
-                state.consumed_valid_samples += args.eval_iters * args.global_batch_size
-                reporter.print(f" validation loss at iteration {state.iteration}: {valid_loss:.6E}")
-                reporter.scalars("validation", {"lm loss": valid_loss}, state.iteration)
+        if args.eval_interval and state.iteration % args.eval_interval == 0 \
+                and valid_iterator is not None:
+            valid_loss = evaluate(args, model, valid_iterator, num_microbatches)
+            state.consumed_valid_samples += args.eval_iters * args.global_batch_size
+            reporter.print(f" validation loss at iteration {state.iteration}: {valid_loss:.6E}")
+            reporter.scalars("validation", {"lm loss": valid_loss}, state.iteration)
 
-            stop = outcome.stop_requested
-            interval_exit = args.exit_interval and state.iteration % args.exit_interval == 0
-            periodic = args.save_interval and state.iteration % args.save_interval == 0
-            if args.save and (periodic or stop or interval_exit):
-                path = checkpointing.save_checkpoint(args.save, state, model, optimizer,
-                                                     scheduler, args)
-                reporter.print(f" saved checkpoint at iteration {state.iteration} to {path}")
-            if stop or interval_exit:
-                reason = "SIGTERM" if stop else f"--exit-interval {args.exit_interval}"
-                reporter.print(f" exiting at iteration {state.iteration} ({reason})")
-                return
+        stop = outcome.stop_requested
+        interval_exit = args.exit_interval and state.iteration % args.exit_interval == 0
+        periodic = args.save_interval and state.iteration % args.save_interval == 0
+        if args.save and (periodic or stop or interval_exit):
+            path = checkpointing.save_checkpoint(args.save, state, model, optimizer, scheduler, args)
+            reporter.print(f" saved checkpoint at iteration {state.iteration} to {path}")
+        if stop or interval_exit:
+            reason = "SIGTERM" if stop else f"--exit-interval {args.exit_interval}"
+            reporter.print(f" exiting at iteration {state.iteration} ({reason})")
+            return
 
 
 def pretrain(args: argparse.Namespace) -> None:
@@ -389,8 +384,11 @@ def _run(args, dims, config, tokenizer, vocab_size: int, plan: LoadPlan | None,
     load_tracker = ExpertLoadTracker(model, args.num_layers, args.num_experts,
                                      count_dropped=args.moe_expert_capacity_factor is not None)
     try:
-        train(args, dims, model, optimizer, scheduler, state, train_iterator, valid_iterator,
-              reporter, load_tracker, watchdog)
+        # a profiler window that training leaves early (--train-iters, SIGTERM) still gets
+        # its trace when the block ends
+        with StepProfiler.from_args(args, dist.get_rank(), is_reporting_rank()) as profiler:
+            train(args, dims, model, optimizer, scheduler, state, train_iterator,
+                  valid_iterator, reporter, load_tracker, watchdog, profiler)
         if args.save and state.iteration == args.train_iters:
             if checkpointing.read_tracker(args.save) != state.iteration:
                 path = checkpointing.save_checkpoint(args.save, state, model, optimizer,
