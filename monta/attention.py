@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.utils import is_torch_min_version
 
 
-# SDPA's enable_gqa (torch 2.5+)
-_NATIVE_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+_NATIVE_GQA = is_torch_min_version("2.5.0a0")  # SDPA's enable_gqa
 
 
 def sdpa_applies(config, on_gpu: bool | None = None) -> bool:
