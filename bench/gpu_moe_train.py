@@ -77,14 +77,13 @@ def bench_training(peak_tflops: float | None, tiny: bool, on_gpu: bool, log_path
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
                "--master-port", "29561", "pretrain_moe.py", *flags]
     window = TINY_TRAIN_PROFILE_STEPS if tiny else TRAIN_PROFILE_STEPS
+    profiled = range(*window) if profile else range(0)
     profile_path = log_path.with_suffix(".profile.json")
     profile_path.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if profile:
         env.update(MONTA_PROFILE_STEPS=f"{window[0]}:{window[1]}",
                    MONTA_PROFILE_OUT=str(profile_path))
-    else:
-        window = (0, 0)
     started = time.time()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=420, env=env)
     log_path.write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
@@ -97,7 +96,7 @@ def bench_training(peak_tflops: float | None, tiny: bool, on_gpu: bool, log_path
     losses = [float(v) for v in re.findall(r"lm loss: ([\d.E+-]+)", done.stdout)]
     params = re.search(r"parameters on rank 0 of this stage: ([\d,]+)", done.stdout)
     skip = max(1, len(iters) // 5)  # the first steps compile and warm up
-    steady = [it for it in iters[skip:] if not window[0] <= it[0] < window[1]]
+    steady = [it for it in iters[skip:] if it[0] not in profiled]
     tokens_per_s = statistics.median(t for _, _, t in steady)
     args = _flag_values(flags)
     flops_per_token = model_flops_per_token(args)
