@@ -44,51 +44,65 @@ try:
 except ImportError:  # CPU-only installs: megatron's unfused RoPE runs
     triton = None
 
-ROWS_PER_PROGRAM = 4
+# Rows (of the b·heads rows sharing one position) per program: cos and sin are computed once per
+# program for all of them, and each thread moves 16-byte vectors.
+BLOCK_ROWS = 32
 logger = logging.getLogger(__name__)
 _failed: list[Exception] = []  # the fused kernel raised once here: megatron's RoPE from then on
 
 if triton is not None:
 
     @triton.jit
-    def _rope_kernel(t_ptr, freqs_ptr, out_ptr, rows, B, H, stride_s, stride_b, stride_h,
-                     stride_freqs, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
-                     ROWS: tl.constexpr, BACKWARD: tl.constexpr):
+    def _rope_kernel(t_ptr, freqs_ptr, out_ptr, rows_per_position, H, stride_s, stride_b,
+                     stride_h, stride_freqs, D: tl.constexpr, R: tl.constexpr,
+                     HALF_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr,
+                     BLOCK_ROWS: tl.constexpr, BACKWARD: tl.constexpr):
         half: tl.constexpr = R // 2
-        cols = tl.arange(0, BLOCK_D)
-        in_row = cols < D
-        rotated = cols < R
-        first_half = cols < half
-        partner = tl.where(first_half, cols + half, cols - half)
-        for i in range(ROWS):
-            row = tl.program_id(0).to(tl.int64) * ROWS + i
-            if row < rows:
-                s = row // (B * H)
-                base = s * stride_s + ((row // H) % B) * stride_b + (row % H) * stride_h
-                x = tl.load(t_ptr + base + cols, mask=in_row, other=0.0).to(tl.float32)
-                x_partner = tl.load(t_ptr + base + partner, mask=rotated, other=0.0).to(tl.float32)
-                angle = tl.load(freqs_ptr + s * stride_freqs + cols, mask=rotated, other=0.0)
-                if BACKWARD:  # the partner's term uses the partner's angle, opposite sign
-                    angle_partner = tl.load(freqs_ptr + s * stride_freqs + partner, mask=rotated,
-                                            other=0.0)
-                    turn = tl.where(first_half, 1.0, -1.0) * tl.sin(angle_partner)
-                else:
-                    turn = tl.where(first_half, -1.0, 1.0) * tl.sin(angle)
-                y = tl.where(rotated, x * tl.cos(angle) + x_partner * turn, x)
-                tl.store(out_ptr + row * D + cols, y.to(out_ptr.dtype.element_ty), mask=in_row)
+        s = tl.program_id(0).to(tl.int64)
+        row = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # of the b·heads rows
+        row_ok = row < rows_per_position
+        base = s * stride_s + (row // H).to(tl.int64) * stride_b + (row % H) * stride_h
+        out_base = (s * rows_per_position + row) * D
+        cols = tl.arange(0, HALF_BLOCK)
+        cols_ok = cols < half
+        # One position per program: its angles, cos and sin once for every row.
+        angle_1 = tl.load(freqs_ptr + s * stride_freqs + cols, mask=cols_ok, other=0.0)
+        angle_2 = tl.load(freqs_ptr + s * stride_freqs + half + cols, mask=cols_ok, other=0.0)
+        cos_1, sin_1 = tl.cos(angle_1)[None, :], tl.sin(angle_1)[None, :]
+        cos_2, sin_2 = tl.cos(angle_2)[None, :], tl.sin(angle_2)[None, :]
+        ok = row_ok[:, None] & cols_ok[None, :]
+        first = base[:, None] + cols[None, :]
+        x_1 = tl.load(t_ptr + first, mask=ok, other=0.0).to(tl.float32)
+        x_2 = tl.load(t_ptr + first + half, mask=ok, other=0.0).to(tl.float32)
+        if BACKWARD:  # the transpose: each half's partner term with the partner's angle
+            y_1 = x_1 * cos_1 + x_2 * sin_2
+            y_2 = x_2 * cos_2 - x_1 * sin_1
+        else:
+            y_1 = x_1 * cos_1 - x_2 * sin_1
+            y_2 = x_2 * cos_2 + x_1 * sin_2
+        out_first = out_base[:, None] + cols[None, :]
+        tl.store(out_ptr + out_first, y_1.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + out_first + half, y_2.to(out_ptr.dtype.element_ty), mask=ok)
+        if PASS_BLOCK > 0:  # columns R.. D: RoPE leaves them alone
+            rest = tl.arange(0, PASS_BLOCK)
+            rest_ok = row_ok[:, None] & (rest < D - R)[None, :]
+            kept = tl.load(t_ptr + base[:, None] + R + rest[None, :], mask=rest_ok)
+            tl.store(out_ptr + out_base[:, None] + R + rest[None, :], kept, mask=rest_ok)
 
 
 def _rotate(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
     """``t`` [s, b, heads, D] (any strides, last one 1) through the kernel; contiguous out."""
     s, b, heads, dim = t.shape
     out = torch.empty((s, b, heads, dim), device=t.device, dtype=t.dtype)
-    rows = s * b * heads
-    if rows:
-        freqs2d = freqs.reshape(freqs.size(0), freqs.size(-1))
-        _rope_kernel[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
-            t, freqs2d, out, rows, b, heads, t.stride(0), t.stride(1), t.stride(2),
-            freqs2d.stride(0), D=dim, R=freqs.size(-1), BLOCK_D=triton.next_power_of_2(dim),
-            ROWS=ROWS_PER_PROGRAM, BACKWARD=backward, num_warps=1 if dim <= 128 else 2)
+    rot_dim = freqs.size(-1)
+    if out.numel():
+        freqs2d = freqs.reshape(freqs.size(0), rot_dim)
+        grid = (s, triton.cdiv(b * heads, BLOCK_ROWS))
+        _rope_kernel[grid](
+            t, freqs2d, out, b * heads, heads, t.stride(0), t.stride(1), t.stride(2),
+            freqs2d.stride(0), D=dim, R=rot_dim, HALF_BLOCK=triton.next_power_of_2(rot_dim // 2),
+            PASS_BLOCK=triton.next_power_of_2(dim - rot_dim) if dim > rot_dim else 0,
+            BLOCK_ROWS=BLOCK_ROWS, BACKWARD=backward, num_warps=4)
     return out
 
 
