@@ -112,25 +112,11 @@ def profile_summary(fn, setup, iters: int = 3, top: int = 12) -> dict:
 CHAIN = 8
 
 
-def without_head_start(fn):
-    """``fn()`` with the per-expert path's head start off (monta/per_expert_gemm.py): the
-    host waits for the counts before it launches any expert GEMM."""
-    from monta import per_expert_gemm
-
-    per_expert_gemm.HEAD_START = False
-    try:
-        return fn()
-    finally:
-        per_expert_gemm.HEAD_START = True
-
-
 def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: bool,
                     rounds: int = 5, reps: int = 5) -> dict:
     """Each variant timed in ``rounds`` interleaved rounds of ``reps`` (median of all), so
     clock or thermal drift does not favour whichever runs first."""
     from bench.gpu_timing import rotated, with_env
-    from monta.expert_gemm import DEFAULT
-    from monta.per_expert_gemm import per_expert_wanted
 
     layers = build_layers(shape, device, dtype)
     gen = torch.Generator(device=device).manual_seed(3)
@@ -145,15 +131,10 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
         runs["monta_grouped_unfused"] = (layers["monta_grouped"], ("MONTA_FUSED_SWIGLU", "0"))
         runs["monta_grouped_sync_free"] = (layers["monta_grouped"],
                                            ("MONTA_GROUPED_GEMM", "grouped"))
-        if per_expert_wanted(tokens * shape["topk"],
-                             (shape["experts"], shape["ffn"], shape["hidden"]), DEFAULT):
-            runs["monta_grouped_no_head_start"] = (layers["monta_grouped"], without_head_start)
     for name, (layer, env) in runs.items():
         inp = x.clone().requires_grad_(True)
 
         def under_env(fn, env=env):
-            if callable(env):
-                return env(fn)
             return fn() if env is None else with_env(*env, fn)
 
         def step(layer=layer, inp=inp, under_env=under_env):

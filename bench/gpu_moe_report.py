@@ -198,9 +198,6 @@ LAYER_VARIANTS = {
     "monta_grouped_unfused": "with SwiGLU·prob as its own kernels (`MONTA_FUSED_SWIGLU=0`)",
     "monta_grouped_sync_free": "on its grouped kernels only, never one GEMM per expert "
                                "(`MONTA_GROUPED_GEMM=grouped`: no host sync)",
-    "monta_grouped_no_head_start": "without the per-expert path's head start (the host waits "
-                                   "for the counts before it launches any expert GEMM; "
-                                   "`monta/per_expert_gemm.py`)",
 }
 
 

@@ -156,14 +156,10 @@ class MoNTAGroupedMLP(GroupedMLP):
             return self._mlp(x, probs, lambda t: t @ w1, lambda t: t @ w2), None
         w1 = self.weight1.view(self.num_local_experts, hidden, -1)
         w2 = self.weight2.view(self.num_local_experts, -1, hidden)
-        splits = per_expert_gemm.host_splits(x, w1, w2, tokens_per_expert,
-                                             head_start=grouped_mm_supported(x, w1))
+        splits = per_expert_gemm.host_splits(x, w2, tokens_per_expert)
         if splits is not None:
-            counts = splits.counts
-            return self._mlp(
-                x, probs,
-                lambda t: per_expert_gemm.per_expert_mm(t, w1, counts, splits.fc1_first),
-                lambda t: per_expert_gemm.per_expert_mm(t, w2, counts)), None
+            return self._mlp(x, probs, lambda t: per_expert_gemm.per_expert_mm(t, w1, splits),
+                             lambda t: per_expert_gemm.per_expert_mm(t, w2, splits)), None
         offsets = None
         if grouped_mm_supported(x, w1):
             offsets = expert_offsets(tokens_per_expert, x.device)  # shared by both GEMMs

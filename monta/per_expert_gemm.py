@@ -31,26 +31,19 @@ forward + backward, 8192 tokens, 4 calls back to back, interleaved:
 * any other pin names a grouped kernel: never.
 
 Where the counts live on the GPU (MoNTA's dispatcher), the path copies them to the host once
-per forward. That is one sync per layer; the backward reuses the counts. Expert 0's fc1 runs
-on the grouped kernel, queued behind the copy, so the GPU has that GEMM to do while the host
-waits and launches the others (:func:`host_splits`). Megatron's alltoall dispatcher already
-hands the counts over on the host.
+per forward. That is one sync per layer; the backward reuses the counts. Megatron's alltoall
+dispatcher already hands them over on the host.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from monta.expert_gemm import CUBLAS, DEFAULT, kernel_pin, rows
+from monta.expert_gemm import CUBLAS, DEFAULT, kernel_pin
 
 # Per-expert GEMMs from this size up (2·rows/E·F·H FLOPs of fc2, the smaller projection),
 # between the measured 51 GFLOP per expert (lost, in training) and 240 (won, in the layer).
 MIN_EXPERT_GFLOP = 128.0
-# Expert 0's fc1 started on the grouped kernel while the counts come down (see host_splits);
-# bench/gpu_moe_layer.py times the layer with it off too.
-HEAD_START = True
 
 
 def per_expert_wanted(rows: int, w2_shape, pin: str) -> bool:
@@ -64,52 +57,20 @@ def per_expert_wanted(rows: int, w2_shape, pin: str) -> bool:
     return 2 * rows / experts * ffn * hidden / 1e9 >= MIN_EXPERT_GFLOP
 
 
-@dataclass
-class HostSplits:
-    """The experts' row counts on the host, and fc1's output buffer with expert 0's rows
-    already computed (``fc1_first``, or None) when the counts came from the GPU."""
-
-    counts: list[int]
-    fc1_first: torch.Tensor | None = None
-
-
-def host_splits(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, tokens_per_expert,
-                head_start: bool = True) -> HostSplits | None:
+def host_splits(x: torch.Tensor, w2: torch.Tensor, tokens_per_expert) -> list[int] | None:
     """The experts' row counts as host ints when the FFN of ``x [n, H]`` whose fc2 weight is
     ``w2 [E, F, H]`` should run per expert (:func:`per_expert_wanted`), else None. Only on
     GPUs (CPU has its own loop) and not on padded rows (``tokens_per_expert.row_ends`` with
-    an alignment: their layout is the grouped kernels').
-
-    Counts on the GPU come down through pinned memory. With ``head_start`` (the grouped
-    kernels run on ``x`` and ``w1 [E, H, F']``), expert 0's fc1 GEMM is queued between that
-    copy and the wait for it, on the grouped kernel, which reads its row end on the device: the
-    GPU computes it while the host waits and then launches expert 1's GEMM, instead of idling
-    until the first per-expert launch (~0.3 ms per layer at Mixtral shapes, bench/
-    gpu_moe_gaps.py)."""
+    an alignment: their layout is the grouped kernels')."""
     if not x.is_cuda or not per_expert_wanted(x.size(0), w2.shape, kernel_pin()):
         return None
     if getattr(getattr(tokens_per_expert, "row_ends", None), "alignment", None):
         return None
-    counts = torch.as_tensor(tokens_per_expert)
-    fc1_first = None
-    if counts.is_cuda:
-        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-        host.copy_(counts, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        if head_start and HEAD_START and counts.numel() > 1:
-            ends = getattr(tokens_per_expert, "row_ends", None)
-            if ends is None:
-                ends = torch.cumsum(counts, 0, dtype=torch.int32)
-            with torch.no_grad():
-                fc1_first = rows(x, w1[:1], ends[:1])
-        copied.synchronize()
-        counts = host
-    splits = counts.tolist()
+    splits = torch.as_tensor(tokens_per_expert).tolist()  # a sync if they are on the GPU
     if len(splits) != w2.size(0) or sum(splits) != x.size(0):
         raise ValueError(f"tokens_per_expert {splits} must give each of the {w2.size(0)} "
                          f"local experts a count, summing to the {x.size(0)} rows")
-    return HostSplits(splits, fc1_first)
+    return splits
 
 
 def _row_blocks(splits: list[int]):
@@ -121,16 +82,13 @@ def _row_blocks(splits: list[int]):
 
 class PerExpertMM(torch.autograd.Function):
     """``out[rows_e] = x[rows_e] @ w[e]`` with one ``torch.mm`` per expert, each writing its
-    block of rows in place (no concatenation); empty experts get zero weight gradients. Given
-    ``first``, an output buffer whose expert-0 rows are already computed, it fills the rest."""
+    block of rows in place (no concatenation); empty experts get zero weight gradients."""
 
     @staticmethod
-    def forward(ctx, x, w, splits, first):
-        out = x.new_empty(x.size(0), w.size(2)) if first is None else first
-        if first is not None:
-            ctx.mark_dirty(first)
+    def forward(ctx, x, w, splits):
+        out = x.new_empty(x.size(0), w.size(2))
         for expert, start, end in _row_blocks(splits):
-            if end > start and (first is None or expert > 0):
+            if end > start:
                 torch.mm(x[start:end], w[expert], out=out[start:end])
         ctx.save_for_backward(x, w)
         ctx.splits = splits
@@ -150,11 +108,9 @@ class PerExpertMM(torch.autograd.Function):
                     torch.mm(x[start:end].t(), dy[start:end], out=dw[expert])
                 else:
                     dw[expert].zero_()
-        return dx, dw, None, None
+        return dx, dw, None
 
 
-def per_expert_mm(x: torch.Tensor, w: torch.Tensor, splits: list[int],
-                  first: torch.Tensor | None = None) -> torch.Tensor:
-    """Differentiable ``x [n, K] @ w [E, K, N]`` by expert row blocks of sizes ``splits``;
-    ``first``: an [n, N] buffer holding expert 0's rows already (:class:`HostSplits`)."""
-    return PerExpertMM.apply(x, w, splits, first)
+def per_expert_mm(x: torch.Tensor, w: torch.Tensor, splits: list[int]) -> torch.Tensor:
+    """Differentiable ``x [n, K] @ w [E, K, N]`` by expert row blocks of sizes ``splits``."""
+    return PerExpertMM.apply(x, w, splits)

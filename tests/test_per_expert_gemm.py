@@ -45,27 +45,6 @@ def test_per_expert_mm_matches_fp64_with_uneven_and_empty_experts(splits, transp
             assert torch.count_nonzero(w.grad[e]) == 0  # empty experts: zero, not garbage
 
 
-@pytest.mark.parametrize("splits", [[3, 0, 5], [0, 4, 2]])
-def test_per_expert_mm_fills_a_buffer_whose_first_expert_is_done(splits):
-    """With ``first`` (expert 0's rows computed while the counts came down, HostSplits), only
-    the other experts' rows are computed, into that buffer; gradients are the plain ones."""
-    gen = torch.Generator().manual_seed(len(splits) + splits[0])
-    x = torch.randn(sum(splits), 6, generator=gen, requires_grad=True)
-    w = torch.randn(3, 6, 5, generator=gen, requires_grad=True)
-    first = torch.full((sum(splits), 5), float("nan"))
-    first[:splits[0]] = x.detach()[:splits[0]] @ w.detach()[0]
-    out = per_expert_mm(x, w, splits, first)
-    assert out.data_ptr() == first.data_ptr()  # filled in place, no second buffer
-    out.sum().backward()
-    x64 = x.detach().double().requires_grad_(True)
-    w64 = w.detach().double().requires_grad_(True)
-    want = _reference(x64, w64, splits)
-    want.sum().backward()
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
-
-
 def test_per_expert_mm_without_weight_gradient():
     x = torch.randn(4, 3, requires_grad=True)
     w = torch.randn(2, 3, 2)  # frozen experts
@@ -98,5 +77,4 @@ def test_cpu_keeps_its_own_loop(monkeypatch):
     """Off the GPU nothing syncs for the split, so MoNTAGroupedMLP's loop stays as it is."""
     monkeypatch.setenv("MONTA_GROUPED_GEMM", "cublas")
     x, w2 = torch.randn(6, 4), torch.randn(2, 3, 4)
-    w1 = torch.randn(2, 4, 6)
-    assert per_expert_gemm.host_splits(x, w1, w2, torch.tensor([2, 4])) is None
+    assert per_expert_gemm.host_splits(x, w2, torch.tensor([2, 4])) is None
