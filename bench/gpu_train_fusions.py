@@ -1,14 +1,16 @@
-"""What the fused RoPE and cross entropy buy the GPU training run of ``bench/gpu_moe.py``.
+"""What the fused RoPE, cross entropy and Adam buy the GPU training run of ``bench/gpu_moe.py``.
 
     python bench/gpu_train_fusions.py --out bench/results/gpu_train_fusions.json   # ~4 min, H200
 
 The same ~0.8B GPT-MoE, ``torchrun --nproc-per-node 1 pretrain_moe.py`` (bf16, grouped experts,
-mock data, 12 iterations), under three flag sets: megatron's unfused RoPE and cross entropy
-(``--no-rope-fusion``), MoNTA's fused RoPE (monta/rope.py, the default), and that plus
-megatron's ``--cross-entropy-loss-fusion``. Each runs ``--rounds`` times in rotated order (so
-clock drift favours none); iteration time and tokens/s are the median over every run's steady
-iterations' medians, MFU against a dense bf16 peak measured first. Writes the JSON and a
-Markdown table next to it.
+mock data, 12 iterations), under four flag sets, each adding one fusion: megatron's unfused
+RoPE and cross entropy with torch's multi-tensor Adam (``--no-rope-fusion --no-adam-fusion``),
+MoNTA's fused RoPE (monta/rope.py, the default), that plus megatron's
+``--cross-entropy-loss-fusion``, and that plus torch's fused Adam (the default on GPUs,
+monta/training/pretrain.py's ``fuse_torch_adam``). Each runs ``--rounds`` times in rotated
+order (so clock drift favours none); iteration time and tokens/s are the median over every
+run's steady iterations' medians, MFU against a dense bf16 peak measured first. Writes the
+JSON and a Markdown table next to it.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from bench.gpu_moe import bench_peak, environment  # noqa: E402
 from bench.gpu_moe_train import bench_training  # noqa: E402
 from bench.gpu_timing import Timer, rotated  # noqa: E402
 
-VARIANTS = {  # name: (flags, what it is)
-    "unfused": (("--no-rope-fusion",), "megatron's unfused RoPE and cross entropy"),
-    "rope": ((), "MoNTA's fused RoPE (default)"),
-    "rope_ce": (("--cross-entropy-loss-fusion",),
+VARIANTS = {  # name: (flags, what it is); each adds one fusion to the one before
+    "unfused": (("--no-rope-fusion", "--no-adam-fusion"),
+                "megatron's unfused RoPE and cross entropy, torch's multi-tensor Adam"),
+    "rope": (("--no-adam-fusion",), "MoNTA's fused RoPE (default)"),
+    "rope_ce": (("--no-adam-fusion", "--cross-entropy-loss-fusion"),
                 "fused RoPE + `--cross-entropy-loss-fusion`"),
+    "rope_ce_adam": (("--cross-entropy-loss-fusion",),
+                     "fused RoPE + fused cross entropy + torch's fused Adam (default)"),
 }
 ITERATIONS = ("--train-iters", "12")
 

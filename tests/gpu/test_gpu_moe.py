@@ -331,10 +331,13 @@ def test_pretrain_bf16_grouped_gemm_on_one_gpu(tmp_path, tiny_data_prefix, token
                "monta", "--seq-length", "128", "--micro-batch-size", "4", "--train-iters", "30",
                "--lr", "3e-3", "--log-interval", "10", "--eval-iters", "0", "--no-progress-bar",
                "--tensorboard-dir", str(tmp_path / "tb"), "--save", str(tmp_path / "ckpt")]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "MONTA_LOG_LEVEL": "INFO"}  # to see which Adam update runs
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=env)
     print(done.stdout[-3000:])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "peak memory (GiB)" in done.stdout
+    assert "torch Adam with fused=True" in done.stdout + done.stderr
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
@@ -343,6 +346,16 @@ def test_pretrain_bf16_grouped_gemm_on_one_gpu(tmp_path, tiny_data_prefix, token
     assert sorted(losses) == list(range(1, 31))
     assert losses[30] < losses[1] - 0.5, losses
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "30"
+    # resume: the fused optimizer's moments and steps load back onto the GPU and go on
+    resumed = [c if c != "30" else "40" for c in command] + ["--load", str(tmp_path / "ckpt")]
+    resumed[resumed.index("--tensorboard-dir") + 1] = str(tmp_path / "tb_resumed")
+    done = subprocess.run(resumed, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = EventAccumulator(str(tmp_path / "tb_resumed"), size_guidance={"scalars": 0})
+    events.Reload()
+    after = {e.step: e.value for e in events.Scalars("lm loss")}
+    assert sorted(after) == list(range(31, 41))
+    assert max(after.values()) < losses[1] - 0.5, after  # carried on, did not restart
 
 
 def _loop_reference(x, w, counts):
