@@ -6,11 +6,16 @@ forward and backward: cos and sin casts, two products, ``chunk`` + negate + ``ca
 rotated half, a sum, a final ``cat``. On an H200, in the 0.82 B-parameter training run of
 ``bench/gpu_moe.py`` (GQA, head dim 128, 16 × 2048 tokens), those kernels took ~70 of
 ~690 ms per iteration (a ``--profile --use-pytorch-profiler`` trace); with this kernel the
-iteration went from 696 to 647 ms (``bench/results/gpu_train_fusions.json``), and the kernel
-itself took 22 ms for its 128 calls, ~1 TB/s: not yet at HBM bandwidth.
+iteration went from 700 to 641 ms (``bench/results/gpu_train_fusions.json``).
 
-Here one program per block of ``[s, b, heads]`` rows reads each row once (from any strides:
-query and key are views of the fused QKV projection), and writes the rotated row:
+Here each program takes one sequence position and :data:`BLOCK_ROWS` of its ``b · heads`` rows
+(from any strides: query and key are views of the fused QKV projection), computes that
+position's cos and sin once for all of them, reads each row once as its two halves and writes
+the rotated row. A first version, one row per step with cos and sin per element, ran at
+~1 TB/s (22 ms of the iteration's 128 calls); this one took the query's backward from 235 to
+100 µs and the key's forward from 60 to 30 µs at those shapes (a scratch probe), and the
+kernel dropped out of the training profile's top 15 (< 12 ms per iteration,
+``bench/results/gpu_moe.md``). What it computes:
 
     out[c] = t[c]·cos[c] − t[c + R/2]·sin[c]       c < R/2
     out[c] = t[c]·cos[c] + t[c − R/2]·sin[c]       R/2 ≤ c < R
