@@ -13,9 +13,10 @@ Here each program takes one sequence position and :data:`BLOCK_ROWS` of its ``b 
 position's cos and sin once for all of them, reads each row once as its two halves and writes
 the rotated row. A first version, one row per step with cos and sin per element, ran at
 ~1 TB/s (22 ms of the iteration's 128 calls); this one took the query's backward from 235 to
-100 µs and the key's forward from 60 to 30 µs at those shapes (a scratch probe), and the
-kernel dropped out of the training profile's top 15 (< 12 ms per iteration,
-``bench/results/gpu_moe.md``). What it computes:
+100 µs and the key's forward from 60 to 30 µs at those shapes (a scratch A/B), moves the
+query at 2.7 TB/s, 9–10× faster than megatron's unfused RoPE (``bench/gpu_rope.py``,
+``bench/results/gpu_rope.md``), and dropped out of the training profile's top 15 (< 12 ms per
+iteration, ``bench/results/gpu_moe.md``). What it computes:
 
     out[c] = t[c]·cos[c] − t[c + R/2]·sin[c]       c < R/2
     out[c] = t[c]·cos[c] + t[c − R/2]·sin[c]       R/2 ≤ c < R
