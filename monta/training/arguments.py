@@ -170,8 +170,8 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-eps", type=float, default=1e-8,
                    help="Adam ε")
     g.add_argument("--no-adam-fusion", action="store_true",
-                   help="on GPUs without TE/apex: torch's multi-tensor Adam instead of its "
-                        "fused kernel (the default; megatron would use TE's or apex's fused "
+                   help="without TE/apex: torch's multi-tensor Adam instead of its fused kernel "
+                        "(the default, on GPU and CPU; megatron would use TE's or apex's fused "
                         "Adam)")
     g.add_argument("--seed", type=int, default=1234,
                    help="random seed (weights, data order, dropout)")
