@@ -176,6 +176,10 @@ def validate_precision(args: argparse.Namespace, cuda_available: bool) -> None:
     _require(not args.bf16 or cuda_available,
              "--bf16 needs a GPU: megatron-core's mixed-precision optimizer (fp32 master weights) "
              "is CUDA-only; drop --bf16 to train in fp32 on CPU")
+    _require(not args.use_distributed_optimizer or cuda_available,
+             "--use-distributed-optimizer needs a GPU: megatron-core's distributed optimizer "
+             "shards only CUDA tensors; drop it on CPU (each data-parallel rank then keeps the "
+             "whole optimizer state)")
 
 
 def validate_fusions(args: argparse.Namespace) -> None:

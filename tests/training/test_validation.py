@@ -66,6 +66,8 @@ BAD_CONFIGS = {
                             ["Bias in Moe"]),
     "save_interval_without_save": (["--save-interval", "5"], 1, ["--save-interval needs --save"]),
     "bf16_without_gpu": (["--bf16"], 1, ["--bf16 needs a GPU"]),
+    "distributed_optimizer_without_gpu": (["--use-distributed-optimizer"], 2,
+                                          ["--use-distributed-optimizer needs a GPU"]),
     "profile_window_empty": (["--profile", *TORCH_PROFILER, "--profile-step-start", "3",
                               "--profile-step-end", "3"], 1,
                              ["--profile-step-start 3", "--profile-step-end 3"]),
@@ -87,7 +89,8 @@ BAD_CONFIGS = {
 @pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
 def test_bad_configuration_is_refused(name, tokenizer_model, tiny_data_prefix):
     extra, world, fragments = BAD_CONFIGS[name]
-    if name in ("bf16_without_gpu", "nsys_profile_without_gpu") and torch.cuda.is_available():
+    if name in ("bf16_without_gpu", "nsys_profile_without_gpu",
+                "distributed_optimizer_without_gpu") and torch.cuda.is_available():
         pytest.skip("a GPU is present: the flags are valid here")
     if name == "bias_with_expert_tp":  # megatron-core's own check, surfaced as ConfigError
         args = parse_args([a for a in TINY_MODEL if a != "--disable-bias-linear"] +
