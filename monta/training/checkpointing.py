@@ -138,7 +138,8 @@ def _sharded_state_dict(model, optimizer, scheduler, train_state, args, with_opt
         model_state = {k: v for k, v in state.items() if k.startswith("model")}
         merged = model_state["model"] if "model" in model_state else {
             k: v for chunk in model_state.values() for k, v in chunk.items()}
-        state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading,
+                                                          metadata=_optimizer_metadata(args))
         state["opt_param_scheduler"] = scheduler.state_dict()
     state["train_state"] = asdict(train_state)
     state["world_size"] = world
@@ -149,6 +150,41 @@ def _sharded_state_dict(model, optimizer, scheduler, train_state, args, with_opt
         state["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,),
                                            replica_id=0)
     return state
+
+
+def _optimizer_metadata(args) -> dict | None:
+    """How megatron's distributed optimizer lays out its state in a checkpoint:
+    ``dp_reshardable``, Megatron-LM's default (each rank saves its own shard; a resume may
+    change the data-parallel size, not TP/PP/EP). Its other formats do not work here:
+    ``fully_sharded_model_space`` (the default without metadata) needs
+    ``ShardedTensor.flattened_range``, which megatron-core 0.16's dist_checkpointing refuses,
+    and ``fully_reshardable`` loads no per-parameter ``step``, which torch's Adam keeps."""
+    if getattr(args, "use_distributed_optimizer", False):
+        return {"distrib_optim_sharding_type": "dp_reshardable"}
+    return None
+
+
+def _allocate_distributed_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam under megatron's distributed optimizer its state tensors (zeros,
+    step 0) before a load. Without TE or apex, ``DistributedOptimizer.state_dict()``, which
+    ``sharded_state_dict(is_loading=True)`` calls first, reads every parameter's ``step`` and
+    asserts there is exactly one value, so on an optimizer that never stepped it fails; the
+    load then overwrites these tensors in place (megatron's "already initialized" path)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(wrapper, "optimizer", None)
+        if (not isinstance(wrapper, DistributedOptimizer)
+                or not isinstance(inner, torch.optim.Adam) or inner.state):
+            continue
+        for group in inner.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for param in group["params"]:
+                inner.state[param] = {
+                    "step": torch.zeros((), dtype=torch.float32,
+                                        device=param.device if on_device else "cpu"),
+                    "exp_avg": torch.zeros_like(param),
+                    "exp_avg_sq": torch.zeros_like(param)}
 
 
 def save_checkpoint(root: str, train_state: TrainState, model, optimizer, scheduler,
@@ -388,6 +424,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler, args: argparse.Names
     if not has_optimizer and not (args.finetune or args.no_load_optim) and dist.get_rank() == 0:
         logger.warning("checkpoint %s holds weights only (no optimizer state): starting a fresh "
                        "optimizer", path)
+    if with_optimizer:
+        _allocate_distributed_adam_state(optimizer)
     state = _sharded_state_dict(model, optimizer, scheduler, TrainState(), args,
                                 with_optimizer=with_optimizer, with_rng=with_rng, is_loading=True)
     loaded = dist_checkpointing.load(state, path)
