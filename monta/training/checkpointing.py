@@ -404,7 +404,8 @@ def _maybe_stall_for_fault_test(iteration: int) -> None:
 def load_checkpoint(path: str, model, optimizer, scheduler, args: argparse.Namespace) -> TrainState:
     """Load ``path`` (found and verified by :func:`find_checkpoint`) into model/optimizer.
 
-    Resharding is free: any TP/PP/EP layout loads any other's checkpoint. Optimizer and
+    Resharding is free: any TP/PP/EP layout loads any other's checkpoint (the distributed
+    optimizer's state only across DP: :func:`optimizer_layout_mismatch`). Optimizer and
     RNG state are skipped for ``--finetune``, ``--no-load-optim`` / ``--no-load-rng``, and RNG
     also when the world size changed (per-rank streams no longer line up). A weights-only
     checkpoint (:func:`save_model_only`, e.g. a converted one) starts a fresh optimizer, with
@@ -492,6 +493,12 @@ def check_model_args(path: str, args: argparse.Namespace, vocab_size: int | None
             f"checkpoint {path} was saved for a different model: " + "; ".join(diffs)
             + ". Pass the checkpoint's model flags (a converted checkpoint lists them in "
               "model_flags.txt next to its iter_* directories)")
+    if "optimizer" in common and not (args.finetune or args.no_load_optim):
+        mismatch = optimizer_layout_mismatch(saved, vars(args))
+        if mismatch:
+            raise CheckpointError(f"checkpoint {path}: {mismatch}; resume with the layout it "
+                                  f"was saved with, or add --no-load-optim to keep its weights "
+                                  f"and start a fresh optimizer")
     rows = _embedding_rows(path)
     if rows is not None and rows != padded_vocab_size:
         tp = args.tensor_model_parallel_size
@@ -502,6 +509,30 @@ def check_model_args(path: str, args: argparse.Namespace, vocab_size: int | None
             f"checkpoint {path} pads the vocabulary to {rows} rows, this run to "
             f"{padded_vocab_size} (--make-vocab-size-divisible-by "
             f"{args.make_vocab_size_divisible_by} × --tensor-model-parallel-size {tp}); {hint}")
+
+
+# Model-parallel sizes that must match for distributed-optimizer state to load (it reshards
+# across data parallelism only, see _optimizer_metadata).
+DISTRIBUTED_OPTIMIZER_LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                "expert_model_parallel_size", "expert_tensor_parallel_size")
+
+
+def optimizer_layout_mismatch(saved: dict, ours: dict) -> str | None:
+    """Why optimizer state saved under ``saved`` args cannot load under ``ours``, or None."""
+    was, now = (bool(a.get("use_distributed_optimizer")) for a in (saved, ours))
+    if was != now:
+        return (f"its optimizer state was saved {'with' if was else 'without'} "
+                f"--use-distributed-optimizer and this run is {'with' if now else 'without'} "
+                f"it (the two store it differently)")
+    if not now:
+        return None
+    diffs = [f"--{name.replace('_', '-')} {ours.get(name)} here, {saved.get(name)} in the "
+             f"checkpoint" for name in DISTRIBUTED_OPTIMIZER_LAYOUT
+             if (ours.get(name) or 1) != (saved.get(name) or 1)]
+    if diffs:
+        return ("--use-distributed-optimizer state reshards across data parallelism only: "
+                + "; ".join(diffs))
+    return None
 
 
 def _embedding_rows(path: str) -> int | None:

@@ -15,7 +15,13 @@ import psutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from monta.training.checkpointing import find_checkpoint, read_tracker
+from monta.training.arguments import parse_args
+from monta.training.checkpointing import (
+    CheckpointError,
+    check_model_args,
+    find_checkpoint,
+    read_tracker,
+)
 
 from tests.conftest import REPO, TINY_MODEL, free_port, run_torchrun
 
@@ -55,6 +61,14 @@ def test_pipeline_parallel_training(tiny_data_prefix, tokenizer_model, tmp_path)
         assert any(n and "pretrain.py" in n for n in names)  # Python stacks recorded
         assert f'"rank": {rank},' in result.output  # and its summary logged
     assert not [p for rank in (1, 2) for p in (tmp_path / "tb").glob(f"rank{rank}.*")]
+    # its optimizer state cannot resume under the distributed optimizer: refused before loading
+    resumed = parse_args(job_args(tiny_data_prefix, tokenizer_model, tmp_path,
+                                  "--pipeline-model-parallel-size", "2",
+                                  "--expert-model-parallel-size", "2", "--global-batch-size", "8",
+                                  "--use-distributed-optimizer"))
+    with pytest.raises(CheckpointError, match="saved without --use-distributed-optimizer"):
+        check_model_args(find_checkpoint(str(tmp_path / "ckpt"), required=True), resumed,
+                         None, 0)
 
 
 def test_resume_reproduces_losses_exactly(tiny_data_prefix, tokenizer_model, tmp_path):
