@@ -36,6 +36,11 @@ from megatron.core.tensor_parallel import random as mrandom
 from torch.distributed.checkpoint.api import CheckpointException
 
 from monta.training import fault_injection, manifest
+from monta.training.optimizer import (
+    allocate_distributed_adam_state,
+    checkpoint_metadata,
+    optimizer_layout_mismatch,
+)
 from monta.training.watchdog import PHASE, say
 
 logger = logging.getLogger(__name__)
@@ -139,7 +144,7 @@ def _sharded_state_dict(model, optimizer, scheduler, train_state, args, with_opt
         merged = model_state["model"] if "model" in model_state else {
             k: v for chunk in model_state.values() for k, v in chunk.items()}
         state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading,
-                                                          metadata=_optimizer_metadata(args))
+                                                          metadata=checkpoint_metadata(args))
         state["opt_param_scheduler"] = scheduler.state_dict()
     state["train_state"] = asdict(train_state)
     state["world_size"] = world
@@ -150,41 +155,6 @@ def _sharded_state_dict(model, optimizer, scheduler, train_state, args, with_opt
         state["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,),
                                            replica_id=0)
     return state
-
-
-def _optimizer_metadata(args) -> dict | None:
-    """How megatron's distributed optimizer lays out its state in a checkpoint:
-    ``dp_reshardable``, Megatron-LM's default (each rank saves its own shard; a resume may
-    change the data-parallel size, not TP/PP/EP). Its other formats do not work here:
-    ``fully_sharded_model_space`` (the default without metadata) needs
-    ``ShardedTensor.flattened_range``, which megatron-core 0.16's dist_checkpointing refuses,
-    and ``fully_reshardable`` loads no per-parameter ``step``, which torch's Adam keeps."""
-    if getattr(args, "use_distributed_optimizer", False):
-        return {"distrib_optim_sharding_type": "dp_reshardable"}
-    return None
-
-
-def _allocate_distributed_adam_state(optimizer) -> None:
-    """Give a fresh torch Adam under megatron's distributed optimizer its state tensors (zeros,
-    step 0) before a load. Without TE or apex, ``DistributedOptimizer.state_dict()``, which
-    ``sharded_state_dict(is_loading=True)`` calls first, reads every parameter's ``step`` and
-    asserts there is exactly one value, so on an optimizer that never stepped it fails; the
-    load then overwrites these tensors in place (megatron's "already initialized" path)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(wrapper, "optimizer", None)
-        if (not isinstance(wrapper, DistributedOptimizer)
-                or not isinstance(inner, torch.optim.Adam) or inner.state):
-            continue
-        for group in inner.param_groups:
-            on_device = group.get("fused") or group.get("capturable")
-            for param in group["params"]:
-                inner.state[param] = {
-                    "step": torch.zeros((), dtype=torch.float32,
-                                        device=param.device if on_device else "cpu"),
-                    "exp_avg": torch.zeros_like(param),
-                    "exp_avg_sq": torch.zeros_like(param)}
 
 
 def save_checkpoint(root: str, train_state: TrainState, model, optimizer, scheduler,
@@ -405,7 +375,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, args: argparse.Names
     """Load ``path`` (found and verified by :func:`find_checkpoint`) into model/optimizer.
 
     Resharding is free: any TP/PP/EP layout loads any other's checkpoint (the distributed
-    optimizer's state only across DP: :func:`optimizer_layout_mismatch`). Optimizer and
+    optimizer's state only across DP: :func:`monta.training.optimizer.optimizer_layout_mismatch`). Optimizer and
     RNG state are skipped for ``--finetune``, ``--no-load-optim`` / ``--no-load-rng``, and RNG
     also when the world size changed (per-rank streams no longer line up). A weights-only
     checkpoint (:func:`save_model_only`, e.g. a converted one) starts a fresh optimizer, with
@@ -426,7 +396,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, args: argparse.Names
         logger.warning("checkpoint %s holds weights only (no optimizer state): starting a fresh "
                        "optimizer", path)
     if with_optimizer:
-        _allocate_distributed_adam_state(optimizer)
+        allocate_distributed_adam_state(optimizer)
     state = _sharded_state_dict(model, optimizer, scheduler, TrainState(), args,
                                 with_optimizer=with_optimizer, with_rng=with_rng, is_loading=True)
     loaded = dist_checkpointing.load(state, path)
@@ -509,30 +479,6 @@ def check_model_args(path: str, args: argparse.Namespace, vocab_size: int | None
             f"checkpoint {path} pads the vocabulary to {rows} rows, this run to "
             f"{padded_vocab_size} (--make-vocab-size-divisible-by "
             f"{args.make_vocab_size_divisible_by} × --tensor-model-parallel-size {tp}); {hint}")
-
-
-# Model-parallel sizes that must match for distributed-optimizer state to load (it reshards
-# across data parallelism only, see _optimizer_metadata).
-DISTRIBUTED_OPTIMIZER_LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                                "expert_model_parallel_size", "expert_tensor_parallel_size")
-
-
-def optimizer_layout_mismatch(saved: dict, ours: dict) -> str | None:
-    """Why optimizer state saved under ``saved`` args cannot load under ``ours``, or None."""
-    was, now = (bool(a.get("use_distributed_optimizer")) for a in (saved, ours))
-    if was != now:
-        return (f"its optimizer state was saved {'with' if was else 'without'} "
-                f"--use-distributed-optimizer and this run is {'with' if now else 'without'} "
-                f"it (the two store it differently)")
-    if not now:
-        return None
-    diffs = [f"--{name.replace('_', '-')} {ours.get(name)} here, {saved.get(name)} in the "
-             f"checkpoint" for name in DISTRIBUTED_OPTIMIZER_LAYOUT
-             if (ours.get(name) or 1) != (saved.get(name) or 1)]
-    if diffs:
-        return ("--use-distributed-optimizer state reshards across data parallelism only: "
-                + "; ".join(diffs))
-    return None
 
 
 def _embedding_rows(path: str) -> int | None:

@@ -46,6 +46,7 @@ from monta.training.metrics import (
     reduce_aux_loss,
     reduce_moe_traffic,
 )
+from monta.training.optimizer import fuse_torch_adam
 from monta.training.profiling import StepProfiler
 from monta.training.step_guard import NonFiniteCounter, NonFiniteError, guarded_step
 from monta.training.validation import ConfigError, validate_args, validate_data_vocabulary
@@ -153,42 +154,6 @@ def build_optimizer(args, model):
         lr_wsd_decay_style="linear",
     )
     return optimizer, scheduler
-
-
-def fuse_torch_adam(optimizer) -> int:
-    """Switch the torch Adam(W) under megatron's optimizer to ``fused=True`` where torch has a
-    fused kernel for its parameters' device (CUDA, CPU, ...); returns how many param groups
-    changed.
-
-    Without TE or apex, megatron-core falls back to ``torch.optim.AdamW`` with torch's default,
-    the multi-tensor (``foreach``) update: on an H200 it took ~18 ms of the 0.82 B-parameter
-    training iteration (bench/gpu_moe.py's profile). torch's fused kernel does the same update
-    in one pass over each tensor set, as TE's and apex's FusedAdam (megatron's usual choice)
-    do. Set before any state exists or loads, so each ``step`` lives on the parameters' device
-    as the fused kernel wants (torch's ``load_state_dict`` moves loaded ones there too)."""
-    devices = set(_fused_adam_devices())
-    changed = 0
-    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(wrapper, "optimizer", None)
-        if not isinstance(inner, torch.optim.Adam):  # AdamW is an Adam
-            continue
-        for group in inner.param_groups:
-            if group["params"] and all(p.device.type in devices and p.is_floating_point()
-                                       for p in group["params"]):
-                group["fused"], group["foreach"] = True, False
-                changed += 1
-    if changed:
-        logger.info("optimizer: torch Adam with fused=True on %d param group(s)", changed)
-    return changed
-
-
-def _fused_adam_devices() -> list[str]:
-    try:  # torch's own list (private; stable since 2.2)
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        return _get_fused_kernels_supported_devices()
-    except ImportError:
-        return ["cuda"]
 
 
 def build_datasets(args, tokenizer, vocab_size: int):

@@ -1,14 +1,17 @@
-"""monta/training/pretrain.py's fuse_torch_adam: torch's fused Adam where torch has the kernel
-for the parameters' device (every CPU job of tests/training resumes with it; on a GPU,
-tests/gpu/test_gpu_moe.py trains, saves and resumes with it)."""
+"""monta/training/optimizer.py: torch's fused Adam where torch has the kernel for the
+parameters' device (every CPU job of tests/training resumes with it; on a GPU,
+tests/gpu/test_gpu_moe.py trains, saves and resumes with it, also under the distributed
+optimizer), and which saved optimizer state can load under which layout (the distributed
+optimizer's reshards across data parallelism only)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from monta.training.pretrain import fuse_torch_adam
+from monta.training.optimizer import fuse_torch_adam, optimizer_layout_mismatch
 
 
 def _chained(*optimizers):
@@ -26,9 +29,9 @@ def test_adam_groups_get_the_fused_update_other_optimizers_do_not():
 
 
 def test_a_group_with_a_parameter_on_an_unfused_device_stays(monkeypatch):
-    from monta.training import pretrain
+    from monta.training import optimizer
 
-    monkeypatch.setattr(pretrain, "_fused_adam_devices", lambda: ["cuda"])
+    monkeypatch.setattr(optimizer, "_fused_adam_devices", lambda: ["cuda"])
     adam = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))])
     assert fuse_torch_adam(_chained(adam)) == 0
     assert not adam.param_groups[0]["fused"]
@@ -57,3 +60,45 @@ def test_the_fused_update_equals_the_multi_tensor_one():
         results.append([p.detach() for p in params])
     for fused, plain in zip(*reversed(results)):
         torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+
+
+LAYOUT = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1,
+          "expert_model_parallel_size": 4, "expert_tensor_parallel_size": 2,
+          "data_parallel_size": 4}
+
+
+def _args(distributed: bool, **sizes) -> dict:
+    return {**LAYOUT, **sizes, "use_distributed_optimizer": distributed}
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_same_layout_loads(distributed):
+    assert optimizer_layout_mismatch(_args(distributed), _args(distributed)) is None
+
+
+def test_regular_optimizer_state_reshards_freely():
+    assert optimizer_layout_mismatch(_args(False), _args(False, tensor_model_parallel_size=1,
+                                                         expert_model_parallel_size=8)) is None
+
+
+def test_distributed_optimizer_state_reshards_across_data_parallel_only():
+    assert optimizer_layout_mismatch(_args(True), _args(True, data_parallel_size=8)) is None
+    why = optimizer_layout_mismatch(_args(True), _args(True, pipeline_model_parallel_size=2,
+                                                       expert_model_parallel_size=2))
+    assert "data parallelism only" in why
+    assert "--pipeline-model-parallel-size 2 here, 1 in the checkpoint" in why
+    assert "--expert-model-parallel-size 2 here, 4 in the checkpoint" in why
+    assert "tensor-model" not in why
+
+
+def test_unset_expert_tensor_parallel_size_counts_as_one():
+    saved = _args(True, tensor_model_parallel_size=1, expert_tensor_parallel_size=None)
+    assert optimizer_layout_mismatch(saved, _args(True, tensor_model_parallel_size=1,
+                                                  expert_tensor_parallel_size=1)) is None
+
+
+@pytest.mark.parametrize("saved,ours", [(False, True), (True, False)])
+def test_switching_the_distributed_optimizer_is_refused(saved, ours):
+    why = optimizer_layout_mismatch(_args(saved), _args(ours))
+    assert "--use-distributed-optimizer" in why
+    assert ("saved with --use" if saved else "saved without --use") in why
