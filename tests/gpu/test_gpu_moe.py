@@ -7,10 +7,7 @@ grouped-GEMM experts (``torch._grouped_mm``) and their host-sync-free MoE layer.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +16,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -91,56 +86,6 @@ def test_monta_dispatcher_bf16_matches_stock_on_gpu(nccl_world_of_one):
     assert g_m.keys() == g_s.keys() and len(g_m) >= 3
     for name in g_s:
         torch.testing.assert_close(g_m[name], g_s[name], rtol=5e-2, atol=5e-2, msg=name)
-
-
-def _train_save_resume(tmp_path, command: list[str], iterations: int = 30,
-                       more: int = 10) -> str:
-    """Run ``command`` (a `torchrun pretrain_moe.py` job logging its loss every iteration to
-    TensorBoard) for ``iterations`` steps with a save at the end, check it learned, resume it for
-    ``more`` steps from that checkpoint and check it carried on. Returns the first run's log."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    def losses(run: str, job: list[str]) -> tuple[dict, str]:
-        job = [*job, "--tensorboard-dir", str(tmp_path / run), "--save", str(tmp_path / "ckpt")]
-        env = {**os.environ, "MONTA_LOG_LEVEL": "INFO"}  # to see which Adam update runs
-        done = subprocess.run(job, cwd=REPO, capture_output=True, text=True, timeout=600,
-                              env=env)
-        print(done.stdout[-3000:])
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        events = EventAccumulator(str(tmp_path / run), size_guidance={"scalars": 0})
-        events.Reload()
-        return {e.step: e.value for e in events.Scalars("lm loss")}, done.stdout + done.stderr
-
-    first, log = losses("tb", [*command, "--train-iters", str(iterations)])
-    assert sorted(first) == list(range(1, iterations + 1))
-    assert first[iterations] < first[1] - 0.5, first
-    tracker = tmp_path / "ckpt" / "latest_checkpointed_iteration.txt"
-    assert tracker.read_text() == str(iterations)
-    # the optimizer's moments and steps load back onto the GPU and training goes on
-    after, _ = losses("tb_resumed", [*command, "--train-iters", str(iterations + more),
-                                     "--load", str(tmp_path / "ckpt")])
-    assert sorted(after) == list(range(iterations + 1, iterations + more + 1))
-    assert max(after.values()) < first[1] - 0.5, after  # carried on, did not restart
-    assert tracker.read_text() == str(iterations + more)
-    return log
-
-
-def test_pretrain_bf16_on_one_gpu(tmp_path, tiny_data_prefix, tokenizer_model):
-    """`torchrun --nproc-per-node 1 pretrain_moe.py --bf16` with the monta dispatcher and
-    megatron's distributed optimizer (torch's fused Adam inside), on the bundled corpus (so
-    there is something to learn); it learns, saves and resumes."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-               "--master-port", "29544", str(REPO / "pretrain_moe.py"), "--bf16",
-               "--use-distributed-optimizer",
-               "--data-path", tiny_data_prefix, "--tokenizer-model", tokenizer_model,
-               "--num-layers", "2", "--hidden-size",
-               "256", "--num-attention-heads", "4", "--ffn-hidden-size", "512", "--swiglu",
-               "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-               "--num-experts", "8", "--moe-router-topk", "2", "--moe-token-dispatcher-type",
-               "monta", "--monta-chunks", "2", "--seq-length", "128", "--micro-batch-size", "4",
-               "--lr", "3e-3", "--log-interval", "10", "--eval-iters", "0", "--no-progress-bar"]
-    log = _train_save_resume(tmp_path, command)
-    assert "torch Adam with fused=True" in log
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -338,25 +283,6 @@ def test_grouped_moe_layer_has_no_host_sync(nccl_world_of_one):
     syncs = [f"{w.filename}:{w.lineno}: {str(w.message)[:80]}" for w in caught
              if "called a synchronizing" in str(w.message)]
     assert not syncs, "\n".join(syncs)
-
-
-def test_pretrain_bf16_grouped_gemm_on_one_gpu(tmp_path, tiny_data_prefix, tokenizer_model):
-    """`torchrun --nproc-per-node 1 pretrain_moe.py --bf16 --moe-grouped-gemm`: grouped experts,
-    the MoNTA dispatcher's one-rank path, SDPA attention, torch's fused Adam; it learns, saves
-    and resumes."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-               "--master-port", "29545", str(REPO / "pretrain_moe.py"), "--bf16",
-               "--moe-grouped-gemm", "--data-path", tiny_data_prefix, "--tokenizer-model",
-               tokenizer_model, "--num-layers", "2", "--hidden-size", "256",
-               "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups",
-               "2", "--ffn-hidden-size", "512", "--swiglu", "--disable-bias-linear",
-               "--untie-embeddings-and-output-weights", "--normalization", "RMSNorm",
-               "--num-experts", "8", "--moe-router-topk", "2", "--moe-token-dispatcher-type",
-               "monta", "--seq-length", "128", "--micro-batch-size", "4",
-               "--lr", "3e-3", "--log-interval", "10", "--eval-iters", "0", "--no-progress-bar"]
-    log = _train_save_resume(tmp_path, command)
-    assert "peak memory (GiB)" in log
-    assert "torch Adam with fused=True" in log
 
 
 def _loop_reference(x, w, counts):

@@ -1,6 +1,6 @@
 """monta/training/optimizer.py: torch's fused Adam where torch has the kernel for the
 parameters' device (every CPU job of tests/training resumes with it; on a GPU,
-tests/gpu/test_gpu_moe.py trains, saves and resumes with it, also under the distributed
+tests/gpu/test_gpu_pretrain.py trains, saves and resumes with it, also under the distributed
 optimizer), and which saved optimizer state can load under which layout (the distributed
 optimizer's reshards across data parallelism only)."""
 
