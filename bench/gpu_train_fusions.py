@@ -7,7 +7,7 @@ mock data, 12 iterations), under four flag sets, each adding one fusion: megatro
 RoPE and cross entropy with torch's multi-tensor Adam (``--no-rope-fusion --no-adam-fusion``),
 MoNTA's fused RoPE (monta/rope.py, the default), that plus megatron's
 ``--cross-entropy-loss-fusion``, and that plus torch's fused Adam (the default on GPUs,
-monta/training/pretrain.py's ``fuse_torch_adam``). Each runs ``--rounds`` times in rotated
+monta/training/optimizer.py's ``fuse_torch_adam``). Each runs ``--rounds`` times in rotated
 order (so clock drift favours none); iteration time and tokens/s are the median over every
 run's steady iterations' medians, MFU against a dense bf16 peak measured first. Writes the
 JSON and a Markdown table next to it.
