@@ -31,10 +31,7 @@ def fuse_torch_adam(optimizer) -> int:
     the fused kernel wants (torch's ``load_state_dict`` moves loaded ones there too)."""
     devices = set(_fused_adam_devices())
     changed = 0
-    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(wrapper, "optimizer", None)
-        if not isinstance(inner, torch.optim.Adam):  # AdamW is an Adam
-            continue
+    for _, inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             if group["params"] and all(p.device.type in devices and p.is_floating_point()
                                        for p in group["params"]):
@@ -43,6 +40,15 @@ def fuse_torch_adam(optimizer) -> int:
     if changed:
         logger.info("optimizer: torch Adam with fused=True on %d param group(s)", changed)
     return changed
+
+
+def _torch_adams(optimizer):
+    """(megatron wrapper, torch Adam) for each torch Adam(W) under ``optimizer`` (a
+    ``ChainedOptimizer`` or one megatron optimizer)."""
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(wrapper, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam):  # AdamW is an Adam
+            yield wrapper, inner
 
 
 def _fused_adam_devices() -> list[str]:
@@ -74,10 +80,8 @@ def allocate_distributed_adam_state(optimizer) -> None:
     load then overwrites these tensors in place (megatron's "already initialized" path)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(wrapper, "optimizer", None)
-        if (not isinstance(wrapper, DistributedOptimizer)
-                or not isinstance(inner, torch.optim.Adam) or inner.state):
+    for wrapper, inner in _torch_adams(optimizer):
+        if not isinstance(wrapper, DistributedOptimizer) or inner.state:
             continue
         for group in inner.param_groups:
             on_device = group.get("fused") or group.get("capturable")

@@ -11,7 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from monta.training.optimizer import fuse_torch_adam, optimizer_layout_mismatch
+from monta.training.optimizer import (
+    allocate_distributed_adam_state,
+    fuse_torch_adam,
+    optimizer_layout_mismatch,
+)
 
 
 def _chained(*optimizers):
@@ -60,6 +64,47 @@ def test_the_fused_update_equals_the_multi_tensor_one():
         results.append([p.detach() for p in params])
     for fused, plain in zip(*reversed(results)):
         torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+
+
+def _distributed(inner):
+    """A megatron DistributedOptimizer holding ``inner`` (no process groups needed here)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    wrapper = object.__new__(DistributedOptimizer)
+    wrapper.optimizer = inner
+    return wrapper
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_fresh_distributed_adam_gets_state_to_load_into(fused):
+    """Zeros and step 0, the step where torch's update keeps it (the device when fused), so
+    megatron's DistributedOptimizer.state_dict() can read one step before a load."""
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    adam = torch.optim.AdamW(params, fused=fused)
+    plain = torch.optim.AdamW([torch.nn.Parameter(torch.randn(2))])  # not distributed
+    chained = SimpleNamespace(chained_optimizers=[_distributed(adam),
+                                                  SimpleNamespace(optimizer=plain)])
+    allocate_distributed_adam_state(chained)
+    assert not plain.state
+    for p in params:
+        state = adam.state[p]
+        assert state["step"].item() == 0 and state["step"].dtype == torch.float32
+        assert state["exp_avg"].shape == state["exp_avg_sq"].shape == p.shape
+        assert not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    for p in params:  # torch's own update accepts it as its state
+        p.grad = torch.ones_like(p)
+    adam.step()
+    assert all(adam.state[p]["step"].item() == 1 for p in params)
+
+
+def test_existing_adam_state_is_left_alone():
+    param = torch.nn.Parameter(torch.randn(3))
+    adam = torch.optim.AdamW([param])
+    param.grad = torch.ones_like(param)
+    adam.step()
+    before = adam.state[param]["exp_avg"].clone()
+    allocate_distributed_adam_state(_distributed(adam))
+    assert torch.equal(adam.state[param]["exp_avg"], before)
 
 
 LAYOUT = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1,
