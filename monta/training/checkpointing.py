@@ -371,12 +371,18 @@ def _maybe_stall_for_fault_test(iteration: int) -> None:
         time.sleep(float(os.environ.get("MONTA_TEST_STALL_SAVE_S", "60")))
 
 
+def _loads_optimizer(common: dict, args: argparse.Namespace) -> bool:
+    """Whether loading the checkpoint whose common state is ``common`` restores its optimizer
+    (it holds one, and neither --finetune nor --no-load-optim says no)."""
+    return "optimizer" in common and not (args.finetune or args.no_load_optim)
+
+
 def load_checkpoint(path: str, model, optimizer, scheduler, args: argparse.Namespace) -> TrainState:
     """Load ``path`` (found and verified by :func:`find_checkpoint`) into model/optimizer.
 
     Resharding is free: any TP/PP/EP layout loads any other's checkpoint (the distributed
-    optimizer's state only across DP: :func:`monta.training.optimizer.optimizer_layout_mismatch`). Optimizer and
-    RNG state are skipped for ``--finetune``, ``--no-load-optim`` / ``--no-load-rng``, and RNG
+    optimizer's state only across DP: :func:`monta.training.optimizer.optimizer_layout_mismatch`).
+    Optimizer and RNG state are skipped for ``--finetune``, ``--no-load-optim`` / ``--no-load-rng``, and RNG
     also when the world size changed (per-rank streams no longer line up). A weights-only
     checkpoint (:func:`save_model_only`, e.g. a converted one) starts a fresh optimizer, with
     the LR schedule moved on to the checkpoint's consumed samples.
@@ -385,7 +391,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, args: argparse.Names
     saved_world = common.get("world_size")
     has_optimizer = "optimizer" in common
     has_rng = common.get("has_rng_state", True)
-    with_optimizer = not (args.finetune or args.no_load_optim) and has_optimizer
+    with_optimizer = _loads_optimizer(common, args)
     with_rng = (not (args.finetune or args.no_load_rng) and has_rng
                 and saved_world == dist.get_world_size())
     if (has_rng and saved_world != dist.get_world_size() and not args.no_load_rng
@@ -463,7 +469,7 @@ def check_model_args(path: str, args: argparse.Namespace, vocab_size: int | None
             f"checkpoint {path} was saved for a different model: " + "; ".join(diffs)
             + ". Pass the checkpoint's model flags (a converted checkpoint lists them in "
               "model_flags.txt next to its iter_* directories)")
-    if "optimizer" in common and not (args.finetune or args.no_load_optim):
+    if _loads_optimizer(common, args):
         mismatch = optimizer_layout_mismatch(saved, vars(args))
         if mismatch:
             raise CheckpointError(f"checkpoint {path}: {mismatch}; resume with the layout it "
