@@ -71,8 +71,12 @@ def ffn_pair(shape: dict, tokens: int, device, dtype) -> dict:
     return {"dense": dense, "grouped": grouped}
 
 
+SETTLE_S = 1.0  # the first second of a phase settles the clock from the previous phase's load
+
+
 def run_phase(fn, seconds: float) -> dict:
-    """``fn`` back to back for ``seconds``; ms per call from CUDA events over blocks of 4."""
+    """``fn`` back to back for ``seconds``; ms per call from CUDA events over blocks of 4, from
+    the blocks that end after :data:`SETTLE_S`, the window the clock samples are taken from."""
     fn()
     torch.cuda.synchronize()
     start_wall, per_call = time.time(), []
@@ -83,10 +87,10 @@ def run_phase(fn, seconds: float) -> dict:
             fn()
         stop.record()
         stop.synchronize()
-        per_call.append(start.elapsed_time(stop) / 4)
-    # the first second settles the clock from the previous phase's load
-    return {"start": start_wall + 1.0, "end": time.time(),
-            "ms": statistics.median(per_call[len(per_call) // 3:])}
+        if time.time() - start_wall >= SETTLE_S:
+            per_call.append(start.elapsed_time(stop) / 4)
+    return {"start": start_wall + SETTLE_S, "end": time.time(),
+            "ms": statistics.median(per_call)}
 
 
 def parse_samples(text: str) -> list[tuple]:
@@ -109,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     opts = parser.parse_args(argv)
+    if opts.seconds <= SETTLE_S:
+        parser.error(f"--seconds must exceed the {SETTLE_S:.0f} s each phase settles for")
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (and nvidia-smi)")
     device, dtype = torch.device("cuda"), torch.bfloat16
