@@ -32,8 +32,9 @@ input gradient + activation backward 4.36 vs 3.59 ms (Mixtral) and 1.06 vs 0.83 
 (fine-grained), same JSON. Triton's input-gradient GEMM already trails CUTLASS's there, and,
 not persistent, it cannot hide its epilogue's loads of ``h`` behind the next tile's main
 loop; a persistent version of both kernels (the tile loop flattened with the K loop, Triton
-3.6; probed, not kept) was nowhere faster and up to 1.5× slower. Under ``all``, ``dp`` is summed across column tiles with
-fp32 atomics, so its last bits depend on the order the tiles finish.
+3.6; probed, not kept) was nowhere faster and up to 1.5× slower. Under ``all``, ``dp`` is
+summed across column tiles with fp32 atomics, so its last bits depend on the order the tiles
+finish.
 
 The other GEMMs run on whatever :mod:`monta.expert_gemm` picks. Tiles are located from the
 device row ends as in :mod:`monta.grouped_gemm`, so the layer stays free of host syncs.
