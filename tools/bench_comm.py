@@ -27,7 +27,10 @@ index on every node), and the pairs ``(node0[0], node0[1])`` (intra) and
      sends off-rank in one op, read from :mod:`monta.comm`'s ``LinkBytes`` counters: S for
      point-to-point, S·(W−1)/W for the collectives (S = the per-rank buffer: the all-to-all
      input, the all-gather output, the reduce-scatter input; W = group size; nccl-tests calls
-     bytes/t the *bus bandwidth*);
+     bytes/t the *bus bandwidth*). Where time does not grow with size (a fast link whose
+     points drown in the shared CPUs' noise) the sweep goes on at up to ``--extra-sizes``
+     larger sizes for that (link, op) alone; if it still does not, the tool exits 1 and
+     writes nothing, since a spec without a bandwidth would only fail later, in the planner;
   3) contention: every rank runs an all-to-all over its inter group and an all-gather over its
      node, first each alone, then both at once (one thread each); the all-gather's size is
      chosen from the fit so that both take about as long alone. ``inter_under_intra`` =
@@ -78,7 +81,9 @@ from monta.planner.calibration import (  # noqa: E402
     OPS,
     parse_size,
     size_sweep,
-    fit_alpha_beta,
+    fit_points,
+    format_size,
+    unfitted,
     cluster_spec,
     table,
     plot,
@@ -111,14 +116,19 @@ def run(args: argparse.Namespace) -> int:
         bench.dist.barrier(group=bench.ctrl)
         busy0, own0 = cpu_busy_seconds(), own_cpu_seconds(children=False)
         wall0 = time.perf_counter()
-        points = bench.sweep()
-        fits: dict[str, dict[str, dict]] = {}
-        for link in bench.links:
-            for op in args.ops:
-                pts = [(p["bytes"], p["median_s"]) for p in points
-                       if p["link"] == link and p["op"] == op]
-                if pts:
-                    fits.setdefault(link, {})[op] = fit_alpha_beta(pts)
+        points = bench.sweep(size_sweep(args.min_size, args.max_size, args.factor),
+                             bench.cases())
+        points, fits = _grow_flat_fits(bench, args, points)
+        flat = unfitted(fits)
+        if flat:  # every rank fits the same all-reduced times, so every rank stops here
+            if bench.rank == 0:
+                print(f"[bench_comm] error: time did not grow with message size for "
+                      f"{', '.join(f'{link} {op}' for link, op in flat)}, even after "
+                      f"{args.extra_sizes} larger size(s): no bandwidth can be fitted, so no "
+                      f"spec was written. Rerun with a larger --max-size or more --reps, on "
+                      f"idle CPUs (1-min load {before[0]:.2f} before).", file=sys.stderr,
+                      flush=True)
+            return 1
         contention = None if args.no_contention else bench.contention(fits)
         ranks_cpu = bench.torch.tensor([own_cpu_seconds(children=False) - own0],
                                        dtype=bench.torch.float64)
@@ -160,6 +170,28 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         bench.close()
+
+
+def _grow_flat_fits(bench: CollectiveBench, args: argparse.Namespace,
+                    points: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict]:
+    """Measure the (link, op)s whose time did not grow over the sweep (noise on a fast link
+    can hide the slope) at up to ``--extra-sizes`` further sizes, ×``--factor`` each, while
+    they stay within ``--point-budget-s``; returns the points and their fits."""
+    fits, size = fit_points(points), args.max_size
+    for _ in range(args.extra_sizes):
+        last = {(p["link"], p["op"]): p["median_s"] for p in sorted(points,
+                                                                   key=lambda p: p["size"])}
+        flat = [key for key in unfitted(fits) if last[key] <= args.point_budget_s]
+        if not flat:
+            break
+        size = int(size * args.factor)
+        if bench.rank == 0:
+            print(f"[bench_comm] time does not grow with size yet for "
+                  f"{', '.join(f'{link} {op}' for link, op in flat)}: adding "
+                  f"{format_size(size)}", flush=True)
+        points = points + bench.sweep([size], flat)
+        fits = fit_points(points)
+    return points, fits
 
 
 def _describe_machine(bench: CollectiveBench) -> str:
@@ -228,6 +260,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ops", type=lambda s: [op.strip() for op in s.split(",") if op.strip()],
                         default=list(OPS), help="comma-separated subset of " + ",".join(OPS))
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per point")
+    parser.add_argument("--extra-sizes", type=int, default=3,
+                        help="larger sizes (x--factor each) tried for an (link, op) whose time "
+                             "did not grow over the sweep, before giving up without a spec")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     parser.add_argument("--inner", type=int, default=0,
                         help="back-to-back ops per timed sample (0: 1 on gloo, 20 on nccl)")
@@ -258,10 +293,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [op for op in args.ops if op not in OPS]
     if bad or not args.ops:
         parser.error(f"--ops must be a non-empty subset of {','.join(OPS)}, got {args.ops}")
-    if args.reps < 1 or args.contention_reps < 1 or args.warmup < 0:
-        parser.error(f"--reps and --contention-reps must be >= 1 and --warmup >= 0, got --reps "
-                     f"{args.reps} --contention-reps {args.contention_reps} "
-                     f"--warmup {args.warmup}")
+    if args.reps < 1 or args.contention_reps < 1 or args.warmup < 0 or args.extra_sizes < 0:
+        parser.error(f"--reps and --contention-reps must be >= 1, --warmup and --extra-sizes "
+                     f">= 0, got --reps {args.reps} --contention-reps {args.contention_reps} "
+                     f"--warmup {args.warmup} --extra-sizes {args.extra_sizes}")
     try:
         size_sweep(args.min_size, args.max_size, args.factor)
     except ValueError as err:

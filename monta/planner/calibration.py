@@ -87,6 +87,23 @@ def fit_alpha_beta(points: list[tuple[float, float]]) -> dict[str, float | None]
             "rel_rms": math.sqrt(sum(r * r for r in rel) / n)}
 
 
+def fit_points(points: list[dict[str, Any]]) -> dict[str, dict[str, dict]]:
+    """``{link: {op: fit}}`` over the sweep's points (bytes against median seconds)."""
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for p in points:
+        series.setdefault((p["link"], p["op"]), []).append((p["bytes"], p["median_s"]))
+    fits: dict[str, dict[str, dict]] = {}
+    for (link, op), pts in series.items():
+        fits.setdefault(link, {})[op] = fit_alpha_beta(pts)
+    return fits
+
+
+def unfitted(fits: dict[str, dict[str, dict]]) -> list[tuple[str, str]]:
+    """The (link, op)s whose time did not grow with size: no bandwidth to put in a spec."""
+    return [(link, op) for link, by_op in fits.items() for op, fit in by_op.items()
+            if not fit["bandwidth_Bps"]]
+
+
 def payload_bytes(op: str, size: int, world: int) -> int:
     """Bytes one rank sends off-rank per op (what the counters must show; module docstring)."""
     return size if op == "p2p" else size * (world - 1) // world

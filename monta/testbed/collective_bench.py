@@ -29,7 +29,7 @@ import time
 from typing import Any, Callable
 
 from monta.planner.calibration import (
-    GB, LINKS, OPS, format_size, payload_bytes, quartiles, round_size, size_sweep,
+    GB, LINKS, OPS, format_size, payload_bytes, quartiles, round_size,
 )
 
 
@@ -187,11 +187,16 @@ class CollectiveBench:
         return self.groups[link][0]
 
     # -- 1) the sweep --------------------------------------------------------------------
-    def sweep(self) -> list[dict[str, Any]]:
+    def cases(self) -> list[tuple[str, str]]:
+        """Every (link, op) the sweep measures."""
+        return [(link, op) for link in self.links for op in self.args.ops]
+
+    def sweep(self, raw_sizes: list[int], active: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Time every (link, op) of ``active`` at each size (ascending), dropping one once its
+        median exceeds ``--point-budget-s``; returns one point per (link, op, size)."""
         args = self.args
-        active = [(link, op) for link in self.links for op in args.ops]
         points = []
-        for raw_size in size_sweep(args.min_size, args.max_size, args.factor):
+        for raw_size in raw_sizes:
             if not active:
                 break
             fns, sizes, counters = {}, {}, {}

@@ -2,12 +2,14 @@
 ``monta.testbed.collective_bench``): ``--help`` without a job, and one tiny run on the emulated
 testbed (2 nodes × 2 ranks, 1 Gbit/s; ~20-30 s on 2 cores) whose cluster spec must show both
 link classes, positive bandwidths, and inter slower than intra. Skips with the testbed's reason
-where network namespaces are not allowed. The α-β fit it reports is tested in
+where network namespaces are not allowed. The sweep's extension for series whose time does
+not grow is tested with a scripted bench; the α-β fit it reports is tested in
 ``tests/planner/test_calibration.py``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -70,3 +72,60 @@ def test_cluster_spec_on_testbed(tmp_path):
         world = point["group_size"]
         expected = point["size"] if point["op"] == "p2p" else point["size"] * (world - 1) // world
         assert point["bytes"] == expected, point
+
+
+class _ScriptedBench:
+    """Stands in for ``CollectiveBench`` in the sweep's extension: t = latency + bytes/β for
+    the (link, op)s in ``slopes`` (β None: time flat at 1 ms, as noise on a fast link reads)."""
+
+    rank = 0
+
+    def __init__(self, slopes):
+        self.slopes, self.calls = slopes, []
+
+    def sweep(self, sizes, active):
+        self.calls.append((list(sizes), list(active)))
+        points = []
+        for size in sizes:
+            for link, op in active:
+                beta = self.slopes[(link, op)](size)
+                points.append({"link": link, "op": op, "size": size, "bytes": size,
+                               "median_s": 1e-3 + (size / beta if beta else 0.0)})
+        return points
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("bench_comm_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flat_fits_are_measured_at_larger_sizes_then_refused(capsys):
+    """The CI failure this guards: noise made the intra all-to-all's time fall with size, and
+    the tool wrote a spec with ``bandwidth_GBps: null``. Now such a series is measured further
+    up (×factor, within the point budget and --extra-sizes), and what still does not grow is
+    reported by ``unfitted`` (the tool then exits 1 without writing)."""
+    tool = _load_tool()
+    args = tool.parse_args(["--min-size", "64K", "--max-size", "1M", "--factor", "4",
+                            "--extra-sizes", "3"])
+    intra, inter = ("intra", "all_to_all"), ("inter", "all_to_all")
+    # intra shows its slope from 16M on; inter grows from the start
+    bench = _ScriptedBench({intra: lambda s: 1e9 if s >= 16 << 20 else None,
+                            inter: lambda s: 1e8})
+    sizes = tool.size_sweep(args.min_size, args.max_size, args.factor)
+    points = bench.sweep(sizes, [intra, inter])
+    points, fits = tool._grow_flat_fits(bench, args, points)
+    assert bench.calls[1:] == [([4 << 20], [intra]), ([16 << 20], [intra])]
+    assert tool.unfitted(fits) == [] and fits["intra"]["all_to_all"]["bandwidth_Bps"] > 0
+    assert "adding 4M" in capsys.readouterr().out
+    # flat everywhere: three larger sizes, then still unfitted
+    bench = _ScriptedBench({intra: lambda s: None, inter: lambda s: 1e8})
+    points, fits = tool._grow_flat_fits(bench, args, bench.sweep(sizes, [intra, inter]))
+    assert [c[0] for c in bench.calls[1:]] == [[4 << 20], [16 << 20], [64 << 20]]
+    assert tool.unfitted(fits) == [intra]
+    # a series already past --point-budget-s is not grown
+    args.point_budget_s = 1e-4
+    bench = _ScriptedBench({intra: lambda s: None, inter: lambda s: 1e8})
+    tool._grow_flat_fits(bench, args, bench.sweep(sizes, [intra, inter]))
+    assert len(bench.calls) == 1
