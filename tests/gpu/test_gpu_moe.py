@@ -1,42 +1,23 @@
-"""GPU tier (run on a CUDA machine; skipped elsewhere): NCCL, bf16, the MoNTA dispatcher, the
-grouped-GEMM experts (``torch._grouped_mm``) and their host-sync-free MoE layer.
+"""GPU tier (run on a CUDA machine; skipped elsewhere): NCCL, bf16, the MoNTA dispatcher, its
+routing and ordering kernels, the fused SwiGLU, and the grouped-GEMM experts' host-sync-free MoE
+layer. The grouped-GEMM kernels themselves are tested in ``test_gpu_expert_gemm.py``.
 
     python -m pytest tests/gpu -m gpu -v        # on a machine with one or more GPUs
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
 import torch
 
+from tests.gpu.conftest import rel_err
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-
-@pytest.fixture(scope="module")
-def nccl_world_of_one():
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from monta.compat import apply_cpu_patches
-
-    apply_cpu_patches()  # on a GPU host: only the fixes that also bite without TE
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    ps.initialize_model_parallel()
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    model_parallel_cuda_manual_seed(0)
-    yield
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def _moe_layer(dispatcher: str, options=None, topk: int = 2, grouped: bool = False,
@@ -88,32 +69,6 @@ def test_monta_dispatcher_bf16_matches_stock_on_gpu(nccl_world_of_one):
         torch.testing.assert_close(g_m[name], g_s[name], rtol=5e-2, atol=5e-2, msg=name)
 
 
-def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
-
-
-def test_grouped_mm_bf16_matches_fp32_loop_with_empty_experts(nccl_world_of_one):
-    from monta.experts import grouped_mm, grouped_mm_supported
-
-    counts = torch.tensor([300, 0, 17, 0, 0, 1000, 1, 0], device="cuda")  # empty experts
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(int(counts.sum()), 256, device="cuda", generator=gen).bfloat16()
-    w = (torch.randn(8, 256, 384, device="cuda", generator=gen) / 16).bfloat16()
-    grad = torch.randn(x.size(0), 384, device="cuda", generator=gen).bfloat16()
-    assert grouped_mm_supported(x, w)
-    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    out = grouped_mm(xg, wg, counts)  # torch._grouped_mm, offsets on the device
-    out.backward(grad)
-    xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
-    ref = grouped_mm(xr, wr, counts.cpu(), force_loop=True)
-    ref.backward(grad.double())
-    assert _rel_err(out, ref) < 1e-2
-    assert _rel_err(xg.grad, xr.grad) < 1e-2
-    busy = counts.cpu() > 0
-    assert _rel_err(wg.grad[busy], wr.grad[busy]) < 1e-2
-    assert torch.count_nonzero(wg.grad[~busy]) == 0, "an empty expert got a weight gradient"
-
-
 def test_swiglu_triton_kernels_match_fp64(nccl_world_of_one):
     """monta/swiglu.py compiled on the GPU: Mixtral's width, one not a multiple of the block,
     no rows."""
@@ -136,7 +91,7 @@ def test_swiglu_triton_kernels_match_fp64(nccl_world_of_one):
         assert y1.dtype == torch.bfloat16 and y1.shape == (n, f)
         if n:
             for got, want in ((y1, y2), (h1.grad, h2.grad), (p1.grad, p2.grad)):
-                assert _rel_err(got, want) < 1e-2, (n, f)
+                assert rel_err(got, want) < 1e-2, (n, f)
 
 
 def _topk_mask(tokens: int, experts: int, topk: int, seed: int) -> torch.Tensor:
@@ -216,7 +171,7 @@ def test_topk_softmax_order_kernel_matches_torch(nccl_world_of_one):
                 assert torch.equal(got.tokens_per_expert.row_ends.cpu(),
                                    want.tokens_per_expert.cumsum(0).int())
                 tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-                assert _rel_err(probs.float().cpu(), want_probs.to(dtype).float()) < tol
+                assert rel_err(probs.float().cpu(), want_probs.to(dtype).float()) < tol
                 err = (got_logits.grad.float().cpu() - want_logits.grad).norm()
                 assert err <= tol * want_logits.grad.norm() + 1e-6  # top-1: both zero
 
@@ -233,7 +188,7 @@ def test_gather_sum_kernel_matches_torch(nccl_world_of_one):
         want = y.float()[index].view(tokens, topk, hidden).sum(1)
         assert got.dtype == dtype and got.shape == (tokens, hidden)
         if tokens:
-            assert _rel_err(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+            assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
 def test_grouped_experts_layer_matches_sequential_bf16(nccl_world_of_one):
@@ -257,9 +212,9 @@ def test_grouped_experts_layer_matches_sequential_bf16(nccl_world_of_one):
         results.append((out, inp.grad, layer.router.weight.grad))
     (out_s, gin_s, gr_s), (out_m, gin_m, gr_m) = results
     assert out_s.abs().max() > 0.01
-    assert _rel_err(out_m, out_s) < 2e-2
-    assert _rel_err(gin_m, gin_s) < 2e-2
-    assert _rel_err(gr_m, gr_s) < 5e-2
+    assert rel_err(out_m, out_s) < 2e-2
+    assert rel_err(gin_m, gin_s) < 2e-2
+    assert rel_err(gr_m, gr_s) < 5e-2
 
 
 def test_grouped_moe_layer_has_no_host_sync(nccl_world_of_one):
@@ -283,28 +238,6 @@ def test_grouped_moe_layer_has_no_host_sync(nccl_world_of_one):
     syncs = [f"{w.filename}:{w.lineno}: {str(w.message)[:80]}" for w in caught
              if "called a synchronizing" in str(w.message)]
     assert not syncs, "\n".join(syncs)
-
-
-def _loop_reference(x, w, counts):
-    """fp64 per-expert products: the forward, and the input / weight gradients for ``dy``."""
-    starts = [0, *torch.cumsum(counts, 0).tolist()]
-    return [x[a:b].double() @ w[e].double() for e, (a, b) in enumerate(zip(starts, starts[1:]))]
-
-
-def _uneven_experts_problem(layout: str, seed: int):
-    """8 experts with uneven and empty row counts (1447 rows, no multiple of any tile), K 256,
-    N 384: counts, int32 row ends, x, dy and weights stored [E, K, N] ("row") or [E, N, K]
-    ("col", as a transposed view)."""
-    counts = torch.tensor([300, 0, 17, 0, 1000, 1, 0, 129], device="cuda")
-    ends = torch.cumsum(counts, 0, dtype=torch.int32)
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    n, k, cols = int(counts.sum()), 256, 384
-    x = torch.randn(n, k, device="cuda", generator=gen).bfloat16()
-    dy = torch.randn(n, cols, device="cuda", generator=gen).bfloat16()
-    w = (torch.randn(8, k, cols, device="cuda", generator=gen) / 16).bfloat16()
-    if layout == "col":
-        w = w.transpose(1, 2).contiguous().transpose(1, 2)
-    return counts, ends, x, dy, w
 
 
 @pytest.mark.parametrize("fuse_backward", [False, True])
@@ -339,13 +272,13 @@ def test_fused_swiglu_expert_ffn_matches_fp64(nccl_world_of_one, ffn, fuse_backw
         pieces.append((F.silu(gate) * up * ref[3][a:b]) @ ref[2][e])
     want = torch.cat(pieces)
     want.backward(dout.double())
-    assert out.dtype == torch.bfloat16 and _rel_err(out, want) < 1e-2
+    assert out.dtype == torch.bfloat16 and rel_err(out, want) < 1e-2
     busy = counts > 0
     for name, got, wanted in (("x", fused[0].grad, ref[0].grad), ("probs", fused[3].grad,
                                                                    ref[3].grad),
                               ("w1", fused[1].grad[busy], ref[1].grad[busy]),
                               ("w2", fused[2].grad[busy], ref[2].grad[busy])):
-        assert _rel_err(got, wanted) < 1e-2, name
+        assert rel_err(got, wanted) < 1e-2, name
     for grad in (fused[1].grad, fused[2].grad):
         assert torch.count_nonzero(grad[~busy]) == 0, "an empty expert got a weight gradient"
 
@@ -370,10 +303,10 @@ def _monta_layer_under(monkeypatch, variable: str, values) -> list:
 def _assert_same_to_bf16(got, want):
     (out1, dx1, g1), (out0, dx0, g0) = got, want
     assert out0.abs().max() > 0.01
-    assert _rel_err(out1, out0) < 1e-2 and _rel_err(dx1, dx0) < 1e-2
+    assert rel_err(out1, out0) < 1e-2 and rel_err(dx1, dx0) < 1e-2
     assert g1.keys() == g0.keys()
     for name in g1:
-        assert _rel_err(g1[name], g0[name]) < 2e-2, name
+        assert rel_err(g1[name], g0[name]) < 2e-2, name
 
 
 def test_moe_layer_fused_swiglu_matches_unfused(nccl_world_of_one, monkeypatch):
@@ -408,170 +341,3 @@ def test_moe_layer_per_expert_gemms_match_grouped(nccl_world_of_one, monkeypatch
     assert len(calls) == 2, "per-expert GEMMs ran other than for fc1 and fc2 under cublas"
     assert sum(calls[0]) == 2048 and len(calls[0]) == 8  # 1024 tokens, top-2, 8 experts
     _assert_same_to_bf16(per_expert, grouped)
-
-
-@pytest.mark.parametrize("layout", ["row", "col"])
-@pytest.mark.parametrize("tma", [False, True])
-def test_triton_grouped_gemm_kernels_match_fp64(nccl_world_of_one, layout, tma):
-    """monta/grouped_gemm.py: forward/input-gradient and weight-gradient kernels, weights
-    stored [E, K, N] ("row") or [E, N, K] ("col"), uneven and empty experts, a row count that
-    is no multiple of any tile, against fp64 loops."""
-    from monta import grouped_gemm as gg
-
-    counts, ends, x, dy, w = _uneven_experts_problem(layout, seed=0)
-    rows = gg.rows_mm_tma if tma else gg.rows_mm
-    wgrad = gg.wgrad_mm_tma if tma else gg.wgrad_mm
-    if tma:
-        assert gg.tma_supported(x, w) and gg.tma_supported(dy, w.transpose(1, 2))
-    out = rows(x, w, ends)
-    assert _rel_err(out, torch.cat(_loop_reference(x, w, counts))) < 1e-2
-    dx = rows(dy, w.transpose(1, 2), ends)
-    assert _rel_err(dx, torch.cat(_loop_reference(dy, w.transpose(1, 2), counts))) < 1e-2
-    dw = wgrad(x, dy, ends, torch.full_like(w, float("nan")))  # every element written
-    assert dw.stride() == w.stride()
-    starts = [0, *torch.cumsum(counts, 0).tolist()]
-    for e in range(8):
-        want = x[starts[e]:starts[e + 1]].double().t() @ dy[starts[e]:starts[e + 1]].double()
-        if counts[e] == 0:
-            assert torch.count_nonzero(dw[e]) == 0
-        else:
-            assert _rel_err(dw[e], want) < 1e-2
-
-
-@pytest.mark.parametrize("pin", ["default", "auto"])
-def test_grouped_mm_matches_torch_and_stays_sync_free(nccl_world_of_one, monkeypatch, pin):
-    """monta/expert_gemm.py: by default nothing is timed (the row GEMMs run on the sm90
-    library's default config when it is built); with MONTA_GROUPED_GEMM=auto the first call
-    tunes each GEMM. Either way the result and both gradients match torch._grouped_mm's, every
-    GEMM has a choice, and later calls wait for nothing."""
-    from monta import expert_gemm
-
-    monkeypatch.setattr(expert_gemm, "_chosen", {})
-    monkeypatch.setenv("MONTA_GROUPED_GEMM", pin)
-    if pin == "default":
-        def no_timing(fn):
-            raise AssertionError("the default kernel choice timed a candidate")
-        monkeypatch.setattr(expert_gemm, "_time_ms", no_timing)
-    counts = torch.tensor([700, 0, 513, 64, 0, 1200, 3, 560], device="cuda")
-    ends = torch.cumsum(counts, 0, dtype=torch.int32)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(int(counts.sum()), 512, device="cuda", generator=gen).bfloat16()
-    w = (torch.randn(8, 512, 1024, device="cuda", generator=gen) / 22).bfloat16()
-    dy = torch.randn(x.size(0), 1024, device="cuda", generator=gen).bfloat16()
-    grads = []
-    for fn in (expert_gemm.grouped_mm, lambda a, b, o: torch._grouped_mm(a, b, offs=o)):
-        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        out = fn(xg, wg, ends)
-        out.backward(dy)
-        grads.append((out, xg.grad, wg.grad))
-    for got, want in zip(*grads):
-        assert _rel_err(got, want) < 1e-2
-    default = expert_gemm._pin(x)
-    if pin == "auto" or default != "torch":
-        assert {key[0] for key in expert_gemm.choices()} == {"rows", "wgrad"}
-        assert len(expert_gemm.choices()) == 3  # forward, input gradient, weight gradient
-    if pin == "default":
-        assert set(expert_gemm.choices().values()) <= {default, "torch"}
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            xg = x.clone().requires_grad_(True)
-            expert_gemm.grouped_mm(xg, w.clone().requires_grad_(True), ends).backward(dy)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    assert not [w for w in caught if "called a synchronizing" in str(w.message)]
-
-
-@pytest.mark.parametrize("layout", ["row", "col"])
-def test_sm90_grouped_gemm_configs_match_fp64(nccl_world_of_one, layout):
-    """monta/sm90_gemm.py (CUTLASS, built by tools/build_sm90_kernels.py): every config, weights
-    stored [E, K, N] or [E, N, K], uneven and empty experts, a row count that is no multiple of
-    any tile, against fp64 loops; the input gradient through the transposed view, the weight
-    gradient in the weights' strides (zero for empty experts)."""
-    from monta import sm90_gemm
-
-    probe = torch.empty(1, device="cuda", dtype=torch.bfloat16)
-    if not sm90_gemm.available(probe):
-        pytest.skip("sm90 grouped-GEMM library not built or not a Hopper GPU")
-    counts, ends, x, dy, w = _uneven_experts_problem(layout, seed=1)
-    want = torch.cat(_loop_reference(x, w, counts))
-    want_dx = torch.cat(_loop_reference(dy, w.transpose(1, 2), counts))
-    starts = [0, *torch.cumsum(counts, 0).tolist()]
-    for config in sm90_gemm.built_configs():  # NaN-filled outputs: every row must be written
-        out = sm90_gemm.rows(x, w, ends, config, out=torch.full_like(dy, float("nan")))
-        assert _rel_err(out, want) < 1e-2, config
-        dx = sm90_gemm.rows(dy, w.transpose(1, 2), ends, config,
-                            out=torch.full_like(x, float("nan")))
-        assert _rel_err(dx, want_dx) < 1e-2, config
-        dw = sm90_gemm.wgrad(x, dy, ends, config, w, out=torch.full_like(w, float("nan")))
-        assert dw.shape == w.shape and dw.stride() == w.stride()
-        for e, (a, b) in enumerate(zip(starts, starts[1:])):
-            if a == b:  # an expert without rows: exactly zero, whatever the memory held
-                assert torch.count_nonzero(dw[e]) == 0, (config, e)
-            else:
-                assert _rel_err(dw[e], x[a:b].double().t() @ dy[a:b].double()) < 1e-2, (config, e)
-
-
-def _padded(counts: torch.Tensor, alignment: int, *tensors: torch.Tensor):
-    """Each expert's rows moved to start at a multiple of ``alignment`` (monta/dispatch/
-    padded_order.py): (padded int32 ends, positions of the real rows, the tensors laid out so,
-    pad rows random for the first tensor, zero for the others, rows past the ends NaN)."""
-    from monta.dispatch.padded_order import padded_capacity, padded_positions
-
-    position, ends = padded_positions(counts, alignment)
-    # a few rows past the worst case
-    capacity = padded_capacity(int(counts.sum()), counts.numel(), alignment) + 5
-    end = int(ends[-1])
-    laid = []
-    for i, t in enumerate(tensors):
-        out = torch.randn(capacity, t.size(1), device="cuda").to(t.dtype) if i == 0 else \
-            torch.zeros(capacity, t.size(1), device="cuda", dtype=t.dtype)
-        out[end:] = float("nan")
-        laid.append(out.index_copy_(0, position, t))
-    return ends, position, laid
-
-
-@pytest.mark.parametrize("layout", ["row", "col"])
-def test_sm90_aligned_gemm_configs_match_fp64(nccl_world_of_one, layout):
-    """monta/csrc/sm90_aligned_gemm.cuh: every tile-aligned config on the uneven experts of
-    the test above laid out with each expert's rows starting at a multiple of the config's
-    tile rows; real rows against fp64 loops, the weight gradient (cooperative configs) zero for
-    empty experts and untouched by pad rows whose gradient is zero, NaN rows past the padded
-    ends never read."""
-    from monta import sm90_gemm
-
-    probe = torch.empty(1, device="cuda", dtype=torch.bfloat16)
-    if not sm90_gemm.available(probe) or not sm90_gemm.built_configs(aligned=True):
-        pytest.skip("sm90 aligned grouped-GEMM kernels not built or not a Hopper GPU")
-    from monta.dispatch.padded_order import padded_positions
-    from monta.experts import expert_offsets
-
-    counts, _, x, dy, w = _uneven_experts_problem(layout, seed=2)
-    padded_counts = counts.clone()
-    padded_counts.row_ends = padded_positions(counts, 128)[1]
-    # the padded ends reach the GEMMs whatever the caller calls the device ("cuda", "cuda:0")
-    assert expert_offsets(padded_counts, torch.device("cuda")) is padded_counts.row_ends
-    want = torch.cat(_loop_reference(x, w, counts))
-    want_dx = torch.cat(_loop_reference(dy, w.transpose(1, 2), counts))
-    starts = [0, *torch.cumsum(counts, 0).tolist()]
-    for config in sm90_gemm.built_configs(aligned=True):
-        ends, position, (xp, dyp) = _padded(counts, sm90_gemm.row_alignment(config), x, dy)
-        out = sm90_gemm.rows(xp, w, ends, config, aligned=True,
-                             out=torch.full((xp.size(0), w.size(2)), float("nan"),
-                                            device="cuda", dtype=x.dtype))
-        assert _rel_err(out[position], want) < 1e-2, config
-        assert not out[:int(ends[-1])].isnan().any(), config  # pad rows written too
-        dx = sm90_gemm.rows(dyp, w.transpose(1, 2), ends, config, aligned=True)
-        assert _rel_err(dx[position], want_dx) < 1e-2, config
-        if not sm90_gemm.aligned_wgrad_built(config):  # ping-pong configs: row GEMMs only
-            continue
-        dw = sm90_gemm.wgrad(xp, dyp, ends, config, w, out=torch.full_like(w, float("nan")),
-                             aligned=True)
-        assert dw.shape == w.shape and dw.stride() == w.stride()
-        for e, (a, b) in enumerate(zip(starts, starts[1:])):
-            if a == b:
-                assert torch.count_nonzero(dw[e]) == 0, (config, e)
-            else:
-                assert _rel_err(dw[e], x[a:b].double().t() @ dy[a:b].double()) < 1e-2, (config, e)
