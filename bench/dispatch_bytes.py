@@ -397,13 +397,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def run_meta(args: argparse.Namespace) -> dict:
-    from bench.harness import git, machine
+    from bench.harness import machine
+    from monta.provenance import source_commit, source_dirty
 
     return {
         "benchmark": "dispatch_bytes",
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain")),
+        "git_commit": source_commit(),
+        "git_dirty": source_dirty(),
         "machine": machine(),
         "settings": {"quick": args.quick, "tokens_per_rank": TOKENS_PER_RANK, "hidden": HIDDEN,
                      "ffn_hidden": FFN_HIDDEN, "bytes_per_element": BYTES_PER_ELEMENT,

@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -54,6 +53,7 @@ sys.path.insert(0, str(REPO))
 from bench.gpu_timing import (  # noqa: E402
     Timer, tflops, time_interleaved, with_env, with_grouped_gemm,
 )
+from monta.provenance import source_commit  # noqa: E402
 
 SHAPES = {  # name: hidden, expert ffn, experts, top-k
     "mixtral": dict(hidden=4096, ffn=14336, experts=8, topk=2),
@@ -417,20 +417,7 @@ def environment(device) -> dict:
                     fused_swiglu=swiglu_gemm.fused_passes())
     else:
         info["device"] = platform.processor() or "cpu"
-    # what the caller says it copied, when it says (MONTA_GIT_COMMIT: a tree sent to a GPU
-    # machine may carry a stale .git or none), else REPO's own HEAD if REPO is a git work tree
-    info["git_commit"] = os.environ.get("MONTA_GIT_COMMIT") or None
-    if info["git_commit"]:
-        return info
-    try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO,
-                             capture_output=True, text=True).stdout.strip()
-        if top and Path(top).resolve() == REPO:
-            info["git_commit"] = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"],
-                                                cwd=REPO, capture_output=True,
-                                                text=True).stdout.strip() or None
-    except OSError:
-        pass
+    info["git_commit"] = source_commit()  # MONTA_GIT_COMMIT when the copy's .git is stale
     return info
 
 

@@ -16,9 +16,10 @@ import importlib.metadata
 import json
 import os
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any, Callable
+
+from monta.provenance import source_commit, source_dirty
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,14 +49,6 @@ def add_output_args(parser: argparse.ArgumentParser, default_out: Path, plot_wha
 # --------------------------------------------------------------------------------------------
 # The result
 # --------------------------------------------------------------------------------------------
-def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def machine() -> dict[str, Any]:
     def version(name: str) -> str:
         try:
@@ -76,8 +69,8 @@ def result_header(benchmark: str, args: argparse.Namespace,
     return {
         "benchmark": benchmark,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain")),
+        "git_commit": source_commit(),
+        "git_dirty": source_dirty(),
         "machine": machine(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         | extra_settings,

@@ -185,12 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks-per-node", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    import subprocess
+    from monta.provenance import source_commit
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True,
-                            text=True).stdout.strip()
     result = {"benchmark": "multigpu", "kind": args.kind, "world": args.world,
-              "ranks_per_node": args.ranks_per_node, "git_commit": commit,
+              "ranks_per_node": args.ranks_per_node, "git_commit": source_commit(),
               "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
                   timespec="seconds")}
     worker = args.scratch / "worker.json"

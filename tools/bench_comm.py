@@ -77,6 +77,7 @@ from monta.testbed.hostload import (  # noqa: E402 (after the sys.path fix)
     cpu_busy_seconds, load_averages, own_cpu_seconds,
 )
 from monta.testbed.collective_bench import CollectiveBench  # noqa: E402
+from monta.provenance import source_commit  # noqa: E402
 from monta.planner.calibration import (  # noqa: E402
     OPS,
     parse_size,
@@ -88,14 +89,6 @@ from monta.planner.calibration import (  # noqa: E402
     table,
     plot,
 )
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True,
-                              text=True, timeout=30, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             "backend": bench.backend, "device": str(bench.device), "inner": bench.inner,
             "measured_on": measured_on,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git_commit(),
+            "git_commit": source_commit(),
             "load_average": {"before": before, "after": after},
             "foreign_cpu_cores": foreign, "clean": clean,
             "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
