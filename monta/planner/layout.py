@@ -89,7 +89,8 @@ class Layout:
 
 def layout_problems(layout: Layout, model: ModelSpec, workload: Workload) -> list[str]:
     """Why a layout cannot run (empty when it can): the divisibility rules of
-    ``monta/training/validation.py`` plus TP and expert-TP inside a node."""
+    ``monta/training/validation.py`` plus TP and expert-TP inside a node (the two are held to
+    agree by ``tests/planner/test_layout_rules.py``)."""
     w, g = layout.world, layout.ranks_per_node
     tp, pp, ep, etp = layout.tp, layout.pp, layout.ep, layout.etp
     problems = []

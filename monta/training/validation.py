@@ -45,7 +45,9 @@ def validate_parallel_dims(args: argparse.Namespace, world_size: int) -> Paralle
 
 
 def validate_model(args: argparse.Namespace, dims: ParallelDims) -> None:
-    heads, groups = args.num_attention_heads, args.num_query_groups
+    heads = args.num_attention_heads
+    # megatron reads --num-query-groups only under --group-query-attention (config.py too)
+    groups = args.num_query_groups if args.group_query_attention else heads
     _require(args.hidden_size % heads == 0,
              f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {heads}")
     _require(heads % dims.tp == 0,

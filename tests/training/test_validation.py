@@ -37,6 +37,18 @@ def test_top1_with_pre_softmax_passes(tokenizer_model, tiny_data_prefix):
     assert config.moe_router_topk == 1 and config.moe_router_pre_softmax
 
 
+def test_query_groups_without_gqa_are_ignored_as_megatron_does(tokenizer_model,
+                                                               tiny_data_prefix):
+    """megatron reads --num-query-groups only under --group-query-attention; a stray value
+    that would not divide the heads or TP must not refuse a model that never uses it."""
+    args = parse_args([a for a in TINY_MODEL if a != "--group-query-attention"] +
+                      ["--data-path", tiny_data_prefix, "--tokenizer-model", tokenizer_model,
+                       "--num-query-groups", "3", "--tensor-model-parallel-size", "2",
+                       "--sequence-parallel"])
+    _dims, config, *_ = preflight(args, world_size=2)
+    assert config.num_query_groups == config.num_attention_heads == 4
+
+
 TORCH_PROFILER = ["--use-pytorch-profiler", "--tensorboard-dir", "unused_tb"]
 # (extra flags, world size, the fragments the error must contain)
 BAD_CONFIGS = {
