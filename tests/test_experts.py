@@ -80,13 +80,15 @@ def _config(grouped: bool, dispatcher: str = "alltoall", topk: int = 2):
         normalization="RMSNorm", use_cpu_initialization=True, params_dtype=torch.float32)
 
 
-def _moe_layer(grouped: bool, dispatcher: str = "alltoall"):
+def _moe_layer(grouped: bool, dispatcher: str = "alltoall", **config_overrides):
+    import dataclasses
+
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.spec_utils import build_module
 
     from monta.model import gpt_moe_layer_spec
 
-    config = _config(grouped, dispatcher)
+    config = dataclasses.replace(_config(grouped, dispatcher), **config_overrides)
     torch.manual_seed(0)
     return build_module(gpt_moe_layer_spec(config).submodules.mlp, config=config,
                         pg_collection=get_default_pg_collection())
@@ -150,6 +152,39 @@ def _same_weights_cases(rank: int, world_size: int) -> list[str]:
 def test_grouped_experts_equal_sequential_mlp_on_same_weights():
     checked = run_distributed(_same_weights_cases, 1, timeout_s=180)[0]
     assert checked == ["alltoall/all", "alltoall/cold", "monta/all", "monta/cold"]
+
+
+def _recompute_cases(rank: int, world_size: int) -> list[str]:
+    """The grouped experts under ``--recompute-modules moe_act`` (the activation between the
+    GEMMs checkpointed, its output discarded and rebuilt in the backward pass) and under
+    ``moe`` (the whole layer rerun): outputs and every gradient as without recompute."""
+    from megatron.core import parallel_state as ps
+
+    from monta.compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    ps.initialize_model_parallel()
+    checked = []
+    try:
+        x, grad = _tokens()
+        want = _run(_moe_layer(True, "monta"), x, grad)
+        for modules in (["moe_act"], ["moe"]):
+            layer = _moe_layer(True, "monta", recompute_granularity="selective",
+                               recompute_modules=modules)
+            assert layer.experts.activation_recompute == (modules == ["moe_act"])
+            assert layer.moe_layer_recompute == (modules == ["moe"])
+            got = _run(layer, x, grad)
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], rtol=0, atol=0,
+                                           msg=lambda m, n=name: f"{modules} {n}: {m}")
+            checked.append(modules[0])
+    finally:
+        ps.destroy_model_parallel()
+    return checked
+
+
+def test_grouped_experts_recompute_as_without():
+    assert run_distributed(_recompute_cases, 1, timeout_s=180)[0] == ["moe_act", "moe"]
 
 
 def _fused_fallback_cases(rank: int, world_size: int) -> dict:

@@ -59,6 +59,24 @@ def patch_te_general_gemm() -> None:
         _replace(moe_utils, "te_general_gemm", None)
 
 
+def patch_checkpoint_without_output_fp8() -> None:
+    """``CheckpointWithoutOutput(fp8=False)`` sets ``self.fp8 = fp8 is not None``, i.e. True,
+    so every selective recompute that discards its output (``--recompute-modules layernorm``,
+    ``moe_act``) asks TE's ``FP8GlobalStateManager``, which without TE is a ``NameError``.
+    Without TE there is no fp8: record False."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if mrandom.HAVE_TE:
+        return
+    original = mrandom.CheckpointWithoutOutput.__init__
+
+    def __init__(self, fp8=False):
+        original(self, fp8)
+        self.fp8 = False
+
+    _replace(mrandom.CheckpointWithoutOutput, "__init__", __init__)
+
+
 class _HostStream:
     """Stands in for the dispatcher's class-level CUDA side stream on CPU."""
 
@@ -241,6 +259,18 @@ def patch_rng_tracker() -> None:
     _replace(torch.cuda, "manual_seed", lambda seed: None)
 
 
+def patch_checkpoint_rng_state() -> None:
+    """megatron's activation checkpointing (``CheckpointFunction``, behind
+    ``--recompute-granularity``) saves the CUDA generator's state beside the CPU's and the
+    tracker's, and restores all three for the recompute. Without CUDA there is no such state:
+    save none and restore none (the CPU generator and the CPU tracker above are still replayed,
+    so dropout masks recompute the same)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    _replace(mrandom, "_get_cuda_rng_state", lambda *args, **kwargs: None)
+    _replace(mrandom, "_set_cuda_rng_state", lambda *args, **kwargs: None)
+
+
 @dataclasses.dataclass(frozen=True)
 class Patch:
     name: str
@@ -253,12 +283,14 @@ PATCHES: tuple[Patch, ...] = (
     Patch("cuda_current_device", patch_cuda_current_device),
     Patch("cuda_synchronize", patch_cuda_synchronize),
     Patch("te_general_gemm", patch_te_general_gemm, cpu_only=False),
+    Patch("checkpoint_without_output_fp8", patch_checkpoint_without_output_fp8, cpu_only=False),
     Patch("alltoall_dispatcher_streams", patch_alltoall_dispatcher_streams),
     Patch("cuda_literals", patch_cuda_literals),
     Patch("grad_clip_type_check", patch_grad_clip_type_check),
     Patch("unequal_all_gather", patch_unequal_all_gather),
     Patch("torch_norm_sequence_parallel", patch_torch_norm_sequence_parallel),
     Patch("rng_tracker", patch_rng_tracker),
+    Patch("checkpoint_rng_state", patch_checkpoint_rng_state),
 )
 
 

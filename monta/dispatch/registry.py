@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 
+from megatron.core import tensor_parallel
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import (
@@ -124,8 +125,12 @@ class MoNTAMoELayer(MoELayer):
         else:
             def run():
                 chunks = tuner.setting().chunks
-                if chunks == 1:
+                if chunks == 1:  # megatron's forward, which checkpoints itself when asked
                     return super(MoNTAMoELayer, self).forward(hidden_states, None, padding_mask)
+                if self.moe_layer_recompute:  # --recompute-modules moe: rerun in the backward
+                    return tensor_parallel.checkpoint(
+                        lambda h, m: self._pipelined_forward(h, m, chunks), False,
+                        hidden_states, padding_mask)
                 return self._pipelined_forward(hidden_states, padding_mask, chunks)
 
             deciding = tuner.chosen is None

@@ -48,12 +48,24 @@ def _tokenizer_vocab(args: argparse.Namespace) -> int | None:
 
 
 def supported_recompute() -> tuple[str, ...]:
-    """Recompute modes ``pretrain_moe.py`` accepts (``full`` once it has
-    ``--recompute-granularity``)."""
+    """Recompute modes the planner may pick for ``pretrain_moe.py`` (``full`` as
+    ``--recompute-granularity full --recompute-method uniform --recompute-num-layers 1``)."""
     from monta.training.arguments import build_parser
 
     options = build_parser()._option_string_actions  # noqa: SLF001 (argparse has no API)
     return ("none", "full") if "--recompute-granularity" in options else ("none",)
+
+
+def recompute_space(args: argparse.Namespace) -> tuple[str, ...]:
+    """What the search may choose given the user's own recompute flags: their choice when they
+    made one (``full``; ``selective``, which the planner costs as ``none``: it keeps most
+    activations), else every mode :func:`supported_recompute` lists."""
+    granularity = getattr(args, "recompute_granularity", None)
+    if granularity == "full":
+        return ("full",)
+    if granularity == "selective":
+        return ("none",)
+    return supported_recompute()
 
 
 def plan_for_args(args: argparse.Namespace, world_size: int, cluster_spec_path_or_preset: str,
@@ -85,7 +97,7 @@ def plan_for_args(args: argparse.Namespace, world_size: int, cluster_spec_path_o
                       load_routing(routing),
                       distributed_optimizer=bool(getattr(args, "use_distributed_optimizer",
                                                          False)))
-    space = space or SearchSpace(recompute=supported_recompute())
+    space = space or SearchSpace(recompute=recompute_space(args))
     plan = plan_for(ctx, space)
     if os.environ.get("RANK", "0") == "0":
         logger.info("auto-plan on %s (%d ranks): %s", cluster.name, world_size, plan.summary())
@@ -99,7 +111,9 @@ def plan_for_args(args: argparse.Namespace, world_size: int, cluster_spec_path_o
         getattr(args, "sequence_parallel", False))
     if getattr(args, "global_batch_size", None) is None:
         overrides["global_batch_size"] = global_batch
-    if plan.candidate.recompute == "full":  # only searched when pretrain_moe.py has the flags
+    if plan.candidate.recompute == "full" and getattr(args, "recompute_granularity",
+                                                       None) is None:
+        # the planner's own pick; a user's full recompute keeps its method and unit
         overrides.update(recompute_granularity="full", recompute_method="uniform",
                          recompute_num_layers=1)
     return overrides

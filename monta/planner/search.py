@@ -33,7 +33,7 @@ class SearchSpace:
     chunks: tuple[int, ...] = (1, 2, 4, 8)
     """--monta-chunks values."""
     recompute: tuple[str, ...] = ("none",)
-    """``none`` and/or ``full`` (pretrain_moe.py has no recompute flag yet: see
+    """``none`` and/or ``full`` (what pretrain_moe.py runs:
     :func:`monta.planner.auto.supported_recompute`)."""
     check_memory: bool = True
     """Drop plans that exceed device memory × headroom."""

@@ -189,6 +189,24 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                         "save the last good state and exit with code 4")
 
 
+def _add_recompute_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("activation recomputation (megatron-core's, as in Megatron-LM)")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
+                   help="full: keep only each recomputed layer's input and rerun the layer (its "
+                        "MoE dispatch included) in the backward pass; selective: rerun only "
+                        "--recompute-modules")
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None,
+                   help="with full: uniform recomputes every layer in units of "
+                        "--recompute-num-layers; block the first --recompute-num-layers of each "
+                        "pipeline stage")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="with full: layers per recomputed unit (uniform) or per stage (block)")
+    g.add_argument("--recompute-modules", nargs="+", default=None,
+                   choices=("core_attn", "moe_act", "layernorm", "moe"),
+                   help="with selective: the submodules to rerun (default core_attn); moe_act "
+                        "needs --moe-grouped-gemm")
+
+
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
@@ -272,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pre-train a GPT Mixture-of-Experts model with MoNTA (run under torchrun).",
         allow_abbrev=False,
     )
-    for add in (_add_model_args, _add_moe_args, _add_topology_args, _add_parallel_args, _add_training_args,
-                _add_data_args, _add_checkpoint_args, _add_logging_args):
+    for add in (_add_model_args, _add_moe_args, _add_topology_args, _add_parallel_args,
+                _add_training_args, _add_recompute_args, _add_data_args, _add_checkpoint_args,
+                _add_logging_args):
         add(parser)
     return parser
 

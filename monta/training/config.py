@@ -50,6 +50,11 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         sequence_parallel=args.sequence_parallel,
+        # activation recomputation
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=args.recompute_modules,
         # precision: bf16 params/activations, fp32 master weights in the optimizer
         bf16=args.bf16,
         params_dtype=dtype,

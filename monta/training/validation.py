@@ -191,6 +191,31 @@ def validate_fusions(args: argparse.Namespace) -> None:
                  "installed; use --cross-entropy-fusion-impl native")
 
 
+def validate_recompute(args: argparse.Namespace, dims: ParallelDims) -> None:
+    """Megatron-LM's recompute flags: each only with the granularity it belongs to."""
+    granularity, method = args.recompute_granularity, args.recompute_method
+    count, modules = args.recompute_num_layers, args.recompute_modules
+    if granularity != "full":
+        given = [f for f, v in (("--recompute-method", method),
+                                ("--recompute-num-layers", count)) if v is not None]
+        _require(not given, f"{' and '.join(given)} apply to --recompute-granularity full, got "
+                            f"{granularity or 'no --recompute-granularity'}")
+    if granularity != "selective":
+        _require(modules is None, f"--recompute-modules applies to --recompute-granularity "
+                                  f"selective, got {granularity or 'no --recompute-granularity'}")
+    if granularity == "full":
+        per_stage = args.num_layers // dims.pp
+        _require(method is not None and count is not None,
+                 "--recompute-granularity full needs --recompute-method (uniform: every layer, "
+                 "in units of N; block: the first N of each stage) and --recompute-num-layers N")
+        _require(1 <= count <= per_stage,
+                 f"--recompute-num-layers {count} must be between 1 and the {per_stage} layers "
+                 f"of a pipeline stage")
+    if granularity == "selective" and "moe_act" in (modules or ()):
+        _require(args.moe_grouped_gemm, "--recompute-modules moe_act needs --moe-grouped-gemm "
+                                        "(the activation between the grouped expert GEMMs)")
+
+
 def validate_profiling(args: argparse.Namespace, world_size: int, cuda_available: bool) -> None:
     if not args.profile:
         _require(not args.use_pytorch_profiler,
@@ -222,6 +247,7 @@ def validate_args(args: argparse.Namespace, world_size: int, dispatchers: set[st
     validate_dispatcher(args, dispatchers)
     validate_monta_options(args)
     validate_batch(args, dims)
+    validate_recompute(args, dims)
     validate_paths(args)
     validate_fault_tolerance(args)
     validate_precision(args, torch.cuda.is_available())

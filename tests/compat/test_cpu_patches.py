@@ -122,6 +122,33 @@ def exercise_rng_tracker():
         assert torch.equal(torch.rand(3), first)
 
 
+def exercise_checkpoint_rng_state():
+    from megatron.core import tensor_parallel
+
+    def block(x):  # dropout: the recompute must draw the forward's mask again
+        return torch.nn.functional.dropout(x.tanh(), p=0.5) * 3
+
+    x = torch.randn(64, requires_grad=True)
+    torch.manual_seed(7)
+    tensor_parallel.checkpoint(block, False, x).sum().backward()
+    recomputed, x.grad = x.grad, None
+    torch.manual_seed(7)
+    block(x).sum().backward()
+    assert torch.equal(recomputed, x.grad)
+
+
+def exercise_checkpoint_without_output_fp8():
+    from megatron.core import tensor_parallel
+
+    x = torch.randn(16, requires_grad=True)
+    checkpoint = tensor_parallel.CheckpointWithoutOutput()
+    h = checkpoint.checkpoint(torch.tanh, x)
+    y = h * 2
+    checkpoint.discard_output_and_register_recompute(y)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * (1 - x.detach().tanh() ** 2))
+
+
 def _canaries(rank: int, world_size: int) -> dict[str, tuple[str | None, str | None]]:
     """For each patch: (error with the patch off, error with it on) — want (something, None)."""
     from monta.compat import apply_cpu_patches, patch_disabled
@@ -162,4 +189,5 @@ def test_patches_are_not_applied_on_gpu_hosts(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cpu_patches, "_APPLIED", [])
     monkeypatch.setattr(cpu_patches, "_apply", lambda patch: cpu_patches._APPLIED.append(patch.name))
-    assert cpu_patches.apply_cpu_patches() == ["te_general_gemm"]
+    assert cpu_patches.apply_cpu_patches() == ["te_general_gemm",
+                                               "checkpoint_without_output_fp8"]

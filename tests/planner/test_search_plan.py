@@ -6,11 +6,13 @@ import dataclasses
 
 import pytest
 
-from monta.planner.auto import plan_for_args, supported_recompute
-from monta.planner.cluster import load_cluster
+from monta.planner.auto import plan_for_args, recompute_space, supported_recompute
+from monta.planner.cluster import PRESET_DIR, load_cluster
 from monta.planner.costmodel import PlanContext, evaluate
 from monta.planner.layout import Layout, layout_problems
-from monta.planner.model import ModelSpec, Workload, load_model, model_from_args
+from monta.planner.model import (
+    ModelSpec, Workload, load_model, model_from_args, workload_from_args,
+)
 from monta.planner.plan import Candidate
 from monta.planner.search import SearchSpace, plan_for, search
 from monta.training.arguments import parse_args
@@ -81,6 +83,52 @@ def test_auto_plan_overrides_for_pretrain_args():
     assert layout_problems(layout, model_from_args(args), Workload(128, 4, 16)) == []
     no_batch = parse_args(["--num-experts", "8", "--micro-batch-size", "2", "--seq-length", "64"])
     assert plan_for_args(no_batch, 4, "testbed_1gbit")["global_batch_size"] == 2 * 4
-    assert supported_recompute() == ("none",)  # pretrain_moe.py has no recompute flag yet
+    assert supported_recompute() == ("none", "full")
     with pytest.raises(ValueError, match="--ranks-per-node 4 disagrees"):
         plan_for_args(parse_args(["--ranks-per-node", "4"]), 4, "testbed_1gbit")
+
+
+def test_auto_plan_recomputes_when_memory_needs_it_and_keeps_a_users_choice(tmp_path):
+    """On a cluster whose memory fits only full-recompute strategies, the planner picks one and
+    sets Megatron-LM's flags for it, which pretrain_moe.py's checks accept; a user's own
+    recompute flags bound the search (full: full only; selective: costed as none) and are not
+    overwritten."""
+    import yaml
+
+    from monta.training.validation import (
+        validate_model, validate_parallel_dims, validate_recompute,
+    )
+
+    flags = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
+             "--ffn-hidden-size", "512", "--swiglu", "--disable-bias-linear",
+             "--num-experts", "8", "--moe-router-topk", "2", "--seq-length", "2048",
+             "--micro-batch-size", "8", "--global-batch-size", "32", "--vocab-size", "4096"]
+    args = parse_args(flags)
+    cluster = load_cluster("testbed_1gbit")
+    ctx = PlanContext(cluster.with_world(4), model_from_args(args), workload_from_args(args))
+    leanest = {rc: min(p.memory.total_GB for p in search(
+        ctx, SearchSpace(recompute=(rc,), check_memory=False), explain_best=False).all_plans())
+        for rc in ("none", "full")}
+    assert leanest["full"] < leanest["none"]
+    spec = yaml.safe_load((PRESET_DIR / "testbed_1gbit.yaml").read_text())
+    spec["device"]["memory_GB"] = (leanest["full"] + leanest["none"]) / 2 \
+        / spec["device"]["memory_headroom"]
+    tight = tmp_path / "tight.yaml"
+    tight.write_text(yaml.safe_dump(spec))
+
+    overrides = plan_for_args(args, 4, str(tight))
+    assert (overrides["recompute_granularity"], overrides["recompute_method"],
+            overrides["recompute_num_layers"]) == ("full", "uniform", 1)
+    vars(args).update(overrides)
+    dims = validate_parallel_dims(args, 4)
+    validate_model(args, dims)
+    validate_recompute(args, dims)
+
+    mine = parse_args([*flags, "--recompute-granularity", "full", "--recompute-method", "block",
+                       "--recompute-num-layers", "2"])
+    assert recompute_space(mine) == ("full",)
+    assert "recompute_method" not in plan_for_args(mine, 4, "testbed_1gbit")  # kept: block, 2
+    assert recompute_space(parse_args([*flags, "--recompute-granularity", "selective"])) == (
+        "none",)
+    assert recompute_space(args) == ("full",) and recompute_space(parse_args(flags)) == (
+        "none", "full")
