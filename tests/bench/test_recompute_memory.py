@@ -1,0 +1,32 @@
+"""Smoke test of ``bench/recompute_memory.py --quick`` (~10 s): it runs as a user would, writes
+its JSON and table, and what it measures orders as recompute must — every setting keeps less
+for the backward pass than none, and full keeps the least even at its recompute peak."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quick_run_measures_less_kept_with_every_recompute(tmp_path):
+    out = tmp_path / "recompute.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "recompute_memory.py"),
+                           "--quick", "--reps", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert out.with_suffix(".md").exists()
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["none", "selective core_attn", "selective layernorm",
+                          "selective moe_act", "selective moe", "full"]
+    none = rows.pop("none")
+    assert none["kept_bytes"] > 0 and none["peak_bytes"] == none["kept_bytes"]
+    for name, row in rows.items():
+        assert row["loss"] == none["loss"] or abs(row["loss"] / none["loss"] - 1) < 1e-6, name
+        assert 0 < row["kept_bytes"] < none["kept_bytes"], name
+        assert row["peak_bytes"] >= row["kept_bytes"], name
+    assert rows["full"]["peak_bytes"] < min(row["kept_bytes"] for name, row in rows.items()
+                                            if name != "full")
