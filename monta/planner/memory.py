@@ -22,8 +22,10 @@ and softmax):
     ds_tp             + (TP − 1)·T·h for the gathered tokens
 
 1F1B keeps min(PP, micro-batches) micro-batches in flight on the first stage (1 on the last,
-which also holds fp32 + b logits of T·TP × V/TP). Full recompute keeps only each layer's
-input (T·h) and one layer's activations at a time.
+which also holds the loss's fp32 softmax of T·TP × V/TP, plus the b-byte logits unless they
+are fp32 themselves). Full recompute keeps only each layer's input (T·h), and then either the
+loss's tensors (until the backward pass begins) or one recomputed layer's activations, not both:
+``bench/recompute_memory.py`` measures this on CPU.
 """
 
 from __future__ import annotations
@@ -102,12 +104,16 @@ def memory_estimate(model: ModelSpec, layout: Layout, workload: Workload, device
         shard_dense = layout.dp if distributed_optimizer else 1
         shard_experts = layout.edp if distributed_optimizer else 1
         in_flight = min(layout.pp - stage, micro_batches)
+        # the loss keeps fp32 softmax over this rank's vocabulary shard; with bf16 logits also
+        # the logits themselves (fp32 logits are turned into the softmax in place)
+        logits = t * layout.tp * model.padded_vocab(layout.tp) / layout.tp * (
+            4 + (b if b != 4 else 0)) if stage == layout.pp - 1 else 0.0
         if recompute == "full":
-            acts = layers * t * h * b * in_flight + per_layer
+            # the loss's tensors are freed before the first layer is recomputed: the peak is
+            # the larger of the two, over every layer's kept input
+            acts = layers * t * h * b * in_flight + max(per_layer, logits)
         else:
-            acts = layers * per_layer * in_flight
-        if stage == layout.pp - 1:
-            acts += t * layout.tp * model.padded_vocab(layout.tp) / layout.tp * (4 + b)
+            acts = layers * per_layer * in_flight + logits
         estimate = MemoryEstimate(
             params_GB=(dense + experts) * b / GB,
             grads_GB=(dense + experts) * 4 / GB,

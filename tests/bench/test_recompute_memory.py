@@ -1,6 +1,7 @@
 """Smoke test of ``bench/recompute_memory.py --quick`` (~10 s): it runs as a user would, writes
 its JSON and table, and what it measures orders as recompute must — every setting keeps less
-for the backward pass than none, and full keeps the least even at its recompute peak."""
+for the backward pass than none, full keeps the least even at its recompute peak, and the
+planner's activation estimates for none and full land within 25 % of the measured peaks."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def test_quick_run_measures_less_kept_with_every_recompute(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert out.with_suffix(".md").exists()
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert list(rows) == ["none", "selective core_attn", "selective layernorm",
                           "selective moe_act", "selective moe", "full"]
     none = rows.pop("none")
@@ -30,3 +32,8 @@ def test_quick_run_measures_less_kept_with_every_recompute(tmp_path):
         assert row["peak_bytes"] >= row["kept_bytes"], name
     assert rows["full"]["peak_bytes"] < min(row["kept_bytes"] for name, row in rows.items()
                                             if name != "full")
+    # the planner's activation model (monta/planner/memory.py) against the measured peaks
+    planner = result["planner_activations_MB"]
+    for mode, row in (("none", none), ("full", rows["full"])):
+        assert abs(planner[mode] * 1e6 / row["peak_bytes"] - 1) < 0.25, (mode, planner,
+                                                                          row["peak_bytes"])
