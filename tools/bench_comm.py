@@ -109,9 +109,9 @@ def run(args: argparse.Namespace) -> int:
         bench.dist.barrier(group=bench.ctrl)
         busy0, own0 = cpu_busy_seconds(), own_cpu_seconds(children=False)
         wall0 = time.perf_counter()
-        points = bench.sweep(size_sweep(args.min_size, args.max_size, args.factor),
-                             bench.cases())
-        points, fits = _grow_flat_fits(bench, args, points)
+        sizes = size_sweep(args.min_size, args.max_size, args.factor)
+        points, fits = _grow_flat_fits(bench, args, bench.sweep(sizes, bench.cases()),
+                                       sizes[-1])
         flat = unfitted(fits)
         if flat:  # every rank fits the same all-reduced times, so every rank stops here
             if bench.rank == 0:
@@ -166,11 +166,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _grow_flat_fits(bench: CollectiveBench, args: argparse.Namespace,
-                    points: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict]:
+                    points: list[dict[str, Any]], size: int,
+                    ) -> tuple[list[dict[str, Any]], dict]:
     """Measure the (link, op)s whose time did not grow over the sweep (noise on a fast link
-    can hide the slope) at up to ``--extra-sizes`` further sizes, ×``--factor`` each, while
-    they stay within ``--point-budget-s``; returns the points and their fits."""
-    fits, size = fit_points(points), args.max_size
+    can hide the slope) at up to ``--extra-sizes`` further sizes, ×``--factor`` each after the
+    sweep's last ``size``, while they stay within ``--point-budget-s``; returns the points and
+    their fits."""
+    fits = fit_points(points)
     for _ in range(args.extra_sizes):
         last = {(p["link"], p["op"]): p["median_s"] for p in sorted(points,
                                                                    key=lambda p: p["size"])}

@@ -115,17 +115,18 @@ def test_flat_fits_are_measured_at_larger_sizes_then_refused(capsys):
                             inter: lambda s: 1e8})
     sizes = tool.size_sweep(args.min_size, args.max_size, args.factor)
     points = bench.sweep(sizes, [intra, inter])
-    points, fits = tool._grow_flat_fits(bench, args, points)
+    points, fits = tool._grow_flat_fits(bench, args, points, sizes[-1])
     assert bench.calls[1:] == [([4 << 20], [intra]), ([16 << 20], [intra])]
     assert tool.unfitted(fits) == [] and fits["intra"]["all_to_all"]["bandwidth_Bps"] > 0
     assert "adding 4M" in capsys.readouterr().out
     # flat everywhere: three larger sizes, then still unfitted
     bench = _ScriptedBench({intra: lambda s: None, inter: lambda s: 1e8})
-    points, fits = tool._grow_flat_fits(bench, args, bench.sweep(sizes, [intra, inter]))
+    points, fits = tool._grow_flat_fits(bench, args, bench.sweep(sizes, [intra, inter]),
+                                        sizes[-1])
     assert [c[0] for c in bench.calls[1:]] == [[4 << 20], [16 << 20], [64 << 20]]
     assert tool.unfitted(fits) == [intra]
     # a series already past --point-budget-s is not grown
     args.point_budget_s = 1e-4
     bench = _ScriptedBench({intra: lambda s: None, inter: lambda s: 1e8})
-    tool._grow_flat_fits(bench, args, bench.sweep(sizes, [intra, inter]))
+    tool._grow_flat_fits(bench, args, bench.sweep(sizes, [intra, inter]), sizes[-1])
     assert len(bench.calls) == 1
