@@ -17,6 +17,10 @@ tokens for every setting. Per setting, one forward + backward of a micro-batch i
 * the loss, which must equal the run without recompute (checked: a setting that changed the
   function would be a bug, not a trade-off).
 
+The host's load is accounted as for the testbed benchmarks (:mod:`bench.testbed_jobs`:
+``--max-load``, ``--max-foreign-cores``, ``--retries``, ``--wait-idle-s``, the ``clean``
+verdict).
+
 The planner's activation estimate (``monta.planner.memory``, the CPU testbed's device: no
 flash attention) is given for ``none`` and ``full``, the two modes it costs.
 """
@@ -36,6 +40,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.harness import add_output_args, result_header, write_result  # noqa: E402
+from bench.testbed_jobs import (  # noqa: E402
+    LoadPolicy, accounted, add_load_args, load_record, warn_if_loaded,
+)
 
 MB = 1e6
 SETTINGS = {  # name: recompute flags
@@ -106,19 +113,19 @@ def one_pass(model, tokens, measure: bool) -> tuple[float, int | None, int | Non
     and backward — both None unless ``measure`` — and seconds of forward + backward)."""
     import torch
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = SavedForBackward(params)
+    saved, hooks = None, contextlib.nullcontext()
+    if measure:
+        saved = SavedForBackward({p.untyped_storage().data_ptr() for p in model.parameters()})
+        hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t)
     positions = torch.arange(tokens.size(1)).expand_as(tokens)
     model.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    hooks = (torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t) if measure
-             else contextlib.nullcontext())
     with hooks:
         loss = model(tokens, positions, None, labels=tokens).float().mean()
-        kept = saved.live_bytes() if measure else None
+        kept = saved.live_bytes() if saved else None
         loss.backward()
     seconds = time.perf_counter() - start
-    return loss.item(), kept, saved.peak if measure else None, seconds
+    return loss.item(), kept, saved.peak if saved else None, seconds
 
 
 def planner_activations(args) -> dict[str, float]:
@@ -134,7 +141,8 @@ def planner_activations(args) -> dict[str, float]:
                                 False).activations_GB * 1e9 / MB for rc in ("none", "full")}
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, base: list[str]) -> dict:
+    """The rows (one per setting) and the planner's estimates, for ``base`` model flags."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -142,16 +150,13 @@ def run(args: argparse.Namespace) -> dict:
 
     from monta.compat import apply_cpu_patches
     from monta.testing.distributed import find_free_port
-    from monta.testbed.hostload import load_averages
 
-    before = load_averages()
     apply_cpu_patches()
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{find_free_port()}",
                             rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     model_parallel_cuda_manual_seed(1234)
-    base = model_flags(args.quick)
     try:
         built = {name: build(base + extra) for name, extra in SETTINGS.items()}
         first_args = built["none"][0]
@@ -162,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
         for name, (_, model) in built.items():  # warm-up, the loss and the bytes kept
             loss, kept, peak, _ = one_pass(model, tokens, True)
             rows[name].update(loss=loss, kept_bytes=kept, peak_bytes=peak)
-        for _ in range(args.reps):  # interleaved rounds, rotated
+        for _ in range(args.reps):  # interleaved rounds: every setting once per round
             for name, (_, model) in built.items():
                 rows[name]["seconds"].append(one_pass(model, tokens, False)[3])
     finally:
@@ -177,9 +182,7 @@ def run(args: argparse.Namespace) -> dict:
         row["kept_vs_none"] = row["kept_bytes"] / none["kept_bytes"]
         row["peak_vs_none"] = row["peak_bytes"] / none["peak_bytes"]
         row["time_vs_none"] = row["median_ms"] / none["median_ms"]
-    return {**result_header("recompute_memory", args, model_flags=base),
-            "load_average_before": before, "clean": before[0] <= args.max_load,
-            "rows": rows, "planner_activations_MB": planner_activations(first_args)}
+    return {"rows": rows, "planner_activations_MB": planner_activations(first_args)}
 
 
 def markdown(result: dict) -> str:
@@ -227,13 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smaller model (smoke test)")
     parser.add_argument("--reps", type=int, default=5, help="timed passes per setting")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--max-load", type=float, default=1.5,
-                        help="not clean when the 1-min load average before exceeds this")
+    add_load_args(parser)
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
     started = time.perf_counter()
-    result = run(args)
+    policy, loads = LoadPolicy.from_args(args, "recompute_memory"), []
+    base = model_flags(args.quick)
+    warn_if_loaded(policy)
+    measured = accounted("recompute settings", policy, loads, lambda: run(args, base))
+    result = {**result_header("recompute_memory", args, model_flags=base),
+              **load_record(loads, policy), **measured}
     write_result("recompute_memory", result, args, markdown, plot,
                  seconds=round(time.perf_counter() - started, 1))
     return 0
