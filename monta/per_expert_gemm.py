@@ -31,8 +31,11 @@ forward + backward, 8192 tokens, 4 calls back to back, interleaved:
 * any other pin names a grouped kernel: never.
 
 Where the counts live on the GPU (MoNTA's dispatcher), the path copies them to the host once
-per forward. That is one sync per layer; the backward reuses the counts. Megatron's alltoall
-dispatcher already hands them over on the host.
+per forward; the backward reuses them. Megatron's alltoall dispatcher already hands them over on
+the host. MoNTA's dispatcher starts that copy (:func:`prefetch_host_counts`) as soon as the
+counts exist, before it queues the permutation, so the host then waits for the copy alone (an
+event), not for the permutation behind it: while the host launches the first expert GEMM the GPU
+still has the permutation to run, instead of idling after a stream sync.
 """
 
 from __future__ import annotations
@@ -66,11 +69,30 @@ def host_splits(x: torch.Tensor, w2: torch.Tensor, tokens_per_expert) -> list[in
         return None
     if getattr(getattr(tokens_per_expert, "row_ends", None), "alignment", None):
         return None
-    splits = torch.as_tensor(tokens_per_expert).tolist()  # a sync if they are on the GPU
+    prefetched = getattr(tokens_per_expert, "host_copy", None)
+    if prefetched is not None:
+        host, copied = prefetched
+        copied.synchronize()
+        splits = host.tolist()
+    else:
+        splits = torch.as_tensor(tokens_per_expert).tolist()  # a sync if they are on the GPU
     if len(splits) != w2.size(0) or sum(splits) != x.size(0):
         raise ValueError(f"tokens_per_expert {splits} must give each of the {w2.size(0)} "
                          f"local experts a count, summing to the {x.size(0)} rows")
     return splits
+
+
+def prefetch_host_counts(tokens_per_expert: torch.Tensor, rows: int, w2_shape) -> None:
+    """Start copying ``tokens_per_expert`` (on the GPU) to pinned host memory when ``rows``
+    routed rows through experts whose fc2 weight is ``w2_shape`` will run per expert
+    (:func:`per_expert_wanted`); :func:`host_splits` then waits on this copy's event only."""
+    if not tokens_per_expert.is_cuda or not per_expert_wanted(rows, w2_shape, kernel_pin()):
+        return
+    host = torch.empty(tokens_per_expert.shape, dtype=tokens_per_expert.dtype, pin_memory=True)
+    host.copy_(tokens_per_expert, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    tokens_per_expert.host_copy = (host, copied)
 
 
 def _row_blocks(splits: list[int]):

@@ -78,3 +78,11 @@ def test_cpu_keeps_its_own_loop(monkeypatch):
     monkeypatch.setenv("MONTA_GROUPED_GEMM", "cublas")
     x, w2 = torch.randn(6, 4), torch.randn(2, 3, 4)
     assert per_expert_gemm.host_splits(x, w2, torch.tensor([2, 4])) is None
+
+
+def test_counts_off_the_gpu_are_not_prefetched():
+    """The counts' early host copy (prefetch_host_counts) is for GPU counts only: host counts
+    need none, and host_splits reads them as they are."""
+    counts = torch.tensor([2, 4])
+    per_expert_gemm.prefetch_host_counts(counts, 6, (2, 3, 4))
+    assert not hasattr(counts, "host_copy")

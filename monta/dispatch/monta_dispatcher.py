@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from monta import comm, expert_gemm
+from monta import comm, expert_gemm, per_expert_gemm
 from monta.dispatch import hops
 from monta.dispatch.autotune import CHUNK_OPTIONS, DispatchTuner
 from monta.dispatch.counted_alltoall import CountedAlltoAllTokenDispatcher
@@ -264,6 +264,7 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         else:
             self.order = order = order_by_local_expert(self.rows_mask, self.local_expert_indices)
             permuted_probs = rows_probs[order.rows, order.experts]
+        self._prefetch_counts(order)
         if order.inverse is not None:  # gathers both ways instead of scatters (permute.py)
             alignment = expert_gemm.row_alignment(rows_x) if self.pad_expert_rows else None
             if alignment and alignment > 1:
@@ -273,6 +274,13 @@ class MoNTATokenDispatcher(MoETokenDispatcher):
         else:
             permuted = rows_x[order.rows]
         return permuted, order.tokens_per_expert, permuted_probs
+
+    def _prefetch_counts(self, order: ExpertOrder) -> None:
+        """Start the counts' copy to the host now, before the permutation is queued, where the
+        experts will run one GEMM per expert (monta/per_expert_gemm.py)."""
+        ffn = (self.config.moe_ffn_hidden_size or self.config.ffn_hidden_size) // self.tp_size
+        per_expert_gemm.prefetch_host_counts(order.tokens_per_expert, order.rows.numel(),
+                                             (self.num_local_experts, ffn, self.config.hidden_size))
 
     # -- combine --------------------------------------------------------------------------
     @_or_stock

@@ -225,19 +225,25 @@ def test_grouped_moe_layer_has_no_host_sync(nccl_world_of_one):
     assert layer._defers_aux_loss(None) and layer.router.routes_in_expert_order()
     x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
-    for _ in range(2):  # compile the fused activation and warm the allocator first
-        layer(x)[0].backward(grad)
+    syncs = _synchronizing_ops(lambda: layer(x)[0].backward(grad))
+    assert not syncs, "\n".join(syncs)
+
+
+def _synchronizing_ops(step) -> list[str]:
+    """Where ``step()`` waited for the GPU through a stream or device sync (torch's sync debug
+    mode), after two warm-up calls (kernel compilation, allocator)."""
+    for _ in range(2):
+        step()
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            layer(x)[0].backward(grad)
+            step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}: {str(w.message)[:80]}" for w in caught
-             if "called a synchronizing" in str(w.message)]
-    assert not syncs, "\n".join(syncs)
+    return [f"{w.filename}:{w.lineno}: {str(w.message)[:80]}" for w in caught
+            if "called a synchronizing" in str(w.message)]
 
 
 @pytest.mark.parametrize("fuse_backward", [False, True])
@@ -341,3 +347,22 @@ def test_moe_layer_per_expert_gemms_match_grouped(nccl_world_of_one, monkeypatch
     assert len(calls) == 2, "per-expert GEMMs ran other than for fc1 and fc2 under cublas"
     assert sum(calls[0]) == 2048 and len(calls[0]) == 8  # 1024 tokens, top-2, 8 experts
     _assert_same_to_bf16(per_expert, grouped)
+
+
+def test_per_expert_layer_waits_for_the_count_copy_only(nccl_world_of_one, monkeypatch):
+    """Under one cuBLAS GEMM per expert, MoNTA's dispatcher starts the counts' copy to the host
+    before it queues the permutation (monta/per_expert_gemm.py): the experts then wait on that
+    copy's event, not on a stream sync, and the layer's forward + backward holds none."""
+    from monta import per_expert_gemm
+
+    monkeypatch.setenv("MONTA_GROUPED_GEMM", "cublas")
+    splits = []
+    real = per_expert_gemm.host_splits
+    monkeypatch.setattr(per_expert_gemm, "host_splits",
+                        lambda *args: splits.append(real(*args)) or splits[-1])
+    layer = _moe_layer("monta", grouped=True, aux_loss=True)
+    x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+    syncs = _synchronizing_ops(lambda: layer(x)[0].backward(grad))
+    assert splits and all(s is not None and sum(s) == 2048 for s in splits), splits
+    assert not syncs, "\n".join(syncs)
