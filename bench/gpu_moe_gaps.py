@@ -25,14 +25,16 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# the expert GEMMs: CUTLASS kernels (torch._grouped_mm's and MoNTA's sm90 library's) or MoNTA's
-# Triton ones
-GEMMS = ("cutlass13device_kernel", "_rows_kernel", "_rows_tma_kernel")
+# the grouped expert GEMMs: CUTLASS kernels (torch._grouped_mm's and MoNTA's sm90 library's) or
+# MoNTA's Triton ones; per-expert cuBLAS GEMMs are told by the operation that launched them
+GEMMS = ("cutlass13device_kernel", "_rows_kernel", "_rows_tma_kernel", "_fc1_swiglu_kernel")
+PER_EXPERT_OP = "PerExpertMM"
 
 
-def is_gemm(kernel: dict) -> bool:
-    """A profiled kernel event is one of the experts' grouped GEMMs."""
-    return any(g in kernel["name"] for g in GEMMS)
+def is_gemm(kernel: dict, launched_by: str = "") -> bool:
+    """A profiled kernel event is one of the experts' GEMMs (``launched_by``: the operations
+    that launched it, innermost first)."""
+    return any(g in kernel["name"] for g in GEMMS) or PER_EXPERT_OP in launched_by
 
 
 def _events(trace: Path):
@@ -76,7 +78,7 @@ def analyse(trace: Path, label: str = "STEP") -> list[dict]:
                 gaps.append((k["ts"] - end, k["name"][:60], launched_by(k)))
             busy += max(0.0, k["ts"] + k["dur"] - max(end, k["ts"]))
             end = max(end, k["ts"] + k["dur"])
-        first_gemm = next(k for k in ks if is_gemm(k))
+        first_gemm = next(k for k in ks if is_gemm(k, launched_by(k)))
         gemm_launch = launches[first_gemm["args"]["correlation"]]["ts"]
         before = [e for e in host[step["tid"]] if t0 < e["ts"] < gemm_launch
                   and e.get("cat") == "cpu_op"]
