@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -60,15 +61,27 @@ def build_layers(shape: dict, device, dtype) -> dict:
 
 
 def count_host_syncs(fn) -> dict:
-    """Operations in ``fn`` that wait for the GPU, from torch's sync debug mode."""
+    """Operations in ``fn`` that wait for the GPU: stream and device syncs from torch's sync
+    debug mode, and waits on CUDA events (which it does not report; the per-expert GEMMs wait
+    on their counts' copy so, monta/per_expert_gemm.py)."""
     import warnings
+
+    event_waits = []
+    real_wait = torch.cuda.Event.synchronize
+
+    def counted_wait(event):
+        frame = sys._getframe(1)
+        event_waits.append(f"{os.path.relpath(frame.f_code.co_filename, REPO)}:{frame.f_lineno}")
+        return real_wait(event)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
+        torch.cuda.Event.synchronize = counted_wait
         try:
             fn()
         finally:
+            torch.cuda.Event.synchronize = real_wait
             torch.cuda.set_sync_debug_mode("default")
 
     def where(w):
@@ -76,6 +89,7 @@ def count_host_syncs(fn) -> dict:
         return f"{os.path.relpath(name, REPO) if name.startswith(str(REPO)) else name}:{w.lineno}"
 
     sites = [where(w) for w in caught if "called a synchronizing" in str(w.message)]
+    sites += [f"{site} (event)" for site in event_waits]
     return {"count": len(sites), "sites": sorted(set(sites))}
 
 
