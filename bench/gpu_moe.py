@@ -256,10 +256,10 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     out["activation_fwd_bwd"] = bench_activation(n, f, device, dtype, timer)
     flops = 3 * 2 * n * (h * 2 * f + f * h)
     ffn = {"flops": flops}
-    # (MONTA_GROUPED_GEMM pin, fn). grouped: MoNTA's default: the backward one cuBLAS GEMM per
-    # expert for large experts (monta/per_expert_gemm.py), else the grouped kernels of
-    # monta/expert_gemm.py with SwiGLU·prob fused into fc1 where monta/swiglu_gemm.py runs;
-    # per_expert / grouped_only: both passes always / never per expert; grouped_unfused / grouped_fused_all: the grouped kernels with
+    # (MONTA_GROUPED_GEMM pin, fn). grouped: MoNTA's default: one cuBLAS GEMM per expert for
+    # large experts (monta/per_expert_gemm.py), else the grouped kernels of monta/expert_gemm.py
+    # with SwiGLU·prob fused into fc1 where monta/swiglu_gemm.py runs; per_expert / grouped_only:
+    # always / never per expert; grouped_unfused / grouped_fused_all: the grouped kernels with
     # the activation as its own kernels / fused into fc2's input gradient too; grouped_padded:
     # on padded rows (the aligned kernels); grouped_torch: torch._grouped_mm for every GEMM, the
     # activation unfused; grouped_balanced: the default on exactly n / E rows per expert (not

@@ -45,9 +45,8 @@ def expert_table(r: dict) -> list[str]:
              f"{first['ffn_fwd_bwd']['grouped']['reps']}) and the fraction of the dense GEMM's "
              f"rate; {first['tokens']} tokens routed top-k by random logits; each row's variants "
              "in interleaved rounds. MoNTA: the experts' default kernels (`monta.expert_gemm`): "
-             f"{_monta_kernels(r['environment'])}; the FFN as `MoNTAGroupedMLP` runs it, its "
-             f"backward one cuBLAS GEMM per expert where its experts are large "
-             f"({_per_expert_shapes(r)}); "
+             f"{_monta_kernels(r['environment'])}; the FFN as `MoNTAGroupedMLP` runs it, one "
+             f"cuBLAS GEMM per expert where its experts are large ({_per_expert_shapes(r)}); "
              "torch: `torch._grouped_mm` for all.", "",
              "| shapes | op | MoNTA | % of dense | torch | % of dense | loop (per expert) | "
              "% of dense | dense | torch, transposed weights |",
@@ -120,11 +119,9 @@ def _chained_ffn_table(r: dict) -> list[str]:
         if k in rows[0][1]]
     lines = ["", f"The expert FFN forward + backward back to back ({rows[0][1]['dense']['chain']} "
              "calls without a sync, as a training step runs its layers: launch latency off the "
-             "clock for all), ms (% of dense; same run, interleaved). MoNTA's default runs the "
-             "backward one cuBLAS GEMM per expert where the experts' GEMMs are large "
-             f"(`monta/per_expert_gemm.py`: {_per_expert_shapes(r)}; forward grouped, the counts "
-             "reach the host meanwhile), else everything on the grouped kernels; `cublas` runs "
-             "the forward per expert too. \"Balanced\": the same default "
+             "clock for all), ms (% of dense; same run, interleaved). MoNTA's default runs one "
+             "cuBLAS GEMM per expert where the experts' GEMMs are large (`monta/per_expert_gemm.py`"
+             f": {_per_expert_shapes(r)}), else the grouped kernels. \"Balanced\": the same default "
              "FFN with every expert given exactly n / E rows, so no expert ends in a partly "
              "filled tile (not a routing real tokens get; it prices routing imbalance):", "",
              "| shapes | " + " | ".join(label for _, label in names) + " | dense |",

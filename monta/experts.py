@@ -14,10 +14,9 @@ has built it; :mod:`monta.expert_gemm` says which and how to choose), and with a
 probability runs in fc1's epilogue on Hopper (:mod:`monta.swiglu_gemm`, ``MONTA_FUSED_SWIGLU``)
 and otherwise, and in the backward, as one Triton kernel each way on GPUs (:mod:`monta.swiglu`).
 
-Large experts run their backward one cuBLAS GEMM per expert instead (:mod:`monta.per_expert_gemm`,
-as Transformer Engine's ``GroupedLinear`` does): at Mixtral shapes cuBLAS's weight gradients
-beat the grouped ones. That needs the counts on the host, which travel there during the forward,
-so no pass waits for them. Otherwise there is no host sync: ``torch._grouped_mm`` and MoNTA's kernels take
+Large experts run one cuBLAS GEMM each instead (:mod:`monta.per_expert_gemm`, as Transformer
+Engine's ``GroupedLinear`` does): at Mixtral shapes that is faster, though it needs the counts
+on the host. Otherwise there is no host sync: ``torch._grouped_mm`` and MoNTA's kernels take
 the experts' row *ends* as an int32 tensor on the device, so counts that arrive on the GPU
 (MoNTA's dispatcher) stay there. The loop fallback (the same per-expert GEMMs) needs them on
 the host, which is a sync on a GPU; on CPU it is free.
@@ -157,14 +156,8 @@ class MoNTAGroupedMLP(GroupedMLP):
             return self._mlp(x, probs, lambda t: t @ w1, lambda t: t @ w2), None
         w1 = self.weight1.view(self.num_local_experts, hidden, -1)
         w2 = self.weight2.view(self.num_local_experts, -1, hidden)
-        passes = per_expert_gemm.per_expert_passes(x, w2, tokens_per_expert)
-        if passes == per_expert_gemm.BACKWARD and grouped_mm_supported(x, w1):
-            ends, mm = expert_offsets(tokens_per_expert, x.device), \
-                per_expert_gemm.grouped_then_per_expert_mm
-            return self._mlp(x, probs, lambda t: mm(t, w1, ends, tokens_per_expert),
-                             lambda t: mm(t, w2, ends, tokens_per_expert)), None
-        if passes is not None:
-            splits = per_expert_gemm.host_splits(tokens_per_expert, x.size(0), w2.size(0))
+        splits = per_expert_gemm.host_splits(x, w2, tokens_per_expert)
+        if splits is not None:
             return self._mlp(x, probs, lambda t: per_expert_gemm.per_expert_mm(t, w1, splits),
                              lambda t: per_expert_gemm.per_expert_mm(t, w2, splits)), None
         offsets = None

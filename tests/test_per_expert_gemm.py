@@ -77,7 +77,7 @@ def test_cpu_keeps_its_own_loop(monkeypatch):
     """Off the GPU nothing syncs for the split, so MoNTAGroupedMLP's loop stays as it is."""
     monkeypatch.setenv("MONTA_GROUPED_GEMM", "cublas")
     x, w2 = torch.randn(6, 4), torch.randn(2, 3, 4)
-    assert per_expert_gemm.per_expert_passes(x, w2, torch.tensor([2, 4])) is None
+    assert per_expert_gemm.host_splits(x, w2, torch.tensor([2, 4])) is None
 
 
 def test_counts_off_the_gpu_are_not_prefetched():
@@ -86,36 +86,3 @@ def test_counts_off_the_gpu_are_not_prefetched():
     counts = torch.tensor([2, 4])
     per_expert_gemm.prefetch_host_counts(counts, 6, (2, 3, 4))
     assert not hasattr(counts, "host_copy")
-    assert per_expert_gemm.host_splits(counts, 6, 2) == [2, 4]
-
-
-@pytest.mark.parametrize("counts, rows, experts", [([2, 4], 7, 2), ([2, 4, 1], 7, 2)])
-def test_counts_that_do_not_fit_the_rows_are_refused(counts, rows, experts):
-    with pytest.raises(ValueError, match="local experts a count"):
-        per_expert_gemm.host_splits(torch.tensor(counts), rows, experts)
-
-
-@pytest.mark.parametrize("splits", [[24, 0, 40, 8], [0, 0, 72, 0]])
-def test_grouped_forward_per_expert_backward_matches_fp64(splits):
-    """The forward on the grouped GEMM (torch._grouped_mm on the row ends; on CPU too, for
-    16-byte aligned bf16), the backward one GEMM per expert on the host counts: outputs and both
-    gradients agree with an fp64 reference, empty experts get zero weight gradients."""
-    gen = torch.Generator().manual_seed(len(splits) + sum(splits))
-    x = torch.randn(sum(splits), 16, generator=gen).bfloat16().requires_grad_(True)
-    w = (torch.randn(4, 16, 24, generator=gen) / 4).bfloat16().requires_grad_(True)
-    grad = torch.randn(sum(splits), 24, generator=gen).bfloat16()
-    counts = torch.tensor(splits)
-    ends = torch.cumsum(counts, 0, dtype=torch.int32)
-
-    out = per_expert_gemm.grouped_then_per_expert_mm(x, w, ends, counts)
-    out.backward(grad)
-    x64 = x.detach().double().requires_grad_(True)
-    w64 = w.detach().double().requires_grad_(True)
-    want = _reference(x64, w64, splits)
-    want.backward(grad.double())
-
-    for got, wanted in ((out, want), (x.grad, x64.grad), (w.grad, w64.grad)):
-        torch.testing.assert_close(got.double(), wanted, rtol=2e-2, atol=2e-2)
-    for e, count in enumerate(splits):
-        if count == 0:
-            assert torch.count_nonzero(w.grad[e]) == 0

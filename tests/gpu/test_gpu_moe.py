@@ -366,30 +366,3 @@ def test_per_expert_layer_waits_for_the_count_copy_only(nccl_world_of_one, monke
     syncs = _synchronizing_ops(lambda: layer(x)[0].backward(grad))
     assert splits and all(s is not None and sum(s) == 2048 for s in splits), splits
     assert not syncs, "\n".join(syncs)
-
-
-def test_large_experts_run_forward_grouped_and_backward_per_expert(nccl_world_of_one,
-                                                                   monkeypatch):
-    """By default, experts large enough for cuBLAS (here: the threshold lowered to 0) run their
-    forward on the grouped kernels and their backward one GEMM per expert, on the counts'
-    host copy made during the forward (monta/per_expert_gemm.py): the forward never asks for
-    the counts, no pass holds a stream sync, and output and every gradient agree with the
-    grouped kernels'."""
-    from monta import per_expert_gemm
-
-    monkeypatch.setattr(per_expert_gemm, "MIN_EXPERT_GFLOP", 0.0)
-    asked = []
-    real = per_expert_gemm.host_splits
-    monkeypatch.setattr(per_expert_gemm, "host_splits",
-                        lambda *args: asked.append(torch.is_grad_enabled()) or real(*args))
-    hybrid, grouped = _monta_layer_under(monkeypatch, "MONTA_GROUPED_GEMM", ("default", "grouped"))
-    # autograd runs the backward with grad mode off: only backward passes asked, fc1 and fc2
-    assert asked == [False, False], asked
-    _assert_same_to_bf16(hybrid, grouped)
-
-    monkeypatch.setenv("MONTA_GROUPED_GEMM", "default")
-    layer = _moe_layer("monta", grouped=True, aux_loss=True)
-    x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn_like(x)
-    syncs = _synchronizing_ops(lambda: layer(x)[0].backward(grad))
-    assert not syncs, "\n".join(syncs)
