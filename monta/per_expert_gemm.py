@@ -41,7 +41,7 @@ Tried and dropped (d814a5a, H200): the forward on the grouped kernels and only t
 expert, which waits for nothing since the counts reach the host during the forward. The expert
 FFN ran 1.5 % slower than per expert in both passes (27.07 vs 26.66 ms back to back at Mixtral
 shapes, interleaved) and the layer no faster (27.97 ms back to back, against 28.08 ms for the
-per-expert default in the run before).
+per-expert default in the run before): ``bench/results/gpu_moe_runs/gpu_moe_{d814a5a,e996c89}``.
 """
 
 from __future__ import annotations
