@@ -22,7 +22,7 @@ The host's load is accounted as for the testbed benchmarks (:mod:`bench.testbed_
 verdict).
 
 The planner's activation estimate (``monta.planner.memory``, the CPU testbed's device: no
-flash attention) is given for ``none`` and ``full``, the two modes it costs.
+flash attention) is given for every setting, to compare with the measured peak.
 """
 
 from __future__ import annotations
@@ -128,7 +128,16 @@ def one_pass(model, tokens, measure: bool) -> tuple[float, int | None, int | Non
     return loss.item(), kept, saved.peak if saved else None, seconds
 
 
+def planner_option(setting: str) -> str:
+    """The planner's recompute option (monta/planner/plan.py) for a :data:`SETTINGS` name."""
+    from monta.planner.plan import selective
+
+    granularity, _, module = setting.partition(" ")
+    return selective(module) if granularity == "selective" else granularity
+
+
 def planner_activations(args) -> dict[str, float]:
+    """{setting: the planner's activation estimate in MB} for this one-rank model."""
     from monta.planner.cluster import load_cluster
     from monta.planner.layout import Layout
     from monta.planner.memory import memory_estimate
@@ -137,8 +146,9 @@ def planner_activations(args) -> dict[str, float]:
     model, workload = model_from_args(args), workload_from_args(args)
     device = load_cluster("testbed_1gbit").device
     rows = workload.seq_length * workload.micro_batch_size * model.topk  # every expert here
-    return {rc: memory_estimate(model, Layout(1, 1), workload, device, rows, 1.0, rc, 1,
-                                False).activations_GB * 1e9 / MB for rc in ("none", "full")}
+    return {name: memory_estimate(model, Layout(1, 1), workload, device, rows, 1.0,
+                                  planner_option(name), 1, False).activations_GB * 1e9 / MB
+            for name in SETTINGS}
 
 
 def run(args: argparse.Namespace, base: list[str]) -> dict:
@@ -197,7 +207,7 @@ def markdown(result: dict) -> str:
              "saved (MB) | vs none | planner activations (MB) | fwd+bwd (ms) | vs none |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in result["rows"].items():
-        predicted = planner.get(name.split()[0]) if name in ("none", "full") else None
+        predicted = planner.get(name)
         lines.append(f"| {name} | {row['kept_bytes'] / MB:.1f} | {row['kept_vs_none']:.2f} "
                      f"| {row['peak_bytes'] / MB:.1f} | {row['peak_vs_none']:.2f} | "
                      f"{'—' if predicted is None else f'{predicted:.1f}'} "

@@ -17,6 +17,7 @@ import os
 from monta.planner.cluster import load_cluster
 from monta.planner.costmodel import PlanContext
 from monta.planner.model import model_from_args, workload_from_args
+from monta.planner.plan import recompute_of_args, selective
 from monta.planner.routing import load_routing
 from monta.planner.search import SearchSpace, plan_for
 
@@ -47,25 +48,29 @@ def _tokenizer_vocab(args: argparse.Namespace) -> int | None:
         return None
 
 
-def supported_recompute() -> tuple[str, ...]:
-    """Recompute modes the planner may pick for ``pretrain_moe.py`` (``full`` as
-    ``--recompute-granularity full --recompute-method uniform --recompute-num-layers 1``)."""
+def supported_recompute(grouped_gemm: bool = False) -> tuple[str, ...]:
+    """Recompute modes the planner may pick for ``pretrain_moe.py``: ``none``; ``full`` (as
+    ``--recompute-granularity full --recompute-method uniform --recompute-num-layers 1``); and
+    two selective sets, the MoE layer with both norms (``moe``, ``layernorm``: keeps each
+    layer's attention tensors, reruns the dispatch) and, with ``grouped_gemm`` (megatron allows
+    ``moe_act`` only under ``--moe-grouped-gemm``), the experts' activation with both norms
+    (elementwise reruns only)."""
     from monta.training.arguments import build_parser
 
     options = build_parser()._option_string_actions  # noqa: SLF001 (argparse has no API)
-    return ("none", "full") if "--recompute-granularity" in options else ("none",)
+    if "--recompute-granularity" not in options:
+        return ("none",)
+    out = ("none", "full", selective("layernorm", "moe"))
+    return out + ((selective("layernorm", "moe_act"),) if grouped_gemm else ())
 
 
 def recompute_space(args: argparse.Namespace) -> tuple[str, ...]:
     """What the search may choose given the user's own recompute flags: their choice when they
-    made one (``full``; ``selective``, which the planner costs as ``none``: it keeps most
-    activations), else every mode :func:`supported_recompute` lists."""
-    granularity = getattr(args, "recompute_granularity", None)
-    if granularity == "full":
-        return ("full",)
-    if granularity == "selective":
-        return ("none",)
-    return supported_recompute()
+    made one (``full``, or ``selective`` with its modules), else every mode
+    :func:`supported_recompute` lists."""
+    if getattr(args, "recompute_granularity", None) in ("full", "selective"):
+        return (recompute_of_args(args),)
+    return supported_recompute(bool(getattr(args, "moe_grouped_gemm", False)))
 
 
 def plan_for_args(args: argparse.Namespace, world_size: int, cluster_spec_path_or_preset: str,
@@ -111,9 +116,12 @@ def plan_for_args(args: argparse.Namespace, world_size: int, cluster_spec_path_o
         getattr(args, "sequence_parallel", False))
     if getattr(args, "global_batch_size", None) is None:
         overrides["global_batch_size"] = global_batch
-    if plan.candidate.recompute == "full" and getattr(args, "recompute_granularity",
-                                                       None) is None:
-        # the planner's own pick; a user's full recompute keeps its method and unit
-        overrides.update(recompute_granularity="full", recompute_method="uniform",
-                         recompute_num_layers=1)
+    if getattr(args, "recompute_granularity", None) is None:
+        # the planner's own pick; a user's own recompute flags are kept as given
+        if plan.candidate.recompute == "full":
+            overrides.update(recompute_granularity="full", recompute_method="uniform",
+                             recompute_num_layers=1)
+        elif plan.candidate.recompute_modules:
+            overrides.update(recompute_granularity="selective",
+                             recompute_modules=list(plan.candidate.recompute_modules))
     return overrides

@@ -1,7 +1,8 @@
 """Compute time per rank: FLOPs of one layer (and the LM head) over achieved FLOP/s.
 
 Per rank, per micro-batch, forward (T = s·mbs/TP tokens in the rank's SP shard; q = heads ·
-head_dim, g = kv heads · head_dim; backward = 2 × forward, full recompute adds 1 × forward):
+head_dim, g = kv heads · head_dim; backward = 2 × forward, recompute adds 1 × the forward of
+what it recomputes):
 
     attention projections   2·T·(h·(q + 2g) + q·h)             at peak · gemm_efficiency
     core attention (causal) 2·mbs·s²·q / TP                    at peak · attention_efficiency
@@ -114,15 +115,22 @@ def seconds(flops: float, device: DeviceSpec, efficiency: float) -> float:
 class LayerTimes:
     """Forward seconds of one layer on one rank."""
 
-    attention: float
-    """Projections + router + core attention."""
+    projections: float
+    """QKV, output projection and router."""
+    core_attention: float
+    """QKᵀ, softmax·V."""
     experts: float
     """Expert GEMMs in one piece (chunks = 1)."""
+
+    @property
+    def attention(self) -> float:
+        """Projections + router + core attention."""
+        return self.projections + self.core_attention
 
 
 def layer_times(flops: LayerFlops, device: DeviceSpec, chunks: int = 1) -> LayerTimes:
     """Seconds for ``flops``; the experts run as ``chunks`` GEMM rounds of 1/chunks the rows."""
-    attention = (seconds(flops.projections, device, device.gemm_efficiency)
-                 + seconds(flops.core_attention, device, device.attention_efficiency))
     eff = expert_efficiency(device, flops.rows_per_expert / chunks)
-    return LayerTimes(attention, seconds(flops.experts, device, eff))
+    return LayerTimes(seconds(flops.projections, device, device.gemm_efficiency),
+                      seconds(flops.core_attention, device, device.attention_efficiency),
+                      seconds(flops.experts, device, eff))

@@ -1,9 +1,12 @@
 """Step time of one candidate strategy: compute, every communication phase, overlap, bubbles.
 
 Per micro-batch, one PP stage (the last: it also runs the LM head) does, for each of its L/PP
-layers (rc = 1 with full recompute, else 0):
+layers (rc = 1 where the part is recomputed, else 0: full recompute reruns every part,
+selective the modules it names — ``core_attn`` the core attention, ``moe`` the MoE block;
+``layernorm`` and ``moe_act`` rerun elementwise work, which is not modelled):
 
-    attention   (3 + rc) × forward attention compute          (backward = 2 × forward)
+    attention   (3 + rc) × forward projections + (3 + rc) × forward core attention
+                                                               (backward = 2 × forward)
     TP/SP       (2 + rc) × (all-gather + reduce-scatter)       (intra-node, TP inside a node)
     MoE block   (1 + rc) × forward block + backward block; a block is dispatch → experts →
                 combine, priced by :func:`monta.planner.timing.pipeline`: sequential for
@@ -106,21 +109,24 @@ def evaluate(c: Candidate, ctx: PlanContext) -> Plan:
     chunks = c.chunks if c.dispatcher == "monta" else 1
     times = layer_times(flops, dev, chunks)
     launch_s, hop_s = dev.launch_overhead_us * 1e-6, dev.hop_overhead_us * 1e-6
-    rc = 1 if c.recompute == "full" else 0
+    full, modules = c.recompute == "full", c.recompute_modules
+    rc = 1 if full else 0  # the projections and TP/SP collectives: full recompute only
+    rc_core = 1 if full or "core_attn" in modules else 0
+    rc_moe = 1 if full or "moe" in modules else 0
 
     # 1) one layer, one micro-batch
     fwd, fwd_raw = _moe_block(vol, times.experts, chunks, cl, copies, launch_s, hop_s)
     bwd, bwd_raw = _moe_block(vol, 2 * times.experts, chunks, cl, copies, launch_s,
                                hop_s)
-    moe_exposed = {k: (1 + rc) * fwd.exposed.get(k, 0.0) + bwd.exposed.get(k, 0.0)
+    moe_exposed = {k: (1 + rc_moe) * fwd.exposed.get(k, 0.0) + bwd.exposed.get(k, 0.0)
                    for k in ("inter", "intra", "compute", "overhead")}
-    moe_raw = {"inter": (1 + rc) * fwd_raw.inter + bwd_raw.inter,
-               "intra": (1 + rc) * fwd_raw.intra + bwd_raw.intra,
-               "compute": (3 + rc) * times.experts}
+    moe_raw = {"inter": (1 + rc_moe) * fwd_raw.inter + bwd_raw.inter,
+               "intra": (1 + rc_moe) * fwd_raw.intra + bwd_raw.intra,
+               "compute": (3 + rc_moe) * times.experts}
     sp = sp_collectives(layout, tokens, h, b)
     sp_s = sum(transfer_time(tr, cl, g).total for tr in sp) * (2 + rc)
     sp_bytes = sum(tr.intra_total for tr in sp) * (2 + rc)
-    attention_s = times.attention * (3 + rc)
+    attention_s = times.projections * (3 + rc) + times.core_attention * (3 + rc_core)
 
     # 2) the stage: L/PP layers + LM head (+ embedding with PP1) + PP sends
     lps = model.num_layers // c.pp
@@ -162,7 +168,7 @@ def evaluate(c: Candidate, ctx: PlanContext) -> Plan:
 
     # 4) the phases (exposed seconds sum to the step)
     per_layers = m * lps
-    ep_intra_b, ep_inter_b = (x * (2 + rc) * per_layers for x in vol.totals())
+    ep_intra_b, ep_inter_b = (x * (2 + rc_moe) * per_layers for x in vol.totals())
     phases = (
         PhaseCost("compute/attention", per_layers * attention_s, per_layers * attention_s),
         PhaseCost("compute/experts", per_layers * moe_exposed["compute"],

@@ -23,9 +23,18 @@ and softmax):
 
 1F1B keeps min(PP, micro-batches) micro-batches in flight on the first stage (1 on the last,
 which also holds the loss's fp32 softmax of T·TP × V/TP, plus the b-byte logits unless they
-are fp32 themselves). Full recompute keeps only each layer's input (T·h), and then either the
-loss's tensors (until the backward pass begins) or one recomputed layer's activations, not both:
-``bench/recompute_memory.py`` measures this on CPU.
+are fp32 themselves). Full recompute keeps only each layer's input (T·h). Selective recompute
+(Megatron-LM's ``--recompute-modules``) drops from each layer:
+
+    core_attn   the scores and softmax (2·heads/TP·mbs·s²; nothing with flash attention, which
+                keeps none)
+    layernorm   both norms' outputs (T·h each: the QKV input and the router/experts' input)
+    moe_act     the activation's output per held row (R · ffn/ETP)
+    moe         the MoE layer but its input (everything past the pre-MLP norm)
+
+The backward pass then holds, besides every layer's kept part, either the loss's tensors (until
+it begins) or one recomputed layer's dropped part, not both. ``bench/recompute_memory.py``
+measures each setting on CPU against these estimates.
 """
 
 from __future__ import annotations
@@ -81,21 +90,37 @@ def memory_estimate(model: ModelSpec, layout: Layout, workload: Workload, device
     Args:
         held_rows: rows this rank's experts hold per micro-batch (volume model).
         imbalance: busiest owner's load over the mean (1 = uniform routing).
-        recompute: ``none`` or ``full``.
+        recompute: ``none``, ``full`` or ``selective:<modules>`` (monta/planner/plan.py).
         micro_batches: per step (sets 1F1B's in-flight count).
     """
+    from monta.planner.plan import parse_recompute  # (plan imports this module)
+
+    granularity, modules = parse_recompute(recompute)
     b = device.bytes_per_element
     t = workload.seq_length * workload.micro_batch_size / layout.tp
     h, q, g = model.hidden_size, model.q_width, model.kv_width
-    attention = t * (3 * h + 2 * q + 2 * g)
-    if not device.flash_attention:
-        attention += 2 * model.num_attention_heads / layout.tp * (
-            workload.micro_batch_size * workload.seq_length ** 2)
-    moe = 2 * t * h + held_rows * imbalance * (
-        2 * h + model.expert_matrices * model.ffn_hidden_size / layout.etp)
-    if ds_tp:
-        moe += (layout.tp - 1) * t * h
-    per_layer = (attention + moe) * b
+    scores = 0.0 if device.flash_attention else 2 * model.num_attention_heads / layout.tp * (
+        workload.micro_batch_size * workload.seq_length ** 2)
+    rows = held_rows * imbalance
+    experts = rows * (2 * h + model.expert_matrices * model.ffn_hidden_size / layout.etp) + (
+        (layout.tp - 1) * t * h if ds_tp else 0.0)
+    # (residual/norm input, norm output) per block, the attention's own tensors, the experts'
+    attention_parts = {"norm_in": t * h, "norm_out": t * h,
+                       "qkv_and_context": t * (h + 2 * q + 2 * g), "scores": scores}
+    moe_parts = {"norm_in": t * h, "norm_out": t * h, "experts": experts}
+    per_layer = (sum(attention_parts.values()) + sum(moe_parts.values())) * b
+    kept = per_layer
+    if granularity == "full":
+        kept = t * h * b
+    elif granularity == "selective":
+        dropped = ((attention_parts["scores"] if "core_attn" in modules else 0.0)
+                   + (attention_parts["norm_out"] + moe_parts["norm_out"]
+                      if "layernorm" in modules else 0.0))
+        if "moe" in modules:
+            dropped += moe_parts["experts"]
+        elif "moe_act" in modules:
+            dropped += rows * model.ffn_hidden_size / layout.etp
+        kept = per_layer - dropped * b
     layers = model.num_layers // layout.pp
     master = 12 if device.dtype == "bf16" else 8
     worst = None
@@ -108,12 +133,13 @@ def memory_estimate(model: ModelSpec, layout: Layout, workload: Workload, device
         # the logits themselves (fp32 logits are turned into the softmax in place)
         logits = t * layout.tp * model.padded_vocab(layout.tp) / layout.tp * (
             4 + (b if b != 4 else 0)) if stage == layout.pp - 1 else 0.0
-        if recompute == "full":
-            # the loss's tensors are freed before the first layer is recomputed: the peak is
-            # the larger of the two, over every layer's kept input
-            acts = layers * t * h * b * in_flight + max(per_layer, logits)
-        else:
+        if granularity == "none":
             acts = layers * per_layer * in_flight + logits
+        else:
+            # the loss's tensors are freed before the first layer is recomputed: the peak is
+            # the larger of the two, over every layer's kept part
+            recomputed = per_layer if granularity == "full" else per_layer - kept
+            acts = layers * kept * in_flight + max(recomputed, logits)
         estimate = MemoryEstimate(
             params_GB=(dense + experts) * b / GB,
             grads_GB=(dense + experts) * 4 / GB,

@@ -11,6 +11,8 @@ from monta.planner.memory import MemoryEstimate
 from monta.planner.volumes import Mode
 
 Dispatcher = Literal["alltoall", "ds_tp", "monta"]
+# Megatron-LM's --recompute-modules that the planner costs (monta/planner/memory.py)
+SELECTIVE_MODULES = ("core_attn", "layernorm", "moe", "moe_act")
 PHASES = ("compute/attention", "compute/experts", "compute/lm_head", "tp/collectives",
           "ep/inter", "ep/intra", "ep/overhead", "pp/p2p", "pp/bubble", "dp/grad_sync")
 
@@ -33,8 +35,9 @@ class Candidate:
     """--monta-node-dedup on (monta only)."""
     chunks: int = 1
     """--monta-chunks (monta only)."""
-    recompute: Literal["none", "full"] = "none"
-    """Activation recomputation."""
+    recompute: str = "none"
+    """Activation recomputation: ``none``, ``full`` or ``selective:<modules>`` with a
+    comma-separated subset of :data:`SELECTIVE_MODULES` (:func:`selective`)."""
 
     def __post_init__(self):
         if self.dispatcher not in ("alltoall", "ds_tp", "monta"):
@@ -46,8 +49,17 @@ class Candidate:
                              f"chunks={self.chunks}")
         if self.chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {self.chunks}")
-        if self.recompute not in ("none", "full"):
-            raise ValueError(f"recompute must be none or full, got {self.recompute!r}")
+        parse_recompute(self.recompute)
+
+    @property
+    def recompute_granularity(self) -> str:
+        """``none``, ``full`` or ``selective``."""
+        return parse_recompute(self.recompute)[0]
+
+    @property
+    def recompute_modules(self) -> tuple[str, ...]:
+        """The selectively recomputed modules (empty unless selective)."""
+        return parse_recompute(self.recompute)[1]
 
     @property
     def mode(self) -> Mode:
@@ -67,8 +79,28 @@ class Candidate:
         return f"TP{self.tp}·PP{self.pp}·EP{self.ep}·ETP{self.etp}"
 
     def __str__(self) -> str:
-        return (f"{self.layout_label} {self.dispatch_label}"
-                f"{' recompute' if self.recompute == 'full' else ''}")
+        recompute = {"none": "", "full": " recompute"}.get(
+            self.recompute, f" recompute {'+'.join(self.recompute_modules)}")
+        return f"{self.layout_label} {self.dispatch_label}{recompute}"
+
+
+def selective(*modules: str) -> str:
+    """The :attr:`Candidate.recompute` value for ``--recompute-granularity selective
+    --recompute-modules <modules>`` (order and repeats do not matter)."""
+    return "selective:" + ",".join(sorted(set(modules)))
+
+
+def parse_recompute(option: str) -> tuple[str, tuple[str, ...]]:
+    """(granularity, modules) of a :attr:`Candidate.recompute` value; ValueError if it names
+    something else."""
+    if option in ("none", "full"):
+        return option, ()
+    granularity, _, listed = option.partition(":")
+    modules = tuple(m for m in listed.split(",") if m)
+    if granularity != "selective" or not modules or set(modules) - set(SELECTIVE_MODULES):
+        raise ValueError(f"recompute must be none, full or selective:<modules> with modules "
+                         f"from {', '.join(SELECTIVE_MODULES)}, got {option!r}")
+    return granularity, tuple(sorted(set(modules)))
 
 
 @dataclass(frozen=True)
@@ -193,6 +225,9 @@ def candidate_flags(candidate: Candidate, dp: int, edp: int, ranks_per_node: int
     if c.recompute == "full":
         out += ["--recompute-granularity", "full", "--recompute-method", "uniform",
                 "--recompute-num-layers", "1"]
+    elif c.recompute_modules:
+        out += ["--recompute-granularity", "selective", "--recompute-modules",
+                *c.recompute_modules]
     if distributed_optimizer and (dp > 1 or edp > 1):
         out.append("--use-distributed-optimizer")
     out += ["--ranks-per-node", str(ranks_per_node)]
@@ -207,7 +242,7 @@ def candidate_from_args(args) -> Candidate:
 
     Raises:
         ValueError: ``--monta-node-dedup auto|tune`` or ``--monta-chunks tune`` (decided at
-            run time, so no single candidate), or ``--recompute-granularity`` other than full.
+            run time, so no single candidate).
     """
     dispatcher = args.moe_token_dispatcher_type
     node_dedup, chunks = False, 1
@@ -217,11 +252,15 @@ def candidate_from_args(args) -> Candidate:
             raise ValueError(f"--monta-node-dedup {dedup} --monta-chunks {chunks}: the planner "
                              f"costs fixed choices only (on/off and a number of chunks)")
         node_dedup = dedup == "on"
-    granularity = getattr(args, "recompute_granularity", None)
-    if granularity not in (None, "full"):
-        raise ValueError(f"--recompute-granularity {granularity}: the planner costs none or "
-                         f"full")
     return Candidate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                      args.expert_model_parallel_size, args.expert_tensor_parallel_size,
-                     dispatcher, node_dedup, chunks,
-                     "full" if granularity == "full" else "none")
+                     dispatcher, node_dedup, chunks, recompute_of_args(args))
+
+
+def recompute_of_args(args) -> str:
+    """The :attr:`Candidate.recompute` value of parsed ``--recompute-*`` flags (selective with
+    no modules named: megatron's default, ``core_attn``)."""
+    granularity = getattr(args, "recompute_granularity", None)
+    if granularity == "selective":
+        return selective(*(getattr(args, "recompute_modules", None) or ["core_attn"]))
+    return "full" if granularity == "full" else "none"

@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 
 from monta.planner.costmodel import PlanContext, candidate_problems, evaluate
 from monta.planner.explain import explain
-from monta.planner.plan import Candidate, Plan
+from monta.planner.plan import Candidate, Plan, parse_recompute
 
 logger = logging.getLogger(__name__)
+# at equal predicted time, the plan that recomputes less (selective reruns only elementwise
+# work the model does not time, e.g. layernorm, moe_act)
+RECOMPUTE_ORDER = {"none": 0, "selective": 1, "full": 2}
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,8 @@ class SearchSpace:
     chunks: tuple[int, ...] = (1, 2, 4, 8)
     """--monta-chunks values."""
     recompute: tuple[str, ...] = ("none",)
-    """``none`` and/or ``full`` (what pretrain_moe.py runs:
-    :func:`monta.planner.auto.supported_recompute`)."""
+    """``none``, ``full`` and/or ``selective:<modules>`` (:func:`monta.planner.plan.selective`;
+    what pretrain_moe.py runs: :func:`monta.planner.auto.supported_recompute`)."""
     check_memory: bool = True
     """Drop plans that exceed device memory × headroom."""
 
@@ -49,6 +52,8 @@ class SearchSpace:
                              f"monta")
         if not self.chunks or min(self.chunks) < 1:
             raise ValueError(f"chunks must be >= 1, got {self.chunks}")
+        for option in self.recompute:
+            parse_recompute(option)
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,8 @@ def _dispatch_variants(base: Candidate, ctx: PlanContext, space: SearchSpace) ->
 
 def search(ctx: PlanContext, space: SearchSpace = SearchSpace(), explain_best: bool = True,
            ) -> SearchResult:
-    """Evaluate every valid candidate; rank by step time (ties: fewer chunks, smaller TP)."""
+    """Evaluate every valid candidate; rank by step time (ties: less recompute, fewer chunks,
+    smaller TP)."""
     fits, over, rejected = [], [], Counter()
     evaluated = 0
     for cand in candidates(ctx, space):
@@ -125,8 +131,9 @@ def search(ctx: PlanContext, space: SearchSpace = SearchSpace(), explain_best: b
         plan = evaluate(cand, ctx)
         evaluated += 1
         (fits if plan.memory.fits or not space.check_memory else over).append(plan)
-    key = lambda p: (round(p.step_time_s, 12), p.candidate.chunks, p.candidate.tp,  # noqa: E731
-                     p.candidate.pp, str(p.candidate))
+    key = lambda p: (round(p.step_time_s, 12),  # noqa: E731
+                     RECOMPUTE_ORDER[p.candidate.recompute_granularity], p.candidate.chunks,
+                     p.candidate.tp, p.candidate.pp, str(p.candidate))
     fits.sort(key=key)
     over.sort(key=key)
     result = SearchResult(tuple(fits), tuple(over), dict(rejected), evaluated)

@@ -32,8 +32,15 @@ def test_quick_run_measures_less_kept_with_every_recompute(tmp_path):
         assert row["peak_bytes"] >= row["kept_bytes"], name
     assert rows["full"]["peak_bytes"] < min(row["kept_bytes"] for name, row in rows.items()
                                             if name != "full")
-    # the planner's activation model (monta/planner/memory.py) against the measured peaks
+    # the planner's activation model (monta/planner/memory.py) against the measured peaks:
+    # none and full within 25 %; each selective setting below none and above full, within 40 %
+    # (on CPU the eager SwiGLU keeps intermediates that the GPU's fused kernel does not, so
+    # moe_act saves more here than the planner's one activation output per row)
     planner = result["planner_activations_MB"]
-    for mode, row in (("none", none), ("full", rows["full"])):
-        assert abs(planner[mode] * 1e6 / row["peak_bytes"] - 1) < 0.25, (mode, planner,
+    assert list(planner) == ["none", *rows]
+    for name, row in {"none": none, **rows}.items():
+        bound = 0.25 if name in ("none", "full") else 0.4
+        assert abs(planner[name] * 1e6 / row["peak_bytes"] - 1) < bound, (name, planner,
                                                                           row["peak_bytes"])
+        if name.startswith("selective"):
+            assert planner["full"] < planner[name] < planner["none"], (name, planner)

@@ -100,6 +100,43 @@ def test_recompute_trades_time_for_memory(ctx):
     assert full.memory.activations_GB < plain.memory.activations_GB
 
 
+def test_selective_recompute_costs_what_it_reruns(ctx):
+    """``moe`` reruns the MoE block's forward (dispatch, experts, combine) and nothing else;
+    ``layernorm`` and ``moe_act`` rerun elementwise work the model does not time, so they cost
+    no time; each keeps less than none and more than full; ``core_attn`` drops nothing under
+    flash attention (the toy device's) but reruns the core attention."""
+    from monta.planner.plan import selective
+
+    def plan(recompute="none"):
+        return evaluate(Candidate(1, 1, 4, 1, "monta", recompute=recompute), ctx)
+
+    plain, full = plan(), plan("full")
+    moe, cheap = plan(selective("moe", "layernorm")), plan(selective("layernorm", "moe_act"))
+    for phase in ("ep/inter", "ep/intra"):
+        for attr in ("inter_bytes", "intra_bytes"):
+            assert getattr(moe.phase(phase), attr) == pytest.approx(
+                1.5 * getattr(plain.phase(phase), attr))  # (2 + 1) / 2 passes of the block
+    assert moe.phase("compute/experts").raw_seconds == pytest.approx(
+        4 / 3 * plain.phase("compute/experts").raw_seconds)
+    assert moe.phase("compute/attention").seconds == plain.phase("compute/attention").seconds
+    assert moe.phase("tp/collectives").seconds == plain.phase("tp/collectives").seconds
+    assert cheap.step_time_s == plain.step_time_s
+    for p in (moe, cheap):
+        assert full.memory.activations_GB < p.memory.activations_GB < \
+            plain.memory.activations_GB
+    core = plan(selective("core_attn"))
+    assert ctx.cluster.device.flash_attention
+    assert core.memory.activations_GB == plain.memory.activations_GB
+    core_fwd = 2 * 1 * 32 ** 2 * 64 / TF  # one forward of the causal core attention
+    assert core.phase("compute/attention").seconds - plain.phase(
+        "compute/attention").seconds == pytest.approx(2 * core_fwd)  # 2 layers, 1 micro-batch
+    assert str(core.candidate).endswith("recompute core_attn")
+    assert "--recompute-granularity selective --recompute-modules core_attn --" in " ".join(
+        core.flags)
+    with pytest.raises(ValueError, match="selective:<modules>"):
+        Candidate(1, 1, 4, 1, recompute="selective:mlp")
+
+
 def test_validity_rules_match_the_training_checks(toy_model):
     wl = Workload(32, 1, 4)
     assert layout_problems(Layout(4, 2, 4, 1, 1, 1), toy_model, wl) == [

@@ -83,18 +83,22 @@ def test_auto_plan_overrides_for_pretrain_args():
     assert layout_problems(layout, model_from_args(args), Workload(128, 4, 16)) == []
     no_batch = parse_args(["--num-experts", "8", "--micro-batch-size", "2", "--seq-length", "64"])
     assert plan_for_args(no_batch, 4, "testbed_1gbit")["global_batch_size"] == 2 * 4
-    assert supported_recompute() == ("none", "full")
+    assert supported_recompute() == ("none", "full", "selective:layernorm,moe")
+    assert supported_recompute(grouped_gemm=True) == (
+        "none", "full", "selective:layernorm,moe", "selective:layernorm,moe_act")
     with pytest.raises(ValueError, match="--ranks-per-node 4 disagrees"):
         plan_for_args(parse_args(["--ranks-per-node", "4"]), 4, "testbed_1gbit")
 
 
 def test_auto_plan_recomputes_when_memory_needs_it_and_keeps_a_users_choice(tmp_path):
-    """On a cluster whose memory fits only full-recompute strategies, the planner picks one and
-    sets Megatron-LM's flags for it, which pretrain_moe.py's checks accept; a user's own
-    recompute flags bound the search (full: full only; selective: costed as none) and are not
-    overwritten."""
+    """On a cluster whose memory fits only full-recompute strategies, the planner picks one; on
+    one that fits selective (MoE layer and norms) but not none, it picks that; each time it sets
+    Megatron-LM's flags, which pretrain_moe.py's checks accept. A user's own recompute flags
+    bound the search (full: full only; selective: their modules, megatron's core_attn if none
+    named) and are not overwritten."""
     import yaml
 
+    from monta.planner.plan import selective
     from monta.training.validation import (
         validate_model, validate_parallel_dims, validate_recompute,
     )
@@ -103,32 +107,44 @@ def test_auto_plan_recomputes_when_memory_needs_it_and_keeps_a_users_choice(tmp_
              "--ffn-hidden-size", "512", "--swiglu", "--disable-bias-linear",
              "--num-experts", "8", "--moe-router-topk", "2", "--seq-length", "2048",
              "--micro-batch-size", "8", "--global-batch-size", "32", "--vocab-size", "4096"]
-    args = parse_args(flags)
     cluster = load_cluster("testbed_1gbit")
-    ctx = PlanContext(cluster.with_world(4), model_from_args(args), workload_from_args(args))
+    ctx = PlanContext(cluster.with_world(4), model_from_args(parse_args(flags)),
+                      workload_from_args(parse_args(flags)))
+    moe = selective("layernorm", "moe")
     leanest = {rc: min(p.memory.total_GB for p in search(
         ctx, SearchSpace(recompute=(rc,), check_memory=False), explain_best=False).all_plans())
-        for rc in ("none", "full")}
-    assert leanest["full"] < leanest["none"]
+        for rc in ("none", "full", moe)}
+    assert leanest["full"] < leanest[moe] < leanest["none"]
     spec = yaml.safe_load((PRESET_DIR / "testbed_1gbit.yaml").read_text())
-    spec["device"]["memory_GB"] = (leanest["full"] + leanest["none"]) / 2 \
-        / spec["device"]["memory_headroom"]
-    tight = tmp_path / "tight.yaml"
-    tight.write_text(yaml.safe_dump(spec))
 
-    overrides = plan_for_args(args, 4, str(tight))
+    def planned_between(low, high, name):
+        spec["device"]["memory_GB"] = (low + high) / 2 / spec["device"]["memory_headroom"]
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        args = parse_args(flags)
+        overrides = plan_for_args(args, 4, str(path))
+        vars(args).update(overrides)
+        dims = validate_parallel_dims(args, 4)
+        validate_model(args, dims)
+        validate_recompute(args, dims)
+        return overrides
+
+    overrides = planned_between(leanest["full"], leanest[moe], "full_only")
     assert (overrides["recompute_granularity"], overrides["recompute_method"],
             overrides["recompute_num_layers"]) == ("full", "uniform", 1)
-    vars(args).update(overrides)
-    dims = validate_parallel_dims(args, 4)
-    validate_model(args, dims)
-    validate_recompute(args, dims)
+    overrides = planned_between(leanest[moe], leanest["none"], "selective")
+    assert (overrides["recompute_granularity"], overrides["recompute_modules"]) == (
+        "selective", ["layernorm", "moe"])
+    assert "recompute_method" not in overrides
 
     mine = parse_args([*flags, "--recompute-granularity", "full", "--recompute-method", "block",
                        "--recompute-num-layers", "2"])
     assert recompute_space(mine) == ("full",)
     assert "recompute_method" not in plan_for_args(mine, 4, "testbed_1gbit")  # kept: block, 2
     assert recompute_space(parse_args([*flags, "--recompute-granularity", "selective"])) == (
-        "none",)
-    assert recompute_space(args) == ("full",) and recompute_space(parse_args(flags)) == (
-        "none", "full")
+        "selective:core_attn",)
+    assert recompute_space(parse_args([*flags, "--recompute-granularity", "selective",
+                                       "--recompute-modules", "moe", "layernorm"])) == (moe,)
+    assert recompute_space(parse_args(flags)) == ("none", "full", moe)
+    assert recompute_space(parse_args([*flags, "--moe-grouped-gemm"]))[-1] == selective(
+        "layernorm", "moe_act")
