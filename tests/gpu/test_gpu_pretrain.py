@@ -90,3 +90,43 @@ def test_pretrain_bf16_grouped_gemm_on_one_gpu(tmp_path, tiny_data_prefix, token
     log = _train_save_resume(tmp_path, command)
     assert "peak memory (GiB)" in log
     assert "torch Adam with fused=True" in log
+
+
+def test_pretrain_recompute_on_one_gpu_trains_the_same_function(tmp_path, tiny_data_prefix,
+                                                                tokenizer_model):
+    """The recompute settings the planner picks (monta/planner/auto.py) run on a GPU in bf16
+    with grouped experts: full, and selective over the norms, the experts' activation and the
+    MoE layer (megatron's CheckpointWithoutOutput under monta/compat's fp8-flag patch). Each
+    reruns the same function: its losses match the run without recompute to bf16 precision
+    (the GPU's scatter-adds are not bitwise deterministic)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+            "--master-port", "29546", str(REPO / "pretrain_moe.py"), "--bf16",
+            "--moe-grouped-gemm", "--data-path", tiny_data_prefix, "--tokenizer-model",
+            tokenizer_model, "--num-layers", "2", "--hidden-size", "256",
+            "--num-attention-heads", "4", "--ffn-hidden-size", "512", "--swiglu",
+            "--disable-bias-linear", "--normalization", "RMSNorm", "--num-experts", "8",
+            "--moe-router-topk", "2", "--moe-token-dispatcher-type", "monta",
+            "--seq-length", "128", "--micro-batch-size", "4", "--lr", "3e-3",
+            "--train-iters", "8", "--log-interval", "1", "--eval-iters", "0",
+            "--no-progress-bar", "--seed", "7"]
+    settings = {"none": [],
+                "full": ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                         "--recompute-num-layers", "1"],
+                "selective": ["--recompute-granularity", "selective", "--recompute-modules",
+                              "layernorm", "moe_act", "moe"]}
+    losses = {}
+    for name, flags in settings.items():
+        board = tmp_path / name
+        done = subprocess.run([*base, *flags, "--tensorboard-dir", str(board)], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, name + done.stdout[-3000:] + done.stderr[-3000:]
+        events = EventAccumulator(str(board), size_guidance={"scalars": 0})
+        events.Reload()
+        losses[name] = [e.value for e in events.Scalars("lm loss")]
+    assert len(losses["none"]) == 8
+    for name in ("full", "selective"):
+        assert len(losses[name]) == 8
+        for got, want in zip(losses[name], losses["none"]):
+            assert abs(got - want) <= 2e-2 * abs(want), (name, losses)
