@@ -130,7 +130,7 @@ def one_pass(model, tokens, measure: bool) -> tuple[float, int | None, int | Non
 
 def planner_option(setting: str) -> str:
     """The planner's recompute option (monta/planner/plan.py) for a :data:`SETTINGS` name."""
-    from monta.planner.plan import selective
+    from monta.planner.recompute import selective
 
     granularity, _, module = setting.partition(" ")
     return selective(module) if granularity == "selective" else granularity

@@ -17,7 +17,7 @@ import os
 from monta.planner.cluster import load_cluster
 from monta.planner.costmodel import PlanContext
 from monta.planner.model import model_from_args, workload_from_args
-from monta.planner.plan import recompute_of_args, selective
+from monta.planner.recompute import recompute_of_args, selective
 from monta.planner.routing import load_routing
 from monta.planner.search import SearchSpace, plan_for
 

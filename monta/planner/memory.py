@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from monta.planner.cluster import DeviceSpec
 from monta.planner.layout import Layout
 from monta.planner.model import ModelSpec, Workload
+from monta.planner.recompute import parse_recompute
 
 GB = 1e9
 
@@ -90,11 +91,9 @@ def memory_estimate(model: ModelSpec, layout: Layout, workload: Workload, device
     Args:
         held_rows: rows this rank's experts hold per micro-batch (volume model).
         imbalance: busiest owner's load over the mean (1 = uniform routing).
-        recompute: ``none``, ``full`` or ``selective:<modules>`` (monta/planner/plan.py).
+        recompute: ``none``, ``full`` or ``selective:<modules>`` (monta/planner/recompute.py).
         micro_batches: per step (sets 1F1B's in-flight count).
     """
-    from monta.planner.plan import parse_recompute  # (plan imports this module)
-
     granularity, modules = parse_recompute(recompute)
     b = device.bytes_per_element
     t = workload.seq_length * workload.micro_batch_size / layout.tp
@@ -102,22 +101,20 @@ def memory_estimate(model: ModelSpec, layout: Layout, workload: Workload, device
     scores = 0.0 if device.flash_attention else 2 * model.num_attention_heads / layout.tp * (
         workload.micro_batch_size * workload.seq_length ** 2)
     rows = held_rows * imbalance
-    experts = rows * (2 * h + model.expert_matrices * model.ffn_hidden_size / layout.etp) + (
+    routed = rows * (2 * h + model.expert_matrices * model.ffn_hidden_size / layout.etp) + (
         (layout.tp - 1) * t * h if ds_tp else 0.0)
-    # (residual/norm input, norm output) per block, the attention's own tensors, the experts'
-    attention_parts = {"norm_in": t * h, "norm_out": t * h,
-                       "qkv_and_context": t * (h + 2 * q + 2 * g), "scores": scores}
-    moe_parts = {"norm_in": t * h, "norm_out": t * h, "experts": experts}
-    per_layer = (sum(attention_parts.values()) + sum(moe_parts.values())) * b
+    # each block keeps its norm's input (the residual) and output (T·h each)
+    attention = t * (3 * h + 2 * q + 2 * g) + scores
+    moe = 2 * t * h + routed
+    per_layer = (attention + moe) * b
     kept = per_layer
     if granularity == "full":
         kept = t * h * b
     elif granularity == "selective":
-        dropped = ((attention_parts["scores"] if "core_attn" in modules else 0.0)
-                   + (attention_parts["norm_out"] + moe_parts["norm_out"]
-                      if "layernorm" in modules else 0.0))
+        dropped = (scores if "core_attn" in modules else 0.0) + (
+            2 * t * h if "layernorm" in modules else 0.0)
         if "moe" in modules:
-            dropped += moe_parts["experts"]
+            dropped += routed
         elif "moe_act" in modules:
             dropped += rows * model.ffn_hidden_size / layout.etp
         kept = per_layer - dropped * b

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from monta.planner.memory import MemoryEstimate
+from monta.planner.recompute import parse_recompute, recompute_of_args
 from monta.planner.volumes import Mode
 
 Dispatcher = Literal["alltoall", "ds_tp", "monta"]
-# Megatron-LM's --recompute-modules that the planner costs (monta/planner/memory.py)
-SELECTIVE_MODULES = ("core_attn", "layernorm", "moe", "moe_act")
 PHASES = ("compute/attention", "compute/experts", "compute/lm_head", "tp/collectives",
           "ep/inter", "ep/intra", "ep/overhead", "pp/p2p", "pp/bubble", "dp/grad_sync")
 
@@ -36,8 +35,8 @@ class Candidate:
     chunks: int = 1
     """--monta-chunks (monta only)."""
     recompute: str = "none"
-    """Activation recomputation: ``none``, ``full`` or ``selective:<modules>`` with a
-    comma-separated subset of :data:`SELECTIVE_MODULES` (:func:`selective`)."""
+    """Activation recomputation: ``none``, ``full`` or ``selective:<modules>``
+    (:mod:`monta.planner.recompute`)."""
 
     def __post_init__(self):
         if self.dispatcher not in ("alltoall", "ds_tp", "monta"):
@@ -82,25 +81,6 @@ class Candidate:
         recompute = {"none": "", "full": " recompute"}.get(
             self.recompute, f" recompute {'+'.join(self.recompute_modules)}")
         return f"{self.layout_label} {self.dispatch_label}{recompute}"
-
-
-def selective(*modules: str) -> str:
-    """The :attr:`Candidate.recompute` value for ``--recompute-granularity selective
-    --recompute-modules <modules>`` (order and repeats do not matter)."""
-    return "selective:" + ",".join(sorted(set(modules)))
-
-
-def parse_recompute(option: str) -> tuple[str, tuple[str, ...]]:
-    """(granularity, modules) of a :attr:`Candidate.recompute` value; ValueError if it names
-    something else."""
-    if option in ("none", "full"):
-        return option, ()
-    granularity, _, listed = option.partition(":")
-    modules = tuple(m for m in listed.split(",") if m)
-    if granularity != "selective" or not modules or set(modules) - set(SELECTIVE_MODULES):
-        raise ValueError(f"recompute must be none, full or selective:<modules> with modules "
-                         f"from {', '.join(SELECTIVE_MODULES)}, got {option!r}")
-    return granularity, tuple(sorted(set(modules)))
 
 
 @dataclass(frozen=True)
@@ -256,11 +236,3 @@ def candidate_from_args(args) -> Candidate:
                      args.expert_model_parallel_size, args.expert_tensor_parallel_size,
                      dispatcher, node_dedup, chunks, recompute_of_args(args))
 
-
-def recompute_of_args(args) -> str:
-    """The :attr:`Candidate.recompute` value of parsed ``--recompute-*`` flags (selective with
-    no modules named: megatron's default, ``core_attn``)."""
-    granularity = getattr(args, "recompute_granularity", None)
-    if granularity == "selective":
-        return selective(*(getattr(args, "recompute_modules", None) or ["core_attn"]))
-    return "full" if granularity == "full" else "none"

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from monta.planner.costmodel import PlanContext, candidate_problems, evaluate
 from monta.planner.explain import explain
-from monta.planner.plan import Candidate, Plan, parse_recompute
+from monta.planner.plan import Candidate, Plan
+from monta.planner.recompute import parse_recompute
 
 logger = logging.getLogger(__name__)
 # at equal predicted time, the plan that recomputes less (selective reruns only elementwise
@@ -36,7 +37,7 @@ class SearchSpace:
     chunks: tuple[int, ...] = (1, 2, 4, 8)
     """--monta-chunks values."""
     recompute: tuple[str, ...] = ("none",)
-    """``none``, ``full`` and/or ``selective:<modules>`` (:func:`monta.planner.plan.selective`;
+    """``none``, ``full`` and/or ``selective:<modules>`` (:func:`monta.planner.recompute.selective`;
     what pretrain_moe.py runs: :func:`monta.planner.auto.supported_recompute`)."""
     check_memory: bool = True
     """Drop plans that exceed device memory × headroom."""

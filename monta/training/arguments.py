@@ -189,6 +189,10 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                         "save the last good state and exit with code 4")
 
 
+# megatron-core's recompute_modules this trainer supports (the planner costs the same ones)
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "moe")
+
+
 def _add_recompute_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("activation recomputation (megatron-core's, as in Megatron-LM)")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
@@ -202,7 +206,7 @@ def _add_recompute_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-num-layers", type=int, default=None,
                    help="with full: layers per recomputed unit (uniform) or per stage (block)")
     g.add_argument("--recompute-modules", nargs="+", default=None,
-                   choices=("core_attn", "moe_act", "layernorm", "moe"),
+                   choices=RECOMPUTE_MODULES,
                    help="with selective: the submodules to rerun (default core_attn); moe_act "
                         "needs --moe-grouped-gemm")
 

@@ -105,7 +105,7 @@ def test_selective_recompute_costs_what_it_reruns(ctx):
     ``layernorm`` and ``moe_act`` rerun elementwise work the model does not time, so they cost
     no time; each keeps less than none and more than full; ``core_attn`` drops nothing under
     flash attention (the toy device's) but reruns the core attention."""
-    from monta.planner.plan import selective
+    from monta.planner.recompute import selective
 
     def plan(recompute="none"):
         return evaluate(Candidate(1, 1, 4, 1, "monta", recompute=recompute), ctx)

@@ -98,7 +98,7 @@ def test_auto_plan_recomputes_when_memory_needs_it_and_keeps_a_users_choice(tmp_
     named) and are not overwritten."""
     import yaml
 
-    from monta.planner.plan import selective
+    from monta.planner.recompute import selective
     from monta.training.validation import (
         validate_model, validate_parallel_dims, validate_recompute,
     )
