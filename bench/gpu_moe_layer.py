@@ -66,12 +66,15 @@ def count_host_syncs(fn) -> dict:
     on their counts' copy so, monta/per_expert_gemm.py)."""
     import warnings
 
+    def where(name: str, line: int) -> str:
+        return f"{os.path.relpath(name, REPO) if name.startswith(str(REPO)) else name}:{line}"
+
     event_waits = []
     real_wait = torch.cuda.Event.synchronize
 
     def counted_wait(event):
         frame = sys._getframe(1)
-        event_waits.append(f"{os.path.relpath(frame.f_code.co_filename, REPO)}:{frame.f_lineno}")
+        event_waits.append(where(frame.f_code.co_filename, frame.f_lineno))
         return real_wait(event)
 
     with warnings.catch_warnings(record=True) as caught:
@@ -84,11 +87,8 @@ def count_host_syncs(fn) -> dict:
             torch.cuda.Event.synchronize = real_wait
             torch.cuda.set_sync_debug_mode("default")
 
-    def where(w):
-        name = w.filename
-        return f"{os.path.relpath(name, REPO) if name.startswith(str(REPO)) else name}:{w.lineno}"
-
-    sites = [where(w) for w in caught if "called a synchronizing" in str(w.message)]
+    sites = [where(w.filename, w.lineno) for w in caught
+             if "called a synchronizing" in str(w.message)]
     sites += [f"{site} (event)" for site in event_waits]
     return {"count": len(sites), "sites": sorted(set(sites))}
 
