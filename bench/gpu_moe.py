@@ -144,7 +144,7 @@ def monta_experts(shape: dict, w1: torch.Tensor, w2: torch.Tensor, device, dtype
 
 
 def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
-    from monta import expert_gemm, per_expert_gemm, swiglu_gemm
+    from monta import expert_gemm, per_expert_gemm, swiglu_gemm, wgrad_overlap
     from monta.experts import (activation_with_probs, expert_offsets, grouped_mm,
                                grouped_mm_supported)
 
@@ -230,12 +230,17 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     experts = monta_experts(shape, w1, w2, device, dtype)
     fusable = swiglu_gemm.supported(x, w1, w2)
 
-    def monta_ffn(x, probs, grad, counts, fused=None):
+    def monta_ffn(x, probs, grad, counts, fused=None, wgrad_stream=None):
         """MoNTA's experts as its MoE layer runs them (``MoNTAGroupedMLP``); ``fused``:
-        MONTA_FUSED_SWIGLU (monta/swiglu_gemm.py), its default if None."""
+        MONTA_FUSED_SWIGLU (monta/swiglu_gemm.py), ``wgrad_stream``: MONTA_WGRAD_STREAM
+        (monta/wgrad_overlap.py), their defaults if None."""
         def run():
             experts(x, counts, probs.view(-1))[0].backward(grad)
-        return run if fused is None else lambda: with_env(swiglu_gemm.FUSE_VARIABLE, fused, run)
+        for name, value in ((swiglu_gemm.FUSE_VARIABLE, fused),
+                            (wgrad_overlap.VARIABLE, wgrad_stream)):
+            if value is not None:
+                run = (lambda fn, name, value: lambda: with_env(name, value, fn))(run, name, value)
+        return run
 
     def loop_ffn():  # SequentialMLP's shape of work: per expert fc1, eager SwiGLU·prob, fc2
         outs = []
@@ -271,6 +276,8 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     if device.type == "cuda":
         variants["per_expert"] = ("cublas", monta_ffn(x, probs, grad, counts))
         variants["grouped_only"] = ("grouped", monta_ffn(x, probs, grad, counts))
+        # the default with every GEMM on one stream: what the weight gradients' side stream buys
+        variants["one_stream"] = ("default", monta_ffn(x, probs, grad, counts, wgrad_stream="0"))
     if fusable:
         variants["grouped_unfused"] = ("grouped", monta_ffn(x, probs, grad, counts, "0"))
         variants["grouped_fused_all"] = ("grouped", monta_ffn(x, probs, grad, counts, "all"))

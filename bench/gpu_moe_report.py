@@ -111,6 +111,7 @@ def _chained_ffn_table(r: dict) -> list[str]:
         return []
     names = [(k, label) for k, label in (
         ("grouped", "MoNTA (default)"), ("per_expert", "one cuBLAS GEMM per expert (`cublas`)"),
+        ("one_stream", "MoNTA (default), one stream (`MONTA_WGRAD_STREAM=0`)"),
         ("grouped_only", "MoNTA's grouped kernels (`grouped`)"),
         ("grouped_torch", "`torch._grouped_mm`"),
         ("grouped_unfused", "grouped, SwiGLU·prob unfused"),
@@ -198,6 +199,8 @@ LAYER_VARIANTS = {
     "monta_grouped_unfused": "with SwiGLU·prob as its own kernels (`MONTA_FUSED_SWIGLU=0`)",
     "monta_grouped_sync_free": "on its grouped kernels only, never one GEMM per expert "
                                "(`MONTA_GROUPED_GEMM=grouped`: no host sync)",
+    "monta_grouped_one_stream": "with every GEMM on one stream, weight gradients included "
+                                "(`MONTA_WGRAD_STREAM=0`)",
 }
 
 

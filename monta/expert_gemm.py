@@ -42,6 +42,7 @@ import statistics
 import torch
 
 from monta import grouped_gemm, sm90_gemm
+from monta.wgrad_overlap import WgradOverlap
 
 logger = logging.getLogger(__name__)
 
@@ -306,10 +307,13 @@ class GroupedMM(torch.autograd.Function):
         row_ends = with_alignment(row_ends, ctx.alignment)
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         dx = dw = None
+        overlap = WgradOverlap(dy)
         if ctx.needs_input_grad[0]:
             dx = rows(dy, w.transpose(1, 2), row_ends)
         if ctx.needs_input_grad[1]:
-            dw = wgrad(x, dy, row_ends, w)
+            with overlap.side():
+                dw = wgrad(x, dy, row_ends, w)
+        overlap.join(dw)
         return dx, dw, None
 
 

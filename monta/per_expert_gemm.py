@@ -49,6 +49,7 @@ from __future__ import annotations
 import torch
 
 from monta.expert_gemm import CUBLAS, DEFAULT, kernel_pin
+from monta.wgrad_overlap import WgradOverlap
 
 # Per-expert GEMMs from this size up (2·rows/E·F·H FLOPs of fc2, the smaller projection),
 # between the measured 51 GFLOP per expert (lost, in training) and 240 (won, in the layer).
@@ -128,14 +129,18 @@ class PerExpertMM(torch.autograd.Function):
         dy = dy.contiguous()
         dx = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
         dw = w.new_empty(w.shape) if ctx.needs_input_grad[1] else None
+        overlap = WgradOverlap(dy)
         for expert, start, end in _row_blocks(ctx.splits):
             if dx is not None and end > start:
                 torch.mm(dy[start:end], w[expert].t(), out=dx[start:end])
-            if dw is not None:
-                if end > start:
-                    torch.mm(x[start:end].t(), dy[start:end], out=dw[expert])
-                else:
-                    dw[expert].zero_()
+        with overlap.side():
+            for expert, start, end in _row_blocks(ctx.splits):
+                if dw is not None:
+                    if end > start:
+                        torch.mm(x[start:end].t(), dy[start:end], out=dw[expert])
+                    else:
+                        dw[expert].zero_()
+        overlap.join()
         return dx, dw, None
 
 

@@ -47,6 +47,7 @@ import os
 import torch
 
 from monta import expert_gemm, grouped_gemm, swiglu
+from monta.wgrad_overlap import WgradOverlap
 
 try:
     import triton
@@ -238,15 +239,23 @@ class SwiGLUExpertFFN(torch.autograd.Function):
         x, w1, w2, probs, row_ends, h, y = ctx.saved_tensors
         row_ends = expert_gemm.with_alignment(row_ends, ctx.alignment)
         dout = dout.contiguous()
+        overlap = WgradOverlap(dout)
+        dw1 = dw2 = None
+        if ctx.needs_input_grad[2]:
+            with overlap.side():
+                dw2 = expert_gemm.wgrad(y, dout, row_ends, w2)
         if ctx.fuse_backward:
             dh, dp = fc2_dgrad_swiglu(dout, w2, h, probs, row_ends)
         else:
             dy = expert_gemm.rows(dout, w2.transpose(1, 2), row_ends)
             dh, dp = swiglu.weighted_swiglu_backward(h, probs, dy)
-        dw2 = expert_gemm.wgrad(y, dout, row_ends, w2) if ctx.needs_input_grad[2] else None
+        overlap.fork()  # fc1's weight gradient reads dh
+        if ctx.needs_input_grad[1]:
+            with overlap.side():
+                dw1 = expert_gemm.wgrad(x, dh, row_ends, w1)
         dx = expert_gemm.rows(dh, w1.transpose(1, 2), row_ends) if ctx.needs_input_grad[0] \
             else None
-        dw1 = expert_gemm.wgrad(x, dh, row_ends, w1) if ctx.needs_input_grad[1] else None
+        overlap.join(dw1, dw2)
         return dx, dw1, dw2, dp.view_as(probs).to(probs.dtype), None, None
 
 

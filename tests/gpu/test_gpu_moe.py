@@ -366,3 +366,43 @@ def test_per_expert_layer_waits_for_the_count_copy_only(nccl_world_of_one, monke
     syncs = _synchronizing_ops(lambda: layer(x)[0].backward(grad))
     assert splits and all(s is not None and sum(s) == 2048 for s in splits), splits
     assert not syncs, "\n".join(syncs)
+
+
+def _kernel_streams(fn) -> set:
+    """The CUDA streams the kernels ``fn`` launches ran on (torch.profiler's Kineto events)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.device_resource_id() for e in prof.profiler.kineto_results.events()
+            if e.device_type() == DeviceType.CUDA and e.activity_type() == "kernel"}
+
+
+@pytest.mark.parametrize("path", [("MONTA_GROUPED_GEMM", "cublas"),
+                                  ("MONTA_FUSED_SWIGLU", "fwd"), ("MONTA_FUSED_SWIGLU", "0")],
+                         ids=["per_expert", "grouped_fused", "grouped_unfused"])
+def test_weight_gradients_on_a_side_stream_change_nothing(nccl_world_of_one, monkeypatch, path):
+    """MONTA_WGRAD_STREAM=1 (the default, monta/wgrad_overlap.py) runs the experts' weight
+    gradients on a second stream in each expert path (one cuBLAS GEMM per expert; the grouped
+    kernels with SwiGLU·prob fused into fc1 or not) and gives bit for bit the output and
+    gradients of MONTA_WGRAD_STREAM=0, which keeps every kernel on one stream."""
+    monkeypatch.setenv(*path)
+    layer = _moe_layer("monta", grouped=True)
+    x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+    results, streams = [], []
+    for value in ("1", "0"):
+        monkeypatch.setenv("MONTA_WGRAD_STREAM", value)
+        layer.zero_grad(set_to_none=True)
+        inp = x.clone().requires_grad_(True)
+        out = layer(inp)[0]
+        streams.append(_kernel_streams(lambda: out.backward(grad)))
+        results.append((out, inp.grad, {k: p.grad for k, p in layer.named_parameters()}))
+    assert len(streams[0]) == 2 and len(streams[1]) == 1, streams
+    (out1, dx1, g1), (out0, dx0, g0) = results
+    assert torch.equal(out1, out0) and torch.equal(dx1, dx0)
+    assert g1.keys() == g0.keys() and all(g0[k] is not None for k in g0)
+    for name in g1:
+        assert torch.equal(g1[name], g0[name]), name
