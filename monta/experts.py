@@ -20,6 +20,9 @@ on the host. Otherwise there is no host sync: ``torch._grouped_mm`` and MoNTA's 
 the experts' row *ends* as an int32 tensor on the device, so counts that arrive on the GPU
 (MoNTA's dispatcher) stay there. The loop fallback (the same per-expert GEMMs) needs them on
 the host, which is a sync on a GPU; on CPU it is free.
+
+In every path the backward queues each projection's weight gradient on a second CUDA stream,
+beside the input gradient that the rest of the backward waits for (:mod:`monta.wgrad_overlap`).
 """
 
 from __future__ import annotations

@@ -31,6 +31,23 @@ TORCH, NSYS = "torch", "nsys"
 _PYTHON_FRAME = re.compile(r"^<built-in |^<stdin>|.*\.py\(\d+\): ")
 
 
+def busy_us(spans) -> float:
+    """Time covered by at least one of the ``(start, end)`` spans: the GPU's busy time when
+    kernels on several streams overlap (the experts' weight gradients, monta/wgrad_overlap.py),
+    which a plain sum of their durations counts twice."""
+    covered, reached = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reached:
+            covered += end - max(start, reached)
+            reached = end
+    return covered
+
+
+def _device_spans(prof) -> list:
+    return [(e.time_range.start, e.time_range.end) for e in prof.events()
+            if str(getattr(e, "device_type", "")).endswith("CUDA")]
+
+
 def _self_device_us(event) -> float:
     return (getattr(event, "self_device_time_total", None)
             or getattr(event, "self_cuda_time_total", 0) or 0)
@@ -144,7 +161,7 @@ class StepProfiler:
             "steps": steps,
             "wall_ms_per_step": wall_s * 1e3 / steps,
             "gpu_kernel_ms_per_step": kernel_us / 1e3 / steps,
-            "gpu_busy_fraction": kernel_us / 1e6 / wall_s if wall_s else None,
+            "gpu_busy_fraction": busy_us(_device_spans(prof)) / 1e6 / wall_s if wall_s else None,
             "kernel_launches_per_step": sum(e.count for e in kernels) / steps,
             "top_kernels": [{"kernel": e.key[:110], "ms_per_step": _self_device_us(e) / 1e3 / steps,
                              "share": _self_device_us(e) / kernel_us if kernel_us else None,

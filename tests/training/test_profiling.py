@@ -91,3 +91,13 @@ def test_environment_profiles_the_reporting_rank_only(monkeypatch, tmp_path):
     monkeypatch.setenv("MONTA_PROFILE_STEPS", "5:5")
     with pytest.raises(ValueError, match="MONTA_PROFILE_STEPS=5:5"):
         StepProfiler.from_args(_flags(), rank=0, reporting=True)
+
+
+def test_busy_time_counts_overlapping_kernels_once():
+    """Kernels on two streams overlap; the GPU is busy for the union of their spans."""
+    from monta.training.profiling import busy_us
+
+    assert busy_us([]) == 0
+    assert busy_us([(0, 10), (20, 25)]) == 15  # one stream, an idle gap
+    assert busy_us([(0, 10), (5, 12), (6, 8)]) == 12  # overlapping and nested
+    assert busy_us([(30, 40), (0, 10), (10, 30)]) == 40  # unsorted, touching
