@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--chain", type=int, default=1,
                         help="passes per timed step, back to back without a sync (as training "
                              "runs them: the host queues ahead while the GPU computes)")
+    parser.add_argument("--keep-trace", action="store_true",
+                        help="keep the chrome trace beside --out (.trace.json) to read by hand")
     opts = parser.parse_args(argv)
     device, dtype = torch.device("cuda"), torch.bfloat16
     init_world(device)
@@ -159,7 +161,8 @@ def main(argv=None) -> int:
         print("  gap", gap)
     for op in last["host_before_first_gemm"]:
         print("  host", op)
-    trace.unlink()
+    if not opts.keep_trace:
+        trace.unlink()
     return 0
 
 

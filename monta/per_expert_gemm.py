@@ -67,26 +67,48 @@ def per_expert_wanted(rows: int, w2_shape, pin: str) -> bool:
     return 2 * rows / experts * ffn * hidden / 1e9 >= MIN_EXPERT_GFLOP
 
 
-def host_splits(x: torch.Tensor, w2: torch.Tensor, tokens_per_expert) -> list[int] | None:
-    """The experts' row counts as host ints when the FFN of ``x [n, H]`` whose fc2 weight is
-    ``w2 [E, F, H]`` should run per expert (:func:`per_expert_wanted`), else None. Only on
-    GPUs (CPU has its own loop) and not on padded rows (``tokens_per_expert.row_ends`` with
-    an alignment: their layout is the grouped kernels')."""
+class HostSplits:
+    """The experts' row counts as host ints, read at the first :meth:`get`.
+
+    The read waits for the GPU, and the GPU idles from the moment the counts arrive until the
+    host launches the first expert GEMM. :class:`PerExpertMM` therefore calls :meth:`get` as
+    late as it can: after the Python of the layer and the experts, and after allocating its
+    output. In an H200 trace of the Mixtral-shape layer (``bench/gpu_moe_gaps.py
+    --keep-trace``, a585d89), the host needed ~120 µs from the end of the wait to reach
+    ``PerExpertMM``, and ~200 µs more to launch the first GEMM."""
+
+    def __init__(self, tokens_per_expert, rows: int, experts: int):
+        self._counts, self._rows, self._experts = tokens_per_expert, rows, experts
+        self._splits = None
+
+    def get(self) -> list[int]:
+        if self._splits is None:
+            prefetched = getattr(self._counts, "host_copy", None)
+            if prefetched is not None:
+                host, copied = prefetched
+                copied.synchronize()
+                splits = host.tolist()
+            else:
+                splits = torch.as_tensor(self._counts).tolist()  # a sync if they are on the GPU
+            if len(splits) != self._experts or sum(splits) != self._rows:
+                raise ValueError(f"tokens_per_expert {splits} must give each of the "
+                                 f"{self._experts} local experts a count, summing to the "
+                                 f"{self._rows} rows")
+            self._splits = splits
+        return self._splits
+
+
+def host_splits(x: torch.Tensor, w2: torch.Tensor, tokens_per_expert) -> HostSplits | None:
+    """The experts' row counts, to be read on the host (:class:`HostSplits`), when the FFN of
+    ``x [n, H]`` whose fc2 weight is ``w2 [E, F, H]`` should run per expert
+    (:func:`per_expert_wanted`), else None. Only on GPUs (CPU has its own loop) and not on
+    padded rows (``tokens_per_expert.row_ends`` with an alignment: their layout is the grouped
+    kernels')."""
     if not x.is_cuda or not per_expert_wanted(x.size(0), w2.shape, kernel_pin()):
         return None
     if getattr(getattr(tokens_per_expert, "row_ends", None), "alignment", None):
         return None
-    prefetched = getattr(tokens_per_expert, "host_copy", None)
-    if prefetched is not None:
-        host, copied = prefetched
-        copied.synchronize()
-        splits = host.tolist()
-    else:
-        splits = torch.as_tensor(tokens_per_expert).tolist()  # a sync if they are on the GPU
-    if len(splits) != w2.size(0) or sum(splits) != x.size(0):
-        raise ValueError(f"tokens_per_expert {splits} must give each of the {w2.size(0)} "
-                         f"local experts a count, summing to the {x.size(0)} rows")
-    return splits
+    return HostSplits(tokens_per_expert, x.size(0), w2.size(0))
 
 
 def prefetch_host_counts(tokens_per_expert: torch.Tensor, rows: int, w2_shape) -> None:
@@ -116,6 +138,8 @@ class PerExpertMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, splits):
         out = x.new_empty(x.size(0), w.size(2))
+        if isinstance(splits, HostSplits):
+            splits = splits.get()  # the wait, with only the GEMM launches left after it
         for expert, start, end in _row_blocks(splits):
             if end > start:
                 torch.mm(x[start:end], w[expert], out=out[start:end])
@@ -144,6 +168,7 @@ class PerExpertMM(torch.autograd.Function):
         return dx, dw, None
 
 
-def per_expert_mm(x: torch.Tensor, w: torch.Tensor, splits: list[int]) -> torch.Tensor:
-    """Differentiable ``x [n, K] @ w [E, K, N]`` by expert row blocks of sizes ``splits``."""
+def per_expert_mm(x: torch.Tensor, w: torch.Tensor, splits) -> torch.Tensor:
+    """Differentiable ``x [n, K] @ w [E, K, N]`` by expert row blocks of sizes ``splits`` (a
+    list of ints, or :class:`HostSplits` read once the output is allocated)."""
     return PerExpertMM.apply(x, w, splits)

@@ -86,3 +86,26 @@ def test_counts_off_the_gpu_are_not_prefetched():
     counts = torch.tensor([2, 4])
     per_expert_gemm.prefetch_host_counts(counts, 6, (2, 3, 4))
     assert not hasattr(counts, "host_copy")
+
+
+def test_host_splits_are_read_once_and_shared_by_both_projections():
+    """HostSplits reads the counts at the first GEMM's need (PerExpertMM, after it allocated its
+    output) and hands fc2 the same list; the FFN equals the per-expert fp64 loop."""
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([2, 0, 4])
+    splits = per_expert_gemm.HostSplits(counts, 6, 3)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=gen)
+    w1 = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen)
+    w2 = torch.randn(3, 5, 4, dtype=torch.float64, generator=gen)
+    out = per_expert_mm(per_expert_mm(x, w1, splits), w2, splits)
+    first = splits.get()
+    assert first == [2, 0, 4] and splits.get() is first
+    want = torch.cat([x[:2] @ w1[0] @ w2[0], x[2:] @ w1[2] @ w2[2]])
+    torch.testing.assert_close(out, want)
+
+
+def test_host_splits_that_do_not_cover_the_rows_are_refused():
+    with pytest.raises(ValueError, match="summing to the 7 rows"):
+        per_expert_gemm.HostSplits(torch.tensor([2, 4]), 7, 2).get()
+    with pytest.raises(ValueError, match="each of the 3 local experts"):
+        per_expert_gemm.HostSplits(torch.tensor([2, 4]), 6, 3).get()

@@ -364,7 +364,7 @@ def test_per_expert_layer_waits_for_the_count_copy_only(nccl_world_of_one, monke
     x = torch.randn(512, 2, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
     syncs = _synchronizing_ops(lambda: layer(x)[0].backward(grad))
-    assert splits and all(s is not None and sum(s) == 2048 for s in splits), splits
+    assert splits and all(s is not None and sum(s.get()) == 2048 for s in splits), splits
     assert not syncs, "\n".join(syncs)
 
 
