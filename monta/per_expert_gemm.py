@@ -67,6 +67,18 @@ def per_expert_wanted(rows: int, w2_shape, pin: str) -> bool:
     return 2 * rows / experts * ffn * hidden / 1e9 >= MIN_EXPERT_GFLOP
 
 
+def wait_hot(event: torch.cuda.Event) -> None:
+    """Wait for ``event`` by polling it from Python rather than in ``cudaEventSynchronize``.
+
+    In an H200 trace (``bench/gpu_moe_gaps.py --keep-trace``, 5dbde7c), every host operation
+    right after a ~17 ms ``cudaEventSynchronize`` ran about 10× slower than the same operation a
+    few hundred µs later: a slice took 30 µs instead of 3, and the first GEMM's launch took
+    190 µs instead of 20. The GPU sits idle for all of that. Polling keeps the thread, and the
+    interpreter, running while it waits."""
+    while not event.query():
+        pass
+
+
 class HostSplits:
     """The experts' row counts as host ints, read at the first :meth:`get`.
 
@@ -86,7 +98,7 @@ class HostSplits:
             prefetched = getattr(self._counts, "host_copy", None)
             if prefetched is not None:
                 host, copied = prefetched
-                copied.synchronize()
+                wait_hot(copied)
                 splits = host.tolist()
             else:
                 splits = torch.as_tensor(self._counts).tolist()  # a sync if they are on the GPU

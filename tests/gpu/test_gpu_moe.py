@@ -345,7 +345,8 @@ def test_moe_layer_per_expert_gemms_match_grouped(nccl_world_of_one, monkeypatch
     per_expert, grouped = _monta_layer_under(monkeypatch, "MONTA_GROUPED_GEMM",
                                              ("cublas", "default"))
     assert len(calls) == 2, "per-expert GEMMs ran other than for fc1 and fc2 under cublas"
-    assert sum(calls[0]) == 2048 and len(calls[0]) == 8  # 1024 tokens, top-2, 8 experts
+    splits = calls[0].get()  # read once, inside fc1's GEMMs, and shared with fc2's
+    assert calls[1] is calls[0] and sum(splits) == 2048 and len(splits) == 8  # 1024 tokens, top-2
     _assert_same_to_bf16(per_expert, grouped)
 
 
