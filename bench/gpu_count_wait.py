@@ -4,13 +4,16 @@
 
 At Mixtral shapes MoNTA's experts run one cuBLAS GEMM per expert (``monta/per_expert_gemm.py``),
 so the host needs the experts' row counts, which the router makes on the GPU. The GPU idles from
-their arrival until the host launches the first expert GEMM. Three ways to wait, same layer and
+their arrival until the host launches the first expert GEMM. Two places to wait, same layer and
 weights, timed in interleaved rounds against megatron's ``SequentialMLP`` layer:
 
 * ``eager_sync``: the wait at the experts' entry, in ``cudaEventSynchronize`` (before 5dbde7c);
-* ``lazy_sync``: the wait inside ``PerExpertMM``, after its output is allocated (5dbde7c);
-* ``lazy_poll``: the same, polling the event from Python (``per_expert_gemm.wait_hot``, the
+* ``lazy_sync``: the wait inside ``PerExpertMM``, after its output is allocated (5dbde7c, the
   default).
+
+At 792025a it also timed ``lazy_poll``, the wait as a Python loop over the event's ``query()``,
+then the default (``bench/results/gpu_count_wait.json``); it was dropped (see
+``monta/per_expert_gemm.py``).
 
 Writes ``--out`` (JSON) and prints a table: one pass between two syncs, and 8 passes back to back.
 """
@@ -32,7 +35,7 @@ from bench.gpu_timing import Timer, rotated  # noqa: E402
 from monta.provenance import source_commit  # noqa: E402
 
 CHAIN = 8
-MODES = {"eager_sync": (True, True), "lazy_sync": (False, True), "lazy_poll": (False, False)}
+MODES = {"eager_sync": True, "lazy_sync": False}  # name: read the counts at the experts' entry
 
 
 def main(argv=None) -> int:
@@ -50,10 +53,10 @@ def main(argv=None) -> int:
     layers = build_layers(shape, device, dtype)
     timer = Timer(device)
 
-    # the older waits, recreated around the current code: the counts read as soon as the
-    # experts have them (eager), and/or in cudaEventSynchronize (sync)
-    mode = {"eager": False, "sync": False}
-    host_splits, wait_hot = per_expert_gemm.host_splits, per_expert_gemm.wait_hot
+    # the older wait, recreated around the current code: the counts read as soon as the
+    # experts have them (eager)
+    mode = {"eager": False}
+    host_splits = per_expert_gemm.host_splits
 
     def splits_as_asked(*args):
         splits = host_splits(*args)
@@ -62,17 +65,15 @@ def main(argv=None) -> int:
         return splits
 
     per_expert_gemm.host_splits = splits_as_asked
-    per_expert_gemm.wait_hot = lambda event: event.synchronize() if mode["sync"] else \
-        wait_hot(event)
 
     gen = torch.Generator(device=device).manual_seed(3)
     x = torch.randn(4096, 2, shape["hidden"], device=device, generator=gen).to(dtype)
     grad = torch.randn(x.shape, device=device, generator=gen).to(dtype)
     inp = x.clone().requires_grad_(True)
 
-    def variant(layer, eager=False, sync=False):
+    def variant(layer, eager=False):
         def step():
-            mode.update(eager=eager, sync=sync)
+            mode.update(eager=eager)
             layer(inp)[0].backward(grad)
 
         def clear():
@@ -82,8 +83,8 @@ def main(argv=None) -> int:
         return step, clear
 
     variants = {"megatron": variant(layers["megatron_sequential"])}
-    for name, (eager, sync) in MODES.items():
-        variants[name] = variant(layers["monta_grouped"], eager, sync)
+    for name, eager in MODES.items():
+        variants[name] = variant(layers["monta_grouped"], eager)
     one, chained = {k: [] for k in variants}, {k: [] for k in variants}
     for round_ in range(opts.rounds):
         for name, (step, clear) in rotated(list(variants.items()), round_):

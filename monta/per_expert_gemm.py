@@ -67,18 +67,6 @@ def per_expert_wanted(rows: int, w2_shape, pin: str) -> bool:
     return 2 * rows / experts * ffn * hidden / 1e9 >= MIN_EXPERT_GFLOP
 
 
-def wait_hot(event: torch.cuda.Event) -> None:
-    """Wait for ``event`` by polling it from Python rather than in ``cudaEventSynchronize``.
-
-    In an H200 trace (``bench/gpu_moe_gaps.py --keep-trace``, 5dbde7c), every host operation
-    right after a ~17 ms ``cudaEventSynchronize`` ran about 10× slower than the same operation a
-    few hundred µs later: a slice took 30 µs instead of 3, and the first GEMM's launch took
-    190 µs instead of 20. The GPU sits idle for all of that. Polling keeps the thread, and the
-    interpreter, running while it waits."""
-    while not event.query():
-        pass
-
-
 class HostSplits:
     """The experts' row counts as host ints, read at the first :meth:`get`.
 
@@ -87,7 +75,18 @@ class HostSplits:
     late as it can: after the Python of the layer and the experts, and after allocating its
     output. In an H200 trace of the Mixtral-shape layer (``bench/gpu_moe_gaps.py
     --keep-trace``, a585d89), the host needed ~120 µs from the end of the wait to reach
-    ``PerExpertMM``, and ~200 µs more to launch the first GEMM."""
+    ``PerExpertMM``, and ~200 µs more to launch the first GEMM. Timed against the wait at the
+    experts' entry, interleaved, in three runs (``bench/gpu_count_wait.py`` at 792025a, its
+    scratch predecessor at 5dbde7c and 8da2e78: ``bench/results/gpu_count_wait*``), 8 layers
+    back to back ran 27.74 vs 27.94, 27.71 vs 27.83 and 27.21 vs 27.35 ms;
+    one layer at a time, 28.50 vs 28.52, 28.59 vs 28.52 and 28.14 vs 27.74 ms.
+
+    Tried and dropped: polling the copy's event from Python instead of ``cudaEventSynchronize``
+    (8da2e78). Under the profiler, every host operation right after a ~17 ms synchronize ran up
+    to 10× slower than a few hundred µs later, and polling halved the GPU's idle there
+    (~300 → ~150 µs per pass). Untraced it bought nothing that the noise did not swamp: one
+    layer 28.04 vs 28.59 ms, then 27.80 vs 28.14 ms; 8 back to back 27.76 vs 27.71, then 27.29
+    vs 27.21 ms. Polling also burns a core and hides the wait from torch's sync accounting."""
 
     def __init__(self, tokens_per_expert, rows: int, experts: int):
         self._counts, self._rows, self._experts = tokens_per_expert, rows, experts
@@ -98,7 +97,7 @@ class HostSplits:
             prefetched = getattr(self._counts, "host_copy", None)
             if prefetched is not None:
                 host, copied = prefetched
-                wait_hot(copied)
+                copied.synchronize()
                 splits = host.tolist()
             else:
                 splits = torch.as_tensor(self._counts).tolist()  # a sync if they are on the GPU
