@@ -3,9 +3,12 @@
 In an expert projection's backward the input gradient ``dy @ w[e]ᵀ`` feeds the rest of the
 backward and the weight gradient ``x[rows_e]ᵀ @ dy`` feeds only the optimizer, yet on one
 stream each GEMM waits for the one before it to drain. Every GEMM ends in a partial last wave
-of tiles that leaves SMs idle; on two streams the other chain's GEMM takes them. Per-expert
-cuBLAS GEMMs (:mod:`monta.per_expert_gemm`) end 16 times per layer backward at Mixtral shapes,
-so that is where the idle tails add up.
+of tiles that leaves SMs idle; on two streams the other chain's GEMM takes them.
+
+Measured on an H200 in three runs, interleaved against ``0`` (``bench/gpu_moe.py``'s
+``one_stream`` variants; docs/gpu_tier.md has the table): the fine-grained layer (64 experts)
+ran ~6 % faster one pass at a time and 0–3 % back to back; at Mixtral shapes every difference
+was inside the noise. Back to back, as training runs, it was never slower.
 
 ``MONTA_WGRAD_STREAM`` picks: ``1`` (default) the weight gradients on the side stream; ``0``
 everything on the current stream. CUDA only; a CUDA graph capture takes the fork and join as
