@@ -302,7 +302,9 @@ def profile_tables(r: dict) -> list[str]:
             continue
         blocking = prof["blocking_runtime_calls_per_iter"] or "none"
         lines += [f"### Profile, MoNTA layer, {_shape_label(name, r['shapes'][name])}", "",
-                  f"GPU time {prof['gpu_ms_per_iter']:.2f} ms per forward + backward; blocking "
+                  f"GPU kernels {prof['gpu_ms_per_iter']:.2f} ms per forward + backward"
+                  + (f" (summed over streams; GPU busy {prof['gpu_busy_ms_per_iter']:.2f} ms)"
+                     if "gpu_busy_ms_per_iter" in prof else "") + "; blocking "
                   f"CUDA runtime calls per iteration: {blocking}.", "",
                   "| kernel | ms / iter | share | calls / iter |", "|---|---:|---:|---:|"]
         for k in prof["top_kernels"][:10]:

@@ -43,7 +43,8 @@ def busy_us(spans) -> float:
     return covered
 
 
-def _device_spans(prof) -> list:
+def device_spans(prof) -> list:
+    """(start, end) in µs of every GPU operation a ``torch.profiler`` run recorded."""
     return [(e.time_range.start, e.time_range.end) for e in prof.events()
             if str(getattr(e, "device_type", "")).endswith("CUDA")]
 
@@ -161,7 +162,7 @@ class StepProfiler:
             "steps": steps,
             "wall_ms_per_step": wall_s * 1e3 / steps,
             "gpu_kernel_ms_per_step": kernel_us / 1e3 / steps,
-            "gpu_busy_fraction": busy_us(_device_spans(prof)) / 1e6 / wall_s if wall_s else None,
+            "gpu_busy_fraction": busy_us(device_spans(prof)) / 1e6 / wall_s if wall_s else None,
             "kernel_launches_per_step": sum(e.count for e in kernels) / steps,
             "top_kernels": [{"kernel": e.key[:110], "ms_per_step": _self_device_us(e) / 1e3 / steps,
                              "share": _self_device_us(e) / kernel_us if kernel_us else None,
