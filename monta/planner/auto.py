@@ -17,7 +17,7 @@ import os
 from monta.planner.cluster import load_cluster
 from monta.planner.costmodel import PlanContext
 from monta.planner.model import model_from_args, workload_from_args
-from monta.planner.recompute import recompute_of_args, selective
+from monta.planner.recompute import recompute_of_args, recompute_settings, selective
 from monta.planner.routing import load_routing
 from monta.planner.search import SearchSpace, plan_for
 
@@ -118,10 +118,5 @@ def plan_for_args(args: argparse.Namespace, world_size: int, cluster_spec_path_o
         overrides["global_batch_size"] = global_batch
     if getattr(args, "recompute_granularity", None) is None:
         # the planner's own pick; a user's own recompute flags are kept as given
-        if plan.candidate.recompute == "full":
-            overrides.update(recompute_granularity="full", recompute_method="uniform",
-                             recompute_num_layers=1)
-        elif plan.candidate.recompute_modules:
-            overrides.update(recompute_granularity="selective",
-                             recompute_modules=list(plan.candidate.recompute_modules))
+        overrides.update(recompute_settings(plan.candidate.recompute))
     return overrides

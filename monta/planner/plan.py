@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from monta.planner.memory import MemoryEstimate
-from monta.planner.recompute import parse_recompute, recompute_of_args
+from monta.planner.recompute import parse_recompute, recompute_of_args, recompute_settings
 from monta.planner.volumes import Mode
 
 Dispatcher = Literal["alltoall", "ds_tp", "monta"]
@@ -202,12 +202,9 @@ def candidate_flags(candidate: Candidate, dp: int, edp: int, ranks_per_node: int
     if c.dispatcher == "monta":
         out += ["--monta-node-dedup", "on" if c.node_dedup else "off",
                 "--monta-chunks", str(c.chunks)]
-    if c.recompute == "full":
-        out += ["--recompute-granularity", "full", "--recompute-method", "uniform",
-                "--recompute-num-layers", "1"]
-    elif c.recompute_modules:
-        out += ["--recompute-granularity", "selective", "--recompute-modules",
-                *c.recompute_modules]
+    for name, value in recompute_settings(c.recompute).items():
+        values = value if isinstance(value, list) else [value]
+        out += [f"--{name.replace('_', '-')}", *map(str, values)]
     if distributed_optimizer and (dp > 1 or edp > 1):
         out.append("--use-distributed-optimizer")
     out += ["--ranks-per-node", str(ranks_per_node)]
@@ -235,4 +232,3 @@ def candidate_from_args(args) -> Candidate:
     return Candidate(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                      args.expert_model_parallel_size, args.expert_tensor_parallel_size,
                      dispatcher, node_dedup, chunks, recompute_of_args(args))
-

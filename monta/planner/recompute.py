@@ -35,3 +35,15 @@ def recompute_of_args(args) -> str:
     if granularity == "selective":
         return selective(*(getattr(args, "recompute_modules", None) or ["core_attn"]))
     return "full" if granularity == "full" else "none"
+
+
+def recompute_settings(option: str) -> dict:
+    """The ``pretrain_moe.py`` arguments an option runs as, by argparse name (``full`` as one
+    layer per uniform unit); empty for ``none``."""
+    granularity, modules = parse_recompute(option)
+    if granularity == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": 1}
+    if granularity == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": list(modules)}
+    return {}
