@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.gpu_timing import (  # noqa: E402
-    Timer, tflops, time_interleaved, with_env, with_grouped_gemm,
+    Timer, tflops, time_interleaved, with_env, with_envs, with_grouped_gemm,
 )
 from monta.provenance import source_commit  # noqa: E402
 
@@ -234,13 +234,13 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         """MoNTA's experts as its MoE layer runs them (``MoNTAGroupedMLP``); ``fused``:
         MONTA_FUSED_SWIGLU (monta/swiglu_gemm.py), ``wgrad_stream``: MONTA_WGRAD_STREAM
         (monta/wgrad_overlap.py), their defaults if None."""
+        env = {name: value for name, value in ((swiglu_gemm.FUSE_VARIABLE, fused),
+                                               (wgrad_overlap.VARIABLE, wgrad_stream))
+               if value is not None}
+
         def run():
             experts(x, counts, probs.view(-1))[0].backward(grad)
-        for name, value in ((swiglu_gemm.FUSE_VARIABLE, fused),
-                            (wgrad_overlap.VARIABLE, wgrad_stream)):
-            if value is not None:
-                run = (lambda fn, name, value: lambda: with_env(name, value, fn))(run, name, value)
-        return run
+        return (lambda: with_envs(env, run)) if env else run
 
     def loop_ffn():  # SequentialMLP's shape of work: per expert fc1, eager SwiGLU·prob, fc2
         outs = []

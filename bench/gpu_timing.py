@@ -126,12 +126,18 @@ def with_grouped_gemm(pin: str, fn):
 
 def with_env(name: str, value: str, fn):
     """``fn()`` with the environment variable ``name`` set to ``value``."""
-    before = os.environ.get(name)
-    os.environ[name] = value
+    return with_envs({name: value}, fn)
+
+
+def with_envs(env: dict, fn):
+    """``fn()`` with each environment variable of ``env`` set to its value, restored after."""
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     try:
         return fn()
     finally:
-        if before is None:
-            os.environ.pop(name)
-        else:
-            os.environ[name] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
