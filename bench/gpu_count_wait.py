@@ -31,16 +31,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu_timing import Timer, rotated  # noqa: E402
+from bench.gpu_timing import Timer  # noqa: E402
 from monta.provenance import source_commit  # noqa: E402
 
-CHAIN = 8
+TOKENS = 8192
 MODES = {"eager_sync": True, "lazy_sync": False}  # name: read the counts at the experts' entry
 
 
 def main(argv=None) -> int:
     from bench.gpu_moe import SHAPES, init_world
-    from bench.gpu_moe_layer import build_layers
+    from bench.gpu_moe_layer import CHAIN, build_layers, time_steps
     from monta import per_expert_gemm
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     per_expert_gemm.host_splits = splits_as_asked
 
     gen = torch.Generator(device=device).manual_seed(3)
-    x = torch.randn(4096, 2, shape["hidden"], device=device, generator=gen).to(dtype)
+    x = torch.randn(TOKENS // 2, 2, shape["hidden"], device=device, generator=gen).to(dtype)
     grad = torch.randn(x.shape, device=device, generator=gen).to(dtype)
     inp = x.clone().requires_grad_(True)
 
@@ -85,18 +85,13 @@ def main(argv=None) -> int:
     variants = {"megatron": variant(layers["megatron_sequential"])}
     for name, eager in MODES.items():
         variants[name] = variant(layers["monta_grouped"], eager)
-    one, chained = {k: [] for k in variants}, {k: [] for k in variants}
-    for round_ in range(opts.rounds):
-        for name, (step, clear) in rotated(list(variants.items()), round_):
-            timer.settle()
-            one[name] += timer(step, warmup=2, reps=5, setup=clear)["samples_ms"]
-            chained[name] += timer(step, warmup=1, reps=2, setup=clear,
-                                   chain=CHAIN)["samples_ms"]
+    one, chained = time_steps(variants, timer, opts.rounds, reps=5)
     base = statistics.median(one["megatron"]), statistics.median(chained["megatron"])
     result = {"device": torch.cuda.get_device_name(), "git_commit": source_commit(),
-              "shape": shape, "tokens": 8192, "chain": CHAIN, "rounds": opts.rounds,
+              "shape": shape, "tokens": TOKENS, "chain": CHAIN, "rounds": opts.rounds,
               "variants": {}}
-    print("| variant | one pass ms | speedup | back to back ms | speedup |\n|---|---:|---:|---:|---:|")
+    print("| variant | one pass ms | speedup | back to back ms | speedup |\n"
+          "|---|---:|---:|---:|---:|")
     for name in variants:
         ms = statistics.median(one[name]), statistics.median(chained[name])
         result["variants"][name] = {"one_pass_ms": ms[0], "chained_ms": ms[1],

@@ -97,7 +97,7 @@ def profile_summary(fn, setup, iters: int = 3, top: int = 12) -> dict:
     """Top kernels by GPU time per iteration, and the CUDA runtime calls that block the host."""
     from torch.profiler import ProfilerActivity, profile
 
-    from monta.training.profiling import busy_us, device_spans
+    from monta.training.profiling import busy_us, device_spans, self_device_us
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
@@ -105,17 +105,12 @@ def profile_summary(fn, setup, iters: int = 3, top: int = 12) -> dict:
             fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
-
-    def device_us(evt):
-        return (getattr(evt, "self_device_time_total", None)
-                or getattr(evt, "self_cuda_time_total", 0))
-
     kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
-               and device_us(e) > 0]
-    total = sum(device_us(e) for e in kernels)
-    rows = [{"kernel": e.key[:110], "ms_per_iter": device_us(e) / 1e3 / iters,
-             "share": device_us(e) / total, "calls_per_iter": e.count / iters}
-            for e in sorted(kernels, key=device_us, reverse=True)[:top]]
+               and self_device_us(e) > 0]
+    total = sum(self_device_us(e) for e in kernels)
+    rows = [{"kernel": e.key[:110], "ms_per_iter": self_device_us(e) / 1e3 / iters,
+             "share": self_device_us(e) / total, "calls_per_iter": e.count / iters}
+            for e in sorted(kernels, key=self_device_us, reverse=True)[:top]]
     blocking = {e.key: e.count / iters for e in events
                 if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
                              "cudaEventSynchronize", "cudaMemcpy")}
@@ -131,18 +126,34 @@ def profile_summary(fn, setup, iters: int = 3, top: int = 12) -> dict:
 CHAIN = 8
 
 
+def time_steps(steps: dict, timer, rounds: int, reps: int) -> tuple[dict, dict]:
+    """({name: one-pass samples}, {name: back-to-back samples}) in ms of each ``steps`` entry
+    {name: (step, clear)}: ``rounds`` interleaved rounds, each step ``reps`` passes between two
+    syncs and 2 samples of :data:`CHAIN` passes back to back, after :meth:`Timer.settle`."""
+    from bench.gpu_timing import rotated
+
+    one, chained = {name: [] for name in steps}, {name: [] for name in steps}
+    for round_ in range(rounds):
+        for name, (step, clear) in rotated(list(steps.items()), round_):
+            timer.settle()
+            one[name] += timer(step, warmup=2, reps=reps, setup=clear)["samples_ms"]
+            chained[name] += timer(step, warmup=1, reps=2, setup=clear,
+                                   chain=CHAIN)["samples_ms"]
+    return one, chained
+
+
 def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: bool,
                     rounds: int = 5, reps: int = 5) -> dict:
     """Each variant timed in ``rounds`` interleaved rounds of ``reps`` (median of all), so
     clock or thermal drift does not favour whichever runs first."""
-    from bench.gpu_timing import rotated, with_env
+    from bench.gpu_timing import with_env
 
     layers = build_layers(shape, device, dtype)
     gen = torch.Generator(device=device).manual_seed(3)
     x = torch.randn(tokens // 2, 2, shape["hidden"], device=device, generator=gen).to(dtype)
     grad = torch.randn(x.shape, device=device, generator=gen).to(dtype)
     out = {"tokens": tokens, "variants": {}}
-    steps, samples, reference = {}, {}, None
+    steps, reference = {}, None
     # MoNTA's layer again with SwiGLU·prob as its own kernels (monta/swiglu_gemm.py), on its
     # grouped kernels only (never per expert, monta/per_expert_gemm.py: no host sync), and with
     # its weight gradients on the current stream (monta/wgrad_overlap.py)
@@ -166,7 +177,7 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
             for p in layer.parameters():
                 p.grad = None
 
-        steps[name], samples[name] = (step, clear), []
+        steps[name] = (step, clear)
         clear()
         result, _ = under_env(lambda: layer(inp))
         result.backward(grad)
@@ -178,13 +189,7 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
             row["rel_err_output"] = ((got[0] - reference[0]).norm() / reference[0].norm()).item()
             row["rel_err_input_grad"] = ((got[1] - reference[1]).norm()
                                          / reference[1].norm()).item()
-    chained = {name: [] for name in steps}
-    for round_ in range(rounds):
-        for name, (step, clear) in rotated(list(steps.items()), round_):
-            timer.settle()
-            samples[name] += timer(step, warmup=2, reps=reps, setup=clear)["samples_ms"]
-            chained[name] += timer(step, warmup=1, reps=2, setup=clear,
-                                   chain=CHAIN)["samples_ms"]
+    samples, chained = time_steps(steps, timer, rounds, reps)
     for name, (step, clear) in steps.items():
         times = samples[name]
         row = out["variants"][name]

@@ -49,7 +49,8 @@ def device_spans(prof) -> list:
             if str(getattr(e, "device_type", "")).endswith("CUDA")]
 
 
-def _self_device_us(event) -> float:
+def self_device_us(event) -> float:
+    """A profiler event's own GPU time in µs (the field's name differs across torch versions)."""
     return (getattr(event, "self_device_time_total", None)
             or getattr(event, "self_cuda_time_total", 0) or 0)
 
@@ -154,8 +155,8 @@ class StepProfiler:
     def summarize(prof, wall_s: float, steps: int, top: int = 15) -> dict:
         events = prof.key_averages()
         kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
-                   and _self_device_us(e) > 0]
-        kernel_us = sum(_self_device_us(e) for e in kernels)
+                   and self_device_us(e) > 0]
+        kernel_us = sum(self_device_us(e) for e in kernels)
         host = [e for e in events if not str(getattr(e, "device_type", "")).endswith("CUDA")
                 and not _PYTHON_FRAME.match(e.key)]  # operators, not the stacks' frames
         return {
@@ -164,10 +165,10 @@ class StepProfiler:
             "gpu_kernel_ms_per_step": kernel_us / 1e3 / steps,
             "gpu_busy_fraction": busy_us(device_spans(prof)) / 1e6 / wall_s if wall_s else None,
             "kernel_launches_per_step": sum(e.count for e in kernels) / steps,
-            "top_kernels": [{"kernel": e.key[:110], "ms_per_step": _self_device_us(e) / 1e3 / steps,
-                             "share": _self_device_us(e) / kernel_us if kernel_us else None,
+            "top_kernels": [{"kernel": e.key[:110], "ms_per_step": self_device_us(e) / 1e3 / steps,
+                             "share": self_device_us(e) / kernel_us if kernel_us else None,
                              "calls_per_step": e.count / steps}
-                            for e in sorted(kernels, key=_self_device_us, reverse=True)[:top]],
+                            for e in sorted(kernels, key=self_device_us, reverse=True)[:top]],
             "top_host_ops": [{"op": e.key[:80], "self_cpu_ms_per_step": e.self_cpu_time_total
                               / 1e3 / steps, "calls_per_step": e.count / steps}
                              for e in sorted(host, key=lambda e: e.self_cpu_time_total,
