@@ -168,9 +168,9 @@ class PerExpertMM(torch.autograd.Function):
         for expert, start, end in _row_blocks(ctx.splits):
             if dx is not None and end > start:
                 torch.mm(dy[start:end], w[expert].t(), out=dx[start:end])
-        with overlap.side():
-            for expert, start, end in _row_blocks(ctx.splits):
-                if dw is not None:
+        if dw is not None:
+            with overlap.side():
+                for expert, start, end in _row_blocks(ctx.splits):
                     if end > start:
                         torch.mm(x[start:end].t(), dy[start:end], out=dw[expert])
                     else:
