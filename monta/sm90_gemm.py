@@ -29,6 +29,12 @@ CONFIGS = {
     "128x128_c1x2": (128, 128, 64, 1, 2, False),
     "128x256_c1x1": (128, 256, 64, 1, 1, False),
     "64x256_pp_c1x1": (64, 256, 64, 1, 1, True),
+    # ping-pong on 128x128 tiles: each consumer warpgroup owns a whole tile, so one tile's
+    # epilogue runs while the other's mainloop does (the weight gradients' K of ~768 rows
+    # leaves only ~12 k-blocks per tile for a cooperative kernel to hide its epilogue behind)
+    "128x128_pp_c1x1": (128, 128, 64, 1, 1, True),
+    "128x128_pp_c1x2": (128, 128, 64, 1, 2, True),
+    "128x128_pp_c2x1": (128, 128, 64, 2, 1, True),
 }
 # Instances per config: row-grouped with B stored row- or column-major, and the weight gradient.
 KINDS = ("row", "col", "wgrad")

@@ -29,7 +29,9 @@ def test_aligned_instances_for_configs_without_m_clusters():
     assert kinds == {"128x256_c2x1": (), "128x256_c1x2": sm90_gemm.ALIGNED_KINDS,
                      "128x128_c1x2": sm90_gemm.ALIGNED_KINDS,
                      "128x256_c1x1": sm90_gemm.ALIGNED_KINDS,
-                     "64x256_pp_c1x1": ("aligned_row", "aligned_col")}
+                     "64x256_pp_c1x1": ("aligned_row", "aligned_col"),
+                     "128x128_pp_c1x1": ("aligned_row", "aligned_col"),
+                     "128x128_pp_c1x2": ("aligned_row", "aligned_col"), "128x128_pp_c2x1": ()}
     # rows start at multiples of the tile's rows; the weight gradient needs its K tile
     assert [sm90_gemm.row_alignment(c) for c in ("128x256_c1x1", "64x256_pp_c1x1")] == [128, 64]
     assert sm90_gemm.row_alignment("128x256_c1x1", "wgrad") == 64
