@@ -91,6 +91,9 @@ PROJECTION_ROUNDS = 4  # interleaved rounds of one projection's GEMMs, 5 timed c
 TRAIN_FUSIONS = ("--cross-entropy-loss-fusion",)
 FFN_ROUNDS = 6  # interleaved rounds of the expert-FFN variants, 3 timed calls each
 FFN_CHAIN = 4  # and 2 samples each of this many calls back to back (the loop left out)
+# the grouped kernels' default until the 128x128 ping-pong configs (monta/expert_gemm.py): the
+# row GEMMs on this sm90 config, the weight gradient on torch, SwiGLU·prob fused into fc1
+PREVIOUS_DEFAULT = "sm90:128x256_c1x2"
 
 
 def padded_rows(counts: torch.Tensor, rows: int, alignment: int | None):
@@ -144,7 +147,7 @@ def monta_experts(shape: dict, w1: torch.Tensor, w2: torch.Tensor, device, dtype
 
 
 def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
-    from monta import expert_gemm, per_expert_gemm, swiglu_gemm, wgrad_overlap
+    from monta import expert_gemm, per_expert_gemm, sm90_gemm, swiglu_gemm, wgrad_overlap
     from monta.experts import (activation_with_probs, expert_offsets, grouped_mm,
                                grouped_mm_supported)
 
@@ -264,8 +267,10 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     # (MONTA_GROUPED_GEMM pin, fn). grouped: MoNTA's default: one cuBLAS GEMM per expert for
     # large experts (monta/per_expert_gemm.py), else the grouped kernels of monta/expert_gemm.py
     # with SwiGLU·prob fused into fc1 where monta/swiglu_gemm.py runs; per_expert / grouped_only:
-    # always / never per expert; grouped_unfused / grouped_fused_all: the grouped kernels with
-    # the activation as its own kernels / fused into fc2's input gradient too; grouped_padded:
+    # always / never per expert; grouped_unfused / grouped_fused_fwd / grouped_fused_all: the
+    # grouped kernels with the activation as its own kernels / fused into fc1's forward / into
+    # fc2's input gradient too; previous_default: the grouped kernels' default before the
+    # ping-pong configs (PREVIOUS_DEFAULT, activation fused into fc1); grouped_padded:
     # on padded rows (the aligned kernels); grouped_torch: torch._grouped_mm for every GEMM, the
     # activation unfused; grouped_balanced: the default on exactly n / E rows per expert (not
     # an achievable routing: it prices the partly filled last tile per expert). Interleaved
@@ -280,7 +285,10 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         variants["one_stream"] = ("default", monta_ffn(x, probs, grad, counts, wgrad_stream="0"))
     if fusable:
         variants["grouped_unfused"] = ("grouped", monta_ffn(x, probs, grad, counts, "0"))
+        variants["grouped_fused_fwd"] = ("grouped", monta_ffn(x, probs, grad, counts, "fwd"))
         variants["grouped_fused_all"] = ("grouped", monta_ffn(x, probs, grad, counts, "all"))
+    if PREVIOUS_DEFAULT.split(":")[1] in sm90_gemm.built_configs():
+        variants["previous_default"] = (PREVIOUS_DEFAULT, monta_ffn(x, probs, grad, counts, "fwd"))
     if padded_ffn is not None:
         variants["grouped_padded"] = ("default", monta_ffn(*padded_ffn))
     if n % e == 0:  # every expert n / E rows: what routing imbalance (partial tiles) costs
@@ -421,7 +429,7 @@ def environment(device) -> dict:
                     expert_row_alignment=expert_gemm.row_alignment(probe),
                     padded_row_alignment=tile,
                     grouped_gemm_padded=expert_gemm._pin(probe, padded_ends) if tile else None,
-                    fused_swiglu=swiglu_gemm.fused_passes())
+                    fused_swiglu=swiglu_gemm.fused_passes(probe))
     else:
         info["device"] = platform.processor() or "cpu"
     info["git_commit"] = source_commit()  # MONTA_GIT_COMMIT when the copy's .git is stale

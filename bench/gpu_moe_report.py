@@ -115,6 +115,9 @@ def _chained_ffn_table(r: dict) -> list[str]:
         ("grouped_only", "MoNTA's grouped kernels (`grouped`)"),
         ("grouped_torch", "`torch._grouped_mm`"),
         ("grouped_unfused", "grouped, SwiGLU·prob unfused"),
+        ("grouped_fused_fwd", "grouped, SwiGLU·prob fused into fc1 (`fwd`)"),
+        ("previous_default", "grouped, the previous default (rows on `128x256_c1x2`, weight "
+                             "gradient on torch, SwiGLU·prob fused into fc1)"),
         ("grouped_padded", "MoNTA, padded rows"),
         ("grouped_balanced", "MoNTA (default), balanced: n / E rows per expert"))
         if k in rows[0][1]]
@@ -143,11 +146,13 @@ def _fusion_table(r: dict) -> list[str]:
     lines = ["", "SwiGLU × router probability fused into the GEMMs' epilogues "
              "(`monta/swiglu_gemm.py`, `MONTA_FUSED_SWIGLU`), on the grouped kernels "
              "(`MONTA_GROUPED_GEMM=grouped`), expert FFN forward + backward, "
-             "ms (% of dense; same rounds):", "",
-             "| shapes | fused into fc1's forward (default, `fwd`) | unfused (`0`) | "
-             "also into fc2's input gradient (`all`) | dense |", "|---|---:|---:|---:|---:|"]
+             "ms (% of dense; same rounds). The default (`auto`) is `0` where MoNTA's sm90 "
+             "kernels run the row GEMMs, else `fwd`:", "",
+             "| shapes | fused into fc1's forward (`fwd`) | unfused (`0`) | also into fc2's "
+             "input gradient (`all`) | dense |", "|---|---:|---:|---:|---:|"]
     for name, ffn in rows:
-        fwd = "grouped_only" if "grouped_only" in ffn else "grouped"  # grouped kernels, fused
+        # older runs had no fwd variant: fused into fc1 was their grouped kernels' default
+        fwd = next(k for k in ("grouped_fused_fwd", "grouped_only", "grouped") if k in ffn)
         cells = [f"{ffn[k]['median_ms']:.2f} ({_pct(ffn[k]['fraction_of_dense'])})"
                  for k in (fwd, "grouped_unfused", "grouped_fused_all")]
         lines.append(f"| {_shape_label(name, r['shapes'][name])} | " + " | ".join(cells)
@@ -160,8 +165,11 @@ def _monta_kernels(env: dict) -> str:
     fused = (", SwiGLU·prob fused into fc1's forward (`monta/swiglu_gemm.py`)"
              if env.get("fused_swiglu", "0") != "0" else "")
     if unpadded and unpadded != "torch":
-        return (f"forward and input gradient on `{unpadded}`, weight gradient on torch" + fused
-                + (" for the other GEMMs" if fused else ""))
+        rows, _, wgrad = unpadded.removeprefix("sm90:").partition(",")
+        wgrad = f"`sm90:{wgrad}`" if wgrad else "torch"
+        return (f"forward and input gradient on `sm90:{rows}`, weight gradient on {wgrad}"
+                + fused + (" for the other GEMMs" if fused else "")
+                + ("" if fused else ", SwiGLU·prob as its own kernels"))
     return "`torch._grouped_mm`" + fused
 
 
@@ -197,6 +205,8 @@ def _per_op_table(r: dict) -> list[str]:
 # MoNTA's layer under other settings (bench/gpu_moe_layer.py's extra runs): what each row is
 LAYER_VARIANTS = {
     "monta_grouped_unfused": "with SwiGLU·prob as its own kernels (`MONTA_FUSED_SWIGLU=0`)",
+    "monta_grouped_fused_fwd": "with SwiGLU·prob fused into fc1's forward "
+                               "(`MONTA_FUSED_SWIGLU=fwd`)",
     "monta_grouped_sync_free": "on its grouped kernels only, never one GEMM per expert "
                                "(`MONTA_GROUPED_GEMM=grouped`: no host sync)",
     "monta_grouped_one_stream": "with every GEMM on one stream, weight gradients included "

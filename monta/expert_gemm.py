@@ -13,9 +13,8 @@ Three implementations exist:
 
 ``MONTA_GROUPED_GEMM`` picks:
 
-* unset (``default``): the forward and input gradient on ``sm90:`` + ``SM90_DEFAULT_CONFIG``
-  when the library is built and the GPU is a Hopper, otherwise ``torch._grouped_mm``; the
-  weight gradient always on ``torch._grouped_mm``;
+* unset (``default``): the three GEMMs on :data:`SM90_DEFAULT_CONFIGS` when the library is
+  built and the GPU is a Hopper, otherwise ``torch._grouped_mm``;
 * ``torch``: ``torch._grouped_mm`` for all three GEMMs;
 * ``sm90:<config>[,<wgrad config>]``: that config of :data:`monta.sm90_gemm.CONFIGS` for the
   row GEMMs and, if given, the second for the weight gradient (else ``torch._grouped_mm``);
@@ -51,15 +50,18 @@ SM90 = "sm90:"  # prefix of a monta.sm90_gemm config name
 DEFAULT = "default"
 CUBLAS = "cublas"  # per-expert GEMMs, monta/per_expert_gemm.py
 GROUPED = "grouped"  # the default's grouped kernels, never per expert
-# The row GEMMs' kernel when the sm90 library is built. In the expert FFN fwd+bwd, timed in
-# interleaved rounds against torch._grouped_mm (bench/gpu_grouped_gemm.py, four runs on an H200:
-# bench/results/gpu_grouped_gemm{,_wgrad}.json and gpu_grouped_gemm_runs/ffn_{62b03f1,05a9b3c}),
-# it ran the fine-grained shapes 4-7 % faster (medians 5.03 vs 5.34, 5.12 vs 5.48, 5.13 vs 5.36,
-# 5.02 vs 5.25 ms) and the Mixtral shapes 0-2 % faster. 1x2 clusters share each A tile between
-# two column tiles, so rows are paid for in multiples of 128, not 256. The weight gradient
-# stays on torch: no sm90 weight-gradient config made the FFN faster
-# (bench/results/gpu_grouped_gemm_wgrad.json).
-SM90_DEFAULT_CONFIG = "128x256_c1x2"
+# The default kernels when the sm90 library is built: (row GEMMs, weight gradient). Ping-pong
+# on 128x128 tiles: each of the two consumer warpgroups owns a whole tile, so one tile's
+# epilogue runs under the other's mainloop; the weight gradients' reduction is an expert's
+# ~768 rows at fine-grained shapes, 12 k-blocks, too few for a cooperative kernel to hide its
+# epilogue behind. 1x2 clusters share each A tile between two column tiles, so rows are paid
+# for in multiples of 128. The expert FFN fwd+bwd back to back, interleaved against the
+# previous default (rows on 128x256_c1x2, weight gradient on torch; scratch A/Bs at ce62e60 on
+# an H200, four runs): fine-grained 5.04, 5.02, 4.97, 4.97 vs 5.28, 5.30, 5.28, 5.22 ms (one
+# pass 5.40, 5.42, 5.26, 5.26 vs 5.84, 5.87, 5.69, 5.59); the training model's experts (8 of
+# 2048x1536, 65k rows) 6.29 vs 6.33; Mixtral's on the grouped kernels (which the default runs
+# per expert on cuBLAS instead) 27.99 vs 28.02 ms. bench/gpu_moe.py re-measures it.
+SM90_DEFAULT_CONFIGS = ("128x128_pp_c1x2", "128x128_pp_c1x2")
 # On rows padded per expert (monta/dispatch/padded_order.py) the row GEMMs run on the first
 # config's tile-aligned instances and the weight gradient on the second's
 # (monta/csrc/sm90_aligned_gemm.cuh): one TMA descriptor per operand for all experts instead of
@@ -217,9 +219,22 @@ def _pin(first, row_ends=None) -> str:
         if _aligned(rows, row_ends) and _aligned(wgrad, row_ends, "wgrad") \
                 and sm90_gemm.available(first):
             return f"{SM90}{rows},{wgrad}"
-        built = sm90_gemm.available(first) and SM90_DEFAULT_CONFIG in sm90_gemm.built_configs()
-        return SM90 + SM90_DEFAULT_CONFIG if built else TORCH
+        if not sm90_gemm.available(first):
+            return TORCH
+        built = [c for c in SM90_DEFAULT_CONFIGS if c in sm90_gemm.built_configs()]
+        if SM90_DEFAULT_CONFIGS[0] not in built:  # a partial build: torch for all three
+            return TORCH
+        return SM90 + ",".join(built)
     return pinned_kernel
+
+
+def rows_on_sm90(first: torch.Tensor, row_ends=None) -> bool:
+    """Whether the row GEMMs on tensors like ``first`` run on a config of MoNTA's sm90 library
+    that ``MONTA_GROUPED_GEMM`` names or defaults to (tuned pins choose when they first run,
+    so False for them)."""
+    pinned = _pin(first, row_ends)
+    config = _sm90_config(pinned)
+    return config is not None and config.split(",")[0] in sm90_gemm.built_configs()
 
 
 def row_alignment(t: torch.Tensor) -> int | None:

@@ -125,6 +125,38 @@ def test_off_gpu_the_grouped_mm_is_torchs():
     assert expert_gemm.choices() == {}
 
 
+def test_the_default_runs_what_the_library_holds(monkeypatch):
+    """Unpinned: the default row and weight-gradient configs when both are built; the weight
+    gradient on torch when only the row config is; torch for all three without the row config
+    or off a Hopper. The SwiGLU fusion's default follows whether the rows run on the library."""
+    from monta import sm90_gemm
+
+    monkeypatch.delenv("MONTA_GROUPED_GEMM", raising=False)
+    monkeypatch.delenv("MONTA_EXPERT_ROW_ALIGNMENT", raising=False)
+    monkeypatch.setattr(sm90_gemm, "available", lambda t: True)
+    monkeypatch.setattr(sm90_gemm, "_library", object())
+    rows, wgrad = "128x256_c1x2", "128x128_pp_c1x2"
+    monkeypatch.setattr(expert_gemm, "SM90_DEFAULT_CONFIGS", (rows, wgrad))
+    x = torch.empty(1, 8, dtype=torch.bfloat16)
+    others = [c for c in sm90_gemm.CONFIGS if c not in (rows, wgrad)]
+    for built, want in (((rows, wgrad), f"sm90:{rows},{wgrad}"), ((rows,), f"sm90:{rows}"),
+                        ((wgrad, *others), "torch")):
+        monkeypatch.setattr(sm90_gemm, "_built", built)
+        assert expert_gemm._pin(x) == want
+        assert expert_gemm.rows_on_sm90(x) == (want != "torch")
+    monkeypatch.setattr(sm90_gemm, "_built", tuple(sm90_gemm.CONFIGS))
+    monkeypatch.setenv("MONTA_GROUPED_GEMM", "sm90:" + others[0])
+    assert expert_gemm.rows_on_sm90(x)
+    monkeypatch.setenv("MONTA_GROUPED_GEMM", "sm90:no_such_config")
+    assert not expert_gemm.rows_on_sm90(x)
+    for pin in ("torch", "auto", "triton", "sm90"):  # tuned pins choose on their first call
+        monkeypatch.setenv("MONTA_GROUPED_GEMM", pin)
+        assert not expert_gemm.rows_on_sm90(x)
+    monkeypatch.setenv("MONTA_GROUPED_GEMM", "default")
+    monkeypatch.setattr(sm90_gemm, "available", lambda t: False)
+    assert expert_gemm._pin(x) == expert_gemm.TORCH and not expert_gemm.rows_on_sm90(x)
+
+
 def test_padded_rows_take_the_aligned_kernels_for_all_three_gemms(monkeypatch):
     """On a Hopper with the library built, rows padded per expert to the aligned row config's
     tile run the row GEMMs there and the weight gradient on the aligned weight-gradient config;
@@ -143,7 +175,7 @@ def test_padded_rows_take_the_aligned_kernels_for_all_three_gemms(monkeypatch):
     x = torch.empty(1, 8, dtype=torch.bfloat16)
     rows, wgrad = expert_gemm.SM90_ALIGNED_CONFIGS
     assert expert_gemm.row_alignment(x) == sm90_gemm.row_alignment(rows) == 64
-    unaligned = expert_gemm.SM90 + expert_gemm.SM90_DEFAULT_CONFIG
+    unaligned = expert_gemm.SM90 + ",".join(expert_gemm.SM90_DEFAULT_CONFIGS)
     ends = torch.tensor([128, 384], dtype=torch.int32)
     assert expert_gemm._pin(x, ends) == unaligned
     ends.alignment = 64

@@ -8,17 +8,26 @@ from monta import swiglu_gemm
 
 
 def test_fused_passes_default_and_choices(monkeypatch):
+    """Unset (``auto``): fc1's forward fused unless MoNTA's sm90 kernels run the row GEMMs,
+    whose unfused FFN is the faster one; a value the user sets is taken as it is."""
+    from monta import expert_gemm
+
     monkeypatch.delenv("MONTA_FUSED_SWIGLU", raising=False)
-    assert swiglu_gemm.fused_passes() == "fwd"
+    x = torch.empty(4, 8, dtype=torch.bfloat16)
+    assert swiglu_gemm.fused_passes() == swiglu_gemm.fused_passes(x) == "fwd"  # CPU: no sm90
+    monkeypatch.setattr(expert_gemm, "rows_on_sm90", lambda t: True)
+    assert swiglu_gemm.fused_passes(x) == "0"
+    monkeypatch.setenv("MONTA_FUSED_SWIGLU", "auto")
+    assert swiglu_gemm.fused_passes(x) == "0"
     for choice in ("fwd", "all", "0"):
         monkeypatch.setenv("MONTA_FUSED_SWIGLU", choice)
-        assert swiglu_gemm.fused_passes() == choice
+        assert swiglu_gemm.fused_passes(x) == choice
 
 
 @pytest.mark.parametrize("bad", ["1", "bwd", ""])
 def test_fused_passes_rejects_unknown_values(monkeypatch, bad):
     monkeypatch.setenv("MONTA_FUSED_SWIGLU", bad)
-    with pytest.raises(ValueError, match="MONTA_FUSED_SWIGLU must be one of fwd, all, 0"):
+    with pytest.raises(ValueError, match="MONTA_FUSED_SWIGLU must be one of auto, fwd, all, 0"):
         swiglu_gemm.fused_passes()
 
 
