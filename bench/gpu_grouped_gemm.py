@@ -278,7 +278,7 @@ def bench_ffn(shape, n, ends, device, timer, rounds: int = 4, reps: int = 5,
     # weight gradient on torch), then the default row config with each sm90 weight-gradient one
     configs = _sm90_configs(x)
     pins = ["torch", "auto", *(expert_gemm.SM90 + c for c in configs)]
-    default_rows = expert_gemm.SM90_DEFAULT_CONFIGS[0]
+    default_rows = expert_gemm.SM90_SMALL_EXPERT_CONFIGS[0]
     if default_rows in configs:
         pins += [f"{expert_gemm.SM90}{default_rows},{c}" for c in configs]
     for layout, (w1, w2) in weights.items():

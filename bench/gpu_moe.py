@@ -156,6 +156,7 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     host_counts = counts.tolist()
     n = sum(host_counts)
     offsets = expert_offsets(counts, device)
+    probe = torch.empty(n, h, device=device, dtype=dtype)  # the experts' input's shape
     gen = torch.Generator(device=device).manual_seed(2)
 
     def rand(*size, scale=1.0):
@@ -172,7 +173,11 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
                                                              "max": max(host_counts)},
            "per_expert_by_default": device.type == "cuda" and per_expert_gemm.per_expert_wanted(
                n, (e, f, h), "default"),
-           "padded_row_alignment": tile, "projections": {}}
+           "padded_row_alignment": tile, "projections": {},
+           # what the grouped kernels run by default on these rows (monta/expert_gemm.py)
+           "default_kernels": with_grouped_gemm("grouped", lambda: {
+               "grouped_gemm_default": expert_gemm._pin(probe, offsets),
+               "fused_swiglu": swiglu_gemm.fused_passes(probe, offsets)})}
     if padded is not None:
         out["padded_rows"] = padded[0].numel()
         out["padded_rows_used"] = int(padded[2].row_ends[-1])
@@ -412,7 +417,7 @@ def environment(device) -> dict:
     except ImportError:
         info["transformer_engine"] = False
     if device.type == "cuda":
-        from monta import expert_gemm, swiglu_gemm
+        from monta import expert_gemm
 
         props = torch.cuda.get_device_properties(0)
         probe = torch.empty(1, device=device, dtype=torch.bfloat16)
@@ -423,13 +428,12 @@ def environment(device) -> dict:
         info.update(device=props.name, capability=f"{props.major}.{props.minor}",
                     memory_gib=round(props.total_memory / 2**30, 1),
                     multiprocessors=props.multi_processor_count,
-                    # MoNTA's experts' kernels: "sm90:<rows>[,<weight gradient>]" (else torch)
-                    # by default, and on rows padded to the aligned kernels' tile (opt-in)
-                    grouped_gemm_default=expert_gemm._pin(probe),
+                    # MoNTA's experts' kernels on rows padded to the aligned kernels' tile
+                    # (opt-in): "sm90:<rows>[,<weight gradient>]" (else torch); the default's
+                    # are per shape (bench_expert_gemm's "default_kernels")
                     expert_row_alignment=expert_gemm.row_alignment(probe),
                     padded_row_alignment=tile,
-                    grouped_gemm_padded=expert_gemm._pin(probe, padded_ends) if tile else None,
-                    fused_swiglu=swiglu_gemm.fused_passes(probe))
+                    grouped_gemm_padded=expert_gemm._pin(probe, padded_ends) if tile else None)
     else:
         info["device"] = platform.processor() or "cpu"
     info["git_commit"] = source_commit()  # MONTA_GIT_COMMIT when the copy's .git is stale

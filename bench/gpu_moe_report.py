@@ -45,7 +45,7 @@ def expert_table(r: dict) -> list[str]:
              f"{first['ffn_fwd_bwd']['grouped']['reps']}) and the fraction of the dense GEMM's "
              f"rate; {first['tokens']} tokens routed top-k by random logits; each row's variants "
              "in interleaved rounds. MoNTA: the experts' default kernels (`monta.expert_gemm`): "
-             f"{_monta_kernels(r['environment'])}; the FFN as `MoNTAGroupedMLP` runs it, one "
+             f"{_default_kernels(r)}; the FFN as `MoNTAGroupedMLP` runs it, one "
              f"cuBLAS GEMM per expert where its experts are large ({_per_expert_shapes(r)}); "
              "torch: `torch._grouped_mm` for all.", "",
              "| shapes | op | MoNTA | % of dense | torch | % of dense | loop (per expert) | "
@@ -160,7 +160,20 @@ def _fusion_table(r: dict) -> list[str]:
     return lines
 
 
+def _default_kernels(r: dict) -> str:
+    """What the default ran per shape (runs before 53fd0bd recorded one choice, in the
+    environment)."""
+    per_shape = {name: g["default_kernels"] for name, g in r["expert_gemm"].items()
+                 if "default_kernels" in g}
+    if not per_shape:
+        return _monta_kernels(r["environment"])
+    return "; ".join(f"{_shape_label(name, r['shapes'][name]).split(':')[0]}: "
+                     f"{_monta_kernels(kernels)}" for name, kernels in per_shape.items())
+
+
 def _monta_kernels(env: dict) -> str:
+    """``env``: the default's grouped-GEMM pin and SwiGLU fusion (``grouped_gemm_default``,
+    ``fused_swiglu``)."""
     unpadded = env.get("grouped_gemm_default")
     fused = (", SwiGLU·prob fused into fc1's forward (`monta/swiglu_gemm.py`)"
              if env.get("fused_swiglu", "0") != "0" else "")

@@ -13,8 +13,10 @@ Three implementations exist:
 
 ``MONTA_GROUPED_GEMM`` picks:
 
-* unset (``default``): the three GEMMs on :data:`SM90_DEFAULT_CONFIGS` when the library is
-  built and the GPU is a Hopper, otherwise ``torch._grouped_mm``;
+* unset (``default``): when the library is built and the GPU is a Hopper, the configs of
+  :func:`default_configs` for the experts' mean rows (small experts: all three GEMMs on 128x128
+  ping-pong kernels; large ones: the row GEMMs on 128x256 cooperative ones, the weight gradient
+  on ``torch._grouped_mm``), otherwise ``torch._grouped_mm``;
 * ``torch``: ``torch._grouped_mm`` for all three GEMMs;
 * ``sm90:<config>[,<wgrad config>]``: that config of :data:`monta.sm90_gemm.CONFIGS` for the
   row GEMMs and, if given, the second for the weight gradient (else ``torch._grouped_mm``);
@@ -50,18 +52,24 @@ SM90 = "sm90:"  # prefix of a monta.sm90_gemm config name
 DEFAULT = "default"
 CUBLAS = "cublas"  # per-expert GEMMs, monta/per_expert_gemm.py
 GROUPED = "grouped"  # the default's grouped kernels, never per expert
-# The default kernels when the sm90 library is built: (row GEMMs, weight gradient). Ping-pong
-# on 128x128 tiles: each of the two consumer warpgroups owns a whole tile, so one tile's
-# epilogue runs under the other's mainloop; the weight gradients' reduction is an expert's
-# ~768 rows at fine-grained shapes, 12 k-blocks, too few for a cooperative kernel to hide its
-# epilogue behind. 1x2 clusters share each A tile between two column tiles, so rows are paid
-# for in multiples of 128. The expert FFN fwd+bwd back to back, interleaved against the
-# previous default (rows on 128x256_c1x2, weight gradient on torch; scratch A/Bs at ce62e60 on
-# an H200, four runs): fine-grained 5.04, 5.02, 4.97, 4.97 vs 5.28, 5.30, 5.28, 5.22 ms (one
-# pass 5.40, 5.42, 5.26, 5.26 vs 5.84, 5.87, 5.69, 5.59); the training model's experts (8 of
-# 2048x1536, 65k rows) 6.29 vs 6.33; Mixtral's on the grouped kernels (which the default runs
-# per expert on cuBLAS instead) 27.99 vs 28.02 ms. bench/gpu_moe.py re-measures it.
-SM90_DEFAULT_CONFIGS = ("128x128_pp_c1x2", "128x128_pp_c1x2")
+# The default kernels when the sm90 library is built, (row GEMMs[, weight gradient]; torch for
+# a GEMM not named), by the experts' mean rows. Small experts: ping-pong on 128x128 tiles, each
+# of the two consumer warpgroups owning a whole tile, so one tile's epilogue runs under the
+# other's mainloop; the weight gradients' reduction is an expert's rows, ~768 at fine-grained
+# shapes, 12 k-blocks, too few for a cooperative kernel to hide its epilogue behind. Large
+# experts: 128x256 cooperative tiles for the rows, torch's kernel for the weight gradient.
+# 1x2 clusters share each A tile between two column tiles, so rows are paid for in multiples
+# of 128 in both. Measured on an H200, interleaved (scratch A/Bs at ce62e60 and 53fd0bd; then
+# bench/gpu_moe.py at 53fd0bd): the fine-grained expert FFN (768 rows per expert) fwd+bwd back
+# to back 5.04, 5.02, 4.97, 4.96, 4.92 ms on the ping-pong pair against 5.28, 5.30, 5.28, 5.33,
+# 5.30 on the large-expert pair (one pass 5.40, 5.42, 5.18, 5.17 vs 5.84, 5.87, 5.63, 5.73),
+# 4.98 vs 5.22 in the bench; Mixtral's on the grouped kernels (2048 rows per expert) 27.99 vs
+# 28.02 ms back to back, 28.47 vs 28.16 one pass; the training run of bench/gpu_moe_train.py
+# (8 experts, 8192 rows each) 625.5 and 628.7 against 620.8 and 620.3 ms per iteration.
+SM90_SMALL_EXPERT_CONFIGS = ("128x128_pp_c1x2", "128x128_pp_c1x2")
+SM90_LARGE_EXPERT_CONFIGS = ("128x256_c1x2",)
+# mean rows per expert up to which the small-expert configs run
+SMALL_EXPERT_MAX_ROWS = 1024
 # On rows padded per expert (monta/dispatch/padded_order.py) the row GEMMs run on the first
 # config's tile-aligned instances and the weight gradient on the second's
 # (monta/csrc/sm90_aligned_gemm.cuh): one TMA descriptor per operand for all experts instead of
@@ -212,7 +220,14 @@ def kernel_pin() -> str:
     return os.environ.get("MONTA_GROUPED_GEMM", DEFAULT)
 
 
-def _pin(first, row_ends=None) -> str:
+def default_configs(rows: int, experts: int) -> tuple:
+    """The sm90 configs the default runs ``rows`` routed rows over ``experts`` on: (row GEMMs[,
+    weight gradient]), see :data:`SMALL_EXPERT_MAX_ROWS`."""
+    small = rows <= SMALL_EXPERT_MAX_ROWS * max(experts, 1)
+    return SM90_SMALL_EXPERT_CONFIGS if small else SM90_LARGE_EXPERT_CONFIGS
+
+
+def _pin(first, row_ends) -> str:
     pinned_kernel = kernel_pin()
     if pinned_kernel in (DEFAULT, CUBLAS, GROUPED):
         rows, wgrad = SM90_ALIGNED_CONFIGS
@@ -221,20 +236,21 @@ def _pin(first, row_ends=None) -> str:
             return f"{SM90}{rows},{wgrad}"
         if not sm90_gemm.available(first):
             return TORCH
-        built = [c for c in SM90_DEFAULT_CONFIGS if c in sm90_gemm.built_configs()]
-        if SM90_DEFAULT_CONFIGS[0] not in built:  # a partial build: torch for all three
+        configs = default_configs(first.size(0), row_ends.numel())
+        built = [c for c in configs if c in sm90_gemm.built_configs()]
+        if configs[0] not in built:  # a partial build: torch for all three
             return TORCH
         return SM90 + ",".join(built)
     return pinned_kernel
 
 
-def rows_on_sm90(first: torch.Tensor, row_ends=None) -> bool:
-    """Whether the row GEMMs on tensors like ``first`` run on a config of MoNTA's sm90 library
-    that ``MONTA_GROUPED_GEMM`` names or defaults to (tuned pins choose when they first run,
-    so False for them)."""
-    pinned = _pin(first, row_ends)
-    config = _sm90_config(pinned)
-    return config is not None and config.split(",")[0] in sm90_gemm.built_configs()
+def row_config(first: torch.Tensor, row_ends: torch.Tensor) -> str | None:
+    """The sm90 config the row GEMMs on ``first`` grouped by ``row_ends`` run on, as
+    ``MONTA_GROUPED_GEMM`` names it or defaults to; None for torch and for tuned pins (they
+    choose when they first run)."""
+    config = _sm90_config(_pin(first, row_ends))
+    config = config.split(",")[0] if config is not None else None
+    return config if config in sm90_gemm.built_configs() else None
 
 
 def row_alignment(t: torch.Tensor) -> int | None:

@@ -17,11 +17,11 @@ layout stays as it is (checkpoints unchanged). Rounding matches the unfused path
 ``d`` are rounded to bf16 before the activation uses them.
 
 ``MONTA_FUSED_SWIGLU`` picks: ``fwd`` fuses fc1's forward only; ``all`` also fc2's input
-gradient; ``0`` neither; ``auto`` (default) ``0`` where MoNTA's sm90 kernels run the row GEMMs
-(:func:`monta.expert_gemm.rows_on_sm90`), else ``fwd``. On their 128x128 ping-pong kernels the
-unfused FFN is the faster one: fine-grained expert FFN fwd+bwd back to back 4.91 and 4.88 vs
-4.97 and 4.97 ms, one pass 5.09 and 5.10 vs 5.26 and 5.26 ms (two scratch A/Bs at ce62e60 on
-an H200); bench/gpu_moe.py times both. Where the fused call fails unasked (e.g. Triton cannot compile it
+gradient; ``0`` neither; ``auto`` (default) ``0`` where the row GEMMs run on MoNTA's
+small-expert sm90 kernels (128x128 ping-pong, :data:`monta.expert_gemm.SM90_SMALL_EXPERT_CONFIGS`),
+else ``fwd``. On those the unfused FFN is the faster one: fine-grained expert FFN fwd+bwd back to
+back 4.91 and 4.88 vs 4.97 and 4.97 ms, one pass 5.09 and 5.10 vs 5.26 and 5.26 ms (two scratch
+A/Bs at ce62e60 on an H200); bench/gpu_moe.py times both. Where the fused call fails unasked (e.g. Triton cannot compile it
 for the GPU), :class:`monta.experts.MoNTAGroupedMLP` warns once and runs unfused.
 
 Measured on an H200 (median ms, interleaved), the forward fusion is a wash. fc1 + activation
@@ -175,16 +175,19 @@ FUSE_VARIABLE = "MONTA_FUSED_SWIGLU"
 FUSE_CHOICES = ("auto", "fwd", "all", "0")
 
 
-def fused_passes(x: torch.Tensor | None = None) -> str:
-    """``MONTA_FUSED_SWIGLU`` (see module doc) for the expert FFN of input ``x``: ``fwd``,
-    ``all`` or ``0``; ``auto`` (the default) is ``0`` where the row GEMMs run on MoNTA's sm90
-    kernels, whose fc1 forward beats this module's fused one, else ``fwd``."""
+def fused_passes(x: torch.Tensor | None = None, row_ends: torch.Tensor | None = None) -> str:
+    """``MONTA_FUSED_SWIGLU`` (see module doc) for the expert FFN of input ``x`` grouped by
+    ``row_ends``: ``fwd``, ``all`` or ``0``; ``auto`` (the default) is ``0`` where the row GEMMs
+    run on MoNTA's small-expert sm90 kernels, whose fc1 forward beats this module's fused one,
+    else ``fwd``."""
     asked = os.environ.get(FUSE_VARIABLE, "auto")
     if asked not in FUSE_CHOICES:
         raise ValueError(f"{FUSE_VARIABLE} must be one of {', '.join(FUSE_CHOICES)}, "
                          f"got {asked!r}")
     if asked == "auto":
-        return "0" if x is not None and expert_gemm.rows_on_sm90(x) else "fwd"
+        unfused = x is not None and row_ends is not None and \
+            expert_gemm.row_config(x, row_ends) == expert_gemm.SM90_SMALL_EXPERT_CONFIGS[0]
+        return "0" if unfused else "fwd"
     return asked
 
 

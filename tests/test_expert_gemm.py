@@ -126,35 +126,44 @@ def test_off_gpu_the_grouped_mm_is_torchs():
 
 
 def test_the_default_runs_what_the_library_holds(monkeypatch):
-    """Unpinned: the default row and weight-gradient configs when both are built; the weight
-    gradient on torch when only the row config is; torch for all three without the row config
-    or off a Hopper. The SwiGLU fusion's default follows whether the rows run on the library."""
+    """Unpinned: small experts (mean rows up to SMALL_EXPERT_MAX_ROWS) on the small-expert
+    configs, larger ones on the large-expert configs; a GEMM whose config is not built on torch,
+    and torch for all three without the row config or off a Hopper. The row config is what
+    the SwiGLU fusion's default follows (monta/swiglu_gemm.py)."""
     from monta import sm90_gemm
 
     monkeypatch.delenv("MONTA_GROUPED_GEMM", raising=False)
     monkeypatch.delenv("MONTA_EXPERT_ROW_ALIGNMENT", raising=False)
     monkeypatch.setattr(sm90_gemm, "available", lambda t: True)
     monkeypatch.setattr(sm90_gemm, "_library", object())
-    rows, wgrad = "128x256_c1x2", "128x128_pp_c1x2"
-    monkeypatch.setattr(expert_gemm, "SM90_DEFAULT_CONFIGS", (rows, wgrad))
-    x = torch.empty(1, 8, dtype=torch.bfloat16)
-    others = [c for c in sm90_gemm.CONFIGS if c not in (rows, wgrad)]
-    for built, want in (((rows, wgrad), f"sm90:{rows},{wgrad}"), ((rows,), f"sm90:{rows}"),
-                        ((wgrad, *others), "torch")):
-        monkeypatch.setattr(sm90_gemm, "_built", built)
-        assert expert_gemm._pin(x) == want
-        assert expert_gemm.rows_on_sm90(x) == (want != "torch")
+    rows, wgrad = expert_gemm.SM90_SMALL_EXPERT_CONFIGS
+    large = expert_gemm.SM90_LARGE_EXPERT_CONFIGS[0]
+    limit, experts = expert_gemm.SMALL_EXPERT_MAX_ROWS, 4
+    ends = torch.arange(1, experts + 1, dtype=torch.int32)  # only its length counts
+    small_x = torch.empty(limit * experts, 8, dtype=torch.bfloat16)
+    large_x = torch.empty(limit * experts + 1, 8, dtype=torch.bfloat16)
     monkeypatch.setattr(sm90_gemm, "_built", tuple(sm90_gemm.CONFIGS))
-    monkeypatch.setenv("MONTA_GROUPED_GEMM", "sm90:" + others[0])
-    assert expert_gemm.rows_on_sm90(x)
+    assert expert_gemm._pin(small_x, ends) == f"sm90:{rows},{wgrad}"
+    assert expert_gemm._pin(large_x, ends) == f"sm90:{large}"  # weight gradient on torch
+    assert expert_gemm.row_config(small_x, ends) == rows
+    assert expert_gemm.row_config(large_x, ends) == large
+    monkeypatch.setattr(expert_gemm, "SM90_SMALL_EXPERT_CONFIGS", (rows, large))
+    monkeypatch.setattr(sm90_gemm, "_built", (rows,))
+    assert expert_gemm._pin(small_x, ends) == f"sm90:{rows}"  # its wgrad config not built
+    assert expert_gemm._pin(large_x, ends) == "torch"  # its row config not built
+    assert expert_gemm.row_config(large_x, ends) is None
+    monkeypatch.setattr(sm90_gemm, "_built", tuple(sm90_gemm.CONFIGS))
+    monkeypatch.setenv("MONTA_GROUPED_GEMM", f"sm90:{large}")
+    assert expert_gemm.row_config(small_x, ends) == large
     monkeypatch.setenv("MONTA_GROUPED_GEMM", "sm90:no_such_config")
-    assert not expert_gemm.rows_on_sm90(x)
+    assert expert_gemm.row_config(small_x, ends) is None
     for pin in ("torch", "auto", "triton", "sm90"):  # tuned pins choose on their first call
         monkeypatch.setenv("MONTA_GROUPED_GEMM", pin)
-        assert not expert_gemm.rows_on_sm90(x)
+        assert expert_gemm.row_config(small_x, ends) is None
     monkeypatch.setenv("MONTA_GROUPED_GEMM", "default")
     monkeypatch.setattr(sm90_gemm, "available", lambda t: False)
-    assert expert_gemm._pin(x) == expert_gemm.TORCH and not expert_gemm.rows_on_sm90(x)
+    assert expert_gemm._pin(small_x, ends) == "torch"
+    assert expert_gemm.row_config(small_x, ends) is None
 
 
 def test_padded_rows_take_the_aligned_kernels_for_all_three_gemms(monkeypatch):
@@ -175,7 +184,7 @@ def test_padded_rows_take_the_aligned_kernels_for_all_three_gemms(monkeypatch):
     x = torch.empty(1, 8, dtype=torch.bfloat16)
     rows, wgrad = expert_gemm.SM90_ALIGNED_CONFIGS
     assert expert_gemm.row_alignment(x) == sm90_gemm.row_alignment(rows) == 64
-    unaligned = expert_gemm.SM90 + ",".join(expert_gemm.SM90_DEFAULT_CONFIGS)
+    unaligned = expert_gemm.SM90 + ",".join(expert_gemm.SM90_SMALL_EXPERT_CONFIGS)
     ends = torch.tensor([128, 384], dtype=torch.int32)
     assert expert_gemm._pin(x, ends) == unaligned
     ends.alignment = 64

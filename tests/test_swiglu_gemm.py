@@ -8,20 +8,24 @@ from monta import swiglu_gemm
 
 
 def test_fused_passes_default_and_choices(monkeypatch):
-    """Unset (``auto``): fc1's forward fused unless MoNTA's sm90 kernels run the row GEMMs,
-    whose unfused FFN is the faster one; a value the user sets is taken as it is."""
+    """Unset (``auto``): fc1's forward fused unless the row GEMMs run on the small-expert sm90
+    kernels, whose unfused FFN is the faster one; a value the user sets is taken as it is."""
     from monta import expert_gemm
 
     monkeypatch.delenv("MONTA_FUSED_SWIGLU", raising=False)
-    x = torch.empty(4, 8, dtype=torch.bfloat16)
-    assert swiglu_gemm.fused_passes() == swiglu_gemm.fused_passes(x) == "fwd"  # CPU: no sm90
-    monkeypatch.setattr(expert_gemm, "rows_on_sm90", lambda t: True)
-    assert swiglu_gemm.fused_passes(x) == "0"
+    x, ends = torch.empty(4, 8, dtype=torch.bfloat16), torch.tensor([2, 4], dtype=torch.int32)
+    assert swiglu_gemm.fused_passes() == swiglu_gemm.fused_passes(x, ends) == "fwd"  # CPU
+    small, large = expert_gemm.SM90_SMALL_EXPERT_CONFIGS[0], \
+        expert_gemm.SM90_LARGE_EXPERT_CONFIGS[0]
+    monkeypatch.setattr(expert_gemm, "row_config", lambda t, e: large)
+    assert swiglu_gemm.fused_passes(x, ends) == "fwd"
+    monkeypatch.setattr(expert_gemm, "row_config", lambda t, e: small)
+    assert swiglu_gemm.fused_passes(x, ends) == "0"
     monkeypatch.setenv("MONTA_FUSED_SWIGLU", "auto")
-    assert swiglu_gemm.fused_passes(x) == "0"
+    assert swiglu_gemm.fused_passes(x, ends) == "0"
     for choice in ("fwd", "all", "0"):
         monkeypatch.setenv("MONTA_FUSED_SWIGLU", choice)
-        assert swiglu_gemm.fused_passes(x) == choice
+        assert swiglu_gemm.fused_passes(x, ends) == choice
 
 
 @pytest.mark.parametrize("bad", ["1", "bwd", ""])

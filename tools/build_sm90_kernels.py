@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from monta import sm90_gemm  # noqa: E402
-from monta.expert_gemm import SM90_DEFAULT_CONFIGS  # noqa: E402
+from monta.expert_gemm import SM90_LARGE_EXPERT_CONFIGS, SM90_SMALL_EXPERT_CONFIGS  # noqa: E402
 
 TOOLCHAIN = ["nvidia-cuda-nvcc==13.0.88", "nvidia-nvvm==13.0.88", "nvidia-cuda-runtime==13.0.96",
              "nvidia-cuda-crt==13.0.88", "nvidia-cuda-cccl==13.0.85", "nvidia-cutlass==4.2.0.0"]
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=sm90_gemm.LIBRARY)
     parser.add_argument("--configs", default=",".join(sm90_gemm.CONFIGS),
                         help="comma-separated subset of monta.sm90_gemm.CONFIGS (the default "
-                             f"kernels are {' and '.join(sorted(set(SM90_DEFAULT_CONFIGS)))}; "
+                             f"kernels are {', '.join(sorted({*SM90_SMALL_EXPERT_CONFIGS, *SM90_LARGE_EXPERT_CONFIGS}))}; "
                              "monta.expert_gemm uses what is "
                              "built)")
     args = parser.parse_args(argv)

@@ -122,7 +122,7 @@ def test_grouped_mm_matches_torch_and_stays_sync_free(nccl_world_of_one, monkeyp
         grads.append((out, xg.grad, wg.grad))
     for got, want in zip(*grads):
         assert rel_err(got, want) < 1e-2
-    default = expert_gemm._pin(x)
+    default = expert_gemm._pin(x, ends)
     if pin == "auto" or default != "torch":
         assert {key[0] for key in expert_gemm.choices()} == {"rows", "wgrad"}
         assert len(expert_gemm.choices()) == 3  # forward, input gradient, weight gradient
