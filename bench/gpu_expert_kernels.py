@@ -1,0 +1,162 @@
+"""The experts' kernel settings side by side on one GPU: which grouped GEMMs the default runs.
+
+    python bench/gpu_expert_kernels.py --out bench/results/gpu_expert_kernels.json [--train-rounds 2]
+
+Each setting is a set of environment variables (``MONTA_GROUPED_GEMM``, ``MONTA_FUSED_SWIGLU``,
+see ``monta/expert_gemm.py`` and ``monta/swiglu_gemm.py``). Two measures:
+
+* the expert FFN as ``MoNTAGroupedMLP`` runs it (fc1, SwiGLU·prob, fc2), forward + backward, on
+  8192 routed tokens at each ``--shapes`` (``train``: the experts of ``bench/gpu_moe_train.py``'s
+  model on its 32768 tokens per micro-batch), against the dense FFN of the same FLOPs: one pass
+  between two syncs and 4 passes back to back, every setting in the same interleaved rounds;
+  the output and all gradients are checked against the first setting's;
+* with ``--train-rounds N``, the training run of ``bench/gpu_moe_train.py`` under each setting,
+  in N rotated rounds (iteration ms, MFU against ``--peak``).
+
+``--settings`` names entries of :data:`SETTINGS`; ``--pins`` adds ``MONTA_GROUPED_GEMM`` values
+as settings of their own. Writes ``--out`` (JSON) and prints a table. The runs in
+``bench/results/gpu_expert_kernels_runs/`` came from its scratch predecessor (same method); this
+script itself has not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.gpu_moe import SHAPES, environment, init_world, monta_experts, routed_counts  # noqa: E402
+from bench.gpu_moe_train import bench_training  # noqa: E402
+from bench.gpu_timing import Timer, rotated, time_interleaved, with_envs  # noqa: E402
+
+PREVIOUS = {"MONTA_GROUPED_GEMM": "sm90:128x256_c1x2", "MONTA_FUSED_SWIGLU": "fwd"}
+PING_PONG = "sm90:128x128_pp_c1x2,128x128_pp_c1x2"
+SETTINGS = {
+    "default": {},
+    # until 53fd0bd for every expert size: rows on 128x256 cooperative tiles, weight gradient on
+    # torch._grouped_mm, SwiGLU·prob fused into fc1's forward
+    "previous": PREVIOUS,
+    # the small-expert default for every size, with and without the fused fc1
+    "ping_pong": {"MONTA_GROUPED_GEMM": PING_PONG, "MONTA_FUSED_SWIGLU": "0"},
+    "ping_pong_fused": {"MONTA_GROUPED_GEMM": PING_PONG, "MONTA_FUSED_SWIGLU": "fwd"},
+}
+# the experts of bench/gpu_moe_train.py's model, and its tokens per micro-batch
+TRAIN_SHAPE = dict(hidden=2048, ffn=1536, experts=8, topk=2)
+TRAIN_TOKENS = 16 * 2048
+ROUNDS = 6
+
+
+def bench_ffn(shape: dict, tokens: int, settings: dict, device, timer) -> dict:
+    dtype = torch.bfloat16
+    h, f, e = shape["hidden"], shape["ffn"], shape["experts"]
+    counts = routed_counts(tokens, e, shape["topk"], device)
+    n = int(counts.sum())
+    gen = torch.Generator(device=device).manual_seed(2)
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, device=device, generator=gen) * scale).to(dtype)
+
+    x, probs = rand(n, h).requires_grad_(True), torch.rand(n, 1, device=device, generator=gen)
+    w1, w2 = rand(e, h, 2 * f, scale=h ** -0.5), rand(e, f, h, scale=f ** -0.5)
+    d1 = rand(h, 2 * f, scale=h ** -0.5).requires_grad_(True)
+    d2 = rand(f, h, scale=f ** -0.5).requires_grad_(True)
+    grad = rand(n, h)
+    experts = monta_experts(shape, w1, w2, device, dtype)
+    from monta.experts import activation_with_probs
+
+    def step():
+        y = experts(x, counts, probs.view(-1))[0]
+        y.backward(grad)
+        return y
+
+    def dense():
+        activation_with_probs(x @ d1, probs, F.silu, True).matmul(d2).backward(grad)
+
+    def clear():
+        for t in (x, d1, d2, *experts.parameters()):
+            t.grad = None
+
+    errors, reference = {}, None
+    for name, env in settings.items():
+        clear()
+        y = with_envs(env, step)
+        got = [y.detach().float(), x.grad.float(), experts.weight1.grad.float(),
+               experts.weight2.grad.float()]
+        if reference is None:
+            reference = got
+        errors[name] = [((a - b).norm() / b.norm()).item() for a, b in zip(got, reference)]
+    variants = {name: ("default", lambda env=env: with_envs(env, step))
+                for name, env in settings.items()}
+    variants["dense"] = ("torch", dense)
+    out = {"rows": n, "rel_err_vs_first": errors}
+    for label, chain, reps in (("one_pass", 1, 3), ("back_to_back", 4, 2)):
+        samples, failed = time_interleaved(variants, timer, ROUNDS, reps, setup=clear,
+                                           catch=True, chain=chain)
+        dense_ms = statistics.median(samples["dense"])
+        out[label] = {name: {"ms": statistics.median(t), "fraction_of_dense":
+                             dense_ms / statistics.median(t), "samples_ms": t}
+                      for name, t in samples.items() if t}
+        out[label]["errors"] = failed
+    return out
+
+
+def bench_train(settings: dict, rounds: int, peak: float, logs: Path) -> dict:
+    runs = {name: [] for name in settings}
+    logs.mkdir(parents=True, exist_ok=True)
+    for round_ in range(rounds):
+        for name, env in rotated(list(settings.items()), round_):
+            result = with_envs(env, lambda: bench_training(
+                peak, False, True, logs / f"{name}_{round_}.log", profile=False))
+            runs[name].append({k: result[k] for k in ("iteration_ms_median", "mfu")})
+            print(f"train round {round_} {name}: {result['iteration_ms_median']:.1f} ms",
+                  flush=True)
+    return runs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results/gpu_expert_kernels.json")
+    parser.add_argument("--shapes", default="fine_grained,mixtral,train")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--pins", default="", help="MONTA_GROUPED_GEMM values to add as settings")
+    parser.add_argument("--train-rounds", type=int, default=0)
+    parser.add_argument("--peak", type=float, default=788.0,
+                        help="dense bf16 TFLOP/s the training MFU is measured against")
+    opts = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (the settings choose between GPU kernels)")
+    unknown = set(opts.settings.split(",")) - set(SETTINGS)
+    if unknown:
+        parser.error(f"unknown settings {sorted(unknown)}; known: {', '.join(SETTINGS)}")
+    settings = {name: SETTINGS[name] for name in opts.settings.split(",")}
+    settings.update({pin: {"MONTA_GROUPED_GEMM": pin} for pin in filter(None, opts.pins.split(","))})
+    device = torch.device("cuda")
+    init_world(device)
+    shapes = {**SHAPES, "train": TRAIN_SHAPE}
+    results = {"environment": environment(device), "settings": settings, "ffn": {}}
+    timer = Timer(device)
+    for name in opts.shapes.split(","):
+        tokens = TRAIN_TOKENS if name == "train" else 8192
+        results["ffn"][name] = r = bench_ffn(shapes[name], tokens, settings, device, timer)
+        for label in ("one_pass", "back_to_back"):
+            print(f"{name} {label}: " + ", ".join(
+                f"{k} {v['ms']:.2f} ms ({v['fraction_of_dense']:.0%})"
+                for k, v in r[label].items() if k != "errors"), flush=True)
+        opts.out.write_text(json.dumps(results, indent=1) + "\n")
+    if opts.train_rounds:
+        results["training"] = bench_train(settings, opts.train_rounds, opts.peak,
+                                          opts.out.with_suffix(".train_logs"))
+        opts.out.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
