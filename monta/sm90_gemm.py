@@ -4,8 +4,9 @@
 tiles in 2×1 clusters, so an expert's rows are paid for in multiples of 256. With fine-grained
 experts (~770 rows each) about half of them pay for 1024 rows. The same CUTLASS collectives
 with other tile and cluster shapes move that granularity to 128 or 64 rows.
-:mod:`monta.expert_gemm` runs the row GEMMs on one of them by default when the library is
-built, and can time all of them against torch (``MONTA_GROUPED_GEMM=auto``).
+:mod:`monta.expert_gemm` runs its default GEMMs on them when the library is built (for small
+experts all three on 128×128 ping-pong tiles, whose epilogues overlap the other tile's
+mainloop), and can time all of them against torch (``MONTA_GROUPED_GEMM=auto``).
 
 The kernels are compiled ahead of time by ``tools/build_sm90_kernels.py`` (CUDA's compiler and
 CUTLASS's headers come from the package registry) into ``monta/_build/``. The library has a C
