@@ -1,4 +1,4 @@
-"""The experts' kernel settings side by side on one GPU: which grouped GEMMs the default runs.
+"""The experts' kernel settings side by side on one GPU: which grouped GEMMs to run by default.
 
     python bench/gpu_expert_kernels.py --out bench/results/gpu_expert_kernels.json [--train-rounds 2]
 
@@ -33,7 +33,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.gpu_moe import SHAPES, environment, init_world, monta_experts, routed_counts  # noqa: E402
+from bench.gpu_moe import (  # noqa: E402
+    SHAPES, environment, init_world, monta_experts, routed_counts,
+)
 from bench.gpu_moe_train import bench_training  # noqa: E402
 from bench.gpu_timing import Timer, rotated, time_interleaved, with_envs  # noqa: E402
 
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown settings {sorted(unknown)}; known: {', '.join(SETTINGS)}")
     settings = {name: SETTINGS[name] for name in opts.settings.split(",")}
-    settings.update({pin: {"MONTA_GROUPED_GEMM": pin} for pin in filter(None, opts.pins.split(","))})
+    settings.update({pin: {"MONTA_GROUPED_GEMM": pin}
+                     for pin in filter(None, opts.pins.split(","))})
     device = torch.device("cuda")
     init_world(device)
     shapes = {**SHAPES, "train": TRAIN_SHAPE}

@@ -59,13 +59,13 @@ GROUPED = "grouped"  # the default's grouped kernels, never per expert
 # shapes, 12 k-blocks, too few for a cooperative kernel to hide its epilogue behind. Large
 # experts: 128x256 cooperative tiles for the rows, torch's kernel for the weight gradient.
 # 1x2 clusters share each A tile between two column tiles, so rows are paid for in multiples
-# of 128 in both. Measured on an H200, interleaved (scratch A/Bs at ce62e60 and 53fd0bd; then
-# bench/gpu_moe.py at 53fd0bd): the fine-grained expert FFN (768 rows per expert) fwd+bwd back
-# to back 5.04, 5.02, 4.97, 4.96, 4.92 ms on the ping-pong pair against 5.28, 5.30, 5.28, 5.33,
-# 5.30 on the large-expert pair (one pass 5.40, 5.42, 5.18, 5.17 vs 5.84, 5.87, 5.63, 5.73),
-# 4.98 vs 5.22 in the bench; Mixtral's on the grouped kernels (2048 rows per expert) 27.99 vs
-# 28.02 ms back to back, 28.47 vs 28.16 one pass; the training run of bench/gpu_moe_train.py
-# (8 experts, 8192 rows each) 625.5 and 628.7 against 620.8 and 620.3 ms per iteration.
+# of 128 in both. Interleaved A/Bs of the expert FFN fwd+bwd on an H200
+# (bench/results/gpu_expert_kernels_runs/, bench/gpu_expert_kernels.py), back to back: at
+# fine-grained shapes (768 rows per expert) 4.87-4.96 ms on the ping-pong pair with SwiGLU·prob
+# unfused against 5.22-5.33 on the large-expert kernels (bench/gpu_moe.py: 86 % and 85 % of
+# dense against 82 %); at Mixtral's (2048 rows per expert, on the grouped kernels) 27.99 vs
+# 28.02 ms; the training run of bench/gpu_moe_train.py (8192 rows per expert) 625-629 against
+# 620 ms per iteration.
 SM90_SMALL_EXPERT_CONFIGS = ("128x128_pp_c1x2", "128x128_pp_c1x2")
 SM90_LARGE_EXPERT_CONFIGS = ("128x256_c1x2",)
 # mean rows per expert up to which the small-expert configs run

@@ -18,11 +18,12 @@ layout stays as it is (checkpoints unchanged). Rounding matches the unfused path
 
 ``MONTA_FUSED_SWIGLU`` picks: ``fwd`` fuses fc1's forward only; ``all`` also fc2's input
 gradient; ``0`` neither; ``auto`` (default) ``0`` where the row GEMMs run on MoNTA's
-small-expert sm90 kernels (128x128 ping-pong, :data:`monta.expert_gemm.SM90_SMALL_EXPERT_CONFIGS`),
-else ``fwd``. On those the unfused FFN is the faster one: fine-grained expert FFN fwd+bwd back to
-back 4.91 and 4.88 vs 4.97 and 4.97 ms, one pass 5.09 and 5.10 vs 5.26 and 5.26 ms (two scratch
-A/Bs at ce62e60 on an H200); bench/gpu_moe.py times both. Where the fused call fails unasked (e.g. Triton cannot compile it
-for the GPU), :class:`monta.experts.MoNTAGroupedMLP` warns once and runs unfused.
+small-expert sm90 kernels (128x128 ping-pong, ``monta.expert_gemm.SM90_SMALL_EXPERT_CONFIGS``),
+else ``fwd``. On those the unfused FFN is the faster one: the fine-grained expert FFN fwd+bwd
+back to back 4.91 and 4.87 vs 4.97 and 4.97 ms, one pass 5.09 and 5.10 vs 5.26 and 5.26 ms
+(bench/results/gpu_expert_kernels_runs/ffn_fine_grained_unfused_*); bench/gpu_moe.py times
+both. Where the fused call fails unasked (e.g. Triton cannot compile it for the GPU),
+:class:`monta.experts.MoNTAGroupedMLP` warns once and runs unfused.
 
 Measured on an H200 (median ms, interleaved), the forward fusion is a wash. fc1 + activation
 forward, fused vs unfused, back to back: 6.54 vs 6.27 ms (Mixtral), 1.30 vs 1.31 ms

@@ -22,10 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from monta import sm90_gemm  # noqa: E402
-from monta.expert_gemm import SM90_LARGE_EXPERT_CONFIGS, SM90_SMALL_EXPERT_CONFIGS  # noqa: E402
+from monta.expert_gemm import (  # noqa: E402
+    SM90_LARGE_EXPERT_CONFIGS, SM90_SMALL_EXPERT_CONFIGS,
+)
 
 TOOLCHAIN = ["nvidia-cuda-nvcc==13.0.88", "nvidia-nvvm==13.0.88", "nvidia-cuda-runtime==13.0.96",
              "nvidia-cuda-crt==13.0.88", "nvidia-cuda-cccl==13.0.85", "nvidia-cutlass==4.2.0.0"]
+DEFAULT_CONFIGS = sorted({*SM90_SMALL_EXPERT_CONFIGS, *SM90_LARGE_EXPERT_CONFIGS})
 SOURCE = ROOT / "monta" / "csrc" / "sm90_grouped_gemm.cuh"
 ALIGNED_SOURCE = ROOT / "monta" / "csrc" / "sm90_aligned_gemm.cuh"
 ARCH = "-gencode=arch=compute_90a,code=sm_90a"  # sm_90a: wgmma and setmaxnreg need the "a"
@@ -77,9 +80,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=sm90_gemm.LIBRARY)
     parser.add_argument("--configs", default=",".join(sm90_gemm.CONFIGS),
                         help="comma-separated subset of monta.sm90_gemm.CONFIGS (the default "
-                             f"kernels are {', '.join(sorted({*SM90_SMALL_EXPERT_CONFIGS, *SM90_LARGE_EXPERT_CONFIGS}))}; "
-                             "monta.expert_gemm uses what is "
-                             "built)")
+                             f"kernels are {', '.join(DEFAULT_CONFIGS)}; monta.expert_gemm uses "
+                             "what is built)")
     args = parser.parse_args(argv)
     configs = args.configs.split(",")
     unknown = sorted(set(configs) - set(sm90_gemm.CONFIGS))
