@@ -34,13 +34,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.gpu_moe import (  # noqa: E402
-    SHAPES, environment, init_world, monta_experts, routed_counts,
+    PREVIOUS_DEFAULT, SHAPES, environment, init_world, monta_experts, routed_counts,
 )
 from bench.gpu_moe_train import bench_training  # noqa: E402
 from bench.gpu_timing import Timer, rotated, time_interleaved, with_envs  # noqa: E402
 
-PREVIOUS = {"MONTA_GROUPED_GEMM": "sm90:128x256_c1x2", "MONTA_FUSED_SWIGLU": "fwd"}
-PING_PONG = "sm90:128x128_pp_c1x2,128x128_pp_c1x2"
+from monta import expert_gemm  # noqa: E402
+
+PREVIOUS = {"MONTA_GROUPED_GEMM": PREVIOUS_DEFAULT, "MONTA_FUSED_SWIGLU": "fwd"}
+PING_PONG = expert_gemm.SM90 + ",".join(expert_gemm.SM90_SMALL_EXPERT_CONFIGS)
 SETTINGS = {
     "default": {},
     # until 53fd0bd for every expert size: rows on 128x256 cooperative tiles, weight gradient on

@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO))
 from bench.gpu_timing import (  # noqa: E402
     Timer, tflops, time_interleaved, with_env, with_envs, with_grouped_gemm,
 )
+from monta import expert_gemm  # noqa: E402
 from monta.provenance import source_commit  # noqa: E402
 
 SHAPES = {  # name: hidden, expert ffn, experts, top-k
@@ -91,9 +92,10 @@ PROJECTION_ROUNDS = 4  # interleaved rounds of one projection's GEMMs, 5 timed c
 TRAIN_FUSIONS = ("--cross-entropy-loss-fusion",)
 FFN_ROUNDS = 6  # interleaved rounds of the expert-FFN variants, 3 timed calls each
 FFN_CHAIN = 4  # and 2 samples each of this many calls back to back (the loop left out)
-# the grouped kernels' default until the 128x128 ping-pong configs (monta/expert_gemm.py): the
-# row GEMMs on this sm90 config, the weight gradient on torch, SwiGLU·prob fused into fc1
-PREVIOUS_DEFAULT = "sm90:128x256_c1x2"
+# the grouped kernels' default for every expert size until the 128x128 ping-pong configs, now
+# the large-expert one (monta/expert_gemm.py): the row GEMMs on 128x256 cooperative tiles, the
+# weight gradient on torch (SwiGLU·prob fused into fc1 where it runs)
+PREVIOUS_DEFAULT = expert_gemm.SM90 + ",".join(expert_gemm.SM90_LARGE_EXPERT_CONFIGS)
 
 
 def padded_rows(counts: torch.Tensor, rows: int, alignment: int | None):
@@ -147,7 +149,7 @@ def monta_experts(shape: dict, w1: torch.Tensor, w2: torch.Tensor, device, dtype
 
 
 def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
-    from monta import expert_gemm, per_expert_gemm, sm90_gemm, swiglu_gemm, wgrad_overlap
+    from monta import per_expert_gemm, sm90_gemm, swiglu_gemm, wgrad_overlap
     from monta.experts import (activation_with_probs, expert_offsets, grouped_mm,
                                grouped_mm_supported)
 
@@ -292,7 +294,7 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         variants["grouped_unfused"] = ("grouped", monta_ffn(x, probs, grad, counts, "0"))
         variants["grouped_fused_fwd"] = ("grouped", monta_ffn(x, probs, grad, counts, "fwd"))
         variants["grouped_fused_all"] = ("grouped", monta_ffn(x, probs, grad, counts, "all"))
-    if PREVIOUS_DEFAULT.split(":")[1] in sm90_gemm.built_configs():
+    if expert_gemm.SM90_LARGE_EXPERT_CONFIGS[0] in sm90_gemm.built_configs():
         variants["previous_default"] = (PREVIOUS_DEFAULT, monta_ffn(x, probs, grad, counts, "fwd"))
     if padded_ffn is not None:
         variants["grouped_padded"] = ("default", monta_ffn(*padded_ffn))
@@ -417,8 +419,6 @@ def environment(device) -> dict:
     except ImportError:
         info["transformer_engine"] = False
     if device.type == "cuda":
-        from monta import expert_gemm
-
         props = torch.cuda.get_device_properties(0)
         probe = torch.empty(1, device=device, dtype=torch.bfloat16)
         tile = with_env("MONTA_EXPERT_ROW_ALIGNMENT", "tile",
