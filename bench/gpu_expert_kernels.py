@@ -10,6 +10,9 @@ see ``monta/expert_gemm.py`` and ``monta/swiglu_gemm.py``). Two measures:
   model on its 32768 tokens per micro-batch), against the dense FFN of the same FLOPs: one pass
   between two syncs and 4 passes back to back, every setting in the same interleaved rounds;
   the output and all gradients are checked against the first setting's;
+* with ``--profile``, a torch.profiler summary of each setting's FFN and the dense one, 8 passes
+  back to back: the top kernels by GPU time, their sum and the GPU's busy time (so what the
+  grouped FFN spends outside its GEMMs shows beside the dense FFN's);
 * with ``--train-rounds N``, the training run of ``bench/gpu_moe_train.py`` under each setting,
   in N rotated rounds (iteration ms, MFU against ``--peak``).
 
@@ -37,7 +40,9 @@ from bench.gpu_moe import (  # noqa: E402
     PREVIOUS_DEFAULT, SHAPES, environment, init_world, monta_experts, routed_counts,
 )
 from bench.gpu_moe_train import bench_training  # noqa: E402
-from bench.gpu_timing import Timer, rotated, time_interleaved, with_envs  # noqa: E402
+from bench.gpu_timing import (  # noqa: E402
+    Timer, rotated, time_interleaved, with_envs, with_grouped_gemm,
+)
 
 from monta import expert_gemm  # noqa: E402
 
@@ -56,9 +61,12 @@ SETTINGS = {
 TRAIN_SHAPE = dict(hidden=2048, ffn=1536, experts=8, topk=2)
 TRAIN_TOKENS = 16 * 2048
 ROUNDS = 6
+PROFILED_PASSES = 8  # back to back under --profile
+PROFILED_KERNELS = 25  # kernels listed per setting: all of an expert FFN's
 
 
-def bench_ffn(shape: dict, tokens: int, settings: dict, device, timer) -> dict:
+def bench_ffn(shape: dict, tokens: int, settings: dict, device, timer,
+              profile: bool = False) -> dict:
     dtype = torch.bfloat16
     h, f, e = shape["hidden"], shape["ffn"], shape["experts"]
     counts = routed_counts(tokens, e, shape["topk"], device)
@@ -109,6 +117,12 @@ def bench_ffn(shape: dict, tokens: int, settings: dict, device, timer) -> dict:
                              dense_ms / statistics.median(t), "samples_ms": t}
                       for name, t in samples.items() if t}
         out[label]["errors"] = failed
+    if profile:
+        from bench.gpu_moe_layer import profile_summary
+
+        out["profile"] = {name: with_grouped_gemm(pin, lambda fn=fn: profile_summary(
+            fn, clear, iters=PROFILED_PASSES, top=PROFILED_KERNELS))
+            for name, (pin, fn) in variants.items()}
     return out
 
 
@@ -131,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="fine_grained,mixtral,train")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--pins", default="", help="MONTA_GROUPED_GEMM values to add as settings")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile each setting's FFN and the dense one (top kernels)")
     parser.add_argument("--train-rounds", type=int, default=0)
     parser.add_argument("--peak", type=float, default=788.0,
                         help="dense bf16 TFLOP/s the training MFU is measured against")
@@ -150,11 +166,18 @@ def main(argv=None) -> int:
     timer = Timer(device)
     for name in opts.shapes.split(","):
         tokens = TRAIN_TOKENS if name == "train" else 8192
-        results["ffn"][name] = r = bench_ffn(shapes[name], tokens, settings, device, timer)
+        results["ffn"][name] = r = bench_ffn(shapes[name], tokens, settings, device, timer,
+                                             opts.profile)
         for label in ("one_pass", "back_to_back"):
             print(f"{name} {label}: " + ", ".join(
                 f"{k} {v['ms']:.2f} ms ({v['fraction_of_dense']:.0%})"
                 for k, v in r[label].items() if k != "errors"), flush=True)
+        for setting, summary in r.get("profile", {}).items():
+            print(f"{name} profile {setting}: kernels {summary['gpu_ms_per_iter']:.3f} ms, "
+                  f"busy {summary['gpu_busy_ms_per_iter']:.3f} ms per pass", flush=True)
+            for row in summary["top_kernels"]:
+                print(f"    {row['ms_per_iter']:7.3f} ms {row['calls_per_iter']:5.1f}x "
+                      f"{row['kernel'][:90]}", flush=True)
         opts.out.write_text(json.dumps(results, indent=1) + "\n")
     if opts.train_rounds:
         results["training"] = bench_train(settings, opts.train_rounds, opts.peak,
