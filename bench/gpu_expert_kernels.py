@@ -130,7 +130,7 @@ def bench_train(settings: dict, rounds: int, peak: float, logs: Path) -> dict:
     runs = {name: [] for name in settings}
     logs.mkdir(parents=True, exist_ok=True)
     for round_ in range(rounds):
-        for name, env in rotated(list(settings.items()), round_):
+        for name, env in rotated(list(settings.items()), round_, rounds):
             result = with_envs(env, lambda: bench_training(
                 peak, False, True, logs / f"{name}_{round_}.log", profile=False))
             runs[name].append({k: result[k] for k in ("iteration_ms_median", "mfu")})

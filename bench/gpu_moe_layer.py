@@ -134,7 +134,7 @@ def time_steps(steps: dict, timer, rounds: int, reps: int) -> tuple[dict, dict]:
 
     one, chained = {name: [] for name in steps}, {name: [] for name in steps}
     for round_ in range(rounds):
-        for name, (step, clear) in rotated(list(steps.items()), round_):
+        for name, (step, clear) in rotated(list(steps.items()), round_, rounds):
             timer.settle()
             one[name] += timer(step, warmup=2, reps=reps, setup=clear)["samples_ms"]
             chained[name] += timer(step, warmup=1, reps=2, setup=clear,

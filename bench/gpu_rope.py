@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             }
             samples = {v: [] for v in variants}
             for round_ in range(opts.rounds):
-                for variant, fn in rotated(list(variants.items()), round_):
+                for variant, fn in rotated(list(variants.items()), round_, opts.rounds):
                     samples[variant] += timer(fn, warmup=2, reps=3, chain=20)["samples_ms"]
             moved = 2 * t.numel() * t.element_size()
             row = rows[f"{name} {direction}"] = {"shape": list(t.shape),

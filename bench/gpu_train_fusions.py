@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     logs = opts.out.parent / "gpu_train_fusions_logs"
     logs.mkdir(parents=True, exist_ok=True)
     for round_ in range(opts.rounds):
-        for name, (flags, _) in rotated(list(VARIANTS.items()), round_):
+        for name, (flags, _) in rotated(list(VARIANTS.items()), round_, opts.rounds):
             result = bench_training(peak, opts.tiny, on_gpu, logs / f"{name}_{round_}.log",
                                     extra_flags=(*flags, *([] if opts.tiny else ITERATIONS)),
                                     profile=False)
