@@ -17,9 +17,8 @@ see ``monta/expert_gemm.py`` and ``monta/swiglu_gemm.py``). Two measures:
   in N rotated rounds (iteration ms, MFU against ``--peak``).
 
 ``--settings`` names entries of :data:`SETTINGS`; ``--pins`` adds ``MONTA_GROUPED_GEMM`` values
-as settings of their own. Writes ``--out`` (JSON) and prints a table. The runs in
-``bench/results/gpu_expert_kernels_runs/`` came from its scratch predecessor (same method); this
-script itself has not yet run on a GPU.
+as settings of their own. Writes ``--out`` (JSON) and prints a table. Its runs, and those of its
+scratch predecessor (same method), are in ``bench/results/gpu_expert_kernels_runs/``.
 """
 
 from __future__ import annotations

@@ -92,9 +92,10 @@ def rotated(items: list, round_: int, rounds: int = 0) -> list:
     runs first (after the warm-up) or last, and with fewer rounds than items each item's places
     spread over the whole round. A shift of one per round would give the first ``rounds`` items
     the first place once and the last places in every other round, and never put the rest
-    late. (In bench/gpu_moe.py's fine-grained FFN, 12 variants in 6 rounds, the first variant
-    ran 2–5 % slower than an identical twin in four runs out of four, in the rounds where it
-    came last.)"""
+    late. (In bench/gpu_moe.py's fine-grained FFN, 12 variants in 6 rounds, the first-listed
+    variant ran 2–5 % slower than an identical twin in four runs out of four; with the stride,
+    identical twins still differed by up to 3 % in the next run, so place was at most part of
+    it: bench/results/gpu_moe_runs/gpu_moe_70d4f64.json against gpu_moe.json at 305f7b3.)"""
     stride = max(len(items) // rounds, 1) if rounds else 1
     shift = round_ * stride % max(len(items), 1)
     return items[shift:] + items[:shift]
