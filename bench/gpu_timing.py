@@ -95,7 +95,7 @@ def rotated(items: list, round_: int, rounds: int = 0) -> list:
     late. (In bench/gpu_moe.py's fine-grained FFN, 12 variants in 6 rounds, the first-listed
     variant ran 2–5 % slower than an identical twin in four runs out of four; with the stride,
     identical twins still differed by up to 3 % in the next run, so place was at most part of
-    it: bench/results/gpu_moe_runs/gpu_moe_70d4f64.json against gpu_moe.json at 305f7b3.)"""
+    it: the 70d4f64 run in bench/results/gpu_moe_runs/ against the 305f7b3 run.)"""
     stride = max(len(items) // rounds, 1) if rounds else 1
     shift = round_ * stride % max(len(items), 1)
     return items[shift:] + items[:shift]
