@@ -16,8 +16,8 @@ see ``monta/expert_gemm.py`` and ``monta/swiglu_gemm.py``). Two measures:
 * with ``--train-rounds N``, the training run of ``bench/gpu_moe_train.py`` under each setting,
   in N rotated rounds (iteration ms, MFU against ``--peak``).
 
-``--settings`` names entries of :data:`SETTINGS`; ``--pins`` adds ``MONTA_GROUPED_GEMM`` values
-as settings of their own. Writes ``--out`` (JSON) and prints a table. Its runs, and those of its
+``--settings`` names entries of :data:`SETTINGS`; each ``--pin`` adds a ``MONTA_GROUPED_GEMM``
+value as a setting of its own (pins hold commas: ``--pin sm90:<rows>,<wgrad>,<input gradient>``). Writes ``--out`` (JSON) and prints a table. Its runs, and those of its
 scratch predecessor (same method), are in ``bench/results/gpu_expert_kernels_runs/``.
 """
 
@@ -143,7 +143,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/gpu_expert_kernels.json")
     parser.add_argument("--shapes", default="fine_grained,mixtral,train")
     parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument("--pins", default="", help="MONTA_GROUPED_GEMM values to add as settings")
+    parser.add_argument("--pin", action="append", default=[],
+                        help="a MONTA_GROUPED_GEMM value to add as a setting (repeatable)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each setting's FFN and the dense one (top kernels)")
     parser.add_argument("--train-rounds", type=int, default=0)
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown settings {sorted(unknown)}; known: {', '.join(SETTINGS)}")
     settings = {name: SETTINGS[name] for name in opts.settings.split(",")}
     settings.update({pin: {"MONTA_GROUPED_GEMM": pin}
-                     for pin in filter(None, opts.pins.split(","))})
+                     for pin in opts.pin})
     device = torch.device("cuda")
     init_world(device)
     shapes = {**SHAPES, "train": TRAIN_SHAPE}

@@ -18,8 +18,9 @@ Three implementations exist:
   ping-pong kernels; large ones: the row GEMMs on 128x256 cooperative ones, the weight gradient
   on ``torch._grouped_mm``), otherwise ``torch._grouped_mm``;
 * ``torch``: ``torch._grouped_mm`` for all three GEMMs;
-* ``sm90:<config>[,<wgrad config>]``: that config of :data:`monta.sm90_gemm.CONFIGS` for the
-  row GEMMs and, if given, the second for the weight gradient (else ``torch._grouped_mm``);
+* ``sm90:<config>[,<wgrad config>[,<input-gradient config>]]``: that config of
+  :data:`monta.sm90_gemm.CONFIGS` for the row GEMMs, if given the second for the weight
+  gradient (else ``torch._grouped_mm``) and the third for the input gradient (else the first);
 * ``auto``: like ``triton.autotune``, the first call of each GEMM shape times every candidate
   on its real inputs (round-robin), checks it against ``torch._grouped_mm``'s result, and keeps
   ``torch._grouped_mm`` unless a kernel beat it by ``TORCH_MARGIN``; later calls launch the
@@ -36,6 +37,7 @@ Three implementations exist:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import statistics
@@ -82,6 +84,7 @@ SM90_ALIGNED_CONFIGS = ("64x256_pp_c1x1", "128x256_c1x1")
 # default's 5.00 ms, and 28.4 vs 28.4 ms at Mixtral shapes
 # (bench/results/gpu_grouped_gemm_runs/ffn_aligned_1fb71b3.json).
 PAD_ROWS_BY_DEFAULT = False
+ROW_OPS = ("rows", "dgrad")  # GEMMs by rows of the input: the forward and the input gradient
 ROWS_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 4, 4))
 WGRAD_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 3, 4))
 TUNING_ROUNDS = 8
@@ -127,7 +130,7 @@ def _aligned(config, row_ends, op="rows") -> bool:
 
 def _run(op, candidate, args):
     config = _sm90_config(candidate)
-    if op == "rows":
+    if op in ROW_OPS:
         a, b, row_ends = args
         if candidate == TORCH:
             return _rows_torch(a, b, row_ends)
@@ -149,16 +152,23 @@ def _key(op, first, weight_like, rows, pinned, alignment=None):
             weight_like.stride(2) == 1, 1 << max(rows - 1, 0).bit_length(), alignment, pinned)
 
 
+def _pinned_config(op, configs: list) -> str | None:
+    """The config of a pin's ``configs`` (``sm90:<rows>[,<wgrad>[,<input gradient>]]``) that
+    ``op`` runs on; None for a weight gradient the pin leaves to torch."""
+    if op == "wgrad":
+        return configs[1] if len(configs) > 1 else None
+    return configs[2] if op == "dgrad" and len(configs) > 2 else configs[0]
+
+
 def _candidates(op, pinned, triton=True, sm90=False):
     """What ``_tune`` times: torch, the Triton configs (if Triton is there) and the sm90
-    library's built configs (if the GPU is a Hopper). A pin ``sm90:<rows>[,<wgrad>]`` names
-    one config for the row GEMMs and, optionally, one for the weight gradient (else torch)."""
+    library's built configs (if the GPU is a Hopper). A pin ``sm90:<rows>[,<wgrad>[,<input
+    gradient>]]`` names the config of each GEMM (:func:`_pinned_config`)."""
     if _sm90_config(pinned) is not None:
-        configs = _sm90_config(pinned).split(",")
-        config = configs[0] if op == "rows" else (configs[1] if len(configs) > 1 else None)
+        config = _pinned_config(op, _sm90_config(pinned).split(","))
         usable = sm90 and config in sm90_gemm.built_configs()
         return (SM90 + config,) if usable else (TORCH,)
-    candidates = ROWS_CANDIDATES if op == "rows" else WGRAD_CANDIDATES
+    candidates = ROWS_CANDIDATES if op in ROW_OPS else WGRAD_CANDIDATES
     if not triton:
         candidates = (TORCH,)
     if sm90:
@@ -183,7 +193,7 @@ def _tune(op, key, args, triton=True, sm90=False):
     if len(candidates) == 1:
         return candidates[0]
     # the row GEMMs write rows up to the last end only (padded rows have a capacity past it)
-    used = int(args[2][-1]) if op == "rows" and args[2].numel() else None
+    used = int(args[2][-1]) if op in ROW_OPS and args[2].numel() else None
     reference = _run(op, TORCH, args)[:used].float()
     scale = reference.norm().clamp_min(1e-12)
     usable = []
@@ -237,10 +247,10 @@ def _pin(first, row_ends) -> str:
         if not sm90_gemm.available(first):
             return TORCH
         configs = default_configs(first.size(0), row_ends.numel())
-        built = [c for c in configs if c in sm90_gemm.built_configs()]
-        if configs[0] not in built:  # a partial build: torch for all three
-            return TORCH
-        return SM90 + ",".join(built)
+        # a partial build: the configs up to the first one missing (each later one's place in
+        # the pin names its GEMM), torch for all three without the row config
+        built = list(itertools.takewhile(lambda c: c in sm90_gemm.built_configs(), configs))
+        return SM90 + ",".join(built) if built else TORCH
     return pinned_kernel
 
 
@@ -293,14 +303,17 @@ def _tuned(op, args, weight_like, rows):
 
 def choices() -> dict:
     """What tuning picked so far: {(op, device, dtype, weight shape, row-major, rows,
-    row alignment, pin): kernel}."""
+    row alignment, pin): kernel}; ``op`` is ``rows`` (forward), ``dgrad`` (input gradient) or
+    ``wgrad``."""
     return dict(_chosen)
 
 
-def rows(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor) -> torch.Tensor:
-    """``out[rows_e] = a[rows_e] @ b[e]`` (forward or input gradient) on the kernel chosen
-    for it; not differentiable (:func:`grouped_mm` is)."""
-    return _tuned("rows", (a, b, row_ends), b, a.size(0))
+def rows(a: torch.Tensor, b: torch.Tensor, row_ends: torch.Tensor,
+         input_gradient: bool = False) -> torch.Tensor:
+    """``out[rows_e] = a[rows_e] @ b[e]`` (forward, or with ``input_gradient`` the input
+    gradient ``dy @ w[e]ᵀ``) on the kernel chosen for it; not differentiable (:func:`grouped_mm`
+    is)."""
+    return _tuned("dgrad" if input_gradient else "rows", (a, b, row_ends), b, a.size(0))
 
 
 def wgrad(x: torch.Tensor, dy: torch.Tensor, row_ends: torch.Tensor,
@@ -340,7 +353,7 @@ class GroupedMM(torch.autograd.Function):
         dx = dw = None
         overlap = WgradOverlap(dy)
         if ctx.needs_input_grad[0]:
-            dx = rows(dy, w.transpose(1, 2), row_ends)
+            dx = rows(dy, w.transpose(1, 2), row_ends, input_gradient=True)
         if ctx.needs_input_grad[1]:
             with overlap.side():
                 dw = wgrad(x, dy, row_ends, w)

@@ -259,14 +259,15 @@ class SwiGLUExpertFFN(torch.autograd.Function):
         if ctx.fuse_backward:
             dh, dp = fc2_dgrad_swiglu(dout, w2, h, probs, row_ends)
         else:
-            dy = expert_gemm.rows(dout, w2.transpose(1, 2), row_ends)
+            dy = expert_gemm.rows(dout, w2.transpose(1, 2), row_ends, input_gradient=True)
             dh, dp = swiglu.weighted_swiglu_backward(h, probs, dy)
         overlap.fork()  # fc1's weight gradient reads dh
         if ctx.needs_input_grad[1]:
             with overlap.side():
                 dw1 = expert_gemm.wgrad(x, dh, row_ends, w1)
-        dx = expert_gemm.rows(dh, w1.transpose(1, 2), row_ends) if ctx.needs_input_grad[0] \
-            else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = expert_gemm.rows(dh, w1.transpose(1, 2), row_ends, input_gradient=True)
         overlap.join(dw1, dw2)
         return dx, dw1, dw2, dp.view_as(probs).to(probs.dtype), None, None
 

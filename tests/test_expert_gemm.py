@@ -90,6 +90,13 @@ def test_candidates_follow_what_is_built_and_the_pin(monkeypatch):
     assert expert_gemm._candidates("rows", both, triton=True, sm90=True) == (pin,)
     assert expert_gemm._candidates("wgrad", both, triton=True, sm90=True) == \
         (expert_gemm.SM90 + other,)
+    # the input gradient runs on the row config unless a third is named
+    assert expert_gemm._candidates("dgrad", both, triton=True, sm90=True) == (pin,)
+    three = f"{both},{other}"
+    assert expert_gemm._candidates("dgrad", three, triton=True, sm90=True) == \
+        (expert_gemm.SM90 + other,)
+    assert expert_gemm._candidates("rows", three, triton=True, sm90=True) == (pin,)
+    assert expert_gemm._candidates("dgrad", "auto", triton=True, sm90=False) == ("torch", "a")
     # a pin whose kernels are not there falls back to torch rather than to nothing
     assert expert_gemm._candidates("rows", "sm90", triton=True, sm90=False) == ("torch",)
     monkeypatch.setattr(sm90_gemm, "built_configs", lambda: ())  # e.g. --configs built others
@@ -150,6 +157,10 @@ def test_the_default_runs_what_the_library_holds(monkeypatch):
     monkeypatch.setattr(expert_gemm, "SM90_SMALL_EXPERT_CONFIGS", (rows, large))
     monkeypatch.setattr(sm90_gemm, "_built", (rows,))
     assert expert_gemm._pin(small_x, ends) == f"sm90:{rows}"  # its wgrad config not built
+    # an input-gradient config after a missing one is dropped too: places name the GEMMs
+    monkeypatch.setattr(expert_gemm, "SM90_SMALL_EXPERT_CONFIGS", (rows, large, rows))
+    assert expert_gemm._pin(small_x, ends) == f"sm90:{rows}"
+    monkeypatch.setattr(expert_gemm, "SM90_SMALL_EXPERT_CONFIGS", (rows, large))
     assert expert_gemm._pin(large_x, ends) == "torch"  # its row config not built
     assert expert_gemm.row_config(large_x, ends) is None
     monkeypatch.setattr(sm90_gemm, "_built", tuple(sm90_gemm.CONFIGS))

@@ -124,8 +124,8 @@ def test_grouped_mm_matches_torch_and_stays_sync_free(nccl_world_of_one, monkeyp
         assert rel_err(got, want) < 1e-2
     default = expert_gemm._pin(x, ends)
     if pin == "auto" or default != "torch":
-        assert {key[0] for key in expert_gemm.choices()} == {"rows", "wgrad"}
-        assert len(expert_gemm.choices()) == 3  # forward, input gradient, weight gradient
+        # forward, input gradient, weight gradient
+        assert sorted(key[0] for key in expert_gemm.choices()) == ["dgrad", "rows", "wgrad"]
     if pin == "default":  # each GEMM on the default's config for it, nothing tuned
         for key, choice in expert_gemm.choices().items():
             assert (choice,) == expert_gemm._candidates(key[0], default, sm90=True)
