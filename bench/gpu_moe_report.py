@@ -178,9 +178,12 @@ def _monta_kernels(env: dict) -> str:
     fused = (", SwiGLU·prob fused into fc1's forward (`monta/swiglu_gemm.py`)"
              if env.get("fused_swiglu", "0") != "0" else "")
     if unpadded and unpadded != "torch":
-        rows, _, wgrad = unpadded.removeprefix("sm90:").partition(",")
+        # sm90:<rows>[,<weight gradient>[,<input gradient>]] (monta/expert_gemm.py)
+        rows, wgrad, dgrad = (unpadded.removeprefix("sm90:").split(",") + ["", ""])[:3]
         wgrad = f"`sm90:{wgrad}`" if wgrad else "torch"
-        return (f"forward and input gradient on `sm90:{rows}`, weight gradient on {wgrad}"
+        gemms = (f"forward on `sm90:{rows}`, input gradient on `sm90:{dgrad}`" if dgrad
+                 else f"forward and input gradient on `sm90:{rows}`")
+        return (f"{gemms}, weight gradient on {wgrad}"
                 + fused + (" for the other GEMMs" if fused else "")
                 + ("" if fused else ", SwiGLU·prob as its own kernels"))
     return "`torch._grouped_mm`" + fused
