@@ -93,9 +93,10 @@ def rotated(items: list, round_: int, rounds: int = 0) -> list:
     spread over the whole round. A shift of one per round would give the first ``rounds`` items
     the first place once and the last places in every other round, and never put the rest
     late. (In bench/gpu_moe.py's fine-grained FFN, 12 variants in 6 rounds, the first-listed
-    variant ran 2–5 % slower than an identical twin in four runs out of four; with the stride,
-    identical twins still differed by up to 3 % in the next run, so place was at most part of
-    it: the 70d4f64 run in bench/results/gpu_moe_runs/ against the 305f7b3 run.)"""
+    variant ran 2–5 % slower than an identical twin in the three runs before the stride
+    (53fd0bd, 3db4cfd, 70d4f64) but 1–2 % faster in two earlier ones (fdff208, 792025a); with
+    the stride, identical twins still differed by up to 3 % in the next run (305f7b3), so
+    place was at most part of it: bench/results/gpu_moe_runs/.)"""
     stride = max(len(items) // rounds, 1) if rounds else 1
     shift = round_ * stride % max(len(items), 1)
     return items[shift:] + items[:shift]
