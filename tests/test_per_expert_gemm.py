@@ -109,3 +109,52 @@ def test_host_splits_that_do_not_cover_the_rows_are_refused():
         per_expert_gemm.HostSplits(torch.tensor([2, 4]), 7, 2).get()
     with pytest.raises(ValueError, match="each of the 3 local experts"):
         per_expert_gemm.HostSplits(torch.tensor([2, 4]), 6, 3).get()
+
+
+class _CountingSplits(per_expert_gemm.HostSplits):
+    """HostSplits that records when the host reads the counts."""
+
+    reads = 0
+
+    def get(self):
+        self.reads += 1
+        return super().get()
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 9, 0], [0, 7, 0, 2]])
+def test_grouped_first_forward_matches_fp64_and_reads_the_counts_only_in_backward(counts):
+    """With ``forward_row_ends`` the forward is one grouped GEMM on device-side row ends
+    (torch._grouped_mm here on CPU) and never reads the host counts; the backward runs per
+    expert on them. Output and both gradients equal the fp64 per-expert loop, empty experts
+    included."""
+    gen = torch.Generator().manual_seed(len(counts) + sum(counts))
+    x = torch.randn(sum(counts), 8, generator=gen, requires_grad=True)
+    w = torch.randn(4, 8, 16, generator=gen, requires_grad=True)
+    grad = torch.randn(sum(counts), 16, generator=gen)
+    splits = _CountingSplits(torch.tensor(counts), sum(counts), 4)
+    ends = torch.cumsum(torch.tensor(counts), 0, dtype=torch.int32)
+
+    out = per_expert_mm(x, w, splits, ends)
+    assert splits.reads == 0, "the grouped forward waited for the host counts"
+    out.backward(grad)
+    assert splits.reads >= 1
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    want = _reference(x64, w64, counts)
+    want.backward(grad.double())
+
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+    for e, count in enumerate(counts):
+        if count == 0:
+            assert torch.count_nonzero(w.grad[e]) == 0
+
+
+def test_only_counts_from_the_gpu_make_a_wait():
+    """``HostSplits.on_device`` (what makes MoNTAGroupedMLP run fc1's forward grouped): host
+    counts are read for free; counts with a pending host copy (prefetch_host_counts) are not."""
+    counts = torch.tensor([2, 4])
+    assert not per_expert_gemm.HostSplits(counts, 6, 2).on_device
+    counts.host_copy = (counts.clone(), None)
+    assert per_expert_gemm.HostSplits(counts, 6, 2).on_device
