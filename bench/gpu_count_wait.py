@@ -3,20 +3,17 @@
     python bench/gpu_count_wait.py --out bench/results/gpu_count_wait.json   # ~1.5 min on an H200
 
 At Mixtral shapes MoNTA's experts run one cuBLAS GEMM per expert (``monta/per_expert_gemm.py``),
-so the host needs the experts' row counts, which the router makes on the GPU. Where the host
-waits for them decides whether the GPU idles. Same layer and weights, timed in interleaved
-rounds against megatron's ``SequentialMLP`` layer:
+so the host needs the experts' row counts, which the router makes on the GPU. The GPU idles from
+their arrival until the host launches the first expert GEMM. Two places to wait, same layer and
+weights, timed in interleaved rounds against megatron's ``SequentialMLP`` layer:
 
-* ``wait_at_fc1``: every GEMM per expert; the wait inside fc1's ``PerExpertMM``, after its output
-  is allocated (5dbde7c until ``GROUPED_FIRST_FORWARD``). The GPU idles from the counts' arrival
-  until the host launches fc1's first GEMM;
-* ``grouped_fc1_forward``: fc1's forward on the grouped kernels (device row ends), the wait at
-  fc2's forward, when the GPU still has fc1 queued (``per_expert_gemm.GROUPED_FIRST_FORWARD``,
-  the default).
+* ``eager_sync``: the wait at the experts' entry, in ``cudaEventSynchronize`` (before 5dbde7c);
+* ``lazy_sync``: the wait inside ``PerExpertMM``, after its output is allocated (5dbde7c, the
+  default).
 
-Earlier runs timed other places, since dropped (see ``monta/per_expert_gemm.py``): ``eager_sync``,
-the wait at the experts' entry (before 5dbde7c), and at 792025a ``lazy_poll``, the wait as a
-Python loop over the event's ``query()`` (``bench/results/gpu_count_wait*``).
+At 792025a it also timed ``lazy_poll``, the wait as a Python loop over the event's ``query()``,
+then the default (``bench/results/gpu_count_wait.json``); it was dropped (see
+``monta/per_expert_gemm.py``).
 
 Writes ``--out`` (JSON) and prints a table: one pass between two syncs, and 8 passes back to back.
 """
@@ -38,8 +35,7 @@ from bench.gpu_timing import Timer  # noqa: E402
 from monta.provenance import source_commit  # noqa: E402
 
 TOKENS = 8192
-# name: whether fc1's forward runs grouped (per_expert_gemm.GROUPED_FIRST_FORWARD)
-MODES = {"wait_at_fc1": False, "grouped_fc1_forward": True}
+MODES = {"eager_sync": True, "lazy_sync": False}  # name: read the counts at the experts' entry
 
 
 def main(argv=None) -> int:
@@ -56,16 +52,28 @@ def main(argv=None) -> int:
     shape = SHAPES["mixtral"]
     layers = build_layers(shape, device, dtype)
     timer = Timer(device)
-    default = per_expert_gemm.GROUPED_FIRST_FORWARD
+
+    # the older wait, recreated around the current code: the counts read as soon as the
+    # experts have them (eager)
+    mode = {"eager": False}
+    host_splits = per_expert_gemm.host_splits
+
+    def splits_as_asked(*args):
+        splits = host_splits(*args)
+        if splits is not None and mode["eager"]:
+            splits.get()
+        return splits
+
+    per_expert_gemm.host_splits = splits_as_asked
 
     gen = torch.Generator(device=device).manual_seed(3)
     x = torch.randn(TOKENS // 2, 2, shape["hidden"], device=device, generator=gen).to(dtype)
     grad = torch.randn(x.shape, device=device, generator=gen).to(dtype)
     inp = x.clone().requires_grad_(True)
 
-    def variant(layer, grouped_first=default):
+    def variant(layer, eager=False):
         def step():
-            per_expert_gemm.GROUPED_FIRST_FORWARD = grouped_first
+            mode.update(eager=eager)
             layer(inp)[0].backward(grad)
 
         def clear():
@@ -75,11 +83,10 @@ def main(argv=None) -> int:
         return step, clear
 
     variants = {"megatron": variant(layers["megatron_sequential"])}
-    for name, grouped_first in MODES.items():
-        variants[name] = variant(layers["monta_grouped"], grouped_first)
+    for name, eager in MODES.items():
+        variants[name] = variant(layers["monta_grouped"], eager)
     one, chained = time_steps(variants, timer, opts.rounds, reps=5)
     base = statistics.median(one["megatron"]), statistics.median(chained["megatron"])
-    per_expert_gemm.GROUPED_FIRST_FORWARD = default
     result = {"device": torch.cuda.get_device_name(), "git_commit": source_commit(),
               "shape": shape, "tokens": TOKENS, "chain": CHAIN, "rounds": opts.rounds,
               "variants": {}}

@@ -16,8 +16,7 @@ and otherwise, and in the backward, as one Triton kernel each way on GPUs (:mod:
 
 Large experts run one cuBLAS GEMM each instead (:mod:`monta.per_expert_gemm`, as Transformer
 Engine's ``GroupedLinear`` does): at Mixtral shapes that is faster, though it needs the counts
-on the host (fc1's forward still runs grouped where they come from the GPU, so that no GEMM
-waits for them). Otherwise there is no host sync: ``torch._grouped_mm`` and MoNTA's kernels take
+on the host. Otherwise there is no host sync: ``torch._grouped_mm`` and MoNTA's kernels take
 the experts' row *ends* as an int32 tensor on the device, so counts that arrive on the GPU
 (MoNTA's dispatcher) stay there. The loop fallback (the same per-expert GEMMs) needs them on
 the host, which is a sync on a GPU; on CPU it is free.
@@ -162,15 +161,8 @@ class MoNTAGroupedMLP(GroupedMLP):
         w2 = self.weight2.view(self.num_local_experts, -1, hidden)
         splits = per_expert_gemm.host_splits(x, w2, tokens_per_expert)
         if splits is not None:
-            # counts from the GPU: fc1's forward runs grouped so that no GEMM waits for them
-            # (monta/per_expert_gemm.py)
-            first_ends = None
-            if splits.on_device and per_expert_gemm.GROUPED_FIRST_FORWARD \
-                    and grouped_mm_supported(x, w1):
-                first_ends = expert_offsets(tokens_per_expert, x.device)
-            return self._mlp(
-                x, probs, lambda t: per_expert_gemm.per_expert_mm(t, w1, splits, first_ends),
-                lambda t: per_expert_gemm.per_expert_mm(t, w2, splits)), None
+            return self._mlp(x, probs, lambda t: per_expert_gemm.per_expert_mm(t, w1, splits),
+                             lambda t: per_expert_gemm.per_expert_mm(t, w2, splits)), None
         offsets = None
         if grouped_mm_supported(x, w1):
             offsets = expert_offsets(tokens_per_expert, x.device)  # shared by both GEMMs

@@ -37,36 +37,33 @@ counts exist, before it queues the permutation, so the host then waits for the c
 event), not for the permutation behind it: while the host launches the first expert GEMM the GPU
 still has the permutation to run, instead of idling after a stream sync.
 
-Even so, a wait at fc1 leaves the GPU idle: it has only the permutation left when the counts
-arrive, and the host needs ~120 µs of Python and the GEMM launches after the wait. An H200 trace
-of 8 Mixtral-shape layers back to back (``bench/results/gpu_moe_gaps.json``) showed a gap of
-150-270 µs before the first GEMM of every layer, not only the first. So where the counts are on
-the GPU and the grouped kernels run, fc1's *forward* runs on them (:data:`GROUPED_FIRST_FORWARD`,
-device row ends, no wait), and the host reads the counts at fc2's forward, when the GPU still has
-fc1's milliseconds queued; fc2 and both backward passes run per expert. At Mixtral shapes fc1's
-forward ran as fast grouped as per expert (631 vs 623 TFLOP/s, ``bench/results/gpu_moe.json``).
+Tried and dropped (d814a5a, H200): the forward on the grouped kernels and only the backward per
+expert, which waits for nothing since the counts reach the host during the forward. The expert
+FFN ran 1.5 % slower than per expert in both passes (27.07 vs 26.66 ms back to back at Mixtral
+shapes, interleaved) and the layer no faster (27.97 ms back to back, against 28.08 ms for the
+per-expert default in the run before): ``bench/results/gpu_moe_runs/gpu_moe_{d814a5a,e996c89}``.
 
-Tried and dropped (d814a5a, H200): the whole forward on the grouped kernels and only the backward
-per expert. The expert FFN ran 1.5 % slower than per expert in both passes (27.07 vs 26.66 ms
-back to back at Mixtral shapes, interleaved) and the layer no faster (27.97 ms back to back,
-against 28.08 ms for the per-expert default in the run before):
-``bench/results/gpu_moe_runs/gpu_moe_{d814a5a,e996c89}``.
+Tried and dropped (ec2fc6a, H200): only fc1's forward on the grouped kernels, where the counts
+come from the GPU, and the wait moved to fc2's forward, when the GPU still has fc1 queued. An
+H200 trace of 8 Mixtral-shape layers back to back (``bench/results/gpu_moe_gaps.json``) had
+shown the GPU idle 150-270 µs before each layer's first expert GEMM, which this removes. It
+lost all the same, against megatron's 33.92 / 33.12 ms in the same interleaved rounds: 28.98 vs
+28.50 ms one pass, 27.94 vs 27.63 ms back to back (``bench/gpu_count_wait.py``;
+``bench/results/gpu_count_wait_runs/grouped_fc1_forward_ec2fc6a.json``). In its profile the
+grouped fc1 forward took 5.19 ms, against ~5.1 ms for its eight cuBLAS GEMMs in the committed
+one: cuBLAS picks each expert's tile from its rows (``128x304``, ``128x288``, ...).
 """
 
 from __future__ import annotations
 
 import torch
 
-from monta import expert_gemm
 from monta.expert_gemm import CUBLAS, DEFAULT, kernel_pin
 from monta.wgrad_overlap import WgradOverlap
 
 # Per-expert GEMMs from this size up (2·rows/E·F·H FLOPs of fc2, the smaller projection),
 # between the measured 51 GFLOP per expert (lost, in training) and 240 (won, in the layer).
 MIN_EXPERT_GFLOP = 128.0
-# Whether the first projection's forward runs on the grouped kernels where the counts are on the
-# GPU, so that no GEMM waits for them (see module doc); bench/gpu_count_wait.py times both.
-GROUPED_FIRST_FORWARD = True
 
 
 def per_expert_wanted(rows: int, w2_shape, pin: str) -> bool:
@@ -104,11 +101,6 @@ class HostSplits:
     def __init__(self, tokens_per_expert, rows: int, experts: int):
         self._counts, self._rows, self._experts = tokens_per_expert, rows, experts
         self._splits = None
-
-    @property
-    def on_device(self) -> bool:
-        """Whether reading the counts waits for the GPU (they come from it)."""
-        return hasattr(self._counts, "host_copy") or getattr(self._counts, "is_cuda", False)
 
     def get(self) -> list[int]:
         if self._splits is None:
@@ -162,19 +154,16 @@ def _row_blocks(splits: list[int]):
 
 class PerExpertMM(torch.autograd.Function):
     """``out[rows_e] = x[rows_e] @ w[e]`` with one ``torch.mm`` per expert, each writing its
-    block of rows in place (no concatenation); empty experts get zero weight gradients. With
-    ``forward_row_ends`` (the experts' int32 row ends on the device) the forward is one grouped
-    GEMM instead (:func:`monta.expert_gemm.rows`), which needs no host counts."""
+    block of rows in place (no concatenation); empty experts get zero weight gradients."""
 
     @staticmethod
-    def forward(ctx, x, w, splits, forward_row_ends):
-        if forward_row_ends is not None:
-            out = expert_gemm.rows(x, w, forward_row_ends)
-        else:
-            out = x.new_empty(x.size(0), w.size(2))
-            for expert, start, end in _row_blocks(_host_ints(splits)):
-                if end > start:
-                    torch.mm(x[start:end], w[expert], out=out[start:end])
+    def forward(ctx, x, w, splits):
+        out = x.new_empty(x.size(0), w.size(2))
+        if isinstance(splits, HostSplits):
+            splits = splits.get()  # the wait, with only the GEMM launches left after it
+        for expert, start, end in _row_blocks(splits):
+            if end > start:
+                torch.mm(x[start:end], w[expert], out=out[start:end])
         ctx.save_for_backward(x, w)
         ctx.splits = splits
         return out
@@ -182,34 +171,25 @@ class PerExpertMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        splits = _host_ints(ctx.splits)
         dy = dy.contiguous()
         dx = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
         dw = w.new_empty(w.shape) if ctx.needs_input_grad[1] else None
         overlap = WgradOverlap(dy)
-        for expert, start, end in _row_blocks(splits):
+        for expert, start, end in _row_blocks(ctx.splits):
             if dx is not None and end > start:
                 torch.mm(dy[start:end], w[expert].t(), out=dx[start:end])
         if dw is not None:
             with overlap.side():
-                for expert, start, end in _row_blocks(splits):
+                for expert, start, end in _row_blocks(ctx.splits):
                     if end > start:
                         torch.mm(x[start:end].t(), dy[start:end], out=dw[expert])
                     else:
                         dw[expert].zero_()
         overlap.join()
-        return dx, dw, None, None
+        return dx, dw, None
 
 
-def _host_ints(splits) -> list[int]:
-    # a HostSplits waits here, with only the GEMM launches left after it
-    return splits.get() if isinstance(splits, HostSplits) else splits
-
-
-def per_expert_mm(x: torch.Tensor, w: torch.Tensor, splits,
-                  forward_row_ends: torch.Tensor | None = None) -> torch.Tensor:
+def per_expert_mm(x: torch.Tensor, w: torch.Tensor, splits) -> torch.Tensor:
     """Differentiable ``x [n, K] @ w [E, K, N]`` by expert row blocks of sizes ``splits`` (a
-    list of ints, or :class:`HostSplits` read once the output is allocated); with
-    ``forward_row_ends`` the forward runs grouped (see :class:`PerExpertMM`) and ``splits`` is
-    read in the backward."""
-    return PerExpertMM.apply(x, w, splits, forward_row_ends)
+    list of ints, or :class:`HostSplits` read once the output is allocated)."""
+    return PerExpertMM.apply(x, w, splits)
