@@ -46,7 +46,7 @@ per-expert default in the run before): ``bench/results/gpu_moe_runs/gpu_moe_{d81
 Tried and dropped (ec2fc6a, H200): only fc1's forward on the grouped kernels, where the counts
 come from the GPU, and the wait moved to fc2's forward, when the GPU still has fc1 queued. An
 H200 trace of 8 Mixtral-shape layers back to back (``bench/results/gpu_moe_gaps.json``) had
-shown the GPU idle 150-270 µs before each layer's first expert GEMM, which this removes. It
+shown the GPU idle 145–270 µs before each layer's first expert GEMM, which this removes. It
 lost all the same, against megatron's 33.92 / 33.12 ms in the same interleaved rounds: 28.98 vs
 28.50 ms one pass, 27.94 vs 27.63 ms back to back (``bench/gpu_count_wait.py``;
 ``bench/results/gpu_count_wait_runs/grouped_fc1_forward_ec2fc6a.json``). In its profile the
