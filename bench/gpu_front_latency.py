@@ -17,7 +17,9 @@ the sleep ends. Two ways to run the layer after it:
 ``exposed - hidden`` is the time the GPU waits for the host in one pass. The bench also
 records, unprofiled, when MoNTA's layer reaches each step of its forward on the host
 (``host_timeline``): where that latency is spent. torch.profiler cannot show this: under it
-every host operation ran 2-3× slower on the H200 machine.
+every host operation ran 2-3× slower on the H200 machine. Last, ``gating_host_us``: the host
+time of the router's gating call (one ``torch.mm``) after different work, each time after the
+same GPU sleep: whether the host's cost is the layer's code or what the work before it left.
 """
 
 from __future__ import annotations
@@ -103,6 +105,24 @@ def host_timeline(step, hooks: dict, passes: int, before=None) -> dict:
                        key=lambda item: item[1]))
 
 
+def gating_host_us(router, inp, before: dict, passes: int = 15) -> dict:
+    """Median host µs of ``router.gating(inp)`` after each of ``before`` {label: work}, the GPU
+    idle after the same sleep each time."""
+    out = {}
+    for label, work in before.items():
+        samples = []
+        for _ in range(passes):
+            work()
+            torch.cuda.synchronize()
+            torch.cuda._sleep(SLEEP_CYCLES)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            router.gating(inp)
+            samples.append((time.perf_counter() - start) * 1e6)
+        out[label] = statistics.median(samples)
+    return out
+
+
 def monta_hooks(layer) -> dict:
     """The steps of MoNTA's layer forward up to its first expert GEMM."""
     from monta import expert_gemm, per_expert_gemm
@@ -175,12 +195,21 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         row["monta_host_timeline_us"] = host_timeline(steps["monta"], monta_hooks(monta), 20,
                                                       before=idle_gpu)
+        gating_input = x.clone().requires_grad_(True)
+        row["gating_host_us"] = gating_host_us(monta.router, gating_input, {
+            "a gating call": lambda layer=monta: layer.router.gating(gating_input),
+            "MoNTA's forward": lambda layer=monta: layer(gating_input),
+            "MoNTA's forward + backward": steps["monta"],
+            "megatron's forward + backward": steps["megatron"]})
         del layers, monta
         torch.cuda.empty_cache()
     for shape_name, row in result["shapes"].items():
         print(f"\nMoNTA's layer, {shape_name}: host µs from the pass's start")
         for mark, us in row["monta_host_timeline_us"].items():
             print(f"  {us:9.1f}  {mark}")
+        print("  the router's gating call, host µs after:")
+        for label, us in row["gating_host_us"].items():
+            print(f"  {us:9.1f}  {label}")
     Path(opts.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
