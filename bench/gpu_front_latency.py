@@ -46,6 +46,13 @@ MODES = ("exposed", "hidden")
 LAYERS = {"megatron": "megatron_sequential", "monta": "monta_grouped"}
 
 
+def idle_after_sleep() -> None:
+    """Return with the GPU idle, just after it ran the same sleep kernel as every sample."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    torch.cuda.synchronize()
+
+
 def time_pass(step, hidden: bool) -> float:
     """ms of ``step()`` on the GPU from the end of a sleep kernel (module doc)."""
     torch.cuda.synchronize()
@@ -113,9 +120,7 @@ def gating_host_us(router, inp, before: dict, passes: int = 15) -> dict:
         samples = []
         for _ in range(passes):
             work()
-            torch.cuda.synchronize()
-            torch.cuda._sleep(SLEEP_CYCLES)
-            torch.cuda.synchronize()
+            idle_after_sleep()
             start = time.perf_counter()
             router.gating(inp)
             samples.append((time.perf_counter() - start) * 1e6)
@@ -188,13 +193,8 @@ def main(argv=None) -> int:
             print(f"| {shape_name} | {name} | {exposed:.2f} | {hidden:.2f} | "
                   f"{exposed - hidden:.2f} |")
         monta = layers[LAYERS["monta"]]
-
-        def idle_gpu():
-            torch.cuda.synchronize()
-            torch.cuda._sleep(SLEEP_CYCLES)
-            torch.cuda.synchronize()
         row["monta_host_timeline_us"] = host_timeline(steps["monta"], monta_hooks(monta), 20,
-                                                      before=idle_gpu)
+                                                      before=idle_after_sleep)
         gating_input = x.clone().requires_grad_(True)
         row["gating_host_us"] = gating_host_us(monta.router, gating_input, {
             "a gating call": lambda layer=monta: layer.router.gating(gating_input),
