@@ -49,9 +49,10 @@ H200 trace of 8 Mixtral-shape layers back to back (``bench/results/gpu_moe_gaps.
 shown the GPU idle 145–270 µs before each layer's first expert GEMM, which this removes. It
 lost all the same, against megatron's 33.92 / 33.12 ms in the same interleaved rounds: 28.98 vs
 28.50 ms one pass, 27.94 vs 27.63 ms back to back (``bench/gpu_count_wait.py``;
-``bench/results/gpu_count_wait_runs/grouped_fc1_forward_ec2fc6a.json``). In its profile the
-grouped fc1 forward took 5.19 ms, against ~5.1 ms for its eight cuBLAS GEMMs in the committed
-one: cuBLAS picks each expert's tile from its rows (``128x304``, ``128x288``, ...).
+``bench/results/gpu_count_wait_runs/grouped_fc1_forward_ec2fc6a.json``). One profiled pass
+(``bench/gpu_moe_gaps.py --shape mixtral`` at ec2fc6a, ``gaps_ec2fc6a.json`` beside it) has the
+grouped fc1 forward at 5.19 ms; per expert, cuBLAS picks each expert's tile from its rows
+(``128x304``, ``128x288``, ... in ``bench/results/gpu_moe.md``), the grouped kernel one for all.
 """
 
 from __future__ import annotations
