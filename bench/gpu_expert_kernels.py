@@ -55,6 +55,8 @@ SETTINGS = {
     # the small-expert default for every size, with and without the fused fc1
     "ping_pong": {"MONTA_GROUPED_GEMM": PING_PONG, "MONTA_FUSED_SWIGLU": "0"},
     "ping_pong_fused": {"MONTA_GROUPED_GEMM": PING_PONG, "MONTA_FUSED_SWIGLU": "fwd"},
+    # the activation's backward in fc2's input gradient (monta/csrc/sm90_swiglu_dgrad.cuh)
+    "ping_pong_bwd": {"MONTA_GROUPED_GEMM": PING_PONG, "MONTA_FUSED_SWIGLU": "bwd"},
 }
 # the experts of bench/gpu_moe_train.py's model, and its tokens per micro-batch
 TRAIN_SHAPE = dict(hidden=2048, ffn=1536, experts=8, topk=2)

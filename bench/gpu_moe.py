@@ -276,7 +276,8 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     # with SwiGLU·prob fused into fc1 where monta/swiglu_gemm.py runs; per_expert / grouped_only:
     # always / never per expert; grouped_unfused / grouped_fused_fwd / grouped_fused_all: the
     # grouped kernels with the activation as its own kernels / fused into fc1's forward / into
-    # fc2's input gradient too; previous_default: the grouped kernels' default before the
+    # fc2's input gradient too; grouped_fused_bwd: only its backward, in fc2's input gradient
+    # on the sm90 kernel (monta/csrc/sm90_swiglu_dgrad.cuh); previous_default: the grouped kernels' default before the
     # ping-pong configs (PREVIOUS_DEFAULT, activation fused into fc1); grouped_padded:
     # on padded rows (the aligned kernels); grouped_torch: torch._grouped_mm for every GEMM, the
     # activation unfused; grouped_balanced: the default on exactly n / E rows per expert (not
@@ -294,6 +295,8 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         variants["grouped_unfused"] = ("grouped", monta_ffn(x, probs, grad, counts, "0"))
         variants["grouped_fused_fwd"] = ("grouped", monta_ffn(x, probs, grad, counts, "fwd"))
         variants["grouped_fused_all"] = ("grouped", monta_ffn(x, probs, grad, counts, "all"))
+    if swiglu_gemm.supported(x, w1, w2, "bwd"):
+        variants["grouped_fused_bwd"] = ("grouped", monta_ffn(x, probs, grad, counts, "bwd"))
     if expert_gemm.SM90_LARGE_EXPERT_CONFIGS[0] in sm90_gemm.built_configs():
         variants["previous_default"] = (PREVIOUS_DEFAULT, monta_ffn(x, probs, grad, counts, "fwd"))
     if padded_ffn is not None:

@@ -154,12 +154,13 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
     grad = torch.randn(x.shape, device=device, generator=gen).to(dtype)
     out = {"tokens": tokens, "variants": {}}
     steps, reference = {}, None
-    # MoNTA's layer again with SwiGLU·prob fused into fc1 (monta/swiglu_gemm.py), on its
-    # grouped kernels only (never per expert, monta/per_expert_gemm.py: no host sync), and with
-    # its weight gradients on the current stream (monta/wgrad_overlap.py)
+    # MoNTA's layer again with SwiGLU·prob fused into fc1 (monta/swiglu_gemm.py) and as its own
+    # kernels, on its grouped kernels only (never per expert, monta/per_expert_gemm.py: no host
+    # sync), and with its weight gradients on the current stream (monta/wgrad_overlap.py)
     runs = {name: (layer, None) for name, layer in layers.items()}
     if device.type == "cuda":
         runs["monta_grouped_fused_fwd"] = (layers["monta_grouped"], ("MONTA_FUSED_SWIGLU", "fwd"))
+        runs["monta_grouped_unfused"] = (layers["monta_grouped"], ("MONTA_FUSED_SWIGLU", "0"))
         runs["monta_grouped_sync_free"] = (layers["monta_grouped"],
                                            ("MONTA_GROUPED_GEMM", "grouped"))
         runs["monta_grouped_one_stream"] = (layers["monta_grouped"], ("MONTA_WGRAD_STREAM", "0"))

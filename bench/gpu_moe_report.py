@@ -116,6 +116,7 @@ def _chained_ffn_table(r: dict) -> list[str]:
         ("grouped_torch", "`torch._grouped_mm`"),
         ("grouped_unfused", "grouped, SwiGLU·prob unfused"),
         ("grouped_fused_fwd", "grouped, SwiGLU·prob fused into fc1 (`fwd`)"),
+        ("grouped_fused_bwd", "grouped, SwiGLU·prob's backward in fc2's input gradient (`bwd`)"),
         ("previous_default", "grouped, the previous default (rows on `128x256_c1x2`, weight "
                              "gradient on torch, SwiGLU·prob fused into fc1)"),
         ("grouped_padded", "MoNTA, padded rows"),
@@ -146,15 +147,18 @@ def _fusion_table(r: dict) -> list[str]:
     lines = ["", "SwiGLU × router probability fused into the GEMMs' epilogues "
              "(`monta/swiglu_gemm.py`, `MONTA_FUSED_SWIGLU`), on the grouped kernels "
              "(`MONTA_GROUPED_GEMM=grouped`), expert FFN forward + backward, "
-             "ms (% of dense; same rounds). The default (`auto`) is `0` where MoNTA's sm90 "
-             "kernels run the row GEMMs, else `fwd`:", "",
+             "ms (% of dense; same rounds). The default (`auto`), where MoNTA's small-expert "
+             "sm90 kernels run the row GEMMs, is `bwd` (`0` in runs before it existed), else "
+             "`fwd`:", "",
              "| shapes | fused into fc1's forward (`fwd`) | unfused (`0`) | also into fc2's "
-             "input gradient (`all`) | dense |", "|---|---:|---:|---:|---:|"]
+             "input gradient (`all`) | only the backward, in fc2's input gradient on sm90 "
+             "(`bwd`) | dense |", "|---|---:|---:|---:|---:|---:|"]
     for name, ffn in rows:
         # older runs had no fwd variant: fused into fc1 was their grouped kernels' default
         fwd = next(k for k in ("grouped_fused_fwd", "grouped_only", "grouped") if k in ffn)
         cells = [f"{ffn[k]['median_ms']:.2f} ({_pct(ffn[k]['fraction_of_dense'])})"
-                 for k in (fwd, "grouped_unfused", "grouped_fused_all")]
+                 if k in ffn else "—"
+                 for k in (fwd, "grouped_unfused", "grouped_fused_all", "grouped_fused_bwd")]
         lines.append(f"| {_shape_label(name, r['shapes'][name])} | " + " | ".join(cells)
                      + f" | {ffn['dense']['median_ms']:.2f} |")
     return lines
@@ -175,8 +179,10 @@ def _monta_kernels(env: dict) -> str:
     """``env``: the default's grouped-GEMM pin and SwiGLU fusion (``grouped_gemm_default``,
     ``fused_swiglu``)."""
     unpadded = env.get("grouped_gemm_default")
-    fused = (", SwiGLU·prob fused into fc1's forward (`monta/swiglu_gemm.py`)"
-             if env.get("fused_swiglu", "0") != "0" else "")
+    fused = {"0": "", "bwd": ", SwiGLU·prob's backward in the epilogue of fc2's input gradient "
+                            "(`monta/csrc/sm90_swiglu_dgrad.cuh`)"}.get(
+        env.get("fused_swiglu", "0"), ", SwiGLU·prob fused into fc1's forward "
+                                      "(`monta/swiglu_gemm.py`)")
     if unpadded and unpadded != "torch":
         # sm90:<rows>[,<weight gradient>[,<input gradient>]] (monta/expert_gemm.py)
         rows, wgrad, dgrad = (unpadded.removeprefix("sm90:").split(",") + ["", ""])[:3]

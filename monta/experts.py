@@ -167,21 +167,22 @@ class MoNTAGroupedMLP(GroupedMLP):
         if grouped_mm_supported(x, w1):
             offsets = expert_offsets(tokens_per_expert, x.device)  # shared by both GEMMs
             fused = swiglu_gemm.fused_passes(x, offsets)
-            if fused != "0" and self._fusable(x, w1, w2):
+            if fused != "0" and self._fusable(x, w1, w2, fused):
                 try:
                     return swiglu_gemm.swiglu_expert_ffn(x, w1, w2, probs, offsets,
-                                                         fuse_backward=fused == "all"), None
+                                                         passes=fused), None
                 except Exception as error:  # e.g. Triton cannot compile it for this GPU
                     _give_up("fused", error, fused if swiglu_gemm.fusion_asked() else "auto")
         return self._mlp(x, probs,
                          lambda t: grouped_mm(t, w1, tokens_per_expert, offsets),
                          lambda t: grouped_mm(t, w2, tokens_per_expert, offsets)), None
 
-    def _fusable(self, x, w1, w2) -> bool:
-        """SwiGLU·prob fused into the GEMMs (:mod:`monta.swiglu_gemm`) where its kernels run
-        and nothing asks for the activation on its own (recomputation checkpoints it)."""
+    def _fusable(self, x, w1, w2, passes: str) -> bool:
+        """SwiGLU·prob fused into the GEMMs (:mod:`monta.swiglu_gemm`) where the kernels of
+        ``passes`` run and nothing asks for the activation on its own (recomputation
+        checkpoints it)."""
         return (self._glu and self.config.activation_func is F.silu and "fused" not in _failed
-                and not self.activation_recompute and swiglu_gemm.supported(x, w1, w2))
+                and not self.activation_recompute and swiglu_gemm.supported(x, w1, w2, passes))
 
     def _mlp(self, x, probs, fc1, fc2):
         h = fc1(x)

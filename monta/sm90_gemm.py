@@ -44,6 +44,11 @@ KINDS = ("row", "col", "wgrad")
 # gradient only for cooperative ones (CUTLASS's ping-pong kernel gives every tile the whole
 # reduction, not an expert's rows).
 ALIGNED_KINDS = ("aligned_row", "aligned_col", "aligned_wgrad")
+# Configs that also get fc2's input gradient with SwiGLU·prob's backward in its epilogue
+# (monta/csrc/sm90_swiglu_dgrad.cuh): the small-expert ping-pong one, where a tile's epilogue
+# overlaps the other warpgroup's mainloop.
+SWIGLU_DGRAD_CONFIGS = ("128x128_pp_c1x2",)
+SWIGLU_DGRAD_KIND = "swiglu_dgrad"
 # Row tiles per band of the aligned kernels' tile order (see ExpertTileScheduler::place).
 BAND_M = int(os.environ.get("MONTA_SM90_BAND_M", 8))
 
@@ -64,6 +69,7 @@ ERRORS = {1: "workspace too small", 2: "more than 1024 groups", 3: "CUTLASS cann
 _library = None
 _built: tuple = ()
 _aligned_built: dict = {}  # config -> its tile-aligned kinds in the library
+_swiglu_dgrad_built: tuple = ()
 
 
 def symbol(config: str, kind: str) -> str:
@@ -73,7 +79,7 @@ def symbol(config: str, kind: str) -> str:
 def _load():
     """The library (None when it is not built); also notes which configs it holds (a build may
     hold a subset: ``tools/build_sm90_kernels.py --configs``)."""
-    global _library, _built, _aligned_built
+    global _library, _built, _aligned_built, _swiglu_dgrad_built
     if _library is None:
         path = Path(os.environ.get("MONTA_SM90_GEMM_LIBRARY", LIBRARY))
         _library = False
@@ -82,6 +88,8 @@ def _load():
             _built = tuple(c for c in CONFIGS if _bind(library, c, KINDS, aligned=False))
             _aligned_built = {c: aligned_kinds(c) for c in CONFIGS
                               if aligned_kinds(c) and _bind(library, c, aligned_kinds(c), True)}
+            _swiglu_dgrad_built = tuple(c for c in SWIGLU_DGRAD_CONFIGS
+                                        if _bind_swiglu_dgrad(library, c))
             _library = library
     return _library or None
 
@@ -102,6 +110,26 @@ def _bind(library, config: str, kinds, aligned: bool) -> bool:
             run.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 \
                 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     return True
+
+
+def _bind_swiglu_dgrad(library, config: str) -> bool:
+    name = symbol(config, SWIGLU_DGRAD_KIND)
+    if not hasattr(library, f"{name}_run"):
+        return False
+    getattr(library, f"{name}_workspace").restype = ctypes.c_int64
+    getattr(library, f"{name}_workspace").argtypes = [ctypes.c_int]
+    run = getattr(library, f"{name}_run")
+    run.restype = ctypes.c_int
+    # dout, w2, h, dh, probs, dprobs, ends, groups, ffn, hidden, workspace, bytes, stream
+    run.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3 \
+        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    return True
+
+
+def swiglu_dgrad_built(config: str) -> bool:
+    """Whether the library holds ``config``'s fc2 input gradient with SwiGLU·prob's backward."""
+    _load()
+    return config in _swiglu_dgrad_built
 
 
 def built_configs(aligned: bool = False) -> tuple:
@@ -205,6 +233,44 @@ def wgrad(x: torch.Tensor, dy: torch.Tensor, row_ends: torch.Tensor, config: str
     else:  # stored [E, K, N]: dw[e] = xᵀ dy
         _call(library, name, x, dy, out, row_ends, experts, k, n, aligned)
     return out
+
+
+def swiglu_dgrad(dout: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, probs: torch.Tensor,
+                 row_ends: torch.Tensor, config: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc2's input gradient ``d = dout[rows_e] @ w2[e]ᵀ`` taken straight through SwiGLU·prob's
+    backward (:mod:`monta.swiglu`'s formulas) in the GEMM's epilogue: ``dout`` [n, H], ``w2``
+    [E, F, H] contiguous, ``h`` [n, 2F] (fc1's output, ``[gate | up]``), ``probs`` [n] or
+    [n, 1]. Returns (dh [n, 2F] bf16, dp [n] fp32); ``d`` itself is never written. Rows past
+    ``row_ends[-1]`` are left unwritten in ``dh`` and zero in ``dp``."""
+    library = _load()
+    experts, ffn, hidden = w2.shape
+    if not swiglu_dgrad_built(config):
+        raise ValueError(f"the sm90 library has no SwiGLU input-gradient instance of {config!r} "
+                         f"(built: {', '.join(_swiglu_dgrad_built) or 'none'})")
+    if ffn % 8 or hidden % 8:
+        raise ValueError(f"sm90 grouped GEMM needs dims divisible by 8 (bf16), got {ffn}, {hidden}")
+    n = dout.size(0)
+    if h.shape != (n, 2 * ffn) or dout.shape != (n, hidden):
+        raise ValueError(f"h must be [{n}, {2 * ffn}] and dout [{n}, {hidden}], got "
+                         f"{list(h.shape)} and {list(dout.shape)}")
+    w2, h, dout = w2.contiguous(), _row_major(h), _row_major(dout)
+    probs = probs.reshape(n).to(torch.float32).contiguous()
+    if row_ends.dtype != torch.int32:
+        row_ends = row_ends.to(torch.int32)
+    dh = torch.empty_like(h)
+    dp = torch.zeros(n, device=h.device, dtype=torch.float32)
+    name = symbol(config, SWIGLU_DGRAD_KIND)
+    workspace = torch.empty(_workspace_bytes(name, experts, torch.cuda.current_device()),
+                            device=h.device, dtype=torch.uint8)
+    stream = torch.cuda.current_stream(h.device).cuda_stream
+    status = getattr(library, f"{name}_run")(
+        dout.data_ptr(), w2.data_ptr(), h.data_ptr(), dh.data_ptr(), probs.data_ptr(),
+        dp.data_ptr(), row_ends.data_ptr(), experts, ffn, hidden, workspace.data_ptr(),
+        workspace.numel(), stream)
+    if status:
+        raise RuntimeError(f"MoNTA sm90 SwiGLU input gradient {name} ({experts} groups, F {ffn}, "
+                           f"H {hidden}, {n} rows): {ERRORS.get(status, status)}")
+    return dh, dp
 
 
 def _check(config: str, *dims: int, aligned: bool = False, wgrad: bool = False):

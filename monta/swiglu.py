@@ -83,19 +83,24 @@ class WeightedSwiGLU(torch.autograd.Function):
     def forward(ctx, h, probs):
         h = h.contiguous()
         probs = probs.contiguous()
-        n, width = h.shape
-        ffn = width // 2
-        y = torch.empty(n, ffn, dtype=h.dtype, device=h.device)
-        if n:
-            _forward_kernel[(n, triton.cdiv(ffn, BLOCK))](h, probs, y, ffn, BLOCK_SIZE=BLOCK)
         ctx.save_for_backward(h, probs)
-        return y
+        return weighted_swiglu_forward(h, probs)
 
     @staticmethod
     def backward(ctx, dy):
         h, probs = ctx.saved_tensors
         dh, dp = weighted_swiglu_backward(h, probs, dy)
         return dh, dp.view_as(probs).to(probs.dtype)
+
+
+def weighted_swiglu_forward(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``y [n, F]`` for contiguous ``h [n, 2F]`` and ``probs [n, 1]``, outside autograd."""
+    n, width = h.shape
+    ffn = width // 2
+    y = torch.empty(n, ffn, dtype=h.dtype, device=h.device)
+    if n:
+        _forward_kernel[(n, triton.cdiv(ffn, BLOCK))](h, probs, y, ffn, BLOCK_SIZE=BLOCK)
+    return y
 
 
 def weighted_swiglu_backward(h: torch.Tensor, probs: torch.Tensor, dy: torch.Tensor):

@@ -51,7 +51,7 @@ import os
 
 import torch
 
-from monta import expert_gemm, grouped_gemm, swiglu
+from monta import expert_gemm, grouped_gemm, sm90_gemm, swiglu
 from monta.wgrad_overlap import WgradOverlap
 
 try:
@@ -153,11 +153,21 @@ def _grid(rows: int, experts: int, ffn: int, config) -> tuple[int]:
     return (triton.cdiv(max_tiles, GROUP_M) * GROUP_M * triton.cdiv(ffn, block_n),)
 
 
-def supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether the fused kernels run ``x [n, H]`` through ``w1 [E, H, 2F]`` and ``w2 [E, F,
-    H]`` here: Triton with TMA descriptors on a Hopper or newer GPU (the configs' shared memory
-    and the measurements are Hopper's), bf16, both weights contiguous (how ``GroupedMLP`` views
-    its parameters), H a multiple of the K block, 16-byte aligned rows."""
+# The sm90 instance that runs fc2's input gradient with the activation's backward (``bwd``).
+SM90_DGRAD_CONFIG = sm90_gemm.SWIGLU_DGRAD_CONFIGS[0]
+
+
+def supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, passes: str = "fwd") -> bool:
+    """Whether ``passes`` (``fwd`` or ``all``: this module's Triton kernels; ``bwd``: the sm90
+    library's, monta/csrc/sm90_swiglu_dgrad.cuh) run ``x [n, H]`` through ``w1 [E, H, 2F]`` and
+    ``w2 [E, F, H]`` here. Triton: TMA descriptors on a Hopper or newer GPU (the configs' shared
+    memory and the measurements are Hopper's), H a multiple of the K block. Both: bf16, both
+    weights contiguous (how ``GroupedMLP`` views its parameters), 16-byte aligned rows."""
+    if passes == "bwd":
+        return (sm90_gemm.available(x) and sm90_gemm.swiglu_dgrad_built(SM90_DGRAD_CONFIG)
+                and swiglu.available(x) and {w1.dtype, w2.dtype} == {torch.bfloat16}
+                and w1.is_contiguous() and w2.is_contiguous() and w2.size(1) % 8 == 0
+                and w2.size(2) % 8 == 0 and w1.size(2) == 2 * w2.size(1))
     if grouped_gemm.TensorDescriptor is None or not x.is_cuda:
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 9:
@@ -173,22 +183,24 @@ def supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
 
 
 FUSE_VARIABLE = "MONTA_FUSED_SWIGLU"
-FUSE_CHOICES = ("auto", "fwd", "all", "0")
+FUSE_CHOICES = ("auto", "fwd", "all", "bwd", "0")
 
 
 def fused_passes(x: torch.Tensor | None = None, row_ends: torch.Tensor | None = None) -> str:
     """``MONTA_FUSED_SWIGLU`` (see module doc) for the expert FFN of input ``x`` grouped by
-    ``row_ends``: ``fwd``, ``all`` or ``0``; ``auto`` (the default) is ``0`` where the row GEMMs
-    run on MoNTA's small-expert sm90 kernels, whose fc1 forward beats this module's fused one,
-    else ``fwd``."""
+    ``row_ends``: ``fwd``, ``all``, ``bwd`` or ``0``; ``auto`` (the default), where the row GEMMs
+    run on MoNTA's small-expert sm90 kernels (whose fc1 forward beats this module's fused one),
+    is ``bwd`` if the library holds that instance, else ``0``; elsewhere ``fwd``."""
     asked = os.environ.get(FUSE_VARIABLE, "auto")
     if asked not in FUSE_CHOICES:
         raise ValueError(f"{FUSE_VARIABLE} must be one of {', '.join(FUSE_CHOICES)}, "
                          f"got {asked!r}")
     if asked == "auto":
-        unfused = x is not None and row_ends is not None and \
+        small = x is not None and row_ends is not None and \
             expert_gemm.row_config(x, row_ends) == expert_gemm.SM90_SMALL_EXPERT_CONFIGS[0]
-        return "0" if unfused else "fwd"
+        if not small:
+            return "fwd"
+        return "bwd" if sm90_gemm.swiglu_dgrad_built(SM90_DGRAD_CONFIG) else "0"
     return asked
 
 
@@ -235,15 +247,21 @@ def fc2_dgrad_swiglu(dout, w2, h, probs, row_ends, config=DGRAD_CONFIG):
 class SwiGLUExpertFFN(torch.autograd.Function):
     """``out = fc2(silu(gate)·up·prob)`` with ``[gate | up] = fc1(x)``, per expert group:
     x [n, H], w1 [E, H, 2F], w2 [E, F, H], probs [n, 1], row_ends int32 [E] on the device;
-    ``fuse_backward``: fc2's input gradient with the activation's backward in its epilogue."""
+    ``passes`` (``MONTA_FUSED_SWIGLU``): ``fwd`` the activation in fc1's forward epilogue,
+    ``all`` also its backward in fc2's input gradient (both Triton), ``bwd`` only the backward,
+    in the epilogue of MoNTA's sm90 kernel."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, probs, row_ends, fuse_backward):
+    def forward(ctx, x, w1, w2, probs, row_ends, passes):
         probs = probs.contiguous()
-        h, y = fc1_swiglu(x, w1, probs, row_ends)
+        if passes == "bwd":
+            h = expert_gemm.rows(x, w1, row_ends)
+            y = swiglu.weighted_swiglu_forward(h, probs)
+        else:
+            h, y = fc1_swiglu(x, w1, probs, row_ends)
         ctx.save_for_backward(x, w1, w2, probs, row_ends, h, y)
         ctx.alignment = getattr(row_ends, "alignment", None)
-        ctx.fuse_backward = fuse_backward
+        ctx.passes = passes
         return expert_gemm.rows(y, w2, row_ends)
 
     @staticmethod
@@ -256,8 +274,10 @@ class SwiGLUExpertFFN(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             with overlap.side():
                 dw2 = expert_gemm.wgrad(y, dout, row_ends, w2)
-        if ctx.fuse_backward:
+        if ctx.passes == "all":
             dh, dp = fc2_dgrad_swiglu(dout, w2, h, probs, row_ends)
+        elif ctx.passes == "bwd":
+            dh, dp = sm90_gemm.swiglu_dgrad(dout, w2, h, probs, row_ends, SM90_DGRAD_CONFIG)
         else:
             dy = expert_gemm.rows(dout, w2.transpose(1, 2), row_ends, input_gradient=True)
             dh, dp = swiglu.weighted_swiglu_backward(h, probs, dy)
@@ -272,5 +292,7 @@ class SwiGLUExpertFFN(torch.autograd.Function):
         return dx, dw1, dw2, dp.view_as(probs).to(probs.dtype), None, None
 
 
-def swiglu_expert_ffn(x, w1, w2, probs, row_ends, fuse_backward: bool = False):
-    return SwiGLUExpertFFN.apply(x, w1, w2, probs, row_ends, fuse_backward)
+def swiglu_expert_ffn(x, w1, w2, probs, row_ends, passes: str = "fwd"):
+    if passes not in ("fwd", "all", "bwd"):
+        raise ValueError(f"passes must be fwd, all or bwd, got {passes!r}")
+    return SwiGLUExpertFFN.apply(x, w1, w2, probs, row_ends, passes)

@@ -9,8 +9,10 @@ from monta import swiglu_gemm
 
 def test_fused_passes_default_and_choices(monkeypatch):
     """Unset (``auto``): fc1's forward fused unless the row GEMMs run on the small-expert sm90
-    kernels, whose unfused FFN is the faster one; a value the user sets is taken as it is."""
-    from monta import expert_gemm
+    kernels; there the activation's backward goes into fc2's input gradient on the sm90
+    library's kernel if it is built, else nothing is fused. A value the user sets is taken as
+    it is."""
+    from monta import expert_gemm, sm90_gemm
 
     monkeypatch.delenv("MONTA_FUSED_SWIGLU", raising=False)
     x, ends = torch.empty(4, 8, dtype=torch.bfloat16), torch.tensor([2, 4], dtype=torch.int32)
@@ -20,23 +22,34 @@ def test_fused_passes_default_and_choices(monkeypatch):
     monkeypatch.setattr(expert_gemm, "row_config", lambda t, e: large)
     assert swiglu_gemm.fused_passes(x, ends) == "fwd"
     monkeypatch.setattr(expert_gemm, "row_config", lambda t, e: small)
-    assert swiglu_gemm.fused_passes(x, ends) == "0"
-    monkeypatch.setenv("MONTA_FUSED_SWIGLU", "auto")
-    assert swiglu_gemm.fused_passes(x, ends) == "0"
-    for choice in ("fwd", "all", "0"):
+    for built, want in ((False, "0"), (True, "bwd")):
+        monkeypatch.setattr(sm90_gemm, "swiglu_dgrad_built",
+                            lambda config, built=built: built and config == small)
+        assert swiglu_gemm.fused_passes(x, ends) == want
+        monkeypatch.setenv("MONTA_FUSED_SWIGLU", "auto")
+        assert swiglu_gemm.fused_passes(x, ends) == want
+        monkeypatch.delenv("MONTA_FUSED_SWIGLU")
+    for choice in ("fwd", "all", "bwd", "0"):
         monkeypatch.setenv("MONTA_FUSED_SWIGLU", choice)
         assert swiglu_gemm.fused_passes(x, ends) == choice
 
 
-@pytest.mark.parametrize("bad", ["1", "bwd", ""])
+@pytest.mark.parametrize("bad", ["1", "both", ""])
 def test_fused_passes_rejects_unknown_values(monkeypatch, bad):
     monkeypatch.setenv("MONTA_FUSED_SWIGLU", bad)
-    with pytest.raises(ValueError, match="MONTA_FUSED_SWIGLU must be one of auto, fwd, all, 0"):
+    with pytest.raises(ValueError,
+                       match="MONTA_FUSED_SWIGLU must be one of auto, fwd, all, bwd, 0"):
         swiglu_gemm.fused_passes()
+
+
+def test_swiglu_expert_ffn_refuses_unknown_passes():
+    with pytest.raises(ValueError, match="passes must be fwd, all or bwd"):
+        swiglu_gemm.swiglu_expert_ffn(None, None, None, None, None, passes="0")
 
 
 def test_not_supported_on_cpu():
     x = torch.zeros(16, 64, dtype=torch.bfloat16)
     w1 = torch.zeros(2, 64, 32, dtype=torch.bfloat16)
     w2 = torch.zeros(2, 16, 64, dtype=torch.bfloat16)
-    assert not swiglu_gemm.supported(x, w1, w2)
+    for passes in ("fwd", "all", "bwd"):
+        assert not swiglu_gemm.supported(x, w1, w2, passes)

@@ -31,6 +31,7 @@ TOOLCHAIN = ["nvidia-cuda-nvcc==13.0.88", "nvidia-nvvm==13.0.88", "nvidia-cuda-r
 DEFAULT_CONFIGS = sorted({*SM90_SMALL_EXPERT_CONFIGS, *SM90_LARGE_EXPERT_CONFIGS})
 SOURCE = ROOT / "monta" / "csrc" / "sm90_grouped_gemm.cuh"
 ALIGNED_SOURCE = ROOT / "monta" / "csrc" / "sm90_aligned_gemm.cuh"
+SWIGLU_DGRAD_SOURCE = ROOT / "monta" / "csrc" / "sm90_swiglu_dgrad.cuh"
 ARCH = "-gencode=arch=compute_90a,code=sm_90a"  # sm_90a: wgmma and setmaxnreg need the "a"
 FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", ARCH, "-Xcompiler", "-fPIC"]
 
@@ -50,11 +51,17 @@ def install_toolchain(target: Path) -> tuple[Path, Path]:
 
 
 def source_of(kind: str) -> Path:
+    if kind == sm90_gemm.SWIGLU_DGRAD_KIND:
+        return SWIGLU_DGRAD_SOURCE
     return ALIGNED_SOURCE if kind in sm90_gemm.ALIGNED_KINDS else SOURCE
 
 
 def instance_source(config: str, kind: str) -> str:
     tm, tn, tk, cm, cn, pingpong = sm90_gemm.CONFIGS[config]
+    if kind == sm90_gemm.SWIGLU_DGRAD_KIND:
+        return (f'#include "{source_of(kind).name}"\n'
+                f"MONTA_SWIGLU_DGRAD_INSTANCE({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, {tk}, "
+                f"{cm}, {cn}, {str(pingpong).lower()})\n")
     aligned = kind in sm90_gemm.ALIGNED_KINDS
     macro = "MONTA_ALIGNED_GEMM_INSTANCE" if aligned else "MONTA_GROUPED_GEMM_INSTANCE"
     base_kind = kind.removeprefix("aligned_")
@@ -64,10 +71,12 @@ def instance_source(config: str, kind: str) -> str:
 
 
 def instances(configs) -> list:
-    """(config, kind) pairs to compile: every kind of each config, and the tile-aligned kinds
-    of those that have them (monta.sm90_gemm.aligned_kinds)."""
+    """(config, kind) pairs to compile: every kind of each config, the tile-aligned kinds
+    of those that have them (monta.sm90_gemm.aligned_kinds) and the SwiGLU input gradient of
+    monta.sm90_gemm.SWIGLU_DGRAD_CONFIGS."""
     return [(c, kind) for c in configs for kind in sm90_gemm.KINDS] + [
-        (c, kind) for c in configs for kind in sm90_gemm.aligned_kinds(c)]
+        (c, kind) for c in configs for kind in sm90_gemm.aligned_kinds(c)] + [
+        (c, sm90_gemm.SWIGLU_DGRAD_KIND) for c in configs if c in sm90_gemm.SWIGLU_DGRAD_CONFIGS]
 
 
 def main(argv=None) -> int:

@@ -32,10 +32,15 @@ namespace monta {
 
 using namespace cute;
 
-template <class TileShape, class ClusterShape, bool PingPong, bool AColumnMajor, bool BColumnMajor>
+// Fusion: the epilogue (D = accumulator by default; sm90_swiglu_dgrad.cuh passes its own visitor
+// tree); ElementC: the source operand's type, void for an epilogue that reads none.
+template <class TileShape, class ClusterShape, bool PingPong, bool AColumnMajor, bool BColumnMajor,
+          class Fusion = cutlass::epilogue::fusion::LinearCombination<cutlass::bfloat16_t, float>,
+          class ElementC = cutlass::bfloat16_t>
 struct GroupedGemm {
   using Element = cutlass::bfloat16_t;
   using Accumulator = float;
+  static constexpr bool kHasSource = !cute::is_void_v<ElementC>;
   using LayoutA = cute::conditional_t<AColumnMajor, cutlass::layout::ColumnMajor,
                                       cutlass::layout::RowMajor>;
   using LayoutB = cute::conditional_t<BColumnMajor, cutlass::layout::ColumnMajor,
@@ -53,8 +58,8 @@ struct GroupedGemm {
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, Accumulator,
-      Element, LayoutD*, kAlignment, Element, LayoutD*, kAlignment, EpilogueSchedule,
-      cutlass::epilogue::fusion::LinearCombination<Element, Accumulator>>::CollectiveOp;
+      ElementC, LayoutD*, kAlignment, Element, LayoutD*, kAlignment, EpilogueSchedule,
+      Fusion>::CollectiveOp;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment,
@@ -69,6 +74,7 @@ struct GroupedGemm {
   using StrideB = typename Kernel::InternalStrideB;
   using StrideD = typename Kernel::InternalStrideD;
   using Shape3 = typename ProblemShape::UnderlyingProblemShape;
+  using FusionArguments = typename Epilogue::FusionCallbacks::Arguments;
 
   // The per-group argument arrays CUTLASS reads, laid out at the front of the workspace.
   struct Arrays {
@@ -103,29 +109,37 @@ struct GroupedGemm {
     return r;
   }
 
-  static typename Gemm::Arguments arguments(const Arrays& arrays, int groups, int sm_count) {
-    typename Gemm::Arguments args{
-        cutlass::gemm::GemmUniversalMode::kGrouped,
-        {groups, arrays.shapes, nullptr},
-        {arrays.a, arrays.stride_a, arrays.b, arrays.stride_b},
-        {{}, const_cast<const Element**>(arrays.d), arrays.stride_d, arrays.d, arrays.stride_d}};
-    args.epilogue.thread.alpha = 1.0f;
-    args.epilogue.thread.beta = 0.0f;
+  // `thread`: the epilogue's own arguments; the default epilogue's are alpha = 1, beta = 0.
+  static typename Gemm::Arguments arguments(const Arrays& arrays, int groups, int sm_count,
+                                            FusionArguments thread = {}) {
+    typename Gemm::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+    args.problem_shape = {groups, arrays.shapes, nullptr};
+    args.mainloop = {arrays.a, arrays.stride_a, arrays.b, arrays.stride_b};
+    args.epilogue.thread = thread;
+    if constexpr (kHasSource) {
+      args.epilogue.ptr_C = const_cast<const Element**>(arrays.d);
+      args.epilogue.dC = arrays.stride_d;
+      args.epilogue.thread.alpha = 1.0f;
+      args.epilogue.thread.beta = 0.0f;
+    }
+    args.epilogue.ptr_D = arrays.d;
+    args.epilogue.dD = arrays.stride_d;
     args.hw_info.sm_count = sm_count;
     return args;
   }
 };
 
 // One thread per group: its row range from the cumulative ends, then its pointers and shape.
-// Row-grouped (forward, input gradient; dims = n, k): A and D advance by the group's first row,
-// B by group. K-grouped (weight gradient; dims = m, n): the group's rows are the reduction, A
+// Row-grouped (forward, input gradient; dims = n, k): A and D advance by the group's first row
+// (D's rows are ld_d apart), B by group. K-grouped (weight gradient; dims = m, n): the group's rows are the reduction, A
 // (= X) and B (= Y) advance by its first row, D by group.
 template <class G, bool KGrouped>
 __global__ void fill_group_arrays(typename G::Arrays arrays, const typename G::Element* a,
                                   const typename G::Element* b, typename G::Element* d,
                                   const int32_t* ends, int groups, int dim0, int dim1,
                                   typename G::StrideA stride_a, typename G::StrideB stride_b,
-                                  typename G::StrideD stride_d) {
+                                  typename G::StrideD stride_d, int64_t ld_d) {
   int g = threadIdx.x;
   if (g >= groups) return;
   int64_t start = g == 0 ? 0 : ends[g - 1];
@@ -138,7 +152,7 @@ __global__ void fill_group_arrays(typename G::Arrays arrays, const typename G::E
   } else {
     arrays.a[g] = a + start * dim1;
     arrays.b[g] = b + static_cast<int64_t>(g) * dim1 * dim0;
-    arrays.d[g] = d + start * dim0;
+    arrays.d[g] = d + start * ld_d;
     arrays.shapes[g] = typename G::Shape3(rows, dim0, dim1);
   }
   arrays.stride_a[g] = stride_a;
@@ -165,10 +179,11 @@ int64_t workspace_bytes(int groups) {
 // Error codes: 0 ok, 1 workspace too small, 2 too many groups, 3 cannot implement,
 // 4 initialize failed, 5 run failed, 6 launch error.
 template <class G, class Fill>
-int launch(void* workspace, int64_t workspace_size, int groups, cudaStream_t stream, Fill fill) {
+int launch(void* workspace, int64_t workspace_size, int groups, cudaStream_t stream, Fill fill,
+           typename G::FusionArguments thread = {}) {
   if (groups > 1024) return 2;
   typename G::Arrays arrays = G::carve(workspace, groups);
-  auto args = G::arguments(arrays, groups, sm_count_of_current_device());
+  auto args = G::arguments(arrays, groups, sm_count_of_current_device(), thread);
   size_t cutlass_bytes = G::Gemm::get_workspace_size(args);
   if (static_cast<int64_t>(arrays.bytes + G::round_up(cutlass_bytes)) > workspace_size) return 1;
   fill(arrays);
@@ -191,7 +206,7 @@ int run_rows(const void* a, const void* b, void* d, const int32_t* ends, int gro
   return launch<G>(workspace, workspace_size, groups, stream, [&](typename G::Arrays arrays) {
     fill_group_arrays<G, false><<<1, groups, 0, stream>>>(
         arrays, static_cast<const E*>(a), static_cast<const E*>(b), static_cast<E*>(d), ends,
-        groups, n, k, stride_a, stride_b, stride_d);
+        groups, n, k, stride_a, stride_b, stride_d, n);
   });
 }
 
@@ -205,7 +220,7 @@ int run_wgrad(const void* x, const void* y, void* d, const int32_t* ends, int gr
   return launch<G>(workspace, workspace_size, groups, stream, [&](typename G::Arrays arrays) {
     fill_group_arrays<G, true><<<1, groups, 0, stream>>>(
         arrays, static_cast<const E*>(x), static_cast<const E*>(y), static_cast<E*>(d), ends,
-        groups, m, n, stride_a, stride_b, stride_d);
+        groups, m, n, stride_a, stride_b, stride_d, 0);
   });
 }
 

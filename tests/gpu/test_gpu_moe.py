@@ -246,13 +246,14 @@ def _synchronizing_ops(step) -> list[str]:
             if "called a synchronizing" in str(w.message)]
 
 
-@pytest.mark.parametrize("fuse_backward", [False, True])
+@pytest.mark.parametrize("passes", ["fwd", "all", "bwd"])
 @pytest.mark.parametrize("ffn", [384, 1096])
-def test_fused_swiglu_expert_ffn_matches_fp64(nccl_world_of_one, ffn, fuse_backward):
-    """monta/swiglu_gemm.py: fc1 with SwiGLU·prob in its epilogue and (or not) fc2's input
-    gradient with the activation's backward in its epilogue, against an fp64 FFN: output and
-    the gradients of x, both weights and the probabilities; uneven and empty experts, an FFN
-    width that is (1096) and is not (384) a multiple of the column tile."""
+def test_fused_swiglu_expert_ffn_matches_fp64(nccl_world_of_one, ffn, passes):
+    """monta/swiglu_gemm.py: SwiGLU·prob in fc1's forward epilogue (``fwd``), also its backward
+    in fc2's input gradient (``all``; Triton), or only the backward, in the epilogue of the sm90
+    library's kernel (``bwd``), against an fp64 FFN: output and the gradients of x, both weights
+    and the probabilities; uneven and empty experts, an FFN width that is (384) and is not
+    (1096) a multiple of the column tile."""
     import torch.nn.functional as F
 
     from monta import swiglu_gemm
@@ -266,9 +267,11 @@ def test_fused_swiglu_expert_ffn_matches_fp64(nccl_world_of_one, ffn, fuse_backw
     w2 = (torch.randn(8, ffn, hidden, device="cuda", generator=gen) / ffn ** 0.5).bfloat16()
     probs = torch.rand(n, 1, device="cuda", generator=gen)
     dout = torch.randn(n, hidden, device="cuda", generator=gen).bfloat16()
-    assert swiglu_gemm.supported(x, w1, w2)
+    if passes == "bwd" and not swiglu_gemm.supported(x, w1, w2, passes):
+        pytest.skip("the sm90 library with its SwiGLU input gradient is not built")
+    assert swiglu_gemm.supported(x, w1, w2, passes)
     fused = [t.clone().requires_grad_(True) for t in (x, w1, w2, probs)]
-    out = swiglu_gemm.swiglu_expert_ffn(*fused, ends, fuse_backward=fuse_backward)
+    out = swiglu_gemm.swiglu_expert_ffn(*fused, ends, passes=passes)
     out.backward(dout)
     ref = [t.double().requires_grad_(True) for t in (x, w1, w2, probs)]
     starts = [0, *torch.cumsum(counts, 0).tolist()]
@@ -287,6 +290,36 @@ def test_fused_swiglu_expert_ffn_matches_fp64(nccl_world_of_one, ffn, fuse_backw
         assert rel_err(got, wanted) < 1e-2, name
     for grad in (fused[1].grad, fused[2].grad):
         assert torch.count_nonzero(grad[~busy]) == 0, "an empty expert got a weight gradient"
+
+
+def test_sm90_swiglu_dgrad_matches_the_unfused_kernels(nccl_world_of_one):
+    """monta/csrc/sm90_swiglu_dgrad.cuh against what it replaces: fc2's input gradient on the
+    same sm90 kernel, then the Triton activation backward (monta/swiglu.py). Same d rounded to
+    bf16 in both, so dh agrees to one bf16 rounding and dp to fp32 summation order; uneven
+    and empty experts, a partial last column tile, rows past the last expert's end (dp zero
+    there, dh not written)."""
+    from monta import sm90_gemm, swiglu, swiglu_gemm
+
+    config = swiglu_gemm.SM90_DGRAD_CONFIG
+    if not sm90_gemm.swiglu_dgrad_built(config):
+        pytest.skip("the sm90 library with its SwiGLU input gradient is not built")
+    counts = torch.tensor([700, 0, 5, 128, 0, 257, 1, 63], device="cuda")
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    used, n, hidden, ffn = int(counts.sum()), int(counts.sum()) + 40, 512, 1096
+    dout = torch.randn(n, hidden, device="cuda", generator=gen).bfloat16()
+    w2 = (torch.randn(8, ffn, hidden, device="cuda", generator=gen) / ffn ** 0.5).bfloat16()
+    h = (2 * torch.randn(n, 2 * ffn, device="cuda", generator=gen)).bfloat16()
+    probs = torch.rand(n, 1, device="cuda", generator=gen)
+    dh, dp = sm90_gemm.swiglu_dgrad(dout, w2, h, probs, ends, config)
+    d = sm90_gemm.rows(dout, w2.transpose(1, 2), ends, config)
+    want_dh, want_dp = swiglu.weighted_swiglu_backward(h[:used], probs[:used], d[:used])
+    assert dh.shape == h.shape and dp.shape == (n,) and dp.dtype == torch.float32
+    assert rel_err(dh[:used], want_dh) < 5e-3
+    assert (dh[:used].float() - want_dh.float()).abs().max() <= \
+        want_dh.float().abs().max() * 2 ** -7, "dh differs by more than one bf16 rounding"
+    assert rel_err(dp[:used], want_dp) < 1e-4
+    assert torch.count_nonzero(dp[used:]) == 0, "rows past the last expert got a gradient"
 
 
 def _monta_layer_under(monkeypatch, variable: str, values) -> list:
@@ -316,17 +349,22 @@ def _assert_same_to_bf16(got, want):
 
 
 def test_moe_layer_fused_swiglu_matches_unfused(nccl_world_of_one, monkeypatch):
-    """The grouped experts inside MoNTA's layer take the fused path by default (``fwd``) and
-    under ``all``; both agree with MONTA_FUSED_SWIGLU=0 (the activation as its own kernels) to
-    bf16 precision, in the output and every parameter's gradient."""
-    from monta import swiglu_gemm
+    """The grouped experts inside MoNTA's layer take the fused path under ``fwd``, ``all`` and
+    (with the sm90 library built) ``bwd``; each agrees with MONTA_FUSED_SWIGLU=0 (the
+    activation as its own kernels) to bf16 precision, in the output and every parameter's
+    gradient."""
+    from monta import sm90_gemm, swiglu_gemm
 
     calls = []
     real = swiglu_gemm.swiglu_expert_ffn
     monkeypatch.setattr(swiglu_gemm, "swiglu_expert_ffn",
-                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
-    *fused, unfused = _monta_layer_under(monkeypatch, "MONTA_FUSED_SWIGLU", ("fwd", "all", "0"))
-    assert len(calls) == 2, "the fused path ran other than once per fused setting"
+                        lambda *args, **kwargs: calls.append(kwargs["passes"])
+                        or real(*args, **kwargs))
+    settings = ["fwd", "all"]
+    if sm90_gemm.swiglu_dgrad_built(swiglu_gemm.SM90_DGRAD_CONFIG):
+        settings.append("bwd")
+    *fused, unfused = _monta_layer_under(monkeypatch, "MONTA_FUSED_SWIGLU", (*settings, "0"))
+    assert calls == settings, "the fused path ran other than once per fused setting"
     for result in fused:
         _assert_same_to_bf16(result, unfused)
 

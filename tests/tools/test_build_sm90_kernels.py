@@ -36,7 +36,8 @@ def test_aligned_instances_use_their_header_for_the_configs_that_have_them():
     pairs = build_sm90_kernels.instances(sm90_gemm.CONFIGS)
     aligned = {(c, k) for c, k in pairs if k in sm90_gemm.ALIGNED_KINDS}
     assert aligned == {(c, k) for c in sm90_gemm.CONFIGS for k in sm90_gemm.aligned_kinds(c)}
-    assert len(pairs) == len(set(pairs)) == 3 * len(sm90_gemm.CONFIGS) + len(aligned)
+    assert len(pairs) == len(set(pairs)) == 3 * len(sm90_gemm.CONFIGS) + len(aligned) + len(
+        sm90_gemm.SWIGLU_DGRAD_CONFIGS)
     for config, kind in aligned:
         tm, tn, tk, cm, cn, pingpong = sm90_gemm.CONFIGS[config]
         base = kind.removeprefix("aligned_")
@@ -48,6 +49,22 @@ def test_aligned_instances_use_their_header_for_the_configs_that_have_them():
         # the weight layouts come from the grouped header, which the aligned one includes
         assert f"#define MONTA_B_COLUMN_MAJOR_{base} " in build_sm90_kernels.SOURCE.read_text()
     assert f'#include "{build_sm90_kernels.SOURCE.name}"' in header
+
+
+def test_the_swiglu_input_gradient_is_built_for_its_configs_from_its_header():
+    header = build_sm90_kernels.SWIGLU_DGRAD_SOURCE.read_text()
+    assert "#define MONTA_SWIGLU_DGRAD_INSTANCE" in header
+    assert f'#include "{build_sm90_kernels.SOURCE.name}"' in header
+    pairs = build_sm90_kernels.instances(sm90_gemm.CONFIGS)
+    kind = sm90_gemm.SWIGLU_DGRAD_KIND
+    assert {c for c, k in pairs if k == kind} == set(sm90_gemm.SWIGLU_DGRAD_CONFIGS)
+    assert not any(k == kind for _, k in build_sm90_kernels.instances(["128x256_c1x2"]))
+    for config in sm90_gemm.SWIGLU_DGRAD_CONFIGS:
+        tm, tn, tk, cm, cn, pingpong = sm90_gemm.CONFIGS[config]
+        text = build_sm90_kernels.instance_source(config, kind)
+        assert text.startswith('#include "sm90_swiglu_dgrad.cuh"')
+        assert f"MONTA_SWIGLU_DGRAD_INSTANCE({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, " \
+               f"{tk}, {cm}, {cn}, {str(pingpong).lower()})" in text
 
 
 def test_an_unknown_config_is_refused_before_anything_is_installed(capsys):
