@@ -8,9 +8,10 @@ random logits), each variant timed as the median of ``--rounds`` interleaved sam
 ``CHAIN`` calls back to back (``bench/gpu_timing.time_interleaved``, as ``bench/gpu_moe.py``
 times its variants): fc1 + the activation's forward (fused: one Triton GEMM; unfused:
 the experts' default GEMM, then :mod:`monta.swiglu`'s kernel), fc2's input gradient + the
-activation's backward (likewise), and the FFN forward + backward under ``MONTA_FUSED_SWIGLU``
-``0``, ``fwd`` and ``all``. The gradients of x, the probabilities and both weights under
-``fwd`` and ``all`` are compared with the unfused ones (relative error).
+activation's backward (likewise, and with the sm90 library built also in the epilogue of its
+kernel, ``dgrad_fused_sm90``), and the FFN forward + backward under ``MONTA_FUSED_SWIGLU`` ``0``,
+``fwd``, ``all`` and (sm90) ``bwd``. The gradients of x, the probabilities and both weights
+under the fused settings are compared with the unfused ones (relative error).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ CHAIN = 4
 def bench_shape(shape: dict, rounds: int, device) -> dict:
     from bench.gpu_moe import routed_counts
     from bench.gpu_timing import Timer, time_interleaved
-    from monta import expert_gemm, swiglu, swiglu_gemm
+    from monta import expert_gemm, sm90_gemm, swiglu, swiglu_gemm
     from monta.experts import activation_with_probs, expert_offsets, grouped_mm
 
     h, f, e, k = shape["hidden"], shape["ffn"], shape["experts"], shape["topk"]
@@ -52,8 +53,7 @@ def bench_shape(shape: dict, rounds: int, device) -> dict:
                 a = activation_with_probs(grouped_mm(x, w1, counts, ends), probs, F.silu, True)
                 out = grouped_mm(a, w2, counts, ends)
             else:
-                out = swiglu_gemm.swiglu_expert_ffn(x, w1, w2, probs, ends,
-                                                    fuse_backward=fused == "all")
+                out = swiglu_gemm.swiglu_expert_ffn(x, w1, w2, probs, ends, passes=fused)
             out.backward(grad)
         return run
 
@@ -61,13 +61,16 @@ def bench_shape(shape: dict, rounds: int, device) -> dict:
         for t in (x, probs, w1, w2):
             t.grad = None
 
+    # bwd: the activation's backward in the epilogue of the sm90 library's fc2 input gradient
+    sm90 = swiglu_gemm.supported(x, w1, w2, "bwd")
+    settings = ("0", "fwd", "all", "bwd") if sm90 else ("0", "fwd", "all")
     grads = {}
-    for fused in ("0", "fwd", "all"):
+    for fused in settings:
         clear()
         ffn(fused)()
         grads[fused] = [t.grad.float().clone() for t in (x, probs, w1, w2)]
     errors = {fused: [((a - b).norm() / b.norm()).item() for a, b in zip(grads[fused], grads["0"])]
-              for fused in ("fwd", "all")}
+              for fused in settings[1:]}
     xd, pd, w1d, w2d = x.detach(), probs.detach(), w1.detach(), w2.detach()
     h_out = expert_gemm.rows(xd, w1d, ends)
     variants = {
@@ -79,6 +82,10 @@ def bench_shape(shape: dict, rounds: int, device) -> dict:
             h_out, pd, expert_gemm.rows(grad, w2d.transpose(1, 2), ends)),
         "dgrad_fused": lambda: swiglu_gemm.fc2_dgrad_swiglu(grad, w2d, h_out, pd, ends),
     }
+    if sm90:
+        variants["ffn_bwd"] = ffn("bwd")
+        variants["dgrad_fused_sm90"] = lambda: sm90_gemm.swiglu_dgrad(
+            grad, w2d, h_out, pd, ends, swiglu_gemm.SM90_DGRAD_CONFIG)
     samples, _ = time_interleaved({name: ("default", fn) for name, fn in variants.items()},
                                   Timer(device), rounds, reps=1, setup=clear, chain=CHAIN)
     return {"rel_err_vs_unfused [x, probs, w1, w2]": errors,

@@ -188,19 +188,17 @@ FUSE_CHOICES = ("auto", "fwd", "all", "bwd", "0")
 
 def fused_passes(x: torch.Tensor | None = None, row_ends: torch.Tensor | None = None) -> str:
     """``MONTA_FUSED_SWIGLU`` (see module doc) for the expert FFN of input ``x`` grouped by
-    ``row_ends``: ``fwd``, ``all``, ``bwd`` or ``0``; ``auto`` (the default), where the row GEMMs
-    run on MoNTA's small-expert sm90 kernels (whose fc1 forward beats this module's fused one),
-    is ``bwd`` if the library holds that instance, else ``0``; elsewhere ``fwd``."""
+    ``row_ends``: ``fwd``, ``all``, ``bwd`` or ``0``; ``auto`` (the default) is ``0`` where the
+    row GEMMs run on MoNTA's small-expert sm90 kernels, whose fc1 forward beats this module's
+    fused one, else ``fwd``."""
     asked = os.environ.get(FUSE_VARIABLE, "auto")
     if asked not in FUSE_CHOICES:
         raise ValueError(f"{FUSE_VARIABLE} must be one of {', '.join(FUSE_CHOICES)}, "
                          f"got {asked!r}")
     if asked == "auto":
-        small = x is not None and row_ends is not None and \
+        unfused = x is not None and row_ends is not None and \
             expert_gemm.row_config(x, row_ends) == expert_gemm.SM90_SMALL_EXPERT_CONFIGS[0]
-        if not small:
-            return "fwd"
-        return "bwd" if sm90_gemm.swiglu_dgrad_built(SM90_DGRAD_CONFIG) else "0"
+        return "0" if unfused else "fwd"
     return asked
 
 

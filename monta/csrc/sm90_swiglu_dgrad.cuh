@@ -3,14 +3,17 @@
 // Unfused, the expert FFN's backward writes fc2's input gradient d = dout @ W2_e^T [rows, F] and
 // a Triton kernel (monta/swiglu.py) reads it back with fc1's output h = [gate | up] to write
 //     dh = [d*p*u*silu'(g) | d*p*silu(g)]   and   dp = sum over columns of d*silu(g)*u.
-// Here that runs on the accumulator tile while it is in registers: on the ping-pong kernel
-// the epilogue of one consumer warpgroup overlaps the other's mainloop, so the activation's
-// pass over h costs loads hidden behind GEMM work instead of a kernel of its own, and d is never
-// written. The GEMM is sm90_grouped_gemm.cuh's (same tiles, same device row ends); only the
-// epilogue differs:
+// Here that runs on the accumulator tile while it is in registers, so d is never written and
+// the activation's pass over h is no kernel of its own. The GEMM is sm90_grouped_gemm.cuh's
+// (same tiles, same device row ends); only the epilogue differs:
 //   D (the kernel's TMA-stored output)  the gate half of dh: group g's rows at dh + start_g * 2F
 //   this node's direct stores             the up half, F columns further
 //   this node's fp32 atomics              dp, one per row and column tile (dp must start zeroed)
+// The tile's gate and up values of h arrive by cp.async into shared memory, all of them at the
+// epilogue's start: on an H200, loading them into registers one subtile ahead made the kernel
+// 1.9x slower than the plain GEMM (the loads' latency, paid per subtile, outlasted the other
+// warpgroup's mainloop that a ping-pong epilogue hides behind); without the loads at all the
+// epilogue was hidden (scratch probe, 1.02 vs 0.55 vs 0.53 ms at the fine-grained shapes).
 // Rounding is the unfused path's: d is rounded to bf16 before the activation's backward uses it.
 #pragma once
 
@@ -21,10 +24,19 @@ namespace monta {
 using namespace cute;
 
 // An epilogue visitor node (CUTLASS's Sm90 EVT interface) whose child is the accumulator.
+template <class CtaTileShapeMNK>
 struct SwigluBackwardNode {
   using Element = cutlass::bfloat16_t;
+  static constexpr int kTileM = size<0>(CtaTileShapeMNK{});
+  static constexpr int kTileN = size<1>(CtaTileShapeMNK{});
+  // +16 bytes per row: the 8 rows a warp reads at once then start in 8 different bank quads
+  static constexpr int kPitch = kTileN + 8;
+  static constexpr int kThreads = cutlass::NumThreadsPerWarpGroup;
 
-  struct SharedStorage {};
+  struct SharedStorage {
+    alignas(128) Element gate[kTileM * kPitch];
+    alignas(128) Element up[kTileM * kPitch];
+  };
   struct Arguments {
     Element const* h = nullptr;    // [rows, 2F]: fc1's output, gate | up
     Element* dh = nullptr;         // [rows, 2F]: this node writes the up half
@@ -55,9 +67,10 @@ struct SwigluBackwardNode {
   }
 
   CUTLASS_HOST_DEVICE SwigluBackwardNode() {}
-  CUTLASS_HOST_DEVICE SwigluBackwardNode(Params const& params, SharedStorage const&)
-      : params(params) {}
+  CUTLASS_HOST_DEVICE SwigluBackwardNode(Params const& params, SharedStorage const& shared)
+      : params(params), smem(const_cast<SharedStorage*>(&shared)) {}
   Params params;
+  SharedStorage* smem = nullptr;
 
   CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
   CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
@@ -68,20 +81,32 @@ struct SwigluBackwardNode {
     return cutlass::epilogue::fusion::detail::EmptyProducerLoadCallbacks{};
   }
 
-  // Tensors are this thread's partition of the tile, (CPY,CPY_M,CPY_N,EPI_M,EPI_N): the gate
-  // half of h and the up half of dh element by element, and per row (stride 0 along N, so all
-  // of a row's elements alias one register) the probability and the partial sum for dp.
-  template <class GateTensor, class DupTensor, class RowRegs, class ProbGmem, class DprobGmem,
+  // Tensors are this thread's partition of the tile, (CPY,CPY_M,CPY_N,EPI_M,EPI_N): its
+  // elements' coordinates in the tile and relative to its first element, the up half of dh,
+  // and per row (stride 0 along N, so all of a row's elements alias one register) the
+  // probability and the partial sum for dp. Elements 2i and 2i + 1 are adjacent columns of one
+  // row (Hopper's accumulator layout), so h and dh move as bf16 pairs.
+  template <class TileCoords, class DupTensor, class RowRegs, class ProbGmem, class DprobGmem,
             class CoordTensor, class Residue>
   struct ConsumerStoreCallbacks : cutlass::epilogue::fusion::detail::EmptyConsumerStoreCallbacks {
-    CUTLASS_DEVICE ConsumerStoreCallbacks(GateTensor gate, DupTensor dup, RowRegs prob,
+    static constexpr int kEpiN = decltype(size<4>(typename TileCoords::layout_type{}))::value;
+    static constexpr int kBlockN = kTileN / kEpiN;
+    CUTLASS_DEVICE ConsumerStoreCallbacks(Element const* h_tile, int64_t ld, int rows, int cols,
+                                          SharedStorage* smem, int thread_idx,
+                                          TileCoords tile_coords, DupTensor dup, RowRegs prob,
                                           RowRegs dprob_partial, ProbGmem prob_gmem,
                                           DprobGmem dprob_gmem, CoordTensor coords,
                                           Residue residue, int ffn)
-        : tCgGate(gate), tCgDup(dup), tCrProb(prob), tCrDprob(dprob_partial),
+        : h_tile(h_tile), ld(ld), rows(rows), cols(cols), smem(smem), thread_idx(thread_idx),
+          tCcTile(tile_coords), tCgDup(dup), tCrProb(prob), tCrDprob(dprob_partial),
           tCgProb(prob_gmem), tCgDprob(dprob_gmem), tCcD(coords), residue(residue), ffn(ffn) {}
 
-    GateTensor tCgGate;
+    Element const* h_tile;  // h at the tile's first row and column
+    int64_t ld;
+    int rows, cols;         // of the tile inside the group's problem
+    SharedStorage* smem;
+    int thread_idx;
+    TileCoords tCcTile;
     DupTensor tCgDup;
     RowRegs tCrProb;
     RowRegs tCrDprob;
@@ -91,7 +116,30 @@ struct SwigluBackwardNode {
     Residue residue;
     int ffn;
 
+    static CUTLASS_DEVICE void copy_async(Element* to, Element const* from) {
+      uint32_t address = cute::cast_smem_ptr_to_uint(to);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(from));
+    }
+
+    // The tile's h into shared memory by column blocks of one subtile's width, each block one
+    // cp.async group, so the first subtiles wait for their block only; 16-byte chunks, a row's
+    // chunks on consecutive threads. Rows and columns outside the problem are not read (visit()
+    // never uses them).
     CUTLASS_DEVICE void begin() {
+      constexpr int kChunksPerRow = kBlockN / 8;
+      CUTLASS_PRAGMA_UNROLL
+      for (int block = 0; block < kEpiN; ++block) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = thread_idx; c < kTileM * kChunksPerRow; c += kThreads) {
+          int r = c / kChunksPerRow, col = block * kBlockN + (c % kChunksPerRow) * 8;
+          if (r < rows && col < cols) {  // F is a multiple of 8: a chunk is in or out whole
+            Element const* from = h_tile + r * ld + col;
+            copy_async(smem->gate + r * kPitch + col, from);
+            copy_async(smem->up + r * kPitch + col, from + ffn);
+          }
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+      }
       Tensor prob = filter_zeros(tCrProb);
       Tensor prob_gmem = filter_zeros(tCgProb);
       Tensor coords = filter_zeros(tCcD, tCgProb.stride());
@@ -102,32 +150,72 @@ struct SwigluBackwardNode {
       fill(tCrDprob, 0.0f);
     }
 
+    // Subtiles go M-fastest: at a column block's first one, wait for that block's copies (the
+    // groups complete in order), then for every thread's (the warpgroup's barrier).
+    CUTLASS_DEVICE void begin_loop(int epi_m, int epi_n) {
+      if (epi_m != 0) return;
+      wait_for_block(epi_n, cute::make_int_sequence<kEpiN>{});
+      cutlass::arch::NamedBarrier::sync(kThreads,
+                                        cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
+    }
+
+    template <int InFlight>
+    static CUTLASS_DEVICE void wait_group() {
+      asm volatile("cp.async.wait_group %0;\n" ::"n"(InFlight) : "memory");
+    }
+
+    // cp.async.wait_group takes a constant (the groups still allowed in flight): one branch
+    // per block
+    template <int... Blocks>
+    static CUTLASS_DEVICE void wait_for_block(int block, cute::int_sequence<Blocks...>) {
+      ((block == Blocks ? wait_group<kEpiN - 1 - Blocks>() : void()), ...);
+    }
+
+    // sigmoid(g) = (1 + tanh(g/2)) / 2 with the hardware's tanh: one special-function op where
+    // exp and a division take two (its ~2^-11 relative error is below the bf16 outputs')
+    static CUTLASS_DEVICE float sigmoid(float g) {
+      float t;
+      asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(0.5f * g));
+      return 0.5f + 0.5f * t;
+    }
+
+    static CUTLASS_DEVICE float low(uint32_t pair) { return __uint_as_float(pair << 16); }
+    static CUTLASS_DEVICE float high(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
+
     template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
     CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(
         cutlass::Array<ElementAccumulator, FragmentSize> const&, int epi_v, int epi_m, int epi_n,
         cutlass::Array<ElementInput, FragmentSize> const& frg_input) {
-      Tensor gate = tCgGate(_, _, _, epi_m, epi_n);
+      static_assert(FragmentSize % 2 == 0, "bf16 pairs need an even fragment");
+      Tensor tile_coords = tCcTile(_, _, _, epi_m, epi_n);
       Tensor dup = tCgDup(_, _, _, epi_m, epi_n);
       Tensor prob = tCrProb(_, _, _, epi_m, epi_n);
       Tensor dprob = tCrDprob(_, _, _, epi_m, epi_n);
       Tensor coords = tCcD(_, _, _, epi_m, epi_n);
       cutlass::Array<float, FragmentSize> dgate;
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < FragmentSize; ++i) {
+      for (int i = 0; i < FragmentSize; i += 2) {
         int j = epi_v * FragmentSize + i;
-        dgate[i] = 0.0f;
-        if (elem_less(coords(j), residue)) {
-          // d in bf16, as the unfused path stores it
-          float d = float(Element(frg_input[i]));
-          Element const* gate_ptr = &gate(j);
-          float g = float(gate_ptr[0]);
-          float u = float(gate_ptr[ffn]);
-          float p = prob(j);
-          float sig = 1.0f / (1.0f + __expf(-g));
+        bool inside = elem_less(coords(j), residue);  // both elements of the pair (F is even)
+        int at = get<0>(tile_coords(j)) * kPitch + get<1>(tile_coords(j));
+        uint32_t gates = inside ? *reinterpret_cast<uint32_t const*>(smem->gate + at) : 0u;
+        uint32_t ups = inside ? *reinterpret_cast<uint32_t const*>(smem->up + at) : 0u;
+        float p = prob(j);  // one row
+        float du[2];
+        CUTLASS_PRAGMA_UNROLL
+        for (int k = 0; k < 2; ++k) {
+          float d = float(Element(frg_input[i + k]));  // d in bf16, as the unfused path stores it
+          float g = k ? high(gates) : low(gates);
+          float u = k ? high(ups) : low(ups);
+          float sig = sigmoid(g);
           float silu = g * sig;
-          dgate[i] = d * p * u * sig * (1.0f + g * (1.0f - sig));
-          dup(j) = Element(d * p * silu);
-          dprob(j) += d * silu * u;
+          dgate[i + k] = d * p * u * sig * (1.0f + g * (1.0f - sig));
+          du[k] = d * p * silu;
+          dprob(j + k) += d * silu * u;
+        }
+        if (inside) {
+          uint32_t pair = uint32_t(Element(du[0]).raw()) | (uint32_t(Element(du[1]).raw()) << 16);
+          *reinterpret_cast<uint32_t*>(&dup(j)) = pair;
         }
       }
       return dgate;
@@ -153,10 +241,14 @@ struct SwigluBackwardNode {
   template <bool ReferenceSrc, class... Args>
   CUTLASS_DEVICE auto get_consumer_store_callbacks(
       cutlass::epilogue::fusion::detail::ConsumerStoreArgs<Args...> const& args) {
+    static_assert(decltype(size(args.tiled_copy))::value == kThreads,
+                  "one warpgroup runs a tile's epilogue");
     auto [M, N, K, L] = args.problem_shape_mnkl;
-    int group = static_cast<int>(get<3>(args.tile_coord_mnkl));
+    auto [m, n, k, l] = args.tile_coord_mnkl;
+    int group = static_cast<int>(l);
     int64_t start = group == 0 ? 0 : params.ends[group - 1];
     int64_t ld = 2 * static_cast<int64_t>(params.ffn);
+    int m0 = static_cast<int>(m) * kTileM, n0 = static_cast<int>(n) * kTileN;
     auto matrix = make_layout(make_shape(M, N, L), make_stride(ld, _1{}, _0{}));
     auto column = make_layout(make_shape(M, N, L), make_stride(_1{}, _0{}, _0{}));
     auto partition = [&](auto tensor) {
@@ -164,24 +256,27 @@ struct SwigluBackwardNode {
           tensor, args.tile_shape_mnk, args.tile_coord_mnkl, args.epi_tile, args.tiled_copy,
           args.thread_idx);
     };
-    Tensor gate = partition(make_tensor(make_gmem_ptr(params.h + start * ld), matrix));
+    Tensor tile_coords = cutlass::epilogue::fusion::sm90_partition_for_epilogue<ReferenceSrc>(
+        make_identity_tensor(take<0, 2>(args.tile_shape_mnk)), args.epi_tile, args.tiled_copy,
+        args.thread_idx);
     Tensor dup = partition(make_tensor(make_gmem_ptr(params.dh + start * ld + params.ffn), matrix));
     Tensor prob_gmem = partition(make_tensor(make_gmem_ptr(params.probs + start), column));
     Tensor dprob_gmem = partition(make_tensor(make_gmem_ptr(params.dprobs + start), column));
     Tensor prob = make_tensor_like<float>(prob_gmem);
     Tensor dprob_partial = make_tensor_like<float>(prob_gmem);
-    return ConsumerStoreCallbacks<decltype(gate), decltype(dup), decltype(prob),
+    return ConsumerStoreCallbacks<decltype(tile_coords), decltype(dup), decltype(prob),
                                   decltype(prob_gmem), decltype(dprob_gmem), decltype(args.tCcD),
                                   decltype(args.residue_tCcD)>(
-        gate, dup, prob, dprob_partial, prob_gmem, dprob_gmem, args.tCcD, args.residue_tCcD,
-        params.ffn);
+        params.h + (start + m0) * ld + n0, ld, static_cast<int>(M) - m0,
+        static_cast<int>(N) - n0, smem, args.thread_idx, tile_coords, dup, prob, dprob_partial,
+        prob_gmem, dprob_gmem, args.tCcD, args.residue_tCcD, params.ffn);
   }
 };
 
 template <class TileShape, class ClusterShape, bool PingPong>
 using SwigluDgradGemm =
     GroupedGemm<TileShape, ClusterShape, PingPong, false, true,
-                cutlass::epilogue::fusion::Sm90EVT<SwigluBackwardNode,
+                cutlass::epilogue::fusion::Sm90EVT<SwigluBackwardNode<TileShape>,
                                                    cutlass::epilogue::fusion::Sm90AccFetch>,
                 void>;
 
