@@ -17,7 +17,8 @@ layout stays as it is (checkpoints unchanged). Rounding matches the unfused path
 ``d`` are rounded to bf16 before the activation uses them.
 
 ``MONTA_FUSED_SWIGLU`` picks: ``fwd`` fuses fc1's forward only; ``all`` also fc2's input
-gradient; ``0`` neither; ``auto`` (default) ``0`` where the row GEMMs run on MoNTA's
+gradient; ``bwd`` only the backward, in the epilogue of MoNTA's sm90 ping-pong kernel instead
+of Triton's (opt-in, below); ``0`` neither; ``auto`` (default) ``0`` where the row GEMMs run on MoNTA's
 small-expert sm90 kernels (128x128 ping-pong, ``monta.expert_gemm.SM90_SMALL_EXPERT_CONFIGS``),
 else ``fwd``. On those the unfused FFN is the faster one: the fine-grained expert FFN fwd+bwd
 back to back 4.91 and 4.87 vs 4.97 and 4.97 ms, one pass 5.09 and 5.10 vs 5.26 and 5.26 ms
@@ -28,7 +29,7 @@ both. Where the fused call fails unasked (e.g. Triton cannot compile it for the 
 Measured on an H200 (median ms, interleaved), the forward fusion is a wash. fc1 + activation
 forward, fused vs unfused, back to back: 6.54 vs 6.27 ms (Mixtral), 1.30 vs 1.31 ms
 (fine-grained); the FFN forward + backward 28.40 vs 28.37 and 5.47 vs 5.32 ms
-(bench/results/gpu_swiglu_fusion.json, 0a6ee58; the c260c15-era run of the same script gave
+(bench/results/gpu_swiglu_fusion_runs/gpu_swiglu_fusion_0a6ee58.json; the c260c15-era run of the same script gave
 6.57 vs 6.39, 1.17 vs 1.21, 28.09 vs 27.73 and 5.00 vs 5.04). MoNTA's whole layer back to back
 at fine-grained shapes (bench/results/gpu_moe.md and gpu_moe_runs/): 5.61 vs 5.71 ms (0993f04),
 5.53 vs 5.62 (0a6ee58); at Mixtral shapes the layer now runs per expert on cuBLAS
@@ -40,6 +41,20 @@ loop; a persistent version of both kernels (the tile loop flattened with the K l
 3.6; probed, not kept) was nowhere faster and up to 1.5× slower. Under ``all``, ``dp`` is
 summed across column tiles with fp32 atomics, so its last bits depend on the order the tiles
 finish.
+
+``bwd`` puts the activation's backward in the epilogue of CUTLASS's ping-pong kernel
+(monta/csrc/sm90_swiglu_dgrad.cuh; fc1's forward and the activation's forward as under ``0``).
+fc2's input gradient + the activation's backward at the fine-grained shapes: 0.705 ms against
+0.790 ms unfused and 0.988 ms under ``all`` (bench/results/gpu_swiglu_fusion.json, b583af2);
+at Mixtral shapes 3.54 against 3.56 ms. The expert FFN is no faster back to back: 4.857 vs
+4.869 ms there, 4.89 vs 4.96 ms in bench/gpu_expert_kernels.py's rounds
+(bench/results/gpu_expert_kernels_runs/ffn_fine_grained_bwd_b583af2.json), 4.92 vs 4.89 ms in
+an earlier run of the same kernel; one pass at a time 4.97 vs 5.08 ms. Unfused, the
+activation's backward runs beside fc2's weight gradient on the side stream
+(monta/wgrad_overlap.py), so what the fusion takes off the critical path was mostly hidden
+already. Hence opt-in. Its ``dp`` is summed with fp32 atomics too, and its sigmoid comes from
+the hardware's tanh (~2^-11 relative error, below the bf16 outputs'): the gradients differ from
+the unfused ones by ~3e-4 relative.
 
 The other GEMMs run on whatever :mod:`monta.expert_gemm` picks. Tiles are located from the
 device row ends as in :mod:`monta.grouped_gemm`, so the layer stays free of host syncs.

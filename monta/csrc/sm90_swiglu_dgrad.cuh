@@ -9,11 +9,14 @@
 //   D (the kernel's TMA-stored output)  the gate half of dh: group g's rows at dh + start_g * 2F
 //   this node's direct stores             the up half, F columns further
 //   this node's fp32 atomics              dp, one per row and column tile (dp must start zeroed)
-// The tile's gate and up values of h arrive by cp.async into shared memory, all of them at the
-// epilogue's start: on an H200, loading them into registers one subtile ahead made the kernel
-// 1.9x slower than the plain GEMM (the loads' latency, paid per subtile, outlasted the other
-// warpgroup's mainloop that a ping-pong epilogue hides behind); without the loads at all the
-// epilogue was hidden (scratch probe, 1.02 vs 0.55 vs 0.53 ms at the fine-grained shapes).
+// The tile's gate and up values of h arrive by cp.async into shared memory at the epilogue's
+// start, one group per column block of subtiles, and the sigmoid comes from tanh.approx: with
+// an IEEE division the kernel took 1.00 ms against the plain GEMM's 0.54 at the fine-grained
+// shapes (with exp and a fast division 0.73 ms); the loads of h and the arithmetic then each
+// added ~0.1 ms, and the column-block staging with tanh.approx made it 0.66 ms (scratch builds
+// on an H200; docs/gpu_tier.md). It is opt-in
+// (MONTA_FUSED_SWIGLU=bwd, monta/swiglu_gemm.py): the stage is faster, the FFN back to back is
+// not.
 // Rounding is the unfused path's: d is rounded to bf16 before the activation's backward uses it.
 #pragma once
 
