@@ -147,9 +147,9 @@ def _fusion_table(r: dict) -> list[str]:
     lines = ["", "SwiGLU × router probability fused into the GEMMs' epilogues "
              "(`monta/swiglu_gemm.py`, `MONTA_FUSED_SWIGLU`), on the grouped kernels "
              "(`MONTA_GROUPED_GEMM=grouped`), expert FFN forward + backward, "
-             "ms (% of dense; same rounds). The default (`auto`), where MoNTA's small-expert "
-             "sm90 kernels run the row GEMMs, is `bwd` (`0` in runs before it existed), else "
-             "`fwd`:", "",
+             "ms (% of dense; same rounds). The default (`auto`) is `0` where MoNTA's sm90 "
+             "kernels run the row GEMMs, else `fwd`; `bwd` (in runs since 4d86cea) is opt-in:",
+             "",
              "| shapes | fused into fc1's forward (`fwd`) | unfused (`0`) | also into fc2's "
              "input gradient (`all`) | only the backward, in fc2's input gradient on sm90 "
              "(`bwd`) | dense |", "|---|---:|---:|---:|---:|---:|"]
