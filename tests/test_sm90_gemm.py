@@ -15,11 +15,39 @@ def no_library(monkeypatch, tmp_path):
     monkeypatch.setattr(sm90_gemm, "_library", None)
     monkeypatch.setattr(sm90_gemm, "_built", ())
     monkeypatch.setattr(sm90_gemm, "_aligned_built", {})
+    monkeypatch.setattr(sm90_gemm, "_swiglu_dgrad_built", ())
 
 
 def test_without_the_library_nothing_is_available(no_library):
     assert sm90_gemm.built_configs() == () == sm90_gemm.built_configs(aligned=True)
     assert not sm90_gemm.available(torch.empty(1, dtype=torch.bfloat16))
+    assert not any(map(sm90_gemm.swiglu_dgrad_built, sm90_gemm.SWIGLU_DGRAD_CONFIGS))
+
+
+def _swiglu_dgrad_inputs(rows=4, ffn=8, hidden=16, h_width=None):
+    bf16 = torch.bfloat16
+    return (torch.empty(rows, hidden, dtype=bf16), torch.empty(2, ffn, hidden, dtype=bf16),
+            torch.empty(rows, h_width or 2 * ffn, dtype=bf16), torch.empty(rows, 1),
+            torch.tensor([2, rows], dtype=torch.int32))
+
+
+def test_the_swiglu_input_gradient_says_when_it_is_not_built(no_library):
+    config = sm90_gemm.SWIGLU_DGRAD_CONFIGS[0]
+    with pytest.raises(ValueError, match="no SwiGLU input-gradient instance of '128x128_pp_c1x2'"
+                                         r" \(built: none\)"):
+        sm90_gemm.swiglu_dgrad(*_swiglu_dgrad_inputs(), config)
+
+
+def test_the_swiglu_input_gradient_refuses_bad_shapes_before_any_launch(no_library, monkeypatch):
+    """With the instance present (stood in for: nothing may be called), misfit operands are
+    refused in Python, before a kernel could read past them."""
+    config = sm90_gemm.SWIGLU_DGRAD_CONFIGS[0]
+    monkeypatch.setattr(sm90_gemm, "_load", lambda: object())
+    monkeypatch.setattr(sm90_gemm, "_swiglu_dgrad_built", (config,))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        sm90_gemm.swiglu_dgrad(*_swiglu_dgrad_inputs(ffn=12), config)
+    with pytest.raises(ValueError, match=r"h must be \[4, 16\] and dout \[4, 16\]"):
+        sm90_gemm.swiglu_dgrad(*_swiglu_dgrad_inputs(h_width=24), config)
 
 
 def test_aligned_instances_for_configs_without_m_clusters():
