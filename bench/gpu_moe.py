@@ -277,9 +277,9 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     # always / never per expert; grouped_unfused / grouped_fused_fwd / grouped_fused_all: the
     # grouped kernels with the activation as its own kernels / fused into fc1's forward / into
     # fc2's input gradient too; grouped_fused_bwd: only its backward, in fc2's input gradient
-    # on the sm90 kernel (monta/csrc/sm90_swiglu_dgrad.cuh); previous_default: the grouped kernels' default before the
-    # ping-pong configs (PREVIOUS_DEFAULT, activation fused into fc1); grouped_padded:
-    # on padded rows (the aligned kernels); grouped_torch: torch._grouped_mm for every GEMM, the
+    # on the sm90 kernel (monta/csrc/sm90_swiglu_dgrad.cuh); previous_default: the grouped
+    # kernels' default before the ping-pong configs (PREVIOUS_DEFAULT, activation fused into
+    # fc1); grouped_padded: on padded rows (the aligned kernels); grouped_torch: torch._grouped_mm for every GEMM, the
     # activation unfused; grouped_balanced: the default on exactly n / E rows per expert (not
     # an achievable routing: it prices the partly filled last tile per expert). Interleaved
     # rounds, so clock and thermal drift favour no variant.

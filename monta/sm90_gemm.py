@@ -45,8 +45,8 @@ KINDS = ("row", "col", "wgrad")
 # reduction, not an expert's rows).
 ALIGNED_KINDS = ("aligned_row", "aligned_col", "aligned_wgrad")
 # Configs that also get fc2's input gradient with SwiGLU·prob's backward in its epilogue
-# (monta/csrc/sm90_swiglu_dgrad.cuh): the small-expert ping-pong one, where a tile's epilogue
-# overlaps the other warpgroup's mainloop.
+# (monta/csrc/sm90_swiglu_dgrad.cuh): the small-expert ping-pong one, the kernel that input
+# gradient runs on unfused.
 SWIGLU_DGRAD_CONFIGS = ("128x128_pp_c1x2",)
 SWIGLU_DGRAD_KIND = "swiglu_dgrad"
 # Row tiles per band of the aligned kernels' tile order (see ExpertTileScheduler::place).
@@ -100,15 +100,12 @@ def _bind(library, config: str, kinds, aligned: bool) -> bool:
     if not all(hasattr(library, f"{name}_run") for name in names):
         return False
     for name in names:
-        run = getattr(library, f"{name}_run")
-        run.restype = ctypes.c_int
         if aligned:  # a, b, d, ends, groups, capacity, dim0, dim1, band, stream
+            run = getattr(library, f"{name}_run")
+            run.restype = ctypes.c_int
             run.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
-        else:  # a, b, d, ends, groups, dim0, dim1, workspace, workspace bytes, stream
-            getattr(library, f"{name}_workspace").restype = ctypes.c_int64
-            getattr(library, f"{name}_workspace").argtypes = [ctypes.c_int]
-            run.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 \
-                + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        else:  # a, b, d, ends, groups, dim0, dim1
+            _declare_with_workspace(library, name, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3)
     return True
 
 
@@ -116,14 +113,19 @@ def _bind_swiglu_dgrad(library, config: str) -> bool:
     name = symbol(config, SWIGLU_DGRAD_KIND)
     if not hasattr(library, f"{name}_run"):
         return False
-    getattr(library, f"{name}_workspace").restype = ctypes.c_int64
-    getattr(library, f"{name}_workspace").argtypes = [ctypes.c_int]
+    # dout, w2, h, dh, probs, dprobs, ends, groups, ffn, hidden
+    _declare_with_workspace(library, name, [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3)
+    return True
+
+
+def _declare_with_workspace(library, name: str, own_args: list) -> None:
+    """``name``'s C signatures: ``_workspace(groups)`` and ``_run(*own_args, workspace,
+    workspace bytes, stream)`` (see :func:`_run_with_workspace`)."""
+    workspace = getattr(library, f"{name}_workspace")
+    workspace.restype, workspace.argtypes = ctypes.c_int64, [ctypes.c_int]
     run = getattr(library, f"{name}_run")
     run.restype = ctypes.c_int
-    # dout, w2, h, dh, probs, dprobs, ends, groups, ffn, hidden, workspace, bytes, stream
-    run.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3 \
-        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    return True
+    run.argtypes = own_args + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
 
 
 def swiglu_dgrad_built(config: str) -> bool:
@@ -260,13 +262,10 @@ def swiglu_dgrad(dout: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, probs: t
     dh = torch.empty_like(h)
     dp = torch.zeros(n, device=h.device, dtype=torch.float32)
     name = symbol(config, SWIGLU_DGRAD_KIND)
-    workspace = torch.empty(_workspace_bytes(name, experts, torch.cuda.current_device()),
-                            device=h.device, dtype=torch.uint8)
-    stream = torch.cuda.current_stream(h.device).cuda_stream
-    status = getattr(library, f"{name}_run")(
-        dout.data_ptr(), w2.data_ptr(), h.data_ptr(), dh.data_ptr(), probs.data_ptr(),
-        dp.data_ptr(), row_ends.data_ptr(), experts, ffn, hidden, workspace.data_ptr(),
-        workspace.numel(), stream)
+    status = _run_with_workspace(
+        library, name, experts, h.device, dout.data_ptr(), w2.data_ptr(), h.data_ptr(),
+        dh.data_ptr(), probs.data_ptr(), dp.data_ptr(), row_ends.data_ptr(), experts, ffn,
+        hidden)
     if status:
         raise RuntimeError(f"MoNTA sm90 SwiGLU input gradient {name} ({experts} groups, F {ffn}, "
                            f"H {hidden}, {n} rows): {ERRORS.get(status, status)}")
@@ -290,19 +289,27 @@ def _workspace_bytes(name: str, groups: int, device: int) -> int:
     return getattr(_load(), f"{name}_workspace")(groups)
 
 
+def _run_with_workspace(library, name: str, groups: int, device, *args) -> int:
+    """``name``'s status after running it with ``args``, then a workspace of the size it asks
+    for and the current stream."""
+    workspace = torch.empty(_workspace_bytes(name, groups, torch.cuda.current_device()),
+                            device=device, dtype=torch.uint8)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    return getattr(library, f"{name}_run")(*args, workspace.data_ptr(), workspace.numel(),
+                                           stream)
+
+
 def _call(library, name, a, b, out, row_ends, groups, dim0, dim1, aligned=False):
     if row_ends.dtype != torch.int32:
         row_ends = row_ends.to(torch.int32)
-    stream = torch.cuda.current_stream(a.device).cuda_stream
     pointers = (a.data_ptr(), b.data_ptr(), out.data_ptr(), row_ends.data_ptr())
     if aligned:  # the row capacity: a's rows (rows kind) or the reduction's (weight gradient)
+        stream = torch.cuda.current_stream(a.device).cuda_stream
         status = getattr(library, f"{name}_run")(*pointers, groups, a.size(0), dim0, dim1,
                                                  BAND_M, stream)
     else:
-        workspace = torch.empty(_workspace_bytes(name, groups, torch.cuda.current_device()),
-                                device=a.device, dtype=torch.uint8)
-        status = getattr(library, f"{name}_run")(*pointers, groups, dim0, dim1,
-                                                 workspace.data_ptr(), workspace.numel(), stream)
+        status = _run_with_workspace(library, name, groups, a.device, *pointers, groups, dim0,
+                                     dim1)
     if status:
         raise RuntimeError(f"MoNTA sm90 grouped GEMM {name} ({groups} groups, dims {dim0}x{dim1},"
                            f" A {list(a.shape)}): {ERRORS.get(status, status)}")

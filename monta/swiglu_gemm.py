@@ -18,10 +18,11 @@ layout stays as it is (checkpoints unchanged). Rounding matches the unfused path
 
 ``MONTA_FUSED_SWIGLU`` picks: ``fwd`` fuses fc1's forward only; ``all`` also fc2's input
 gradient; ``bwd`` only the backward, in the epilogue of MoNTA's sm90 ping-pong kernel instead
-of Triton's (opt-in, below); ``0`` neither; ``auto`` (default) ``0`` where the row GEMMs run on MoNTA's
-small-expert sm90 kernels (128x128 ping-pong, ``monta.expert_gemm.SM90_SMALL_EXPERT_CONFIGS``),
-else ``fwd``. On those the unfused FFN is the faster one: the fine-grained expert FFN fwd+bwd
-back to back 4.91 and 4.87 vs 4.97 and 4.97 ms, one pass 5.09 and 5.10 vs 5.26 and 5.26 ms
+of Triton's (opt-in, below); ``0`` neither; ``auto`` (default) ``0`` where the row GEMMs run on
+MoNTA's small-expert sm90 kernels (128x128 ping-pong,
+``monta.expert_gemm.SM90_SMALL_EXPERT_CONFIGS``), else ``fwd``. On those the unfused FFN is the
+faster one: the fine-grained expert FFN fwd+bwd back to back 4.91 and 4.87 vs 4.97 and 4.97 ms,
+one pass 5.09 and 5.10 vs 5.26 and 5.26 ms
 (bench/results/gpu_expert_kernels_runs/ffn_fine_grained_unfused_*); bench/gpu_moe.py times
 both. Where the fused call fails unasked (e.g. Triton cannot compile it for the GPU),
 :class:`monta.experts.MoNTAGroupedMLP` warns once and runs unfused.
@@ -29,18 +30,17 @@ both. Where the fused call fails unasked (e.g. Triton cannot compile it for the 
 Measured on an H200 (median ms, interleaved), the forward fusion is a wash. fc1 + activation
 forward, fused vs unfused, back to back: 6.54 vs 6.27 ms (Mixtral), 1.30 vs 1.31 ms
 (fine-grained); the FFN forward + backward 28.40 vs 28.37 and 5.47 vs 5.32 ms
-(bench/results/gpu_swiglu_fusion_runs/gpu_swiglu_fusion_0a6ee58.json; the c260c15-era run of the same script gave
-6.57 vs 6.39, 1.17 vs 1.21, 28.09 vs 27.73 and 5.00 vs 5.04). MoNTA's whole layer back to back
-at fine-grained shapes (bench/results/gpu_moe.md and gpu_moe_runs/): 5.61 vs 5.71 ms (0993f04),
-5.53 vs 5.62 (0a6ee58); at Mixtral shapes the layer now runs per expert on cuBLAS
-(monta/per_expert_gemm.py) and this fusion does not apply. The backward fusion loses: fc2's
-input gradient + activation backward 4.36 vs 3.59 ms (Mixtral) and 1.06 vs 0.83 ms
+(bench/results/gpu_swiglu_fusion_runs/gpu_swiglu_fusion_0a6ee58.json; the c260c15-era run of
+the same script gave 6.57 vs 6.39, 1.17 vs 1.21, 28.09 vs 27.73 and 5.00 vs 5.04). MoNTA's
+whole layer back to back at fine-grained shapes (bench/results/gpu_moe.md and gpu_moe_runs/):
+5.61 vs 5.71 ms (0993f04), 5.53 vs 5.62 (0a6ee58); at Mixtral shapes the layer now runs per
+expert on cuBLAS (monta/per_expert_gemm.py) and this fusion does not apply. The backward fusion
+loses: fc2's input gradient + activation backward 4.36 vs 3.59 ms (Mixtral) and 1.06 vs 0.83 ms
 (fine-grained), same JSON. Triton's input-gradient GEMM already trails CUTLASS's there, and,
-not persistent, it cannot hide its epilogue's loads of ``h`` behind the next tile's main
-loop; a persistent version of both kernels (the tile loop flattened with the K loop, Triton
-3.6; probed, not kept) was nowhere faster and up to 1.5× slower. Under ``all``, ``dp`` is
-summed across column tiles with fp32 atomics, so its last bits depend on the order the tiles
-finish.
+not persistent, it cannot hide its epilogue's loads of ``h`` behind the next tile's main loop;
+a persistent version of both kernels (the tile loop flattened with the K loop, Triton 3.6;
+probed, not kept) was nowhere faster and up to 1.5× slower. Under ``all``, ``dp`` is summed
+across column tiles with fp32 atomics, so its last bits depend on the order the tiles finish.
 
 ``bwd`` puts the activation's backward in the epilogue of CUTLASS's ping-pong kernel
 (monta/csrc/sm90_swiglu_dgrad.cuh; fc1's forward and the activation's forward as under ``0``).

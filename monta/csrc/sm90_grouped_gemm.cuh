@@ -132,8 +132,8 @@ struct GroupedGemm {
 
 // One thread per group: its row range from the cumulative ends, then its pointers and shape.
 // Row-grouped (forward, input gradient; dims = n, k): A and D advance by the group's first row
-// (D's rows are ld_d apart), B by group. K-grouped (weight gradient; dims = m, n): the group's rows are the reduction, A
-// (= X) and B (= Y) advance by its first row, D by group.
+// (D's rows are ld_d apart), B by group. K-grouped (weight gradient; dims = m, n): the group's
+// rows are the reduction, A (= X) and B (= Y) advance by its first row, D by group.
 template <class G, bool KGrouped>
 __global__ void fill_group_arrays(typename G::Arrays arrays, const typename G::Element* a,
                                   const typename G::Element* b, typename G::Element* d,

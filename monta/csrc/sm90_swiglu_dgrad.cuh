@@ -1,4 +1,4 @@
-// fc2's input gradient with SwiGLU x router probability's backward in its epilogue (Hopper, sm_90a).
+// fc2's input gradient with SwiGLU x router probability's backward in its epilogue (sm_90a).
 //
 // Unfused, the expert FFN's backward writes fc2's input gradient d = dout @ W2_e^T [rows, F] and
 // a Triton kernel (monta/swiglu.py) reads it back with fc1's output h = [gate | up] to write
@@ -14,9 +14,8 @@
 // an IEEE division the kernel took 1.00 ms against the plain GEMM's 0.54 at the fine-grained
 // shapes (with exp and a fast division 0.73 ms); the loads of h and the arithmetic then each
 // added ~0.1 ms, and the column-block staging with tanh.approx made it 0.66 ms (scratch builds
-// on an H200; docs/gpu_tier.md). It is opt-in
-// (MONTA_FUSED_SWIGLU=bwd, monta/swiglu_gemm.py): the stage is faster, the FFN back to back is
-// not.
+// on an H200; docs/gpu_tier.md). It is opt-in (MONTA_FUSED_SWIGLU=bwd, monta/swiglu_gemm.py):
+// the stage is faster, the FFN back to back is not.
 // Rounding is the unfused path's: d is rounded to bf16 before the activation's backward uses it.
 #pragma once
 
