@@ -50,6 +50,15 @@ def install_toolchain(target: Path) -> tuple[Path, Path]:
     return cuda / "bin" / "nvcc", target / "cutlass_library" / "source"
 
 
+def up_to_date(obj: Path, source: Path, text: str, headers=None) -> bool:
+    """Whether ``obj`` was compiled from ``text`` after the last change to any of ``headers``
+    (default: every header in monta/csrc/, since each can reach every instance through the
+    others' includes)."""
+    headers = list(SOURCE.parent.glob("*.cuh") if headers is None else headers)
+    return (obj.exists() and source.exists() and source.read_text() == text
+            and obj.stat().st_mtime > max(h.stat().st_mtime for h in headers))
+
+
 def source_of(kind: str) -> Path:
     if kind == sm90_gemm.SWIGLU_DGRAD_KIND:
         return SWIGLU_DGRAD_SOURCE
@@ -114,9 +123,7 @@ def main(argv=None) -> int:
         stem = args.build_dir / sm90_gemm.symbol(config, kind)
         source, obj = stem.with_suffix(".cu"), stem.with_suffix(".o")
         text = instance_source(config, kind)
-        headers = {SOURCE, source_of(kind)}  # the aligned header includes the grouped one
-        newer = obj.exists() and obj.stat().st_mtime > max(h.stat().st_mtime for h in headers)
-        if newer and source.exists() and source.read_text() == text:
+        if up_to_date(obj, source, text):
             return obj
         source.write_text(text)
         subprocess.run([str(nvcc), *FLAGS, *includes, "-c", str(source), "-o", str(obj)],

@@ -67,6 +67,27 @@ def test_the_swiglu_input_gradient_is_built_for_its_configs_from_its_header():
                f"{tk}, {cm}, {cn}, {str(pingpong).lower()})" in text
 
 
+def test_an_instance_is_recompiled_when_any_header_or_its_source_changes(tmp_path):
+    """Every monta/csrc header counts (sm90_partial_tile.cuh reaches every ping-pong instance
+    through sm90_grouped_gemm.cuh's include, not through the instance's own header)."""
+    import os
+
+    headers = [tmp_path / "a.cuh", tmp_path / "b.cuh"]
+    source, obj = tmp_path / "x.cu", tmp_path / "x.o"
+    for i, path in enumerate([*headers, source, obj]):
+        path.write_text("#include \"a.cuh\"\n" if path == source else "")
+        os.utime(path, (1000 + i, 1000 + i))
+    assert build_sm90_kernels.up_to_date(obj, source, source.read_text(), headers)
+    assert not build_sm90_kernels.up_to_date(obj, source, "another instance", headers)
+    os.utime(headers[1], (2000, 2000))
+    assert not build_sm90_kernels.up_to_date(obj, source, source.read_text(), headers)
+    obj.unlink()
+    assert not build_sm90_kernels.up_to_date(obj, source, source.read_text(), headers)
+    included = {h.name for h in build_sm90_kernels.SOURCE.parent.glob("*.cuh")}
+    assert "sm90_partial_tile.cuh" in included
+    assert '#include "sm90_partial_tile.cuh"' in build_sm90_kernels.SOURCE.read_text()
+
+
 def test_an_unknown_config_is_refused_before_anything_is_installed(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_sm90_kernels.main(["--configs", "128x256_c1x2,256x512"])
