@@ -6,8 +6,8 @@ Each setting is a set of environment variables (``MONTA_GROUPED_GEMM``, ``MONTA_
 see ``monta/expert_gemm.py`` and ``monta/swiglu_gemm.py``). Two measures:
 
 * the expert FFN as ``MoNTAGroupedMLP`` runs it (fc1, SwiGLU·prob, fc2), forward + backward, on
-  8192 routed tokens at each ``--shapes`` (``train``: the experts of ``bench/gpu_moe_train.py``'s
-  model on its 32768 tokens per micro-batch), against the dense FFN of the same FLOPs: one pass
+  ``--tokens`` routed tokens (8192) at each ``--shapes`` (``train``: the experts of
+  ``bench/gpu_moe_train.py``'s model on its 32768 tokens per micro-batch), against the dense FFN of the same FLOPs: one pass
   between two syncs and 4 passes back to back, every setting in the same interleaved rounds;
   the output and all gradients are checked against the first setting's;
 * with ``--profile``, a torch.profiler summary of each setting's FFN and the dense one, 8 passes
@@ -151,10 +151,19 @@ def main(argv=None) -> int:
                         help="a MONTA_GROUPED_GEMM value to add as a setting (repeatable)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each setting's FFN and the dense one (top kernels)")
+    parser.add_argument("--tokens", default="8192",
+                        help="routed tokens per FFN, comma-separated (train: its micro-batch); "
+                             "results beside 8192's are keyed shape@tokens")
     parser.add_argument("--train-rounds", type=int, default=0)
     parser.add_argument("--peak", type=float, default=788.0,
                         help="dense bf16 TFLOP/s the training MFU is measured against")
     opts = parser.parse_args(argv)
+    try:
+        token_counts = [int(t) for t in opts.tokens.split(",")]
+    except ValueError:
+        parser.error(f"--tokens takes comma-separated integers, got {opts.tokens!r}")
+    if min(token_counts) < 1:
+        parser.error("--tokens must be positive")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (the settings choose between GPU kernels)")
     unknown = set(opts.settings.split(",")) - set(SETTINGS)
@@ -168,9 +177,11 @@ def main(argv=None) -> int:
     shapes = {**SHAPES, "train": TRAIN_SHAPE}
     results = {"environment": environment(device), "settings": settings, "ffn": {}}
     timer = Timer(device)
-    for name in opts.shapes.split(","):
-        tokens = TRAIN_TOKENS if name == "train" else 8192
-        results["ffn"][name] = r = bench_ffn(shapes[name], tokens, settings, device, timer,
+    runs = [(shape, [TRAIN_TOKENS] if shape == "train" else token_counts)
+            for shape in opts.shapes.split(",")]
+    for shape, tokens in ((s, t) for s, counts in runs for t in counts):
+        name = shape if shape == "train" or tokens == 8192 else f"{shape}@{tokens}"
+        results["ffn"][name] = r = bench_ffn(shapes[shape], tokens, settings, device, timer,
                                              opts.profile)
         for label in ("one_pass", "back_to_back"):
             print(f"{name} {label}: " + ", ".join(

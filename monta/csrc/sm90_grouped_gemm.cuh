@@ -77,6 +77,8 @@ struct GroupedGemm {
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  static_assert(!kTrimTiles || fits_beside_tile_extents<Kernel>(),
+                "the tile-extent slots' shared memory does not fit beside this kernel's");
   using StrideA = typename Kernel::InternalStrideA;
   using StrideB = typename Kernel::InternalStrideB;
   using StrideD = typename Kernel::InternalStrideD;

@@ -21,6 +21,7 @@
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
+#include "cutlass/gemm/collective/collective_builder.hpp"  // sm90_smem_capacity_bytes
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/sm90_tile_scheduler_group.hpp"
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
@@ -35,9 +36,25 @@ struct TileExtent {
   int last_depth;
 };
 
+// Static shared memory comes before the kernel's dynamic shared memory, whose TMA buffers use the
+// 128-byte swizzle: their pattern (and wgmma's descriptors) assume a 1024-byte aligned start. A
+// bare 128-byte array moved that start to offset 128 and every result was wrong; padded to
+// 1024 bytes, the dynamic part starts aligned again.
+struct alignas(1024) TileExtentSlots {
+  TileExtent of_warp[16];  // a ping-pong CTA has 12 warps
+};
+static_assert(sizeof(TileExtentSlots) % 1024 == 0, "keeps the dynamic shared memory aligned");
+
+// Whether a kernel's shared storage still fits beside the slots (they take 1 KB of its 227).
+template <class Kernel>
+constexpr bool fits_beside_tile_extents() {
+  return Kernel::SharedStorageSize + sizeof(TileExtentSlots) <=
+         cutlass::gemm::collective::detail::sm90_smem_capacity_bytes;
+}
+
 CUTLASS_DEVICE TileExtent* tile_extent_slot() {
-  __shared__ TileExtent extent_of_warp[16];  // a ping-pong CTA has 12 warps
-  return &extent_of_warp[(threadIdx.x / 32) % 16];
+  __shared__ TileExtentSlots slots;
+  return &slots.of_warp[(threadIdx.x / 32) % 16];
 }
 
 // GroupProblemShape under its own name, so that the scheduler selector below can pick ours.

@@ -26,3 +26,10 @@ def test_refuses_without_a_gpu(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--out", "/dev/null"])
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tokens", ["2048,x", "0", "4096,-8"])
+def test_refuses_token_counts_that_are_not_positive_integers(capsys, tokens):
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "/dev/null", "--tokens", tokens])
+    assert "--tokens" in capsys.readouterr().err
