@@ -57,8 +57,6 @@ SETTINGS = {
     "ping_pong_fused": {"MONTA_GROUPED_GEMM": PING_PONG, "MONTA_FUSED_SWIGLU": "fwd"},
     # the activation's backward in fc2's input gradient (monta/csrc/sm90_swiglu_dgrad.cuh)
     "ping_pong_bwd": {"MONTA_GROUPED_GEMM": PING_PONG, "MONTA_FUSED_SWIGLU": "bwd"},
-    # the default with every 128-row ping-pong tile issued whole (monta/csrc/sm90_partial_tile.cuh)
-    "whole_tiles": {"MONTA_SM90_TRIM_TILES": "0"},
 }
 # the experts of bench/gpu_moe_train.py's model, and its tokens per micro-batch
 TRAIN_SHAPE = dict(hidden=2048, ffn=1536, experts=8, topk=2)

@@ -240,14 +240,12 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     experts = monta_experts(shape, w1, w2, device, dtype)
     fusable = swiglu_gemm.supported(x, w1, w2)
 
-    def monta_ffn(x, probs, grad, counts, fused=None, wgrad_stream=None, trim_tiles=None):
+    def monta_ffn(x, probs, grad, counts, fused=None, wgrad_stream=None):
         """MoNTA's experts as its MoE layer runs them (``MoNTAGroupedMLP``); ``fused``:
         MONTA_FUSED_SWIGLU (monta/swiglu_gemm.py), ``wgrad_stream``: MONTA_WGRAD_STREAM
-        (monta/wgrad_overlap.py), ``trim_tiles``: MONTA_SM90_TRIM_TILES (monta/sm90_gemm.py),
-        their defaults if None."""
+        (monta/wgrad_overlap.py), their defaults if None."""
         env = {name: value for name, value in ((swiglu_gemm.FUSE_VARIABLE, fused),
-                                               (wgrad_overlap.VARIABLE, wgrad_stream),
-                                               (sm90_gemm.TRIM_TILES_VARIABLE, trim_tiles))
+                                               (wgrad_overlap.VARIABLE, wgrad_stream))
                if value is not None}
 
         def run():
@@ -281,9 +279,7 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
     # fc2's input gradient too; grouped_fused_bwd: only its backward, in fc2's input gradient
     # on the sm90 kernel (monta/csrc/sm90_swiglu_dgrad.cuh); previous_default: the grouped
     # kernels' default before the ping-pong configs (PREVIOUS_DEFAULT, activation fused into
-    # fc1); whole_tiles: the default with every 128-row ping-pong tile issued whole, also past
-    # an expert's last row (monta/csrc/sm90_partial_tile.cuh); grouped_padded: on
-    # padded rows (the aligned kernels); grouped_torch: torch._grouped_mm for every GEMM, the
+    # fc1); grouped_padded: on padded rows (the aligned kernels); grouped_torch: torch._grouped_mm for every GEMM, the
     # activation unfused; grouped_balanced: the default on exactly n / E rows per expert (not
     # an achievable routing: it prices the partly filled last tile per expert). Interleaved
     # rounds, so clock and thermal drift favour no variant.
@@ -303,8 +299,6 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
         variants["grouped_fused_bwd"] = ("grouped", monta_ffn(x, probs, grad, counts, "bwd"))
     if expert_gemm.SM90_LARGE_EXPERT_CONFIGS[0] in sm90_gemm.built_configs():
         variants["previous_default"] = (PREVIOUS_DEFAULT, monta_ffn(x, probs, grad, counts, "fwd"))
-    if expert_gemm.SM90_SMALL_EXPERT_CONFIGS[0] in sm90_gemm.built_configs():
-        variants["whole_tiles"] = ("default", monta_ffn(x, probs, grad, counts, trim_tiles="0"))
     if padded_ffn is not None:
         variants["grouped_padded"] = ("default", monta_ffn(*padded_ffn))
     if n % e == 0:  # every expert n / E rows: what routing imbalance (partial tiles) costs

@@ -156,8 +156,7 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
     steps, reference = {}, None
     # MoNTA's layer again with SwiGLU·prob fused into fc1 (monta/swiglu_gemm.py) and as its own
     # kernels, on its grouped kernels only (never per expert, monta/per_expert_gemm.py: no host
-    # sync), with its weight gradients on the current stream (monta/wgrad_overlap.py), and with
-    # its 128-row ping-pong tiles issued whole (monta/csrc/sm90_partial_tile.cuh)
+    # sync), and with its weight gradients on the current stream (monta/wgrad_overlap.py)
     runs = {name: (layer, None) for name, layer in layers.items()}
     if device.type == "cuda":
         runs["monta_grouped_fused_fwd"] = (layers["monta_grouped"], ("MONTA_FUSED_SWIGLU", "fwd"))
@@ -165,8 +164,6 @@ def bench_moe_layer(shape: dict, tokens: int, device, dtype, timer, profile: boo
         runs["monta_grouped_sync_free"] = (layers["monta_grouped"],
                                            ("MONTA_GROUPED_GEMM", "grouped"))
         runs["monta_grouped_one_stream"] = (layers["monta_grouped"], ("MONTA_WGRAD_STREAM", "0"))
-        runs["monta_grouped_whole_tiles"] = (layers["monta_grouped"],
-                                             ("MONTA_SM90_TRIM_TILES", "0"))
     for name, (layer, env) in runs.items():
         inp = x.clone().requires_grad_(True)
 

@@ -119,7 +119,6 @@ def _chained_ffn_table(r: dict) -> list[str]:
         ("grouped_fused_bwd", "grouped, SwiGLU·prob's backward in fc2's input gradient (`bwd`)"),
         ("previous_default", "grouped, the previous default (rows on `128x256_c1x2`, weight "
                              "gradient on torch, SwiGLU·prob fused into fc1)"),
-        ("whole_tiles", "MoNTA (default), tiles not trimmed (`MONTA_SM90_TRIM_TILES=0`)"),
         ("grouped_padded", "MoNTA, padded rows"),
         ("grouped_balanced", "MoNTA (default), balanced: n / E rows per expert"))
         if k in rows[0][1]]
@@ -234,8 +233,6 @@ LAYER_VARIANTS = {
                                "(`MONTA_GROUPED_GEMM=grouped`: no host sync)",
     "monta_grouped_one_stream": "with every GEMM on one stream, weight gradients included "
                                 "(`MONTA_WGRAD_STREAM=0`)",
-    "monta_grouped_whole_tiles": "with every 128-row ping-pong tile issued whole, also past an "
-                                 "expert's last row (`MONTA_SM90_TRIM_TILES=0`)",
 }
 
 

@@ -51,9 +51,6 @@ SWIGLU_DGRAD_CONFIGS = ("128x128_pp_c1x2",)
 SWIGLU_DGRAD_KIND = "swiglu_dgrad"
 # Row tiles per band of the aligned kernels' tile order (see ExpertTileScheduler::place).
 BAND_M = int(os.environ.get("MONTA_SM90_BAND_M", 8))
-# MONTA_SM90_TRIM_TILES=0 issues every tile of the 128-row ping-pong configs whole, also past an
-# expert's last row (monta/csrc/sm90_partial_tile.cuh): to measure what trimming them buys.
-TRIM_TILES_VARIABLE = "MONTA_SM90_TRIM_TILES"
 
 
 def aligned_kinds(config: str) -> tuple:
@@ -107,8 +104,8 @@ def _bind(library, config: str, kinds, aligned: bool) -> bool:
             run = getattr(library, f"{name}_run")
             run.restype = ctypes.c_int
             run.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
-        else:  # a, b, d, ends, groups, dim0, dim1, trim tiles
-            _declare_with_workspace(library, name, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4)
+        else:  # a, b, d, ends, groups, dim0, dim1
+            _declare_with_workspace(library, name, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3)
     return True
 
 
@@ -116,8 +113,8 @@ def _bind_swiglu_dgrad(library, config: str) -> bool:
     name = symbol(config, SWIGLU_DGRAD_KIND)
     if not hasattr(library, f"{name}_run"):
         return False
-    # dout, w2, h, dh, probs, dprobs, ends, groups, ffn, hidden, trim tiles
-    _declare_with_workspace(library, name, [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4)
+    # dout, w2, h, dh, probs, dprobs, ends, groups, ffn, hidden
+    _declare_with_workspace(library, name, [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3)
     return True
 
 
@@ -268,7 +265,7 @@ def swiglu_dgrad(dout: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, probs: t
     status = _run_with_workspace(
         library, name, experts, h.device, dout.data_ptr(), w2.data_ptr(), h.data_ptr(),
         dh.data_ptr(), probs.data_ptr(), dp.data_ptr(), row_ends.data_ptr(), experts, ffn,
-        hidden, trim_tiles())
+        hidden)
     if status:
         raise RuntimeError(f"MoNTA sm90 SwiGLU input gradient {name} ({experts} groups, F {ffn}, "
                            f"H {hidden}, {n} rows): {ERRORS.get(status, status)}")
@@ -283,16 +280,6 @@ def _check(config: str, *dims: int, aligned: bool = False, wgrad: bool = False):
         what = "tile-aligned instances of " if aligned else ""
         raise ValueError(f"sm90 grouped-GEMM {what}config {config!r} is not in the library "
                          f"(built: {', '.join(built) or 'none'}; tools/build_sm90_kernels.py)")
-
-
-def trim_tiles() -> bool:
-    """Whether the 128-row ping-pong kernels issue an expert's last tiles only as far as its rows
-    go (default; ``MONTA_SM90_TRIM_TILES=0``: whole, as CUTLASS's own mainloop does). Read at
-    each call, so a benchmark can switch it between rounds."""
-    value = os.environ.get(TRIM_TILES_VARIABLE, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{TRIM_TILES_VARIABLE} must be 0 or 1, got {value!r}")
-    return value == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -322,7 +309,7 @@ def _call(library, name, a, b, out, row_ends, groups, dim0, dim1, aligned=False)
                                                  BAND_M, stream)
     else:
         status = _run_with_workspace(library, name, groups, a.device, *pointers, groups, dim0,
-                                     dim1, trim_tiles())
+                                     dim1)
     if status:
         raise RuntimeError(f"MoNTA sm90 grouped GEMM {name} ({groups} groups, dims {dim0}x{dim1},"
                            f" A {list(a.shape)}): {ERRORS.get(status, status)}")

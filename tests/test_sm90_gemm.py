@@ -101,36 +101,3 @@ def test_weights_in_either_orientation_keep_their_storage():
     assert sm90_gemm._column_major(sliced) is None  # which the weight gradient refuses
     packed, column_major = sm90_gemm._packed(sliced)
     assert packed.is_contiguous() and not column_major
-
-
-def test_the_trim_switch_reaches_every_launch_and_refuses_bad_values(no_library, monkeypatch):
-    """MONTA_SM90_TRIM_TILES (monta/csrc/sm90_partial_tile.cuh): on by default, 0 turns it off,
-    read at each call (so a benchmark can flip it between rounds), anything else refused before
-    a launch."""
-    config = "128x128_pp_c1x2"
-    monkeypatch.setattr(sm90_gemm, "_load", lambda: object())
-    monkeypatch.setattr(sm90_gemm, "_built", (config,))
-    monkeypatch.setattr(sm90_gemm, "_swiglu_dgrad_built", (config,))
-    launches = []
-    monkeypatch.setattr(sm90_gemm, "_run_with_workspace",
-                        lambda library, name, groups, device, *args: launches.append(args) or 0)
-    a = torch.empty(4, 8, dtype=torch.bfloat16)
-    w = torch.empty(2, 8, 8, dtype=torch.bfloat16)
-    ends = torch.tensor([2, 4], dtype=torch.int32)
-
-    def run_all():
-        sm90_gemm.rows(a, w, ends, config)
-        sm90_gemm.wgrad(a, a, ends, config, like=w)
-        sm90_gemm.swiglu_dgrad(*_swiglu_dgrad_inputs(), config)
-
-    monkeypatch.delenv(sm90_gemm.TRIM_TILES_VARIABLE, raising=False)
-    run_all()
-    monkeypatch.setenv(sm90_gemm.TRIM_TILES_VARIABLE, "0")
-    run_all()
-    assert [args[-1] for args in launches] == [True] * 3 + [False] * 3
-    monkeypatch.setenv(sm90_gemm.TRIM_TILES_VARIABLE, "yes")
-    for call in (lambda: sm90_gemm.rows(a, w, ends, config),
-                 lambda: sm90_gemm.swiglu_dgrad(*_swiglu_dgrad_inputs(), config)):
-        with pytest.raises(ValueError, match="MONTA_SM90_TRIM_TILES must be 0 or 1"):
-            call()
-    assert len(launches) == 6

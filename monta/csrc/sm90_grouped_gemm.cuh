@@ -27,7 +27,6 @@
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
-#include "sm90_partial_tile.cuh"
 
 namespace monta {
 
@@ -48,11 +47,7 @@ struct GroupedGemm {
                                       cutlass::layout::RowMajor>;
   using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlignment = 16 / sizeof(Element);
-  // 128-row ping-pong tiles stop their wgmma at the expert's last row (sm90_partial_tile.cuh);
-  // a cooperative tile is two warpgroups' rows, a 64-row one a single atom.
-  static constexpr bool kTrimTiles = PingPong && size<0>(TileShape{}) == 128;
-  using ProblemShape = cute::conditional_t<kTrimTiles, TailAwareGroupShape,
-                                           cutlass::gemm::GroupProblemShape<Shape<int, int, int>>>;
+  using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
   using MainloopSchedule =
       cute::conditional_t<PingPong, cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
                           cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>;
@@ -66,19 +61,15 @@ struct GroupedGemm {
       ElementC, LayoutD*, kAlignment, Element, LayoutD*, kAlignment, EpilogueSchedule,
       Fusion>::CollectiveOp;
 
-  using StockMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment,
       Element, LayoutB*, kAlignment, Accumulator, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
       MainloopSchedule>::CollectiveOp;
-  using Mainloop =
-      cute::conditional_t<kTrimTiles, TailAwareMainloop<StockMainloop>, StockMainloop>;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-  static_assert(!kTrimTiles || fits_beside_tile_extents<Kernel>(),
-                "the tile-extent slots' shared memory does not fit beside this kernel's");
   using StrideA = typename Kernel::InternalStrideA;
   using StrideB = typename Kernel::InternalStrideB;
   using StrideD = typename Kernel::InternalStrideD;
@@ -119,17 +110,12 @@ struct GroupedGemm {
   }
 
   // `thread`: the epilogue's own arguments; the default epilogue's are alpha = 1, beta = 0.
-  // `trim_tiles`: whether kTrimTiles kernels trim an expert's last tiles (false: to measure it).
   static typename Gemm::Arguments arguments(const Arrays& arrays, int groups, int sm_count,
-                                            bool trim_tiles, FusionArguments thread = {}) {
+                                            FusionArguments thread = {}) {
     typename Gemm::Arguments args;
     args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
-    args.problem_shape.num_groups = groups;
-    args.problem_shape.problem_shapes = arrays.shapes;
-    args.problem_shape.host_problem_shapes = nullptr;
-    static_cast<typename StockMainloop::Arguments&>(args.mainloop) = {
-        arrays.a, arrays.stride_a, arrays.b, arrays.stride_b};
-    if constexpr (kTrimTiles) args.mainloop.trim_tiles = trim_tiles;
+    args.problem_shape = {groups, arrays.shapes, nullptr};
+    args.mainloop = {arrays.a, arrays.stride_a, arrays.b, arrays.stride_b};
     args.epilogue.thread = thread;
     if constexpr (kHasSource) {
       args.epilogue.ptr_C = const_cast<const Element**>(arrays.d);
@@ -186,18 +172,18 @@ template <class G>
 int64_t workspace_bytes(int groups) {
   // CUTLASS's own workspace does not depend on the pointers, only on the group count and grid.
   typename G::Arrays arrays = G::carve(nullptr, groups);
-  auto args = G::arguments(arrays, groups, sm_count_of_current_device(), true);
+  auto args = G::arguments(arrays, groups, sm_count_of_current_device());
   return static_cast<int64_t>(arrays.bytes + G::round_up(G::Gemm::get_workspace_size(args)));
 }
 
 // Error codes: 0 ok, 1 workspace too small, 2 too many groups, 3 cannot implement,
 // 4 initialize failed, 5 run failed, 6 launch error.
 template <class G, class Fill>
-int launch(void* workspace, int64_t workspace_size, int groups, bool trim_tiles,
-           cudaStream_t stream, Fill fill, typename G::FusionArguments thread = {}) {
+int launch(void* workspace, int64_t workspace_size, int groups, cudaStream_t stream, Fill fill,
+           typename G::FusionArguments thread = {}) {
   if (groups > 1024) return 2;
   typename G::Arrays arrays = G::carve(workspace, groups);
-  auto args = G::arguments(arrays, groups, sm_count_of_current_device(), trim_tiles, thread);
+  auto args = G::arguments(arrays, groups, sm_count_of_current_device(), thread);
   size_t cutlass_bytes = G::Gemm::get_workspace_size(args);
   if (static_cast<int64_t>(arrays.bytes + G::round_up(cutlass_bytes)) > workspace_size) return 1;
   fill(arrays);
@@ -212,14 +198,12 @@ int launch(void* workspace, int64_t workspace_size, int groups, bool trim_tiles,
 
 template <class G>
 int run_rows(const void* a, const void* b, void* d, const int32_t* ends, int groups, int n,
-             int k, bool trim_tiles, void* workspace, int64_t workspace_size,
-             cudaStream_t stream) {
+             int k, void* workspace, int64_t workspace_size, cudaStream_t stream) {
   using E = typename G::Element;
   auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, {1, k, 1});
   auto stride_b = cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1});
   auto stride_d = cutlass::make_cute_packed_stride(typename G::StrideD{}, {1, n, 1});
-  return launch<G>(workspace, workspace_size, groups, trim_tiles, stream,
-                   [&](typename G::Arrays arrays) {
+  return launch<G>(workspace, workspace_size, groups, stream, [&](typename G::Arrays arrays) {
     fill_group_arrays<G, false><<<1, groups, 0, stream>>>(
         arrays, static_cast<const E*>(a), static_cast<const E*>(b), static_cast<E*>(d), ends,
         groups, n, k, stride_a, stride_b, stride_d, n);
@@ -228,14 +212,12 @@ int run_rows(const void* a, const void* b, void* d, const int32_t* ends, int gro
 
 template <class G>
 int run_wgrad(const void* x, const void* y, void* d, const int32_t* ends, int groups, int m,
-              int n, bool trim_tiles, void* workspace, int64_t workspace_size,
-              cudaStream_t stream) {
+              int n, void* workspace, int64_t workspace_size, cudaStream_t stream) {
   using E = typename G::Element;
   auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, {m, 1, 1});
   auto stride_b = cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, 1, 1});
   auto stride_d = cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, n, 1});
-  return launch<G>(workspace, workspace_size, groups, trim_tiles, stream,
-                   [&](typename G::Arrays arrays) {
+  return launch<G>(workspace, workspace_size, groups, stream, [&](typename G::Arrays arrays) {
     fill_group_arrays<G, true><<<1, groups, 0, stream>>>(
         arrays, static_cast<const E*>(x), static_cast<const E*>(y), static_cast<E*>(d), ends,
         groups, m, n, stride_a, stride_b, stride_d, 0);
@@ -256,10 +238,10 @@ int run_wgrad(const void* x, const void* y, void* d, const int32_t* ends, int gr
     return monta::workspace_bytes<NAME##_t>(groups);                                          \
   }                                                                                           \
   extern "C" int NAME##_run(const void* a, const void* b, void* d, const int32_t* ends,        \
-                            int groups, int dim0, int dim1, int trim_tiles, void* ws,         \
-                            int64_t ws_bytes, void* stream) {                                 \
-    return MONTA_RUN_##KIND<NAME##_t>(a, b, d, ends, groups, dim0, dim1, trim_tiles != 0, ws, \
-                                      ws_bytes, static_cast<cudaStream_t>(stream));           \
+                            int groups, int dim0, int dim1, void* ws, int64_t ws_bytes,       \
+                            void* stream) {                                                   \
+    return MONTA_RUN_##KIND<NAME##_t>(a, b, d, ends, groups, dim0, dim1, ws, ws_bytes,        \
+                                      static_cast<cudaStream_t>(stream));                     \
   }
 
 #define MONTA_A_COLUMN_MAJOR_row false

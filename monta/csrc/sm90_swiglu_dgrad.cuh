@@ -287,8 +287,7 @@ using SwigluDgradGemm =
 template <class G>
 int run_swiglu_dgrad(const void* dout, const void* w2, const void* h, void* dh, const float* probs,
                      float* dprobs, const int32_t* ends, int groups, int ffn, int hidden,
-                     bool trim_tiles, void* workspace, int64_t workspace_size,
-                     cudaStream_t stream) {
+                     void* workspace, int64_t workspace_size, cudaStream_t stream) {
   using E = typename G::Element;
   auto stride_a = cutlass::make_cute_packed_stride(typename G::StrideA{}, {1, hidden, 1});
   auto stride_b = cutlass::make_cute_packed_stride(typename G::StrideB{}, {ffn, hidden, 1});
@@ -296,7 +295,7 @@ int run_swiglu_dgrad(const void* dout, const void* w2, const void* h, void* dh, 
   typename G::FusionArguments thread{
       {}, {static_cast<const E*>(h), static_cast<E*>(dh), probs, dprobs, ends, ffn}};
   return launch<G>(
-      workspace, workspace_size, groups, trim_tiles, stream,
+      workspace, workspace_size, groups, stream,
       [&](typename G::Arrays arrays) {
         fill_group_arrays<G, false><<<1, groups, 0, stream>>>(
             arrays, static_cast<const E*>(dout), static_cast<const E*>(w2), static_cast<E*>(dh),
@@ -316,9 +315,8 @@ int run_swiglu_dgrad(const void* dout, const void* w2, const void* h, void* dh, 
   }                                                                                           \
   extern "C" int NAME##_run(const void* dout, const void* w2, const void* h, void* dh,         \
                             const float* probs, float* dprobs, const int32_t* ends, int groups, \
-                            int ffn, int hidden, int trim_tiles, void* ws, int64_t ws_bytes,   \
-                            void* stream) {                                                   \
+                            int ffn, int hidden, void* ws, int64_t ws_bytes, void* stream) {    \
     return monta::run_swiglu_dgrad<NAME##_t>(dout, w2, h, dh, probs, dprobs, ends, groups, ffn, \
-                                             hidden, trim_tiles != 0, ws, ws_bytes,           \
+                                             hidden, ws, ws_bytes,                            \
                                              static_cast<cudaStream_t>(stream));              \
   }

@@ -8,7 +8,6 @@ phase by phase.
 
 from __future__ import annotations
 
-import torch
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from monta import comm

@@ -9,10 +9,8 @@ from monta import expert_gemm, sm90_gemm, swiglu_gemm
 
 def test_settings_name_real_kernels_and_fusions():
     for env in bench.SETTINGS.values():
-        assert set(env) <= {"MONTA_GROUPED_GEMM", "MONTA_FUSED_SWIGLU",
-                            sm90_gemm.TRIM_TILES_VARIABLE}
+        assert set(env) <= {"MONTA_GROUPED_GEMM", "MONTA_FUSED_SWIGLU"}
         assert env.get("MONTA_FUSED_SWIGLU", "auto") in swiglu_gemm.FUSE_CHOICES
-        assert env.get(sm90_gemm.TRIM_TILES_VARIABLE, "1") in ("0", "1")
         pin = env.get("MONTA_GROUPED_GEMM", "default")
         configs = pin.removeprefix(expert_gemm.SM90).split(",") if pin.startswith("sm90:") else []
         assert all(c in sm90_gemm.CONFIGS for c in configs)

@@ -13,7 +13,6 @@ summation order (reduce-scatter over expert-TP, gradient sums over TP and DP).
 import dataclasses
 
 import pytest
-import torch
 
 from monta.dispatch.monta_dispatcher import DispatchOptions
 from monta.testing import run_distributed

@@ -173,14 +173,12 @@ def test_sm90_grouped_gemm_configs_match_fp64(nccl_world_of_one, layout):
 
 @pytest.mark.parametrize("layout", ["row", "col"])
 @pytest.mark.parametrize("k", [64, 320])  # one k tile (the mainloop's first only), five
-def test_sm90_trimmed_tiles_match_fp64_expert_by_expert(nccl_world_of_one, monkeypatch, layout, k):
-    """monta/csrc/sm90_partial_tile.cuh: the 128-row ping-pong kernels issue an expert's last
-    row tile's second wgmma atom only if it has rows there, and the weight gradient's last k
-    tile only its k blocks with rows. Experts ending on each side of 64 and 128 rows in their
-    last row tile, and with 1 to 4 k blocks in their last k tile, for every config: each expert
-    against fp64 on its own (a 1-row expert's error would vanish in a total), NaN-filled
-    outputs (every row written), and the same bits with trimming off
-    (MONTA_SM90_TRIM_TILES=0: CUTLASS's whole tiles)."""
+def test_sm90_experts_ending_at_every_tile_edge_match_fp64_one_by_one(nccl_world_of_one, layout,
+                                                                      k):
+    """Experts ending on each side of 64 and 128 rows in their last row tile, and with 1 to 4
+    16-row k blocks in the weight gradient's last k tile, for every config: each expert against
+    fp64 on its own (a 1-row expert's error would vanish in a total), NaN-filled outputs (every
+    row written)."""
     from monta import sm90_gemm
 
     probe = torch.empty(1, device="cuda", dtype=torch.bfloat16)
@@ -199,21 +197,15 @@ def test_sm90_trimmed_tiles_match_fp64_expert_by_expert(nccl_world_of_one, monke
     want = _loop_reference(x, w, counts)
     starts = [0, *torch.cumsum(counts, 0).tolist()]
     for config in sm90_gemm.built_configs():
-        outs, grads = [], []
-        for trim in ("1", "0"):
-            monkeypatch.setenv(sm90_gemm.TRIM_TILES_VARIABLE, trim)
-            outs.append(sm90_gemm.rows(x, w, ends, config,
-                                       out=torch.full((n, cols), float("nan"), device="cuda",
-                                                      dtype=torch.bfloat16)))
-            grads.append(sm90_gemm.wgrad(x, dy, ends, config, w,
-                                         out=torch.full_like(w, float("nan"))))
-        assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1]), config
+        out = sm90_gemm.rows(x, w, ends, config, out=torch.full(
+            (n, cols), float("nan"), device="cuda", dtype=torch.bfloat16))
+        grad = sm90_gemm.wgrad(x, dy, ends, config, w, out=torch.full_like(w, float("nan")))
         for e, (a, b) in enumerate(zip(starts, starts[1:])):
             if a == b:
-                assert torch.count_nonzero(grads[0][e]) == 0, (config, e)
+                assert torch.count_nonzero(grad[e]) == 0, (config, e)
                 continue
-            assert rel_err(outs[0][a:b], want[e]) < 1e-2, (config, int(counts[e]))
-            assert rel_err(grads[0][e], x[a:b].double().t() @ dy[a:b].double()) < 1e-2, \
+            assert rel_err(out[a:b], want[e]) < 1e-2, (config, int(counts[e]))
+            assert rel_err(grad[e], x[a:b].double().t() @ dy[a:b].double()) < 1e-2, \
                 (config, int(counts[e]))
 
 

@@ -157,7 +157,7 @@ def test_peers_are_named_from_pids_and_heartbeats(store, monkeypatch):
         store.set("pid/1", f"{host} {dead.pid}")
         store.set("pid/2", f"{host} {stopped.pid}")
         store.set("pid/3", f"{host} {os.getpid()}")  # alive and beating
-        store.set("pid/4", f"elsewhere 12345")  # another node, silent for a minute
+        store.set("pid/4", "elsewhere 12345")  # another node, silent for a minute
         store.set("pid/5", f"{host} {dead.pid}")  # gone, but it said goodbye first
         store.set("exit/5", "failed")
         now = time.time()
