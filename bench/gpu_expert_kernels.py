@@ -7,9 +7,10 @@ see ``monta/expert_gemm.py`` and ``monta/swiglu_gemm.py``). Two measures:
 
 * the expert FFN as ``MoNTAGroupedMLP`` runs it (fc1, SwiGLU·prob, fc2), forward + backward, on
   ``--tokens`` routed tokens (8192) at each ``--shapes`` (``train``: the experts of
-  ``bench/gpu_moe_train.py``'s model on its 32768 tokens per micro-batch), against the dense FFN of the same FLOPs: one pass
-  between two syncs and 4 passes back to back, every setting in the same interleaved rounds;
-  the output and all gradients are checked against the first setting's;
+  ``bench/gpu_moe_train.py``'s model on its 32768 tokens per micro-batch), against the dense
+  FFN of the same FLOPs: one pass between two syncs and 4 passes back to back, every setting
+  in the same interleaved rounds; the output and all gradients are checked against the first
+  setting's;
 * with ``--profile``, a torch.profiler summary of each setting's FFN and the dense one, 8 passes
   back to back: the top kernels by GPU time, their sum and the GPU's busy time (so what the
   grouped FFN spends outside its GEMMs shows beside the dense FFN's);
@@ -175,9 +176,9 @@ def main(argv=None) -> int:
     shapes = {**SHAPES, "train": TRAIN_SHAPE}
     results = {"environment": environment(device), "settings": settings, "ffn": {}}
     timer = Timer(device)
-    runs = [(shape, [TRAIN_TOKENS] if shape == "train" else token_counts)
-            for shape in opts.shapes.split(",")]
-    for shape, tokens in ((s, t) for s, counts in runs for t in counts):
+    runs = [(shape, tokens) for shape in opts.shapes.split(",")
+            for tokens in ([TRAIN_TOKENS] if shape == "train" else token_counts)]
+    for shape, tokens in runs:
         name = shape if shape == "train" or tokens == 8192 else f"{shape}@{tokens}"
         results["ffn"][name] = r = bench_ffn(shapes[shape], tokens, settings, device, timer,
                                              opts.profile)
