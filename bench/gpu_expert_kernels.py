@@ -18,7 +18,10 @@ see ``monta/expert_gemm.py`` and ``monta/swiglu_gemm.py``). Two measures:
   in N rotated rounds (iteration ms, MFU against ``--peak``).
 
 ``--settings`` names entries of :data:`SETTINGS`; each ``--pin`` adds a ``MONTA_GROUPED_GEMM``
-value as a setting of its own (pins hold commas: ``--pin sm90:<rows>,<wgrad>,<input gradient>``). Writes ``--out`` (JSON) and prints a table. Its runs, and those of its
+value as a setting of its own (pins hold commas: ``--pin sm90:<rows>,<wgrad>,<input gradient>``);
+each ``--padded ROWS:PIN`` one run on every expert's rows padded to a multiple of ROWS, laid
+out as the dispatcher lays them under ``MONTA_EXPERT_ROW_ALIGNMENT=ROWS`` (its outputs and
+gradients compared at the real rows). Writes ``--out`` (JSON) and prints a table. Its runs, and those of its
 scratch predecessor (same method), are in ``bench/results/gpu_expert_kernels_runs/``.
 """
 
@@ -37,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.gpu_moe import (  # noqa: E402
-    PREVIOUS_DEFAULT, SHAPES, environment, init_world, monta_experts, routed_counts,
+    PREVIOUS_DEFAULT, SHAPES, environment, init_world, monta_experts, padded_ffn_inputs,
+    padded_rows, routed_counts,
 )
 from bench.gpu_moe_train import bench_training  # noqa: E402
 from bench.gpu_timing import (  # noqa: E402
@@ -86,29 +90,39 @@ def bench_ffn(shape: dict, tokens: int, settings: dict, device, timer,
     experts = monta_experts(shape, w1, w2, device, dtype)
     from monta.experts import activation_with_probs
 
-    def step():
-        y = experts(x, counts, probs.view(-1))[0]
-        y.backward(grad)
-        return y
+    # settings with MONTA_EXPERT_ROW_ALIGNMENT run on rows padded as the dispatcher pads them
+    layouts = {None: (x, probs, grad, counts, None)}
+    for env in settings.values():
+        alignment = padded_alignment(env)
+        if alignment not in layouts:
+            padded = padded_rows(counts, n, alignment)
+            layouts[alignment] = (*padded_ffn_inputs(padded, x, probs, grad), padded[2],
+                                  padded[3])
+
+    def step(alignment=None):
+        x_in, probs_in, grad_in, counts_in, real_rows = layouts[alignment]
+        y = experts(x_in, counts_in, probs_in.view(-1))[0]
+        y.backward(grad_in)
+        return (y, x_in.grad) if real_rows is None else (y[real_rows], x_in.grad[real_rows])
 
     def dense():
         activation_with_probs(x @ d1, probs, F.silu, True).matmul(d2).backward(grad)
 
     def clear():
-        for t in (x, d1, d2, *experts.parameters()):
+        for t in (d1, d2, *experts.parameters(), *(inputs[0] for inputs in layouts.values())):
             t.grad = None
 
     errors, reference = {}, None
     for name, env in settings.items():
         clear()
-        y = with_envs(env, step)
-        got = [y.detach().float(), x.grad.float(), experts.weight1.grad.float(),
+        y, dx = with_envs(env, lambda: step(padded_alignment(env)))
+        got = [y.detach().float(), dx.float(), experts.weight1.grad.float(),
                experts.weight2.grad.float()]
         if reference is None:
             reference = got
         errors[name] = [((a - b).norm() / b.norm()).item() for a, b in zip(got, reference)]
-    variants = {name: ("default", lambda env=env: with_envs(env, step))
-                for name, env in settings.items()}
+    variants = {name: ("default", lambda env=env: with_envs(
+        env, lambda: step(padded_alignment(env)))) for name, env in settings.items()}
     variants["dense"] = ("torch", dense)
     out = {"rows": n, "rel_err_vs_first": errors}
     for label, chain, reps in (("one_pass", 1, 3), ("back_to_back", 4, 2)):
@@ -126,6 +140,11 @@ def bench_ffn(shape: dict, tokens: int, settings: dict, device, timer,
             fn, clear, iters=PROFILED_PASSES, top=PROFILED_KERNELS))
             for name, (pin, fn) in variants.items()}
     return out
+
+
+def padded_alignment(env: dict) -> int | None:
+    """The rows a setting's ``MONTA_EXPERT_ROW_ALIGNMENT`` pads each expert to; None unpadded."""
+    return int(env.get("MONTA_EXPERT_ROW_ALIGNMENT", 0)) or None
 
 
 def bench_train(settings: dict, rounds: int, peak: float, logs: Path) -> dict:
@@ -148,6 +167,9 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--pin", action="append", default=[],
                         help="a MONTA_GROUPED_GEMM value to add as a setting (repeatable)")
+    parser.add_argument("--padded", action="append", default=[], metavar="ROWS:PIN",
+                        help="a MONTA_GROUPED_GEMM value run on each expert's rows padded to a "
+                             "multiple of ROWS (MONTA_EXPERT_ROW_ALIGNMENT), as a setting")
     parser.add_argument("--profile", action="store_true",
                         help="also profile each setting's FFN and the dense one (top kernels)")
     parser.add_argument("--tokens", default="8192",
@@ -171,6 +193,12 @@ def main(argv=None) -> int:
     settings = {name: SETTINGS[name] for name in opts.settings.split(",")}
     settings.update({pin: {"MONTA_GROUPED_GEMM": pin}
                      for pin in opts.pin})
+    for spec in opts.padded:
+        rows, _, pin = spec.partition(":")
+        if not rows.isdigit() or int(rows) < 1 or not pin:
+            parser.error(f"--padded takes ROWS:PIN (e.g. 128:sm90:128x128_pp_c1x2), got {spec!r}")
+        settings[f"padded{rows}:{pin}"] = {"MONTA_GROUPED_GEMM": pin,
+                                           "MONTA_EXPERT_ROW_ALIGNMENT": rows}
     device = torch.device("cuda")
     init_world(device)
     shapes = {**SHAPES, "train": TRAIN_SHAPE}

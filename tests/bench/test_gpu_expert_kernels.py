@@ -5,6 +5,7 @@ import pytest
 
 from bench import gpu_expert_kernels as bench
 from monta import expert_gemm, sm90_gemm, swiglu_gemm
+from monta.testing import run_distributed
 
 
 def test_settings_name_real_kernels_and_fusions():
@@ -31,3 +32,41 @@ def test_refuses_token_counts_that_are_not_positive_integers(capsys, tokens):
     with pytest.raises(SystemExit):
         bench.main(["--out", "/dev/null", "--tokens", tokens])
     assert "--tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["128", "x:sm90:128x128_pp_c1x2", "0:torch", "64:"])
+def test_refuses_malformed_padded_settings(capsys, spec):
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "/dev/null", "--padded", spec])
+    assert "--padded" in capsys.readouterr().err
+
+
+def _padded_ffn_errors(rank: int, world_size: int) -> dict:
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from bench.gpu_timing import Timer
+    from monta.compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    ps.initialize_model_parallel()
+    try:
+        bench.ROUNDS = 1
+        device = torch.device("cpu")
+        shape = dict(hidden=64, ffn=32, experts=4, topk=2)
+        settings = {"unpadded": {}, "padded8": {"MONTA_EXPERT_ROW_ALIGNMENT": "8"}}
+        result = bench.bench_ffn(shape, 64, settings, device, Timer(device))
+        return {"rows": result["rows"], "errors": result["rel_err_vs_first"],
+                "timed": sorted(k for k in result["back_to_back"] if k != "errors")}
+    finally:
+        ps.destroy_model_parallel()
+
+
+def test_padded_setting_matches_unpadded_on_real_rows():
+    """A setting with MONTA_EXPERT_ROW_ALIGNMENT runs the experts on rows padded as the
+    dispatcher pads them; its output and gradients, read back at the real rows, are the
+    unpadded setting's (CPU: the experts' per-expert loop)."""
+    result = run_distributed(_padded_ffn_errors, 1, timeout_s=180)[0]
+    assert result["rows"] == 128
+    assert max(result["errors"]["padded8"]) < 1e-2
+    assert result["timed"] == ["dense", "padded8", "unpadded"]
