@@ -11,9 +11,10 @@ and the dense cuBLAS GEMM of the same shape (``dense``), every launch in an NVTX
 own. ncu locks the clocks to base and replays each kernel per metric pass, so durations here are
 comparable to one another, not to the other benches. Per GEMM: its kernel's duration, SM-active
 cycles, tensor (GMMA) instructions, SM and L2 throughput, L2 bytes and hit rate, DRAM throughput
-and the top warp stall reasons. The tensor instructions count MMA work: routed over balanced is
-what partly filled tiles add; time per instruction against dense is the kernel's own rate.
-Writes the JSON and prints a table.
+and the top warp stall reasons. The tensor instructions count MMA work where the kernels issue
+the same instruction shape: routed over balanced is what partly filled tiles add, and against
+dense the row GEMMs compare (on the H200 cuBLAS's weight gradients issued another shape, twice
+as many instructions for the same FLOPs). Writes the JSON and prints a table.
 """
 
 from __future__ import annotations
