@@ -91,9 +91,9 @@ def bench_ffn(shape: dict, tokens: int, settings: dict, device, timer,
     from monta.experts import activation_with_probs
 
     # settings with MONTA_EXPERT_ROW_ALIGNMENT run on rows padded as the dispatcher pads them
+    alignments = {name: padded_alignment(env) for name, env in settings.items()}
     layouts = {None: (x, probs, grad, counts, None)}
-    for env in settings.values():
-        alignment = padded_alignment(env)
+    for alignment in alignments.values():
         if alignment not in layouts:
             padded = padded_rows(counts, n, alignment)
             layouts[alignment] = (*padded_ffn_inputs(padded, x, probs, grad), padded[2],
@@ -119,7 +119,7 @@ def bench_ffn(shape: dict, tokens: int, settings: dict, device, timer,
     errors, reference = {}, None
     for name, env in settings.items():
         clear()
-        alignment = padded_alignment(env)
+        alignment = alignments[name]
         y = with_envs(env, lambda: step(alignment))
         got = [at_real_rows(alignment, y.detach()).float(),
                at_real_rows(alignment, layouts[alignment][0].grad).float(),
@@ -127,8 +127,8 @@ def bench_ffn(shape: dict, tokens: int, settings: dict, device, timer,
         if reference is None:
             reference = got
         errors[name] = [((a - b).norm() / b.norm()).item() for a, b in zip(got, reference)]
-    variants = {name: ("default", lambda env=env: with_envs(
-        env, lambda: step(padded_alignment(env)))) for name, env in settings.items()}
+    variants = {name: ("default", lambda env=env, alignment=alignments[name]: with_envs(
+        env, lambda: step(alignment))) for name, env in settings.items()}
     variants["dense"] = ("torch", dense)
     out = {"rows": n, "rel_err_vs_first": errors}
     for label, chain, reps in (("one_pass", 1, 3), ("back_to_back", 4, 2)):

@@ -86,8 +86,8 @@ def gemms(shape: dict, tokens: int, device) -> dict:
 
 
 def probe(shape_name: str, tokens: int) -> None:
-    """What ncu profiles: every launch once to warm up (kernel choice, compilation), then each
-    inside its own NVTX range."""
+    """What ncu profiles: every launch twice to warm up (kernel choice, compilation), then each
+    once inside its own NVTX range."""
     device = torch.device("cuda")
     launches = gemms(SHAPES[shape_name], tokens, device)
     for _ in range(2):
@@ -118,8 +118,7 @@ def parse_raw_csv(text: str) -> dict:
         raise ValueError("no ncu CSV header in the output")
     rows = list(csv.reader(io.StringIO("\n".join(lines[start:]))))
     header = rows[0]
-    wanted = {**{name: metric for name, metric in METRICS.items()},
-              **{f"stall_{reason}": stall_metric(reason) for reason in STALLS}}
+    wanted = {**METRICS, **{f"stall_{reason}": stall_metric(reason) for reason in STALLS}}
     columns = {name: header.index(metric) for name, metric in wanted.items() if metric in header}
     kernel_column = header.index("Kernel Name")
     range_column = next(i for i, name in enumerate(header) if "Push/Pop_Range" in name)
@@ -140,8 +139,8 @@ def parse_raw_csv(text: str) -> dict:
 
 
 def summarize(kernels: dict) -> dict:
-    """Per projection and GEMM: routed and balanced against dense (duration, instructions,
-    time per instruction)."""
+    """Per projection and GEMM: routed and balanced against dense (the dense kernel's duration
+    over this one's, and this one's tensor instructions over dense's)."""
     summary = {}
     for label, values in kernels.items():
         proj, gemm, rows = label.split(".")
