@@ -20,7 +20,9 @@ Three implementations exist:
 * ``torch``: ``torch._grouped_mm`` for all three GEMMs;
 * ``sm90:<config>[,<wgrad config>[,<input-gradient config>]]``: that config of
   :data:`monta.sm90_gemm.CONFIGS` for the row GEMMs, if given the second for the weight
-  gradient (else ``torch._grouped_mm``) and the third for the input gradient (else the first);
+  gradient (else ``torch._grouped_mm``) and the third for the input gradient (else the first).
+  Each may list alternatives, ``<a>|<b>``: per GEMM the first whose column tiles, in whole
+  clusters, cover its output's columns exactly (:func:`fitting_config`), else the first;
 * ``auto``: like ``triton.autotune``, the first call of each GEMM shape times every candidate
   on its real inputs (round-robin), checks it against ``torch._grouped_mm``'s result, and keeps
   ``torch._grouped_mm`` unless a kernel beat it by ``TORCH_MARGIN``; later calls launch the
@@ -84,6 +86,7 @@ SM90_ALIGNED_CONFIGS = ("64x256_pp_c1x1", "128x256_c1x1")
 # default's 5.00 ms, and 28.4 vs 28.4 ms at Mixtral shapes
 # (bench/results/gpu_grouped_gemm_runs/ffn_aligned_1fb71b3.json).
 PAD_ROWS_BY_DEFAULT = False
+ALTERNATIVES = "|"  # separates a pin slot's configs, see fitting_config
 ROW_OPS = ("rows", "dgrad")  # GEMMs by rows of the input: the forward and the input gradient
 ROWS_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 4, 4))
 WGRAD_CANDIDATES = (TORCH, (128, 256, 64, 3, 8), (128, 128, 64, 3, 4))
@@ -152,20 +155,46 @@ def _key(op, first, weight_like, rows, pinned, alignment=None):
             weight_like.stride(2) == 1, 1 << max(rows - 1, 0).bit_length(), alignment, pinned)
 
 
-def _pinned_config(op, configs: list) -> str | None:
+def fitting_config(slot: str, columns: int | None) -> str:
+    """The config a pin's ``slot`` (``<a>[|<b>...]``) names for a GEMM whose output has
+    ``columns`` columns: the first whose column tiles, in whole clusters, cover them exactly, so
+    that no tile is computed on zeros (fc2's input gradient at fine-grained shapes: 1408
+    columns are 11 tiles of 128, which a 1x2 cluster computes as 12, and 8 of 176), else the
+    first. Alternatives the library lacks are passed over while one of them is built."""
+    options = slot.split(ALTERNATIVES)
+    built = [c for c in options if c in sm90_gemm.built_configs()] or options
+    for config in built:
+        if columns is not None and config in sm90_gemm.CONFIGS \
+                and columns % sm90_gemm.column_span(config) == 0:
+            return config
+    return built[0]
+
+
+def _output_columns(op, args) -> int:
+    """The columns of the matrix each expert's GEMM writes (the kernel's N)."""
+    if op in ROW_OPS:
+        return args[1].size(2)
+    like = args[3]  # weight gradient: stored [E, K, N] it writes [K, N], stored [E, N, K] [N, K]
+    return like.size(1) if sm90_gemm.stored_column_major(like) else like.size(2)
+
+
+def _pinned_config(op, configs: list, columns: int | None = None) -> str | None:
     """The config of a pin's ``configs`` (``sm90:<rows>[,<wgrad>[,<input gradient>]]``) that
-    ``op`` runs on; None for a weight gradient the pin leaves to torch."""
+    ``op`` runs on, for an output of ``columns`` columns (:func:`fitting_config`); None for a
+    weight gradient the pin leaves to torch."""
     if op == "wgrad":
-        return configs[1] if len(configs) > 1 else None
-    return configs[2] if op == "dgrad" and len(configs) > 2 else configs[0]
+        slot = configs[1] if len(configs) > 1 else None
+    else:
+        slot = configs[2] if op == "dgrad" and len(configs) > 2 else configs[0]
+    return fitting_config(slot, columns) if slot else None
 
 
-def _candidates(op, pinned, triton=True, sm90=False):
+def _candidates(op, pinned, triton=True, sm90=False, columns=None):
     """What ``_tune`` times: torch, the Triton configs (if Triton is there) and the sm90
     library's built configs (if the GPU is a Hopper). A pin ``sm90:<rows>[,<wgrad>[,<input
     gradient>]]`` names the config of each GEMM (:func:`_pinned_config`)."""
     if _sm90_config(pinned) is not None:
-        config = _pinned_config(op, _sm90_config(pinned).split(","))
+        config = _pinned_config(op, _sm90_config(pinned).split(","), columns)
         usable = sm90 and config in sm90_gemm.built_configs()
         return (SM90 + config,) if usable else (TORCH,)
     candidates = ROWS_CANDIDATES if op in ROW_OPS else WGRAD_CANDIDATES
@@ -189,7 +218,9 @@ def _time_ms(fn) -> float:
 
 
 def _tune(op, key, args, triton=True, sm90=False):
-    candidates = _candidates(op, key[-1], triton, sm90)
+    pinned = key[-1]
+    columns = _output_columns(op, args) if _sm90_config(pinned) is not None else None
+    candidates = _candidates(op, pinned, triton, sm90, columns)
     if len(candidates) == 1:
         return candidates[0]
     # the row GEMMs write rows up to the last end only (padded rows have a capacity past it)
@@ -246,21 +277,28 @@ def _pin(first, row_ends) -> str:
             return f"{SM90}{rows},{wgrad}"
         if not sm90_gemm.available(first):
             return TORCH
-        configs = default_configs(first.size(0), row_ends.numel())
-        # a partial build: the configs up to the first one missing (each later one's place in
+        slots = [_built_slot(slot) for slot in default_configs(first.size(0), row_ends.numel())]
+        # a partial build: the slots up to the first one missing (each later one's place in
         # the pin names its GEMM), torch for all three without the row config
-        built = list(itertools.takewhile(lambda c: c in sm90_gemm.built_configs(), configs))
+        built = list(itertools.takewhile(lambda slot: slot is not None, slots))
         return SM90 + ",".join(built) if built else TORCH
     return pinned_kernel
 
 
+def _built_slot(slot: str) -> str | None:
+    """A pin ``slot`` (``<a>[|<b>...]``) without the configs the library lacks; None if it
+    holds none of them."""
+    built = [c for c in slot.split(ALTERNATIVES) if c in sm90_gemm.built_configs()]
+    return ALTERNATIVES.join(built) or None
+
+
 def row_config(first: torch.Tensor, row_ends: torch.Tensor) -> str | None:
     """The sm90 config the row GEMMs on ``first`` grouped by ``row_ends`` run on, as
-    ``MONTA_GROUPED_GEMM`` names it or defaults to; None for torch and for tuned pins (they
-    choose when they first run)."""
+    ``MONTA_GROUPED_GEMM`` names it or defaults to (with its alternatives, if it lists any);
+    None for torch and for tuned pins (they choose when they first run)."""
     config = _sm90_config(_pin(first, row_ends))
     config = config.split(",")[0] if config is not None else None
-    return config if config in sm90_gemm.built_configs() else None
+    return config if config is not None and _built_slot(config) == config else None
 
 
 def row_alignment(t: torch.Tensor) -> int | None:

@@ -36,6 +36,9 @@ CONFIGS = {
     "128x128_pp_c1x1": (128, 128, 64, 1, 1, True),
     "128x128_pp_c1x2": (128, 128, 64, 1, 2, True),
     "128x128_pp_c2x1": (128, 128, 64, 2, 1, True),
+    # 176 columns divide fc1's 2816 and fc2's 1408 at fine-grained shapes into 16 and 8 tiles,
+    # which 128 (22 and 11: a 1x2 cluster computes 12) does not
+    "128x176_pp_c1x2": (128, 176, 64, 1, 2, True),
 }
 # Instances per config: row-grouped with B stored row- or column-major, and the weight gradient.
 KINDS = ("row", "col", "wgrad")
@@ -166,7 +169,15 @@ def available(t: torch.Tensor) -> bool:
             and bool(built_configs()))
 
 
-def _column_major(w: torch.Tensor) -> bool | None:
+def column_span(config: str) -> int:
+    """The output columns one cluster of ``config`` covers: its tiles' columns times the
+    cluster's; a GEMM whose columns are not a multiple computes its last cluster partly on
+    zeros."""
+    _, tile_n, _, _, cluster_n, _ = CONFIGS[config]
+    return tile_n * cluster_n
+
+
+def stored_column_major(w: torch.Tensor) -> bool | None:
     """How ``w`` [E, K, N] is packed per expert: False stored [E, K, N], True stored [E, N, K],
     None neither (a strided view)."""
     experts, k, n = w.shape
@@ -179,7 +190,7 @@ def _column_major(w: torch.Tensor) -> bool | None:
 
 def _packed(b: torch.Tensor):
     """``b`` [E, K, N] as (tensor, column_major), packed into a copy if it is neither."""
-    column_major = _column_major(b)
+    column_major = stored_column_major(b)
     return (b, column_major) if column_major is not None else (b.contiguous(), False)
 
 
@@ -220,7 +231,7 @@ def wgrad(x: torch.Tensor, dy: torch.Tensor, row_ends: torch.Tensor, config: str
     library = _load()
     experts, k, n = like.shape
     _check(config, k, n, aligned=aligned, wgrad=True)
-    column_major = _column_major(like)
+    column_major = stored_column_major(like)
     if column_major is None:
         raise ValueError(f"weights must be packed [E, K, N] or [E, N, K], got strides "
                          f"{like.stride()}")

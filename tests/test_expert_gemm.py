@@ -103,6 +103,39 @@ def test_candidates_follow_what_is_built_and_the_pin(monkeypatch):
     assert expert_gemm._candidates("rows", pin, triton=True, sm90=True) == ("torch",)
 
 
+def test_alternatives_pick_the_config_whose_column_tiles_fit(monkeypatch):
+    """A pin slot ``a|b`` runs each GEMM on the first config whose column tiles, in whole
+    clusters, cover its output's columns exactly: fine-grained fc2's input gradient (1408
+    columns) on 176-wide tiles, which 128-wide ones in 1x2 clusters compute as 12 for 11."""
+    from monta import sm90_gemm
+
+    narrow, wide = "128x128_pp_c1x2", "128x176_pp_c1x2"
+    monkeypatch.setattr(sm90_gemm, "built_configs", lambda aligned=False: (narrow, wide))
+    slot = f"{narrow}|{wide}"
+    assert sm90_gemm.column_span(narrow) == 256 and sm90_gemm.column_span(wide) == 352
+    assert expert_gemm.fitting_config(slot, 2048) == narrow
+    assert expert_gemm.fitting_config(slot, 1408) == wide
+    assert expert_gemm.fitting_config(slot, 1000) == narrow  # neither fits: the first
+    assert expert_gemm.fitting_config(f"{wide}|{narrow}", 2816) == wide  # both do: the first
+    assert expert_gemm.fitting_config(narrow, 1408) == narrow
+    # the columns each GEMM writes: the row GEMMs' N, the weight gradient's stored layout's
+    w = torch.empty(4, 1408, 2048, dtype=torch.bfloat16)  # fc2's weights [E, F, H]
+    fc2_dgrad = (None, w.transpose(1, 2), None)
+    assert expert_gemm._output_columns("dgrad", fc2_dgrad) == 1408
+    assert expert_gemm._output_columns("rows", (None, w, None)) == 2048
+    assert expert_gemm._output_columns("wgrad", (None, None, None, w)) == 2048
+    stored_nk = torch.empty(4, 2048, 1408, dtype=torch.bfloat16).transpose(1, 2)
+    assert expert_gemm._output_columns("wgrad", (None, None, None, stored_nk)) == 1408
+    pin = f"sm90:{narrow},{narrow},{slot}"
+    assert expert_gemm._candidates("dgrad", pin, sm90=True, columns=1408) == ("sm90:" + wide,)
+    assert expert_gemm._candidates("dgrad", pin, sm90=True, columns=2048) == ("sm90:" + narrow,)
+    assert expert_gemm._candidates("rows", pin, sm90=True, columns=1408) == ("sm90:" + narrow,)
+    # an alternative the library lacks is passed over, in the choice and in the default's pin
+    monkeypatch.setattr(sm90_gemm, "built_configs", lambda aligned=False: (narrow,))
+    assert expert_gemm.fitting_config(slot, 1408) == narrow
+    assert expert_gemm._built_slot(slot) == narrow and expert_gemm._built_slot(wide) is None
+
+
 def test_rows_share_a_tuning_within_a_power_of_two():
     x = torch.empty(1, 4, dtype=torch.bfloat16)
     w = torch.empty(8, 4, 16, dtype=torch.bfloat16)

@@ -59,7 +59,8 @@ def test_aligned_instances_for_configs_without_m_clusters():
                      "128x256_c1x1": sm90_gemm.ALIGNED_KINDS,
                      "64x256_pp_c1x1": ("aligned_row", "aligned_col"),
                      "128x128_pp_c1x1": ("aligned_row", "aligned_col"),
-                     "128x128_pp_c1x2": ("aligned_row", "aligned_col"), "128x128_pp_c2x1": ()}
+                     "128x128_pp_c1x2": ("aligned_row", "aligned_col"), "128x128_pp_c2x1": (),
+                     "128x176_pp_c1x2": ("aligned_row", "aligned_col")}
     # rows start at multiples of the tile's rows; the weight gradient needs its K tile
     assert [sm90_gemm.row_alignment(c) for c in ("128x256_c1x1", "64x256_pp_c1x1")] == [128, 64]
     assert sm90_gemm.row_alignment("128x256_c1x1", "wgrad") == 64
@@ -98,6 +99,6 @@ def test_weights_in_either_orientation_keep_their_storage():
     same, column_major = sm90_gemm._packed(w_t)
     assert same is w_t and column_major
     sliced = torch.empty(3, 8, 32)[:, :, :16]  # neither: packed into a copy
-    assert sm90_gemm._column_major(sliced) is None  # which the weight gradient refuses
+    assert sm90_gemm.stored_column_major(sliced) is None  # which the weight gradient refuses
     packed, column_major = sm90_gemm._packed(sliced)
     assert packed.is_contiguous() and not column_major

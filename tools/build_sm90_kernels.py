@@ -65,16 +65,23 @@ def source_of(kind: str) -> Path:
     return ALIGNED_SOURCE if kind in sm90_gemm.ALIGNED_KINDS else SOURCE
 
 
+# CuTe picks a tile's wgmma instruction by the widest N that divides the tile's; N other than
+# 256, 192, 128, 96, 64, 32, 16 and 8 needs this switch, else a 176-wide tile gets N = 16
+# instructions (8-9x the count, 38 % of the SM's peak: bench/results/gpu_expert_ncu_runs/
+# 128x176_pp_02ce7da.json). It changes no other config's choice.
+PRELUDE = "#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED\n"
+
+
 def instance_source(config: str, kind: str) -> str:
     tm, tn, tk, cm, cn, pingpong = sm90_gemm.CONFIGS[config]
     if kind == sm90_gemm.SWIGLU_DGRAD_KIND:
-        return (f'#include "{source_of(kind).name}"\n'
+        return (f'{PRELUDE}#include "{source_of(kind).name}"\n'
                 f"MONTA_SWIGLU_DGRAD_INSTANCE({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, {tk}, "
                 f"{cm}, {cn}, {str(pingpong).lower()})\n")
     aligned = kind in sm90_gemm.ALIGNED_KINDS
     macro = "MONTA_ALIGNED_GEMM_INSTANCE" if aligned else "MONTA_GROUPED_GEMM_INSTANCE"
     base_kind = kind.removeprefix("aligned_")
-    return (f'#include "{source_of(kind).name}"\n'
+    return (f'{PRELUDE}#include "{source_of(kind).name}"\n'
             f"{macro}({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, "
             f"{tk}, {cm}, {cn}, {str(pingpong).lower()}, {base_kind})\n")
 

@@ -25,6 +25,8 @@ def test_each_instance_exports_the_symbols_the_loader_looks_up():
             text = build_sm90_kernels.instance_source(config, kind)
             assert f"({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, {tk}, {cm}, {cn}, " \
                    f"{str(pingpong).lower()}, {kind})" in text
+            # before any CuTe header: a 176-wide tile needs it for 176-wide wgmma instructions
+            assert text.startswith("#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED\n#include")
     for kind in sm90_gemm.KINDS:  # each kind's layouts and runner are defined in the header
         for macro in ("A_COLUMN_MAJOR", "B_COLUMN_MAJOR", "RUN"):
             assert f"#define MONTA_{macro}_{kind} " in header
@@ -42,7 +44,7 @@ def test_aligned_instances_use_their_header_for_the_configs_that_have_them():
         tm, tn, tk, cm, cn, pingpong = sm90_gemm.CONFIGS[config]
         base = kind.removeprefix("aligned_")
         text = build_sm90_kernels.instance_source(config, kind)
-        assert text.startswith('#include "sm90_aligned_gemm.cuh"')
+        assert text.startswith(build_sm90_kernels.PRELUDE + '#include "sm90_aligned_gemm.cuh"')
         assert f"MONTA_ALIGNED_GEMM_INSTANCE({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, " \
                f"{tk}, {cm}, {cn}, {str(pingpong).lower()}, {base})" in text
         assert f"#define MONTA_K_GROUPED_{base} " in header
@@ -62,7 +64,7 @@ def test_the_swiglu_input_gradient_is_built_for_its_configs_from_its_header():
     for config in sm90_gemm.SWIGLU_DGRAD_CONFIGS:
         tm, tn, tk, cm, cn, pingpong = sm90_gemm.CONFIGS[config]
         text = build_sm90_kernels.instance_source(config, kind)
-        assert text.startswith('#include "sm90_swiglu_dgrad.cuh"')
+        assert text.startswith(build_sm90_kernels.PRELUDE + '#include "sm90_swiglu_dgrad.cuh"')
         assert f"MONTA_SWIGLU_DGRAD_INSTANCE({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, " \
                f"{tk}, {cm}, {cn}, {str(pingpong).lower()})" in text
 
