@@ -85,7 +85,7 @@ def bench_shape(shape: dict, rounds: int, device) -> dict:
     if sm90:
         variants["ffn_bwd"] = ffn("bwd")
         variants["dgrad_fused_sm90"] = lambda: sm90_gemm.swiglu_dgrad(
-            grad, w2d, h_out, pd, ends, swiglu_gemm.SM90_DGRAD_CONFIG)
+            grad, w2d, h_out, pd, ends, swiglu_gemm.sm90_dgrad_config(w2d.size(1)))
     samples, _ = time_interleaved({name: ("default", fn) for name, fn in variants.items()},
                                   Timer(device), rounds, reps=1, setup=clear, chain=CHAIN)
     return {"rel_err_vs_unfused [x, probs, w1, w2]": errors,

@@ -70,7 +70,7 @@ GROUPED = "grouped"  # the default's grouped kernels, never per expert
 # dense against 82 %); at Mixtral's (2048 rows per expert, on the grouped kernels) 27.99 vs
 # 28.02 ms; the training run of bench/gpu_moe_train.py (8192 rows per expert) 625-629 against
 # 620 ms per iteration.
-SM90_SMALL_EXPERT_CONFIGS = ("128x128_pp_c1x2", "128x128_pp_c1x2")
+SM90_SMALL_EXPERT_CONFIGS = ("128x128_pp_c1x2", "128x128_pp_c1x2", "128x128_pp_c1x2|128x176_pp_c1x2")
 SM90_LARGE_EXPERT_CONFIGS = ("128x256_c1x2",)
 # mean rows per expert up to which the small-expert configs run
 SMALL_EXPERT_MAX_ROWS = 1024
@@ -155,14 +155,16 @@ def _key(op, first, weight_like, rows, pinned, alignment=None):
             weight_like.stride(2) == 1, 1 << max(rows - 1, 0).bit_length(), alignment, pinned)
 
 
-def fitting_config(slot: str, columns: int | None) -> str:
+def fitting_config(slot: str, columns: int | None, is_built=None) -> str:
     """The config a pin's ``slot`` (``<a>[|<b>...]``) names for a GEMM whose output has
     ``columns`` columns: the first whose column tiles, in whole clusters, cover them exactly, so
     that no tile is computed on zeros (fc2's input gradient at fine-grained shapes: 1408
     columns are 11 tiles of 128, which a 1x2 cluster computes as 12, and 8 of 176), else the
-    first. Alternatives the library lacks are passed over while one of them is built."""
+    first. Alternatives the library lacks (``is_built``: default, its grouped GEMMs) are passed
+    over while one of them is built."""
     options = slot.split(ALTERNATIVES)
-    built = [c for c in options if c in sm90_gemm.built_configs()] or options
+    is_built = is_built or (lambda config: config in sm90_gemm.built_configs())
+    built = [c for c in options if is_built(c)] or options
     for config in built:
         if columns is not None and config in sm90_gemm.CONFIGS \
                 and columns % sm90_gemm.column_span(config) == 0:

@@ -50,7 +50,7 @@ ALIGNED_KINDS = ("aligned_row", "aligned_col", "aligned_wgrad")
 # Configs that also get fc2's input gradient with SwiGLU·prob's backward in its epilogue
 # (monta/csrc/sm90_swiglu_dgrad.cuh): the small-expert ping-pong one, the kernel that input
 # gradient runs on unfused.
-SWIGLU_DGRAD_CONFIGS = ("128x128_pp_c1x2",)
+SWIGLU_DGRAD_CONFIGS = ("128x128_pp_c1x2", "128x176_pp_c1x2")
 SWIGLU_DGRAD_KIND = "swiglu_dgrad"
 # Row tiles per band of the aligned kernels' tile order (see ExpertTileScheduler::place).
 BAND_M = int(os.environ.get("MONTA_SM90_BAND_M", 8))

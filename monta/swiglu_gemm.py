@@ -168,8 +168,14 @@ def _grid(rows: int, experts: int, ffn: int, config) -> tuple[int]:
     return (triton.cdiv(max_tiles, GROUP_M) * GROUP_M * triton.cdiv(ffn, block_n),)
 
 
-# The sm90 instance that runs fc2's input gradient with the activation's backward (``bwd``).
-SM90_DGRAD_CONFIG = sm90_gemm.SWIGLU_DGRAD_CONFIGS[0]
+def sm90_dgrad_config(ffn: int) -> str | None:
+    """The sm90 instance that runs fc2's input gradient with the activation's backward
+    (``bwd``) for ``ffn`` columns: of those built, the first whose column tiles fit them
+    (:func:`monta.expert_gemm.fitting_config`); None when none is built."""
+    if not any(map(sm90_gemm.swiglu_dgrad_built, sm90_gemm.SWIGLU_DGRAD_CONFIGS)):
+        return None
+    return expert_gemm.fitting_config(expert_gemm.ALTERNATIVES.join(
+        sm90_gemm.SWIGLU_DGRAD_CONFIGS), ffn, sm90_gemm.swiglu_dgrad_built)
 
 
 def supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, passes: str = "fwd") -> bool:
@@ -179,7 +185,7 @@ def supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, passes: str =
     memory and the measurements are Hopper's), H a multiple of the K block. Both: bf16, both
     weights contiguous (how ``GroupedMLP`` views its parameters), 16-byte aligned rows."""
     if passes == "bwd":
-        return (sm90_gemm.available(x) and sm90_gemm.swiglu_dgrad_built(SM90_DGRAD_CONFIG)
+        return (sm90_gemm.available(x) and sm90_dgrad_config(w2.size(1)) is not None
                 and swiglu.available(x) and {w1.dtype, w2.dtype} == {torch.bfloat16}
                 and w1.is_contiguous() and w2.is_contiguous() and w2.size(1) % 8 == 0
                 and w2.size(2) % 8 == 0 and w1.size(2) == 2 * w2.size(1))
@@ -290,7 +296,8 @@ class SwiGLUExpertFFN(torch.autograd.Function):
         if ctx.passes == "all":
             dh, dp = fc2_dgrad_swiglu(dout, w2, h, probs, row_ends)
         elif ctx.passes == "bwd":
-            dh, dp = sm90_gemm.swiglu_dgrad(dout, w2, h, probs, row_ends, SM90_DGRAD_CONFIG)
+            dh, dp = sm90_gemm.swiglu_dgrad(dout, w2, h, probs, row_ends,
+                                            sm90_dgrad_config(w2.size(1)))
         else:
             dy = expert_gemm.rows(dout, w2.transpose(1, 2), row_ends, input_gradient=True)
             dh, dp = swiglu.weighted_swiglu_backward(h, probs, dy)

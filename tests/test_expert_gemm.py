@@ -176,14 +176,19 @@ def test_the_default_runs_what_the_library_holds(monkeypatch):
     monkeypatch.delenv("MONTA_EXPERT_ROW_ALIGNMENT", raising=False)
     monkeypatch.setattr(sm90_gemm, "available", lambda t: True)
     monkeypatch.setattr(sm90_gemm, "_library", object())
-    rows, wgrad = expert_gemm.SM90_SMALL_EXPERT_CONFIGS
+    rows, wgrad, dgrad = expert_gemm.SM90_SMALL_EXPERT_CONFIGS
     large = expert_gemm.SM90_LARGE_EXPERT_CONFIGS[0]
     limit, experts = expert_gemm.SMALL_EXPERT_MAX_ROWS, 4
     ends = torch.arange(1, experts + 1, dtype=torch.int32)  # only its length counts
     small_x = torch.empty(limit * experts, 8, dtype=torch.bfloat16)
     large_x = torch.empty(limit * experts + 1, 8, dtype=torch.bfloat16)
     monkeypatch.setattr(sm90_gemm, "_built", tuple(sm90_gemm.CONFIGS))
-    assert expert_gemm._pin(small_x, ends) == f"sm90:{rows},{wgrad}"
+    assert expert_gemm._pin(small_x, ends) == f"sm90:{rows},{wgrad},{dgrad}"
+    # a slot keeps the alternatives that are built
+    narrow, wide = dgrad.split(expert_gemm.ALTERNATIVES)
+    monkeypatch.setattr(sm90_gemm, "_built", tuple(c for c in sm90_gemm.CONFIGS if c != wide))
+    assert expert_gemm._pin(small_x, ends) == f"sm90:{rows},{wgrad},{narrow}"
+    monkeypatch.setattr(sm90_gemm, "_built", tuple(sm90_gemm.CONFIGS))
     assert expert_gemm._pin(large_x, ends) == f"sm90:{large}"  # weight gradient on torch
     assert expert_gemm.row_config(small_x, ends) == rows
     assert expert_gemm.row_config(large_x, ends) == large

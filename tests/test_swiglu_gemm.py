@@ -29,6 +29,24 @@ def test_fused_passes_default_and_choices(monkeypatch):
         assert swiglu_gemm.fused_passes(x, ends) == choice
 
 
+def test_the_sm90_fused_input_gradient_takes_the_instance_whose_tiles_fit(monkeypatch):
+    """``bwd`` runs fc2's input gradient on the SwiGLU instance whose column tiles cover F
+    exactly (1408 = 8 tiles of 176; 128-wide tiles in 1x2 clusters compute 12 for 11), of those
+    built; none built: not supported."""
+    from monta import sm90_gemm
+
+    narrow, wide = sm90_gemm.SWIGLU_DGRAD_CONFIGS
+    built = {narrow, wide}
+    monkeypatch.setattr(sm90_gemm, "swiglu_dgrad_built", lambda config: config in built)
+    assert swiglu_gemm.sm90_dgrad_config(1408) == wide
+    assert swiglu_gemm.sm90_dgrad_config(2048) == narrow
+    assert swiglu_gemm.sm90_dgrad_config(1000) == narrow
+    built.discard(wide)
+    assert swiglu_gemm.sm90_dgrad_config(1408) == narrow
+    built.clear()
+    assert swiglu_gemm.sm90_dgrad_config(1408) is None
+
+
 @pytest.mark.parametrize("bad", ["1", "both", ""])
 def test_fused_passes_rejects_unknown_values(monkeypatch, bad):
     monkeypatch.setenv("MONTA_FUSED_SWIGLU", bad)

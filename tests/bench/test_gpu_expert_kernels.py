@@ -13,8 +13,9 @@ def test_settings_name_real_kernels_and_fusions():
         assert set(env) <= {"MONTA_GROUPED_GEMM", "MONTA_FUSED_SWIGLU"}
         assert env.get("MONTA_FUSED_SWIGLU", "auto") in swiglu_gemm.FUSE_CHOICES
         pin = env.get("MONTA_GROUPED_GEMM", "default")
-        configs = pin.removeprefix(expert_gemm.SM90).split(",") if pin.startswith("sm90:") else []
-        assert all(c in sm90_gemm.CONFIGS for c in configs)
+        slots = pin.removeprefix(expert_gemm.SM90).split(",") if pin.startswith("sm90:") else []
+        assert all(c in sm90_gemm.CONFIGS for slot in slots
+                   for c in slot.split(expert_gemm.ALTERNATIVES))
     # the ping-pong setting is the small-expert default, the previous one the large-expert one
     assert bench.PING_PONG == "sm90:" + ",".join(expert_gemm.SM90_SMALL_EXPERT_CONFIGS)
     assert bench.PREVIOUS["MONTA_GROUPED_GEMM"] == "sm90:" + ",".join(

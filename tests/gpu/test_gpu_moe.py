@@ -292,15 +292,16 @@ def test_fused_swiglu_expert_ffn_matches_fp64(nccl_world_of_one, ffn, passes):
         assert torch.count_nonzero(grad[~busy]) == 0, "an empty expert got a weight gradient"
 
 
-def test_sm90_swiglu_dgrad_matches_the_unfused_kernels(nccl_world_of_one):
+@pytest.mark.parametrize("config", ["128x128_pp_c1x2", "128x176_pp_c1x2"])
+def test_sm90_swiglu_dgrad_matches_the_unfused_kernels(nccl_world_of_one, config):
     """monta/csrc/sm90_swiglu_dgrad.cuh against what it replaces: fc2's input gradient on the
     same sm90 kernel, then the Triton activation backward (monta/swiglu.py). Same d rounded to
     bf16 in both, so dh agrees to one bf16 rounding and dp to fp32 summation order; uneven
     and empty experts, a partial last column tile, rows past the last expert's end (dp zero
     there, dh not written)."""
-    from monta import sm90_gemm, swiglu, swiglu_gemm
+    from monta import sm90_gemm, swiglu
 
-    config = swiglu_gemm.SM90_DGRAD_CONFIG
+    assert config in sm90_gemm.SWIGLU_DGRAD_CONFIGS
     if not sm90_gemm.swiglu_dgrad_built(config):
         pytest.skip("the sm90 library with its SwiGLU input gradient is not built")
     counts = torch.tensor([700, 0, 5, 128, 0, 257, 1, 63], device="cuda")
@@ -361,7 +362,7 @@ def test_moe_layer_fused_swiglu_matches_unfused(nccl_world_of_one, monkeypatch):
                         lambda *args, **kwargs: calls.append(kwargs["passes"])
                         or real(*args, **kwargs))
     settings = ["fwd", "all"]
-    if sm90_gemm.swiglu_dgrad_built(swiglu_gemm.SM90_DGRAD_CONFIG):
+    if any(map(sm90_gemm.swiglu_dgrad_built, sm90_gemm.SWIGLU_DGRAD_CONFIGS)):
         settings.append("bwd")
     *fused, unfused = _monta_layer_under(monkeypatch, "MONTA_FUSED_SWIGLU", (*settings, "0"))
     assert calls == settings, "the fused path ran other than once per fused setting"
