@@ -18,7 +18,8 @@ see ``monta/expert_gemm.py`` and ``monta/swiglu_gemm.py``). Two measures:
   in N rotated rounds (iteration ms, MFU against ``--peak``).
 
 ``--settings`` names entries of :data:`SETTINGS`; each ``--pin`` adds a ``MONTA_GROUPED_GEMM``
-value as a setting of its own (pins hold commas: ``--pin sm90:<rows>,<wgrad>,<input gradient>``);
+value as a setting of its own (pins hold commas: ``--pin sm90:<rows>,<wgrad>,<input gradient>``;
+``--pin-fused-swiglu`` sets ``MONTA_FUSED_SWIGLU`` for them);
 each ``--padded ROWS:PIN`` one run on every expert's rows padded to a multiple of ROWS, laid
 out as the dispatcher lays them under ``MONTA_EXPERT_ROW_ALIGNMENT=ROWS`` (its outputs and
 gradients compared at the real rows). Writes ``--out`` (JSON) and prints a table. Its runs, and those of its
@@ -48,7 +49,7 @@ from bench.gpu_timing import (  # noqa: E402
     Timer, rotated, time_interleaved, with_envs, with_grouped_gemm,
 )
 
-from monta import expert_gemm  # noqa: E402
+from monta import expert_gemm, swiglu_gemm  # noqa: E402
 
 PREVIOUS = {"MONTA_GROUPED_GEMM": PREVIOUS_DEFAULT, "MONTA_FUSED_SWIGLU": "fwd"}
 PING_PONG = expert_gemm.SM90 + ",".join(expert_gemm.SM90_SMALL_EXPERT_CONFIGS)
@@ -173,6 +174,10 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--pin", action="append", default=[],
                         help="a MONTA_GROUPED_GEMM value to add as a setting (repeatable)")
+    parser.add_argument("--pin-fused-swiglu", choices=swiglu_gemm.FUSE_CHOICES,
+                        help="MONTA_FUSED_SWIGLU for the --pin settings (default: unset, auto, "
+                             "which fuses fc1's forward unless the row GEMMs run on the "
+                             "small-expert sm90 config)")
     parser.add_argument("--padded", action="append", default=[], metavar="ROWS:PIN",
                         help="a MONTA_GROUPED_GEMM value run on each expert's rows padded to a "
                              "multiple of ROWS (MONTA_EXPERT_ROW_ALIGNMENT), as a setting")
@@ -197,8 +202,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown settings {sorted(unknown)}; known: {', '.join(SETTINGS)}")
     settings = {name: SETTINGS[name] for name in opts.settings.split(",")}
-    settings.update({pin: {"MONTA_GROUPED_GEMM": pin}
-                     for pin in opts.pin})
+    fused = {"MONTA_FUSED_SWIGLU": opts.pin_fused_swiglu} if opts.pin_fused_swiglu else {}
+    settings.update({pin: {"MONTA_GROUPED_GEMM": pin, **fused} for pin in opts.pin})
     for spec in opts.padded:
         rows, _, pin = spec.partition(":")
         if not rows.isdigit() or int(rows) < 1 or not pin:

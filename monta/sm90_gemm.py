@@ -39,7 +39,6 @@ CONFIGS = {
     # 176 columns divide fc1's 2816 and fc2's 1408 at fine-grained shapes into 16 and 8 tiles,
     # which 128 (22 and 11: a 1x2 cluster computes 12) does not
     "128x176_pp_c1x2": (128, 176, 64, 1, 2, True),
-    "256x128_c1x2": (256, 128, 64, 1, 2, False),
 }
 # Instances per config: row-grouped with B stored row- or column-major, and the weight gradient.
 KINDS = ("row", "col", "wgrad")

@@ -42,6 +42,12 @@ def test_refuses_malformed_padded_settings(capsys, spec):
     assert "--padded" in capsys.readouterr().err
 
 
+def test_refuses_an_unknown_fusion_for_the_pins(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "/dev/null", "--pin", "torch", "--pin-fused-swiglu", "yes"])
+    assert "--pin-fused-swiglu: invalid choice" in capsys.readouterr().err
+
+
 def _padded_ffn_errors(rank: int, world_size: int) -> dict:
     import torch
     from megatron.core import parallel_state as ps
