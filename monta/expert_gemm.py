@@ -56,8 +56,9 @@ SM90 = "sm90:"  # prefix of a monta.sm90_gemm config name
 DEFAULT = "default"
 CUBLAS = "cublas"  # per-expert GEMMs, monta/per_expert_gemm.py
 GROUPED = "grouped"  # the default's grouped kernels, never per expert
-# The default kernels when the sm90 library is built, (row GEMMs[, weight gradient]; torch for
-# a GEMM not named), by the experts' mean rows. Small experts: ping-pong on 128x128 tiles, each
+# The default kernels when the sm90 library is built, (row GEMMs[, weight gradient[, input
+# gradient]]; torch for a GEMM not named, the row config for an input gradient not named), by
+# the experts' mean rows. Small experts: ping-pong on 128x128 tiles, each
 # of the two consumer warpgroups owning a whole tile, so one tile's epilogue runs under the
 # other's mainloop; the weight gradients' reduction is an expert's rows, ~768 at fine-grained
 # shapes, 12 k-blocks, too few for a cooperative kernel to hide its epilogue behind. Large
@@ -70,7 +71,13 @@ GROUPED = "grouped"  # the default's grouped kernels, never per expert
 # dense against 82 %); at Mixtral's (2048 rows per expert, on the grouped kernels) 27.99 vs
 # 28.02 ms; the training run of bench/gpu_moe_train.py (8192 rows per expert) 625-629 against
 # 620 ms per iteration.
-SM90_SMALL_EXPERT_CONFIGS = ("128x128_pp_c1x2", "128x128_pp_c1x2", "128x128_pp_c1x2|128x176_pp_c1x2")
+# The small-expert input gradients: 176-wide tiles where they cover the output's columns and
+# 128-wide ones do not (fc2's 1408 at fine-grained shapes: 8 tiles against 12 for 11 in 1x2
+# clusters; its weights are K-major there, which 176 needs to keep the 128-byte swizzle). FFN
+# back to back 4.84-4.85 against 4.89-4.97 ms (bench/results/gpu_expert_kernels_runs/
+# ffn_fine_grained_128x176_*.json).
+SM90_SMALL_EXPERT_CONFIGS = ("128x128_pp_c1x2", "128x128_pp_c1x2",
+                             "128x128_pp_c1x2|128x176_pp_c1x2")
 SM90_LARGE_EXPERT_CONFIGS = ("128x256_c1x2",)
 # mean rows per expert up to which the small-expert configs run
 SMALL_EXPERT_MAX_ROWS = 1024
