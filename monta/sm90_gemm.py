@@ -36,8 +36,9 @@ CONFIGS = {
     "128x128_pp_c1x1": (128, 128, 64, 1, 1, True),
     "128x128_pp_c1x2": (128, 128, 64, 1, 2, True),
     "128x128_pp_c2x1": (128, 128, 64, 2, 1, True),
-    # 176 columns divide fc1's 2816 and fc2's 1408 at fine-grained shapes into 16 and 8 tiles,
-    # which 128 (22 and 11: a 1x2 cluster computes 12) does not
+    # 176 columns cover fc2's 1408 at fine-grained shapes in 8 tiles, where 128 takes 11 (a 1x2
+    # cluster computes 12); it wins only on a K-major B (the input gradients): an N-major one
+    # gets a 32-byte swizzle, 176 being no multiple of 64 elements, and runs ~1.5x slower
     "128x176_pp_c1x2": (128, 176, 64, 1, 2, True),
 }
 # Instances per config: row-grouped with B stored row- or column-major, and the weight gradient.
@@ -48,8 +49,8 @@ KINDS = ("row", "col", "wgrad")
 # reduction, not an expert's rows).
 ALIGNED_KINDS = ("aligned_row", "aligned_col", "aligned_wgrad")
 # Configs that also get fc2's input gradient with SwiGLU·prob's backward in its epilogue
-# (monta/csrc/sm90_swiglu_dgrad.cuh): the small-expert ping-pong one, the kernel that input
-# gradient runs on unfused.
+# (monta/csrc/sm90_swiglu_dgrad.cuh): the small-expert input-gradient configs, the kernels that
+# input gradient runs on unfused.
 SWIGLU_DGRAD_CONFIGS = ("128x128_pp_c1x2", "128x176_pp_c1x2")
 SWIGLU_DGRAD_KIND = "swiglu_dgrad"
 # Row tiles per band of the aligned kernels' tile order (see ExpertTileScheduler::place).
