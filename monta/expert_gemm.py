@@ -169,9 +169,7 @@ def fitting_config(slot: str, columns: int | None, is_built=None) -> str:
     columns are 11 tiles of 128, which a 1x2 cluster computes as 12, and 8 of 176), else the
     first. Alternatives the library lacks (``is_built``: default, its grouped GEMMs) are passed
     over while one of them is built."""
-    options = slot.split(ALTERNATIVES)
-    is_built = is_built or (lambda config: config in sm90_gemm.built_configs())
-    built = [c for c in options if is_built(c)] or options
+    built = _built_options(slot, is_built) or slot.split(ALTERNATIVES)
     for config in built:
         if columns is not None and config in sm90_gemm.CONFIGS \
                 and columns % sm90_gemm.column_span(config) == 0:
@@ -294,11 +292,16 @@ def _pin(first, row_ends) -> str:
     return pinned_kernel
 
 
+def _built_options(slot: str, is_built=None) -> list:
+    """The configs of a pin ``slot`` (``<a>[|<b>...]``) that the library holds (``is_built``:
+    default, its grouped GEMMs), in the slot's order."""
+    is_built = is_built or (lambda config: config in sm90_gemm.built_configs())
+    return [config for config in slot.split(ALTERNATIVES) if is_built(config)]
+
+
 def _built_slot(slot: str) -> str | None:
-    """A pin ``slot`` (``<a>[|<b>...]``) without the configs the library lacks; None if it
-    holds none of them."""
-    built = [c for c in slot.split(ALTERNATIVES) if c in sm90_gemm.built_configs()]
-    return ALTERNATIVES.join(built) or None
+    """A pin ``slot`` without the configs the library lacks; None if it holds none of them."""
+    return ALTERNATIVES.join(_built_options(slot)) or None
 
 
 def row_config(first: torch.Tensor, row_ends: torch.Tensor) -> str | None:

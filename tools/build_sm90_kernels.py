@@ -28,7 +28,8 @@ from monta.expert_gemm import (  # noqa: E402
 
 TOOLCHAIN = ["nvidia-cuda-nvcc==13.0.88", "nvidia-nvvm==13.0.88", "nvidia-cuda-runtime==13.0.96",
              "nvidia-cuda-crt==13.0.88", "nvidia-cuda-cccl==13.0.85", "nvidia-cutlass==4.2.0.0"]
-DEFAULT_CONFIGS = sorted({config for slot in (*SM90_SMALL_EXPERT_CONFIGS, *SM90_LARGE_EXPERT_CONFIGS)
+DEFAULT_CONFIGS = sorted({config
+                          for slot in (*SM90_SMALL_EXPERT_CONFIGS, *SM90_LARGE_EXPERT_CONFIGS)
                           for config in slot.split(ALTERNATIVES)})
 SOURCE = ROOT / "monta" / "csrc" / "sm90_grouped_gemm.cuh"
 ALIGNED_SOURCE = ROOT / "monta" / "csrc" / "sm90_aligned_gemm.cuh"
