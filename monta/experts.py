@@ -167,7 +167,7 @@ class MoNTAGroupedMLP(GroupedMLP):
         if grouped_mm_supported(x, w1):
             offsets = expert_offsets(tokens_per_expert, x.device)  # shared by both GEMMs
             fused = swiglu_gemm.fused_passes(x, offsets)
-            if fused != "0" and self._fusable(x, w1, w2, fused):
+            if fused != "0" and self._fusable(x, w1, w2, fused, offsets):
                 try:
                     return swiglu_gemm.swiglu_expert_ffn(x, w1, w2, probs, offsets,
                                                          passes=fused), None
@@ -177,12 +177,13 @@ class MoNTAGroupedMLP(GroupedMLP):
                          lambda t: grouped_mm(t, w1, tokens_per_expert, offsets),
                          lambda t: grouped_mm(t, w2, tokens_per_expert, offsets)), None
 
-    def _fusable(self, x, w1, w2, passes: str) -> bool:
+    def _fusable(self, x, w1, w2, passes: str, row_ends) -> bool:
         """SwiGLU·prob fused into the GEMMs (:mod:`monta.swiglu_gemm`) where the kernels of
         ``passes`` run and nothing asks for the activation on its own (recomputation
         checkpoints it)."""
         return (self._glu and self.config.activation_func is F.silu and "fused" not in _failed
-                and not self.activation_recompute and swiglu_gemm.supported(x, w1, w2, passes))
+                and not self.activation_recompute
+                and swiglu_gemm.supported(x, w1, w2, passes, row_ends))
 
     def _mlp(self, x, probs, fc1, fc2):
         h = fc1(x)

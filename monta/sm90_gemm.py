@@ -53,6 +53,18 @@ ALIGNED_KINDS = ("aligned_row", "aligned_col", "aligned_wgrad")
 # input gradient runs on unfused.
 SWIGLU_DGRAD_CONFIGS = ("128x128_pp_c1x2", "128x176_pp_c1x2")
 SWIGLU_DGRAD_KIND = "swiglu_dgrad"
+# Configs that also get fc1's forward with SwiGLU·prob in its epilogue
+# (monta/csrc/sm90_swiglu_fc1.cuh): the small-expert row config, which fc1 runs on unfused.
+SWIGLU_FC1_CONFIGS = ("128x128_pp_c1x2",)
+SWIGLU_FC1_KIND = "swiglu_fc1"
+# The fused kinds: what they are, their configs and the C arguments of their _run before the
+# workspace (pointers, ints).
+FUSED_KINDS = {
+    # dout, w2, h, dh, probs, dprobs, ends; groups, ffn, hidden
+    SWIGLU_DGRAD_KIND: ("SwiGLU input-gradient", SWIGLU_DGRAD_CONFIGS, 7, 3),
+    # x, w1, h, y, probs, ends; groups, ffn, hidden
+    SWIGLU_FC1_KIND: ("fc1-with-SwiGLU", SWIGLU_FC1_CONFIGS, 6, 3),
+}
 # Row tiles per band of the aligned kernels' tile order (see ExpertTileScheduler::place).
 BAND_M = int(os.environ.get("MONTA_SM90_BAND_M", 8))
 
@@ -73,7 +85,7 @@ ERRORS = {1: "workspace too small", 2: "more than 1024 groups", 3: "CUTLASS cann
 _library = None
 _built: tuple = ()
 _aligned_built: dict = {}  # config -> its tile-aligned kinds in the library
-_swiglu_dgrad_built: tuple = ()
+_fused_built: dict = {}  # fused kind -> the configs whose instance of it the library holds
 
 
 def symbol(config: str, kind: str) -> str:
@@ -83,7 +95,7 @@ def symbol(config: str, kind: str) -> str:
 def _load():
     """The library (None when it is not built); also notes which configs it holds (a build may
     hold a subset: ``tools/build_sm90_kernels.py --configs``)."""
-    global _library, _built, _aligned_built, _swiglu_dgrad_built
+    global _library, _built, _aligned_built, _fused_built
     if _library is None:
         path = Path(os.environ.get("MONTA_SM90_GEMM_LIBRARY", LIBRARY))
         _library = False
@@ -92,8 +104,9 @@ def _load():
             _built = tuple(c for c in CONFIGS if _bind(library, c, KINDS, aligned=False))
             _aligned_built = {c: aligned_kinds(c) for c in CONFIGS
                               if aligned_kinds(c) and _bind(library, c, aligned_kinds(c), True)}
-            _swiglu_dgrad_built = tuple(c for c in SWIGLU_DGRAD_CONFIGS
-                                        if _bind_swiglu_dgrad(library, c))
+            _fused_built = {kind: tuple(c for c in configs
+                                        if _bind_fused(library, symbol(c, kind), pointers, ints))
+                            for kind, (_, configs, pointers, ints) in FUSED_KINDS.items()}
             _library = library
     return _library or None
 
@@ -113,12 +126,10 @@ def _bind(library, config: str, kinds, aligned: bool) -> bool:
     return True
 
 
-def _bind_swiglu_dgrad(library, config: str) -> bool:
-    name = symbol(config, SWIGLU_DGRAD_KIND)
+def _bind_fused(library, name: str, pointers: int, ints: int) -> bool:
     if not hasattr(library, f"{name}_run"):
         return False
-    # dout, w2, h, dh, probs, dprobs, ends, groups, ffn, hidden
-    _declare_with_workspace(library, name, [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3)
+    _declare_with_workspace(library, name, [ctypes.c_void_p] * pointers + [ctypes.c_int] * ints)
     return True
 
 
@@ -132,10 +143,27 @@ def _declare_with_workspace(library, name: str, own_args: list) -> None:
     run.argtypes = own_args + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
 
 
+def fused_built(kind: str, config: str) -> bool:
+    """Whether the library holds ``config``'s instance of the fused ``kind``
+    (:data:`FUSED_KINDS`)."""
+    _load()
+    return config in _fused_built.get(kind, ())
+
+
 def swiglu_dgrad_built(config: str) -> bool:
     """Whether the library holds ``config``'s fc2 input gradient with SwiGLU·prob's backward."""
-    _load()
-    return config in _swiglu_dgrad_built
+    return fused_built(SWIGLU_DGRAD_KIND, config)
+
+
+def swiglu_fc1_built(config: str) -> bool:
+    """Whether the library holds ``config``'s fc1 forward with SwiGLU·prob in its epilogue."""
+    return fused_built(SWIGLU_FC1_KIND, config)
+
+
+def paired_width(config: str) -> int:
+    """The runs of gate and of up columns in the ``h`` that ``config``'s fused fc1 writes: half
+    its tile's columns (see :func:`swiglu_fc1`)."""
+    return CONFIGS[config][1] // 2
 
 
 def built_configs(aligned: bool = False) -> tuple:
@@ -258,9 +286,7 @@ def swiglu_dgrad(dout: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, probs: t
     ``row_ends[-1]`` are left unwritten in ``dh`` and zero in ``dp``."""
     library = _load()
     experts, ffn, hidden = w2.shape
-    if not swiglu_dgrad_built(config):
-        raise ValueError(f"the sm90 library has no SwiGLU input-gradient instance of {config!r} "
-                         f"(built: {', '.join(_swiglu_dgrad_built) or 'none'})")
+    _require_fused(SWIGLU_DGRAD_KIND, config)
     if ffn % 8 or hidden % 8:
         raise ValueError(f"sm90 grouped GEMM needs dims divisible by 8 (bf16), got {ffn}, {hidden}")
     n = dout.size(0)
@@ -282,6 +308,49 @@ def swiglu_dgrad(dout: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, probs: t
         raise RuntimeError(f"MoNTA sm90 SwiGLU input gradient {name} ({experts} groups, F {ffn}, "
                            f"H {hidden}, {n} rows): {ERRORS.get(status, status)}")
     return dh, dp
+
+
+def swiglu_fc1(x: torch.Tensor, w1: torch.Tensor, probs: torch.Tensor, row_ends: torch.Tensor,
+               config: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1's forward ``h = x[rows_e] @ w1[e]`` with ``y = silu(gate)·up·prob`` computed in its
+    epilogue (monta/csrc/sm90_swiglu_fc1.cuh): ``x`` [n, H], ``w1`` [E, H, 2F] contiguous
+    (megatron's ``[gate | up]`` columns), ``probs`` [n] or [n, 1]. Returns (h [n, 2F], y [n, F])
+    bf16, ``h`` *paired*: each run of 2·P columns (P = :func:`paired_width`) holds P gate
+    columns and then the P up columns of the same y columns (:func:`monta.swiglu.unpair`
+    gives megatron's layout). Rows past ``row_ends[-1]`` are left unwritten."""
+    library = _load()
+    experts, hidden, width = w1.shape
+    ffn, half = width // 2, paired_width(config)
+    _require_fused(SWIGLU_FC1_KIND, config)
+    if ffn % half or hidden % 8 or width != 2 * ffn:
+        raise ValueError(f"the fused fc1 of {config} needs F a multiple of {half} and H of 8, "
+                         f"got w1 {list(w1.shape)}")
+    n = x.size(0)
+    if x.shape != (n, hidden):
+        raise ValueError(f"x must be [n, {hidden}], got {list(x.shape)}")
+    w1, x = w1.contiguous(), _row_major(x)
+    probs = probs.reshape(n).to(torch.float32).contiguous()
+    if row_ends.dtype != torch.int32:
+        row_ends = row_ends.to(torch.int32)
+    h = torch.empty(n, width, device=x.device, dtype=x.dtype)
+    y = torch.empty(n, ffn, device=x.device, dtype=x.dtype)
+    if n == 0:
+        return h, y
+    name = symbol(config, SWIGLU_FC1_KIND)
+    status = _run_with_workspace(
+        library, name, experts, x.device, x.data_ptr(), w1.data_ptr(), h.data_ptr(),
+        y.data_ptr(), probs.data_ptr(), row_ends.data_ptr(), experts, ffn, hidden)
+    if status:
+        raise RuntimeError(f"MoNTA sm90 fc1 with SwiGLU {name} ({experts} groups, F {ffn}, "
+                           f"H {hidden}, {n} rows): {ERRORS.get(status, status)}")
+    return h, y
+
+
+def _require_fused(kind: str, config: str) -> None:
+    if not fused_built(kind, config):
+        raise ValueError(f"the sm90 library has no {FUSED_KINDS[kind][0]} instance of "
+                         f"{config!r} (built: "
+                         f"{', '.join(_fused_built.get(kind, ())) or 'none'})")
 
 
 def _check(config: str, *dims: int, aligned: bool = False, wgrad: bool = False):

@@ -15,6 +15,11 @@ place and keeps the row sum for ``d prob`` in registers:
 
 Arithmetic is fp32 inside, one rounding to the output dtype (megatron's eager version rounds
 after each op, so the two agree to bf16 precision, not bitwise).
+
+The backward also reads ``h`` *paired* (``paired=P``): each run of 2·P columns holds P gate
+columns and then the P up columns of the same outputs, the layout in which MoNTA's sm90 fc1
+with the forward in its epilogue writes it (monta/csrc/sm90_swiglu_fc1.cuh); ``dh`` comes out in
+megatron's layout either way. :func:`pair` and :func:`unpair` convert between the two.
 """
 
 from __future__ import annotations
@@ -55,15 +60,20 @@ if triton is not None:
 
     @triton.jit
     def _backward_kernel(h_ptr, p_ptr, dy_ptr, dh_ptr, dp_ptr, F: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, PAIRED: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         prob = tl.load(p_ptr + row).to(tl.float32)
         acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
         for start in range(0, F, BLOCK_SIZE):
             cols = start + tl.arange(0, BLOCK_SIZE)
             mask = cols < F
-            gate = tl.load(h_ptr + row * 2 * F + cols, mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(h_ptr + row * 2 * F + F + cols, mask=mask, other=0.0).to(tl.float32)
+            if PAIRED:  # h's gate column c sits in run c // P, its up column P further
+                gate_at = (cols // PAIRED) * (2 * PAIRED) + cols % PAIRED
+                up_at = gate_at + PAIRED
+            else:
+                gate_at, up_at = cols, F + cols
+            gate = tl.load(h_ptr + row * 2 * F + gate_at, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(h_ptr + row * 2 * F + up_at, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + row * F + cols, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(gate)
             silu = gate * sig
@@ -103,15 +113,34 @@ def weighted_swiglu_forward(h: torch.Tensor, probs: torch.Tensor) -> torch.Tenso
     return y
 
 
-def weighted_swiglu_backward(h: torch.Tensor, probs: torch.Tensor, dy: torch.Tensor):
-    """(dh [n, 2F], dp [n] fp32) for ``y = silu(gate)·up·prob`` given ``dy`` [n, F]."""
+def weighted_swiglu_backward(h: torch.Tensor, probs: torch.Tensor, dy: torch.Tensor,
+                             paired: int = 0):
+    """(dh [n, 2F], dp [n] fp32) for ``y = silu(gate)·up·prob`` given ``dy`` [n, F]; ``h`` in
+    megatron's layout, or paired in runs of ``paired`` columns (module doc). ``dh`` is in
+    megatron's layout."""
     dy = dy.contiguous()
     n, width = h.shape
+    if paired and (width // 2) % paired:
+        raise ValueError(f"paired runs of {paired} columns must divide F = {width // 2}")
     dh = torch.empty_like(h)
     dp = torch.empty(n, dtype=torch.float32, device=h.device)
     if n:
-        _backward_kernel[(n,)](h, probs, dy, dh, dp, width // 2, BLOCK_SIZE=BLOCK)
+        _backward_kernel[(n,)](h, probs, dy, dh, dp, width // 2, BLOCK_SIZE=BLOCK,
+                               PAIRED=paired)
     return dh, dp
+
+
+def unpair(h: torch.Tensor, paired: int) -> torch.Tensor:
+    """``h`` [n, 2F] paired in runs of ``paired`` columns (module doc) in megatron's
+    ``[gate | up]`` layout."""
+    n, width = h.shape
+    return h.view(n, width // (2 * paired), 2, paired).transpose(1, 2).reshape(n, width)
+
+
+def pair(h: torch.Tensor, paired: int) -> torch.Tensor:
+    """The inverse of :func:`unpair`."""
+    n, width = h.shape
+    return h.view(n, 2, width // (2 * paired), paired).transpose(1, 2).reshape(n, width)
 
 
 def weighted_swiglu(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

@@ -178,12 +178,34 @@ def sm90_dgrad_config(ffn: int) -> str | None:
         sm90_gemm.SWIGLU_DGRAD_CONFIGS), ffn, sm90_gemm.swiglu_dgrad_built)
 
 
-def supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, passes: str = "fwd") -> bool:
-    """Whether ``passes`` (``fwd`` or ``all``: this module's Triton kernels; ``bwd``: the sm90
+def sm90_fc1_config(x: torch.Tensor, w1: torch.Tensor,
+                    row_ends: torch.Tensor | None) -> str | None:
+    """The sm90 instance that runs fc1's forward with the activation (``fwd``) on ``x``
+    grouped by ``row_ends``: the config the row GEMMs run on
+    (:func:`monta.expert_gemm.row_config`) when the library holds its fused fc1
+    (monta/csrc/sm90_swiglu_fc1.cuh) and F is a multiple of its paired width; else None, and
+    this module's Triton kernel runs ``fwd``."""
+    if row_ends is None or not sm90_gemm.available(x) or w1.dtype != torch.bfloat16:
+        return None
+    config = expert_gemm.row_config(x, row_ends)
+    if config is None or not sm90_gemm.swiglu_fc1_built(config):
+        return None
+    hidden, width = w1.shape[1:]
+    return config if (width // 2) % sm90_gemm.paired_width(config) == 0 and hidden % 8 == 0 \
+        and w1.is_contiguous() and x.size(1) == hidden else None
+
+
+def supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, passes: str = "fwd",
+              row_ends: torch.Tensor | None = None) -> bool:
+    """Whether ``passes`` (``fwd`` or ``all``: this module's Triton kernels, for ``fwd`` the
+    sm90 library's where :func:`sm90_fc1_config` names one for ``row_ends``; ``bwd``: the sm90
     library's, monta/csrc/sm90_swiglu_dgrad.cuh) run ``x [n, H]`` through ``w1 [E, H, 2F]`` and
     ``w2 [E, F, H]`` here. Triton: TMA descriptors on a Hopper or newer GPU (the configs' shared
     memory and the measurements are Hopper's), H a multiple of the K block. Both: bf16, both
     weights contiguous (how ``GroupedMLP`` views its parameters), 16-byte aligned rows."""
+    if passes == "fwd" and sm90_fc1_config(x, w1, row_ends) is not None:
+        return swiglu.available(x) and w2.dtype == torch.bfloat16 and w2.is_contiguous() \
+            and w1.size(2) == 2 * w2.size(1) and w2.size(2) == x.size(1)
     if passes == "bwd":
         return (sm90_gemm.available(x) and sm90_dgrad_config(w2.size(1)) is not None
                 and swiglu.available(x) and {w1.dtype, w2.dtype} == {torch.bfloat16}
@@ -268,14 +290,20 @@ class SwiGLUExpertFFN(torch.autograd.Function):
     x [n, H], w1 [E, H, 2F], w2 [E, F, H], probs [n, 1], row_ends int32 [E] on the device;
     ``passes`` (``MONTA_FUSED_SWIGLU``): ``fwd`` the activation in fc1's forward epilogue,
     ``all`` also its backward in fc2's input gradient (both Triton), ``bwd`` only the backward,
-    in the epilogue of MoNTA's sm90 kernel."""
+    in the epilogue of MoNTA's sm90 kernel. ``fwd`` runs on the sm90 library's fc1 where
+    :func:`sm90_fc1_config` names one (its ``h`` paired, which the backward reads as such)."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, probs, row_ends, passes):
         probs = probs.contiguous()
+        ctx.paired = 0  # h in megatron's layout, or paired in runs of this many columns
+        sm90_config = sm90_fc1_config(x, w1, row_ends) if passes == "fwd" else None
         if passes == "bwd":
             h = expert_gemm.rows(x, w1, row_ends)
             y = swiglu.weighted_swiglu_forward(h, probs)
+        elif sm90_config is not None:
+            h, y = sm90_gemm.swiglu_fc1(x, w1, probs, row_ends, sm90_config)
+            ctx.paired = sm90_gemm.paired_width(sm90_config)
         else:
             h, y = fc1_swiglu(x, w1, probs, row_ends)
         ctx.save_for_backward(x, w1, w2, probs, row_ends, h, y)
@@ -300,7 +328,7 @@ class SwiGLUExpertFFN(torch.autograd.Function):
                                             sm90_dgrad_config(w2.size(1)))
         else:
             dy = expert_gemm.rows(dout, w2.transpose(1, 2), row_ends, input_gradient=True)
-            dh, dp = swiglu.weighted_swiglu_backward(h, probs, dy)
+            dh, dp = swiglu.weighted_swiglu_backward(h, probs, dy, paired=ctx.paired)
         overlap.fork()  # fc1's weight gradient reads dh
         if ctx.needs_input_grad[1]:
             with overlap.side():

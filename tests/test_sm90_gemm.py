@@ -15,7 +15,7 @@ def no_library(monkeypatch, tmp_path):
     monkeypatch.setattr(sm90_gemm, "_library", None)
     monkeypatch.setattr(sm90_gemm, "_built", ())
     monkeypatch.setattr(sm90_gemm, "_aligned_built", {})
-    monkeypatch.setattr(sm90_gemm, "_swiglu_dgrad_built", ())
+    monkeypatch.setattr(sm90_gemm, "_fused_built", {})
 
 
 def test_without_the_library_nothing_is_available(no_library):
@@ -43,11 +43,33 @@ def test_the_swiglu_input_gradient_refuses_bad_shapes_before_any_launch(no_libra
     refused in Python, before a kernel could read past them."""
     config = sm90_gemm.SWIGLU_DGRAD_CONFIGS[0]
     monkeypatch.setattr(sm90_gemm, "_load", lambda: object())
-    monkeypatch.setattr(sm90_gemm, "_swiglu_dgrad_built", (config,))
+    monkeypatch.setattr(sm90_gemm, "_fused_built", {sm90_gemm.SWIGLU_DGRAD_KIND: (config,)})
     with pytest.raises(ValueError, match="divisible by 8"):
         sm90_gemm.swiglu_dgrad(*_swiglu_dgrad_inputs(ffn=12), config)
     with pytest.raises(ValueError, match=r"h must be \[4, 16\] and dout \[4, 16\]"):
         sm90_gemm.swiglu_dgrad(*_swiglu_dgrad_inputs(h_width=24), config)
+
+
+def _swiglu_fc1_inputs(rows=4, ffn=64, hidden=16):
+    bf16 = torch.bfloat16
+    return (torch.empty(rows, hidden, dtype=bf16), torch.empty(2, hidden, 2 * ffn, dtype=bf16),
+            torch.empty(rows, 1), torch.tensor([2, rows], dtype=torch.int32))
+
+
+def test_the_fused_fc1_says_when_it_is_not_built_and_refuses_bad_shapes(no_library, monkeypatch):
+    """Absent: a message naming what is built. Present (stood in for: nothing may be called):
+    an F that its paired runs do not divide, or x of another width, is refused in Python."""
+    config = sm90_gemm.SWIGLU_FC1_CONFIGS[0]
+    with pytest.raises(ValueError, match="no fc1-with-SwiGLU instance of '128x128_pp_c1x2'"
+                                         r" \(built: none\)"):
+        sm90_gemm.swiglu_fc1(*_swiglu_fc1_inputs(), config)
+    monkeypatch.setattr(sm90_gemm, "_load", lambda: object())
+    monkeypatch.setattr(sm90_gemm, "_fused_built", {sm90_gemm.SWIGLU_FC1_KIND: (config,)})
+    with pytest.raises(ValueError, match="needs F a multiple of 64"):
+        sm90_gemm.swiglu_fc1(*_swiglu_fc1_inputs(ffn=96), config)
+    x, w1, probs, ends = _swiglu_fc1_inputs()
+    with pytest.raises(ValueError, match=r"x must be \[n, 16\]"):
+        sm90_gemm.swiglu_fc1(x[:, :8], w1, probs, ends, config)
 
 
 def test_aligned_instances_for_configs_without_m_clusters():

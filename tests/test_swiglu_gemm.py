@@ -47,6 +47,35 @@ def test_the_sm90_fused_input_gradient_takes_the_instance_whose_tiles_fit(monkey
     assert swiglu_gemm.sm90_dgrad_config(1408) is None
 
 
+def test_fwd_runs_on_the_sm90_fused_fc1_of_the_row_config_where_f_fits(monkeypatch):
+    """``fwd`` takes the sm90 library's fc1 with the activation in its epilogue when the row
+    GEMMs' config has one built and F is a multiple of its paired runs (half the tile's 128
+    columns); otherwise (another row config, an F off the runs, no row ends) Triton's."""
+    from monta import expert_gemm, sm90_gemm
+
+    config = sm90_gemm.SWIGLU_FC1_CONFIGS[0]
+    built = {config}
+    monkeypatch.setattr(sm90_gemm, "available", lambda t: True)
+    monkeypatch.setattr(sm90_gemm, "swiglu_fc1_built", lambda c: c in built)
+    monkeypatch.setattr(expert_gemm, "row_config", lambda t, e: config)
+    x, ends = torch.empty(4, 64, dtype=torch.bfloat16), torch.tensor([2, 4], dtype=torch.int32)
+
+    def w1(ffn):
+        return torch.empty(2, 64, 2 * ffn, dtype=torch.bfloat16)
+
+    assert sm90_gemm.paired_width(config) == 64
+    assert swiglu_gemm.sm90_fc1_config(x, w1(1408), ends) == config
+    assert swiglu_gemm.sm90_fc1_config(x, w1(1400), ends) is None
+    assert swiglu_gemm.sm90_fc1_config(x, w1(1408), None) is None
+    assert swiglu_gemm.sm90_fc1_config(x, w1(1408).transpose(1, 2).contiguous().transpose(1, 2),
+                                       ends) is None
+    built.clear()
+    assert swiglu_gemm.sm90_fc1_config(x, w1(1408), ends) is None
+    built.add(config)
+    monkeypatch.setattr(expert_gemm, "row_config", lambda t, e: "128x256_c1x2")
+    assert swiglu_gemm.sm90_fc1_config(x, w1(1408), ends) is None
+
+
 @pytest.mark.parametrize("bad", ["1", "both", ""])
 def test_fused_passes_rejects_unknown_values(monkeypatch, bad):
     monkeypatch.setenv("MONTA_FUSED_SWIGLU", bad)

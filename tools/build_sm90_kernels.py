@@ -34,6 +34,10 @@ DEFAULT_CONFIGS = sorted({config
 SOURCE = ROOT / "monta" / "csrc" / "sm90_grouped_gemm.cuh"
 ALIGNED_SOURCE = ROOT / "monta" / "csrc" / "sm90_aligned_gemm.cuh"
 SWIGLU_DGRAD_SOURCE = ROOT / "monta" / "csrc" / "sm90_swiglu_dgrad.cuh"
+SWIGLU_FC1_SOURCE = ROOT / "monta" / "csrc" / "sm90_swiglu_fc1.cuh"
+# the fused kinds' headers and instance macros (the macros take the config's six numbers)
+FUSED_SOURCES = {sm90_gemm.SWIGLU_DGRAD_KIND: (SWIGLU_DGRAD_SOURCE, "MONTA_SWIGLU_DGRAD_INSTANCE"),
+                 sm90_gemm.SWIGLU_FC1_KIND: (SWIGLU_FC1_SOURCE, "MONTA_SWIGLU_FC1_INSTANCE")}
 ARCH = "-gencode=arch=compute_90a,code=sm_90a"  # sm_90a: wgmma and setmaxnreg need the "a"
 FLAGS = ["-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", ARCH, "-Xcompiler", "-fPIC"]
 
@@ -62,8 +66,8 @@ def up_to_date(obj: Path, source: Path, text: str, headers=None) -> bool:
 
 
 def source_of(kind: str) -> Path:
-    if kind == sm90_gemm.SWIGLU_DGRAD_KIND:
-        return SWIGLU_DGRAD_SOURCE
+    if kind in FUSED_SOURCES:
+        return FUSED_SOURCES[kind][0]
     return ALIGNED_SOURCE if kind in sm90_gemm.ALIGNED_KINDS else SOURCE
 
 
@@ -76,9 +80,9 @@ PRELUDE = "#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED\n"
 
 def instance_source(config: str, kind: str) -> str:
     tm, tn, tk, cm, cn, pingpong = sm90_gemm.CONFIGS[config]
-    if kind == sm90_gemm.SWIGLU_DGRAD_KIND:
+    if kind in FUSED_SOURCES:
         return (f'{PRELUDE}#include "{source_of(kind).name}"\n'
-                f"MONTA_SWIGLU_DGRAD_INSTANCE({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, {tk}, "
+                f"{FUSED_SOURCES[kind][1]}({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, {tk}, "
                 f"{cm}, {cn}, {str(pingpong).lower()})\n")
     aligned = kind in sm90_gemm.ALIGNED_KINDS
     macro = "MONTA_ALIGNED_GEMM_INSTANCE" if aligned else "MONTA_GROUPED_GEMM_INSTANCE"
@@ -90,11 +94,12 @@ def instance_source(config: str, kind: str) -> str:
 
 def instances(configs) -> list:
     """(config, kind) pairs to compile: every kind of each config, the tile-aligned kinds
-    of those that have them (monta.sm90_gemm.aligned_kinds) and the SwiGLU input gradient of
-    monta.sm90_gemm.SWIGLU_DGRAD_CONFIGS."""
+    of those that have them (monta.sm90_gemm.aligned_kinds) and the fused kinds of the configs
+    monta.sm90_gemm.FUSED_KINDS lists for them."""
     return [(c, kind) for c in configs for kind in sm90_gemm.KINDS] + [
         (c, kind) for c in configs for kind in sm90_gemm.aligned_kinds(c)] + [
-        (c, sm90_gemm.SWIGLU_DGRAD_KIND) for c in configs if c in sm90_gemm.SWIGLU_DGRAD_CONFIGS]
+        (c, kind) for kind, (_, fused_configs, _, _) in sm90_gemm.FUSED_KINDS.items()
+        for c in configs if c in fused_configs]
 
 
 def main(argv=None) -> int:

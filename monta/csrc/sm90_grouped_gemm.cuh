@@ -32,11 +32,19 @@ namespace monta {
 
 using namespace cute;
 
-// Fusion: the epilogue (D = accumulator by default; sm90_swiglu_dgrad.cuh passes its own visitor
-// tree); ElementC: the source operand's type, void for an epilogue that reads none.
+// The builder's mainloop as it is; sm90_swiglu_fc1.cuh passes one that reads B differently.
+struct BuiltMainloop {
+  template <class Mainloop>
+  using apply = Mainloop;
+};
+
+// Fusion: the epilogue (D = accumulator by default; sm90_swiglu_dgrad.cuh and
+// sm90_swiglu_fc1.cuh pass their own visitor trees); ElementC: the source operand's type, void
+// for an epilogue that reads none; MainloopAdapter::apply<M>: the mainloop run in place of the
+// builder's M.
 template <class TileShape, class ClusterShape, bool PingPong, bool AColumnMajor, bool BColumnMajor,
           class Fusion = cutlass::epilogue::fusion::LinearCombination<cutlass::bfloat16_t, float>,
-          class ElementC = cutlass::bfloat16_t>
+          class ElementC = cutlass::bfloat16_t, class MainloopAdapter = BuiltMainloop>
 struct GroupedGemm {
   using Element = cutlass::bfloat16_t;
   using Accumulator = float;
@@ -61,12 +69,13 @@ struct GroupedGemm {
       ElementC, LayoutD*, kAlignment, Element, LayoutD*, kAlignment, EpilogueSchedule,
       Fusion>::CollectiveOp;
 
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment,
-      Element, LayoutB*, kAlignment, Accumulator, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename Epilogue::SharedStorage))>,
-      MainloopSchedule>::CollectiveOp;
+  using Mainloop = typename MainloopAdapter::template apply<
+      typename cutlass::gemm::collective::CollectiveBuilder<
+          cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment,
+          Element, LayoutB*, kAlignment, Accumulator, TileShape, ClusterShape,
+          cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+              sizeof(typename Epilogue::SharedStorage))>,
+          MainloopSchedule>::CollectiveOp>;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;

@@ -94,6 +94,23 @@ def test_swiglu_triton_kernels_match_fp64(nccl_world_of_one):
                 assert rel_err(got, want) < 1e-2, (n, f)
 
 
+def test_swiglu_backward_reads_paired_h_as_megatron_h(nccl_world_of_one):
+    """The backward on ``h`` paired in runs of 64 columns (how the sm90 fused fc1 writes it)
+    gives exactly the gradients of the same ``h`` in megatron's layout."""
+    from monta import swiglu
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    n, f = 300, 1408
+    h = torch.randn(n, 2 * f, device="cuda", generator=gen).bfloat16()
+    p = torch.rand(n, 1, device="cuda", generator=gen)
+    dy = torch.randn(n, f, device="cuda", generator=gen).bfloat16()
+    paired = swiglu.pair(h, 64)
+    assert not torch.equal(paired, h) and torch.equal(swiglu.unpair(paired, 64), h)
+    dh, dp = swiglu.weighted_swiglu_backward(paired, p, dy, paired=64)
+    want_dh, want_dp = swiglu.weighted_swiglu_backward(h, p, dy)
+    assert torch.equal(dh, want_dh) and torch.equal(dp, want_dp)
+
+
 def _topk_mask(tokens: int, experts: int, topk: int, seed: int) -> torch.Tensor:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     logits = torch.randn(tokens, experts, device="cuda", generator=gen)
@@ -256,7 +273,7 @@ def test_fused_swiglu_expert_ffn_matches_fp64(nccl_world_of_one, ffn, passes):
     (1096) a multiple of the column tile."""
     import torch.nn.functional as F
 
-    from monta import swiglu_gemm
+    from monta import sm90_gemm, swiglu_gemm
 
     counts = torch.tensor([300, 0, 17, 0, 1000, 1, 0, 129], device="cuda")
     ends = torch.cumsum(counts, 0, dtype=torch.int32)
@@ -269,7 +286,14 @@ def test_fused_swiglu_expert_ffn_matches_fp64(nccl_world_of_one, ffn, passes):
     dout = torch.randn(n, hidden, device="cuda", generator=gen).bfloat16()
     if passes == "bwd" and not swiglu_gemm.supported(x, w1, w2, passes):
         pytest.skip("the sm90 library with its SwiGLU input gradient is not built")
-    assert swiglu_gemm.supported(x, w1, w2, passes)
+    assert swiglu_gemm.supported(x, w1, w2, passes, ends)
+    # fwd runs on the sm90 fused fc1 where F fits its paired runs (384), else on Triton (1096)
+    sm90_fc1 = swiglu_gemm.sm90_fc1_config(x, w1, ends)
+    if passes == "fwd" and ffn % 64 == 0 and any(map(sm90_gemm.swiglu_fc1_built,
+                                                      sm90_gemm.SWIGLU_FC1_CONFIGS)):
+        assert sm90_fc1 is not None
+    if ffn % 64:
+        assert sm90_fc1 is None
     fused = [t.clone().requires_grad_(True) for t in (x, w1, w2, probs)]
     out = swiglu_gemm.swiglu_expert_ffn(*fused, ends, passes=passes)
     out.backward(dout)
@@ -321,6 +345,36 @@ def test_sm90_swiglu_dgrad_matches_the_unfused_kernels(nccl_world_of_one, config
         want_dh.float().abs().max() * 2 ** -7, "dh differs by more than one bf16 rounding"
     assert rel_err(dp[:used], want_dp) < 1e-4
     assert torch.count_nonzero(dp[used:]) == 0, "rows past the last expert got a gradient"
+
+
+@pytest.mark.parametrize("ffn", [1408, 192])
+def test_sm90_swiglu_fc1_matches_the_unfused_kernels(nccl_world_of_one, ffn):
+    """monta/csrc/sm90_swiglu_fc1.cuh against what it replaces: fc1's forward on the same sm90
+    kernel, then the Triton activation forward (monta/swiglu.py). h comes out paired and, put
+    back in megatron's layout, equal bit for bit (the same products in the same order); y
+    agrees to one bf16 rounding (the hardware's tanh in the sigmoid). Uneven and empty experts,
+    an odd number of column tiles for the 1x2 cluster (192), rows past the last expert's end."""
+    from monta import sm90_gemm, swiglu
+
+    config = sm90_gemm.SWIGLU_FC1_CONFIGS[0]
+    if not sm90_gemm.swiglu_fc1_built(config):
+        pytest.skip("the sm90 library with its fused fc1 is not built")
+    counts = torch.tensor([700, 0, 5, 128, 0, 257, 1, 63], device="cuda")
+    ends = torch.cumsum(counts, 0, dtype=torch.int32)
+    gen = torch.Generator(device="cuda").manual_seed(ffn)
+    used, n, hidden = int(counts.sum()), int(counts.sum()) + 40, 512
+    x = torch.randn(n, hidden, device="cuda", generator=gen).bfloat16()
+    w1 = (torch.randn(8, hidden, 2 * ffn, device="cuda", generator=gen) / 16).bfloat16()
+    probs = torch.rand(n, 1, device="cuda", generator=gen)
+    h, y = sm90_gemm.swiglu_fc1(x, w1, probs, ends, config)
+    width = sm90_gemm.paired_width(config)
+    want_h = sm90_gemm.rows(x, w1, ends, config)[:used]
+    want_y = swiglu.weighted_swiglu_forward(want_h, probs[:used])
+    assert h.shape == (n, 2 * ffn) and y.shape == (n, ffn)
+    assert torch.equal(swiglu.unpair(h[:used], width), want_h)
+    assert rel_err(y[:used], want_y) < 5e-3
+    assert (y[:used].float() - want_y.float()).abs().max() <= \
+        want_y.float().abs().max() * 2 ** -7, "y differs by more than one bf16 rounding"
 
 
 def _monta_layer_under(monkeypatch, variable: str, values) -> list:

@@ -38,8 +38,8 @@ def test_aligned_instances_use_their_header_for_the_configs_that_have_them():
     pairs = build_sm90_kernels.instances(sm90_gemm.CONFIGS)
     aligned = {(c, k) for c, k in pairs if k in sm90_gemm.ALIGNED_KINDS}
     assert aligned == {(c, k) for c in sm90_gemm.CONFIGS for k in sm90_gemm.aligned_kinds(c)}
-    assert len(pairs) == len(set(pairs)) == 3 * len(sm90_gemm.CONFIGS) + len(aligned) + len(
-        sm90_gemm.SWIGLU_DGRAD_CONFIGS)
+    assert len(pairs) == len(set(pairs)) == 3 * len(sm90_gemm.CONFIGS) + len(aligned) + sum(
+        len(configs) for _, configs, _, _ in sm90_gemm.FUSED_KINDS.values())
     for config, kind in aligned:
         tm, tn, tk, cm, cn, pingpong = sm90_gemm.CONFIGS[config]
         base = kind.removeprefix("aligned_")
@@ -53,19 +53,22 @@ def test_aligned_instances_use_their_header_for_the_configs_that_have_them():
     assert f'#include "{build_sm90_kernels.SOURCE.name}"' in header
 
 
-def test_the_swiglu_input_gradient_is_built_for_its_configs_from_its_header():
-    header = build_sm90_kernels.SWIGLU_DGRAD_SOURCE.read_text()
-    assert "#define MONTA_SWIGLU_DGRAD_INSTANCE" in header
-    assert f'#include "{build_sm90_kernels.SOURCE.name}"' in header
+@pytest.mark.parametrize("kind, header_name, macro", [
+    (sm90_gemm.SWIGLU_DGRAD_KIND, "sm90_swiglu_dgrad.cuh", "MONTA_SWIGLU_DGRAD_INSTANCE"),
+    (sm90_gemm.SWIGLU_FC1_KIND, "sm90_swiglu_fc1.cuh", "MONTA_SWIGLU_FC1_INSTANCE")])
+def test_a_fused_kind_is_built_for_its_configs_from_its_header(kind, header_name, macro):
+    header = build_sm90_kernels.source_of(kind)
+    assert header.name == header_name and f"#define {macro}" in header.read_text()
+    assert f'#include "{build_sm90_kernels.SOURCE.name}"' in header.read_text()
+    configs = sm90_gemm.FUSED_KINDS[kind][1]
     pairs = build_sm90_kernels.instances(sm90_gemm.CONFIGS)
-    kind = sm90_gemm.SWIGLU_DGRAD_KIND
-    assert {c for c, k in pairs if k == kind} == set(sm90_gemm.SWIGLU_DGRAD_CONFIGS)
+    assert {c for c, k in pairs if k == kind} == set(configs)
     assert not any(k == kind for _, k in build_sm90_kernels.instances(["128x256_c1x2"]))
-    for config in sm90_gemm.SWIGLU_DGRAD_CONFIGS:
+    for config in configs:
         tm, tn, tk, cm, cn, pingpong = sm90_gemm.CONFIGS[config]
         text = build_sm90_kernels.instance_source(config, kind)
-        assert text.startswith(build_sm90_kernels.PRELUDE + '#include "sm90_swiglu_dgrad.cuh"')
-        assert f"MONTA_SWIGLU_DGRAD_INSTANCE({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, " \
+        assert text.startswith(build_sm90_kernels.PRELUDE + f'#include "{header_name}"')
+        assert f"{macro}({sm90_gemm.symbol(config, kind)}, {tm}, {tn}, " \
                f"{tk}, {cm}, {cn}, {str(pingpong).lower()})" in text
 
 
@@ -86,7 +89,8 @@ def test_an_instance_is_recompiled_when_any_header_or_its_source_changes(tmp_pat
     assert not build_sm90_kernels.up_to_date(obj, source, source.read_text(), headers)
     obj.unlink()
     assert not build_sm90_kernels.up_to_date(obj, source, source.read_text(), headers)
-    for header in (build_sm90_kernels.ALIGNED_SOURCE, build_sm90_kernels.SWIGLU_DGRAD_SOURCE):
+    for header in (build_sm90_kernels.ALIGNED_SOURCE, build_sm90_kernels.SWIGLU_DGRAD_SOURCE,
+                   build_sm90_kernels.SWIGLU_FC1_SOURCE):
         assert '#include "sm90_grouped_gemm.cuh"' in header.read_text()
 
 
