@@ -63,6 +63,11 @@ SETTINGS = {
     "ping_pong_fused": {"MONTA_GROUPED_GEMM": PING_PONG, "MONTA_FUSED_SWIGLU": "fwd"},
     # the activation's backward in fc2's input gradient (monta/csrc/sm90_swiglu_dgrad.cuh)
     "ping_pong_bwd": {"MONTA_GROUPED_GEMM": PING_PONG, "MONTA_FUSED_SWIGLU": "bwd"},
+    # the default with Triton's fused fc1 wherever the default fuses it, not the sm90 one
+    # (monta/csrc/sm90_swiglu_fc1.cuh)
+    "triton_fc1": {"MONTA_SM90_FUSED_FC1": "0", "MONTA_FUSED_SWIGLU": "fwd"},
+    # the large-expert kernels, SwiGLU·prob unfused
+    "previous_unfused": {**PREVIOUS, "MONTA_FUSED_SWIGLU": "0"},
 }
 # the experts of bench/gpu_moe_train.py's model, and its tokens per micro-batch
 TRAIN_SHAPE = dict(hidden=2048, ffn=1536, experts=8, topk=2)

@@ -166,7 +166,7 @@ class MoNTAGroupedMLP(GroupedMLP):
         offsets = None
         if grouped_mm_supported(x, w1):
             offsets = expert_offsets(tokens_per_expert, x.device)  # shared by both GEMMs
-            fused = swiglu_gemm.fused_passes(x, offsets)
+            fused = swiglu_gemm.fused_passes(x, offsets, w1)
             if fused != "0" and self._fusable(x, w1, w2, fused, offsets):
                 try:
                     return swiglu_gemm.swiglu_expert_ffn(x, w1, w2, probs, offsets,

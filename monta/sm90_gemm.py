@@ -54,7 +54,10 @@ ALIGNED_KINDS = ("aligned_row", "aligned_col", "aligned_wgrad")
 SWIGLU_DGRAD_CONFIGS = ("128x128_pp_c1x2", "128x176_pp_c1x2")
 SWIGLU_DGRAD_KIND = "swiglu_dgrad"
 # Configs that also get fc1's forward with SwiGLU·prob in its epilogue
-# (monta/csrc/sm90_swiglu_fc1.cuh): the small-expert row config, which fc1 runs on unfused.
+# (monta/csrc/sm90_swiglu_fc1.cuh): the small-expert row config, whose unfused fc1 beat Triton's
+# fused one. On the large-expert one (128x256_c1x2, built and measured) it was no faster than
+# either Triton's fused fc1 or none (bench/results/gpu_expert_kernels_runs/
+# ffn_large_sm90_fc1_5936c08.json), so it is not built there.
 SWIGLU_FC1_CONFIGS = ("128x128_pp_c1x2",)
 SWIGLU_FC1_KIND = "swiglu_fc1"
 # The fused kinds: what they are, their configs and the C arguments of their _run before the

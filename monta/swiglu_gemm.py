@@ -1,4 +1,4 @@
-"""The expert FFN with SwiGLU × router probability fused into its grouped GEMMs (Triton, Hopper).
+"""The expert FFN with SwiGLU × router probability fused into its grouped GEMMs (Hopper).
 
 Unfused, the FFN makes two extra passes over its widest tensor, the ``[rows, 2F]`` output of
 fc1 (~1 GB at Mixtral shapes): the activation's forward reads it to write ``y``, its backward
@@ -18,14 +18,25 @@ layout stays as it is (checkpoints unchanged). Rounding matches the unfused path
 
 ``MONTA_FUSED_SWIGLU`` picks: ``fwd`` fuses fc1's forward only; ``all`` also fc2's input
 gradient; ``bwd`` only the backward, in the epilogue of MoNTA's sm90 ping-pong kernel instead
-of Triton's (opt-in, below); ``0`` neither; ``auto`` (default) ``0`` where the row GEMMs run on
-MoNTA's small-expert sm90 kernels (128x128 ping-pong,
-``monta.expert_gemm.SM90_SMALL_EXPERT_CONFIGS``), else ``fwd``. On those the unfused FFN is the
-faster one: the fine-grained expert FFN fwd+bwd back to back 4.91 and 4.87 vs 4.97 and 4.97 ms,
-one pass 5.09 and 5.10 vs 5.26 and 5.26 ms
-(bench/results/gpu_expert_kernels_runs/ffn_fine_grained_unfused_*); bench/gpu_moe.py times
-both. Where the fused call fails unasked (e.g. Triton cannot compile it for the GPU),
-:class:`monta.experts.MoNTAGroupedMLP` warns once and runs unfused.
+of Triton's (opt-in, below); ``0`` neither; ``auto`` (default) ``fwd``, except ``0`` where the
+row GEMMs run on MoNTA's small-expert sm90 kernels (128x128 ping-pong,
+``monta.expert_gemm.SM90_SMALL_EXPERT_CONFIGS``) and that kernel's own fused fc1 cannot run.
+
+On the small-expert kernels ``fwd`` runs the sm90 library's fc1 with the activation in its
+epilogue (monta/csrc/sm90_swiglu_fc1.cuh, :func:`sm90_fc1_config`): the same CUTLASS ping-pong
+kernel, whose column tile ``n`` reads W1's gate columns ``[64n, 64n + 64)`` and up columns
+``[F + 64n, F + 64n + 64)`` (only the TMA boxes start elsewhere; the weights stay as megatron
+stores them), so one tile holds both halves of 64 columns of ``y``. Its ``h`` is saved
+*paired*, in runs of 64 gate then 64 up columns, and the activation's backward reads it so
+(:mod:`monta.swiglu`). Triton's fused fc1 lost to the unfused ping-pong kernel there (the
+fine-grained expert FFN fwd+bwd back to back 4.97 against 4.87-4.91 ms, one pass 5.26 against
+5.09-5.10 ms, bench/results/gpu_expert_kernels_runs/ffn_fine_grained_unfused_*); the sm90 one
+wins: 4.73 against 4.81 and 4.84 ms back to back, 4.86 against 4.98 and 5.00 ms one pass
+(ffn_fine_grained_sm90_fc1_5936c08.json, same rounds). On the large-expert kernels
+(128x256 cooperative) an sm90 build of it was no faster than Triton's fused fc1 or none
+(ffn_large_sm90_fc1_5936c08.json), so Triton's runs there; ``MONTA_SM90_FUSED_FC1=0`` makes
+Triton's run everywhere (to compare). Where the fused call fails unasked (e.g. Triton cannot
+compile it for the GPU), :class:`monta.experts.MoNTAGroupedMLP` warns once and runs unfused.
 
 Measured on an H200 (median ms, interleaved), the forward fusion is a wash. fc1 + activation
 forward, fused vs unfused, back to back: 6.54 vs 6.27 ms (Mixtral), 1.30 vs 1.31 ms
@@ -184,8 +195,10 @@ def sm90_fc1_config(x: torch.Tensor, w1: torch.Tensor,
     grouped by ``row_ends``: the config the row GEMMs run on
     (:func:`monta.expert_gemm.row_config`) when the library holds its fused fc1
     (monta/csrc/sm90_swiglu_fc1.cuh) and F is a multiple of its paired width; else None, and
-    this module's Triton kernel runs ``fwd``."""
-    if row_ends is None or not sm90_gemm.available(x) or w1.dtype != torch.bfloat16:
+    this module's Triton kernel runs ``fwd``. ``MONTA_SM90_FUSED_FC1=0`` says None always
+    (Triton's fused fc1 then runs, e.g. to compare the two)."""
+    if row_ends is None or not _sm90_fc1_allowed() or not sm90_gemm.available(x) \
+            or w1.dtype != torch.bfloat16:
         return None
     config = expert_gemm.row_config(x, row_ends)
     if config is None or not sm90_gemm.swiglu_fc1_built(config):
@@ -193,6 +206,10 @@ def sm90_fc1_config(x: torch.Tensor, w1: torch.Tensor,
     hidden, width = w1.shape[1:]
     return config if (width // 2) % sm90_gemm.paired_width(config) == 0 and hidden % 8 == 0 \
         and w1.is_contiguous() and x.size(1) == hidden else None
+
+
+def _sm90_fc1_allowed() -> bool:
+    return os.environ.get("MONTA_SM90_FUSED_FC1", "1") != "0"
 
 
 def supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, passes: str = "fwd",
@@ -229,19 +246,24 @@ FUSE_VARIABLE = "MONTA_FUSED_SWIGLU"
 FUSE_CHOICES = ("auto", "fwd", "all", "bwd", "0")
 
 
-def fused_passes(x: torch.Tensor | None = None, row_ends: torch.Tensor | None = None) -> str:
+def fused_passes(x: torch.Tensor | None = None, row_ends: torch.Tensor | None = None,
+                 w1: torch.Tensor | None = None) -> str:
     """``MONTA_FUSED_SWIGLU`` (see module doc) for the expert FFN of input ``x`` grouped by
-    ``row_ends``: ``fwd``, ``all``, ``bwd`` or ``0``; ``auto`` (the default) is ``0`` where the
-    row GEMMs run on MoNTA's small-expert sm90 kernels, whose fc1 forward beats this module's
-    fused one, else ``fwd``."""
+    ``row_ends`` (and fc1's weights ``w1``, if given): ``fwd``, ``all``, ``bwd`` or ``0``;
+    ``auto`` (the default) is ``fwd``, except ``0`` where the row GEMMs run on MoNTA's
+    small-expert sm90 kernels and its fused fc1 does not (not built, or F off its paired runs):
+    that kernel's unfused fc1 beats this module's fused one."""
     asked = os.environ.get(FUSE_VARIABLE, "auto")
     if asked not in FUSE_CHOICES:
         raise ValueError(f"{FUSE_VARIABLE} must be one of {', '.join(FUSE_CHOICES)}, "
                          f"got {asked!r}")
     if asked == "auto":
-        unfused = x is not None and row_ends is not None and \
-            expert_gemm.row_config(x, row_ends) == expert_gemm.SM90_SMALL_EXPERT_CONFIGS[0]
-        return "0" if unfused else "fwd"
+        small = expert_gemm.SM90_SMALL_EXPERT_CONFIGS[0]
+        if x is None or row_ends is None or expert_gemm.row_config(x, row_ends) != small:
+            return "fwd"
+        fused_fc1 = (_sm90_fc1_allowed() and sm90_gemm.swiglu_fc1_built(small) if w1 is None
+                     else sm90_fc1_config(x, w1, row_ends) is not None)
+        return "fwd" if fused_fc1 else "0"
     return asked
 
 

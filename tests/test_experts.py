@@ -211,7 +211,7 @@ def _fused_fallback_cases(rank: int, world_size: int) -> dict:
     experts.logger.addHandler(handler)
     patched = {(experts, "grouped_mm_supported"): lambda x, w: True,
                (experts, "grouped_mm"): lambda x, w, tpe, offsets=None: loop(x, w, tpe),
-               (swiglu_gemm, "supported"): lambda x, w1, w2, passes: True,
+               (swiglu_gemm, "supported"): lambda x, w1, w2, passes, row_ends=None: True,
                (swiglu_gemm, "swiglu_expert_ffn"): failing_ffn}
     loop = lambda x, w, tpe: grouped_mm(x, w, tpe, force_loop=True)  # noqa: E731
     saved = {key: getattr(*key) for key in patched}

@@ -8,10 +8,11 @@ from monta import swiglu_gemm
 
 
 def test_fused_passes_default_and_choices(monkeypatch):
-    """Unset (``auto``): fc1's forward fused unless the row GEMMs run on the small-expert sm90
-    kernels, whose unfused FFN is the faster one; a value the user sets is taken as it is
+    """Unset (``auto``): fc1's forward fused, except where the row GEMMs run on the small-expert
+    sm90 kernels and the library's fused fc1 cannot run (not built, or F off its paired runs):
+    there the unfused FFN beats Triton's fused fc1. A value the user sets is taken as it is
     (``bwd``, the sm90 fused input gradient, only when asked: it was no faster back to back)."""
-    from monta import expert_gemm
+    from monta import expert_gemm, sm90_gemm
 
     monkeypatch.delenv("MONTA_FUSED_SWIGLU", raising=False)
     x, ends = torch.empty(4, 8, dtype=torch.bfloat16), torch.tensor([2, 4], dtype=torch.int32)
@@ -20,8 +21,15 @@ def test_fused_passes_default_and_choices(monkeypatch):
         expert_gemm.SM90_LARGE_EXPERT_CONFIGS[0]
     monkeypatch.setattr(expert_gemm, "row_config", lambda t, e: large)
     assert swiglu_gemm.fused_passes(x, ends) == "fwd"
+    built = set()
+    monkeypatch.setattr(sm90_gemm, "swiglu_fc1_built", lambda c: c in built)
     monkeypatch.setattr(expert_gemm, "row_config", lambda t, e: small)
     assert swiglu_gemm.fused_passes(x, ends) == "0"
+    built.add(small)
+    assert swiglu_gemm.fused_passes(x, ends) == "fwd"
+    monkeypatch.setattr(swiglu_gemm, "sm90_fc1_config", lambda x, w1, e: None)  # F off the runs
+    assert swiglu_gemm.fused_passes(x, ends, torch.empty(2, 8, 24)) == "0"
+    built.clear()
     monkeypatch.setenv("MONTA_FUSED_SWIGLU", "auto")
     assert swiglu_gemm.fused_passes(x, ends) == "0"
     for choice in ("fwd", "all", "bwd", "0"):
