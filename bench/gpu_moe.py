@@ -179,7 +179,10 @@ def bench_expert_gemm(shape: dict, tokens: int, device, dtype, timer) -> dict:
            # what the grouped kernels run by default on these rows (monta/expert_gemm.py)
            "default_kernels": with_grouped_gemm("grouped", lambda: {
                "grouped_gemm_default": expert_gemm._pin(probe, offsets),
-               "fused_swiglu": swiglu_gemm.fused_passes(probe, offsets)})}
+               "fused_swiglu": swiglu_gemm.fused_passes(probe, offsets),
+               # the sm90 config whose fc1 runs fused there, None where Triton's would
+               "sm90_fused_fc1": swiglu_gemm.sm90_fc1_config(
+                   probe, torch.empty(e, h, 2 * f, device="meta", dtype=dtype), offsets)})}
     if padded is not None:
         out["padded_rows"] = padded[0].numel()
         out["padded_rows_used"] = int(padded[2].row_ends[-1])

@@ -177,12 +177,16 @@ def _default_kernels(r: dict) -> str:
 
 def _monta_kernels(env: dict) -> str:
     """``env``: the default's grouped-GEMM pin and SwiGLU fusion (``grouped_gemm_default``,
-    ``fused_swiglu``)."""
+    ``fused_swiglu``, ``sm90_fused_fc1``)."""
     unpadded = env.get("grouped_gemm_default")
     fused = {"0": "", "bwd": ", SwiGLU·prob's backward in the epilogue of fc2's input gradient "
                             "(`monta/csrc/sm90_swiglu_dgrad.cuh`)"}.get(
         env.get("fused_swiglu", "0"), ", SwiGLU·prob fused into fc1's forward "
                                       "(`monta/swiglu_gemm.py`)")
+    sm90_fc1 = env.get("sm90_fused_fc1") if env.get("fused_swiglu") == "fwd" else None
+    if sm90_fc1:  # the row kernel itself, with the activation in its epilogue
+        fused = (f", SwiGLU·prob fused into fc1's forward on `sm90:{sm90_fc1}` "
+                 "(`monta/csrc/sm90_swiglu_fc1.cuh`)")
     if unpadded and unpadded != "torch":
         # sm90:<rows>[,<weight gradient>[,<input gradient>]] (monta/expert_gemm.py)
         rows, wgrad, dgrad = (unpadded.removeprefix("sm90:").split(",") + ["", ""])[:3]
@@ -190,7 +194,7 @@ def _monta_kernels(env: dict) -> str:
         gemms = (f"forward on `sm90:{rows}`, input gradient on `sm90:{dgrad}`" if dgrad
                  else f"forward and input gradient on `sm90:{rows}`")
         return (f"{gemms}, weight gradient on {wgrad}"
-                + fused + (" for the other GEMMs" if fused else "")
+                + fused + (" for the other GEMMs" if fused and not sm90_fc1 else "")
                 + ("" if fused else ", SwiGLU·prob as its own kernels"))
     return "`torch._grouped_mm`" + fused
 
