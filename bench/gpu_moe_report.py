@@ -147,8 +147,10 @@ def _fusion_table(r: dict) -> list[str]:
     lines = ["", "SwiGLU × router probability fused into the GEMMs' epilogues "
              "(`monta/swiglu_gemm.py`, `MONTA_FUSED_SWIGLU`), on the grouped kernels "
              "(`MONTA_GROUPED_GEMM=grouped`), expert FFN forward + backward, "
-             "ms (% of dense; same rounds). The default (`auto`) is `0` where MoNTA's sm90 "
-             "kernels run the row GEMMs, else `fwd`; `bwd` (in runs since 4d86cea) is opt-in:",
+             "ms (% of dense; same rounds). The default (`auto`) is `fwd`, except `0` where "
+             "the row GEMMs run on MoNTA's small-expert sm90 kernels without their own fused "
+             "fc1 (`monta/csrc/sm90_swiglu_fc1.cuh`, in runs since baee1e3, which `fwd` runs "
+             "there); `bwd` (in runs since 4d86cea) is opt-in:",
              "",
              "| shapes | fused into fc1's forward (`fwd`) | unfused (`0`) | also into fc2's "
              "input gradient (`all`) | only the backward, in fc2's input gradient on sm90 "
