@@ -19,15 +19,24 @@
 // Rounding is the unfused path's: d is rounded to bf16 before the activation's backward uses it.
 #pragma once
 
-#include "sm90_grouped_gemm.cuh"
+#include "sm90_swiglu_epilogue.cuh"
 
 namespace monta {
 
 using namespace cute;
 
+struct SwigluBackwardArguments {
+  cutlass::bfloat16_t const* h = nullptr;  // [rows, 2F]: fc1's output, gate | up
+  cutlass::bfloat16_t* dh = nullptr;       // [rows, 2F]: this node writes the up half
+  float const* probs = nullptr;            // [rows]
+  float* dprobs = nullptr;                 // [rows], zeroed before the GEMM
+  int32_t const* ends = nullptr;           // the experts' cumulative row ends
+  int ffn = 0;                             // F
+};
+
 // An epilogue visitor node (CUTLASS's Sm90 EVT interface) whose child is the accumulator.
 template <class CtaTileShapeMNK>
-struct SwigluBackwardNode {
+struct SwigluBackwardNode : SourcelessNode<SwigluBackwardArguments> {
   using Element = cutlass::bfloat16_t;
   static constexpr int kTileM = size<0>(CtaTileShapeMNK{});
   static constexpr int kTileN = size<1>(CtaTileShapeMNK{});
@@ -39,33 +48,12 @@ struct SwigluBackwardNode {
     alignas(128) Element gate[kTileM * kPitch];
     alignas(128) Element up[kTileM * kPitch];
   };
-  struct Arguments {
-    Element const* h = nullptr;    // [rows, 2F]: fc1's output, gate | up
-    Element* dh = nullptr;         // [rows, 2F]: this node writes the up half
-    float const* probs = nullptr;  // [rows]
-    float* dprobs = nullptr;       // [rows], zeroed before the GEMM
-    int32_t const* ends = nullptr; // the experts' cumulative row ends
-    int ffn = 0;                   // F
-  };
+  using Arguments = SwigluBackwardArguments;
   using Params = Arguments;
 
   template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args,
-                                                  void*) {
-    return args;
-  }
-  template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
     return args.h && args.dh && args.probs && args.dprobs && args.ends && args.ffn % 8 == 0;
-  }
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
-    return 0;
-  }
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*,
-                                              cudaStream_t, cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
   }
 
   CUTLASS_HOST_DEVICE SwigluBackwardNode() {}
@@ -73,15 +61,6 @@ struct SwigluBackwardNode {
       : params(params), smem(const_cast<SharedStorage*>(&shared)) {}
   Params params;
   SharedStorage* smem = nullptr;
-
-  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
-  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
-
-  template <class... Args>
-  CUTLASS_DEVICE auto get_producer_load_callbacks(
-      cutlass::epilogue::fusion::detail::ProducerLoadArgs<Args...> const&) {
-    return cutlass::epilogue::fusion::detail::EmptyProducerLoadCallbacks{};
-  }
 
   // Tensors are this thread's partition of the tile, (CPY,CPY_M,CPY_N,EPI_M,EPI_N): its
   // elements' coordinates in the tile and relative to its first element, the up half of dh,
@@ -142,13 +121,7 @@ struct SwigluBackwardNode {
         }
         asm volatile("cp.async.commit_group;\n" ::);
       }
-      Tensor prob = filter_zeros(tCrProb);
-      Tensor prob_gmem = filter_zeros(tCgProb);
-      Tensor coords = filter_zeros(tCcD, tCgProb.stride());
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(prob); ++i) {
-        prob(i) = elem_less(coords(i), residue) ? prob_gmem(i) : 0.0f;
-      }
+      load_row_values(tCrProb, tCgProb, tCcD, residue);
       fill(tCrDprob, 0.0f);
     }
 
@@ -173,17 +146,6 @@ struct SwigluBackwardNode {
       ((block == Blocks ? wait_group<kEpiN - 1 - Blocks>() : void()), ...);
     }
 
-    // sigmoid(g) = (1 + tanh(g/2)) / 2 with the hardware's tanh: one special-function op where
-    // exp and a division take two (its ~2^-11 relative error is below the bf16 outputs')
-    static CUTLASS_DEVICE float sigmoid(float g) {
-      float t;
-      asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(0.5f * g));
-      return 0.5f + 0.5f * t;
-    }
-
-    static CUTLASS_DEVICE float low(uint32_t pair) { return __uint_as_float(pair << 16); }
-    static CUTLASS_DEVICE float high(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
-
     template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
     CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(
         cutlass::Array<ElementAccumulator, FragmentSize> const&, int epi_v, int epi_m, int epi_n,
@@ -207,17 +169,16 @@ struct SwigluBackwardNode {
         CUTLASS_PRAGMA_UNROLL
         for (int k = 0; k < 2; ++k) {
           float d = float(Element(frg_input[i + k]));  // d in bf16, as the unfused path stores it
-          float g = k ? high(gates) : low(gates);
-          float u = k ? high(ups) : low(ups);
-          float sig = sigmoid(g);
+          float g = k ? bf16_high(gates) : bf16_low(gates);
+          float u = k ? bf16_high(ups) : bf16_low(ups);
+          float sig = swiglu_sigmoid(g);
           float silu = g * sig;
           dgate[i + k] = d * p * u * sig * (1.0f + g * (1.0f - sig));
           du[k] = d * p * silu;
           dprob(j + k) += d * silu * u;
         }
         if (inside) {
-          uint32_t pair = uint32_t(Element(du[0]).raw()) | (uint32_t(Element(du[1]).raw()) << 16);
-          *reinterpret_cast<uint32_t*>(&dup(j)) = pair;
+          *reinterpret_cast<uint32_t*>(&dup(j)) = bf16_pair(Element(du[0]), Element(du[1]));
         }
       }
       return dgate;

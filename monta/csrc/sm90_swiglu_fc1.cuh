@@ -16,7 +16,7 @@
 // direct stores. Rounding is the unfused path's: y is computed from h rounded to bf16.
 #pragma once
 
-#include "sm90_grouped_gemm.cuh"
+#include "sm90_swiglu_epilogue.cuh"
 
 namespace monta {
 
@@ -51,55 +51,34 @@ struct PairedGluColumns {
   using apply = GluPairedColumns<Mainloop>;
 };
 
+struct SwigluForwardArguments {
+  cutlass::bfloat16_t* y = nullptr;  // [rows, F]
+  float const* probs = nullptr;      // [rows]
+  int32_t const* ends = nullptr;     // the experts' cumulative row ends
+  int ffn = 0;                       // F
+};
+
 // An epilogue visitor node whose child is the accumulator: passes it on (D = h) and writes y.
 template <class CtaTileShapeMNK>
-struct SwigluForwardNode {
+struct SwigluForwardNode : SourcelessNode<SwigluForwardArguments> {
   using Element = cutlass::bfloat16_t;
   static constexpr int kTileM = size<0>(CtaTileShapeMNK{});
   static constexpr int kTileN = size<1>(CtaTileShapeMNK{});
   static constexpr int kHalf = kTileN / 2;
 
   struct SharedStorage {};
-  struct Arguments {
-    Element* y = nullptr;           // [rows, F]
-    float const* probs = nullptr;   // [rows]
-    int32_t const* ends = nullptr;  // the experts' cumulative row ends
-    int ffn = 0;                    // F
-  };
+  using Arguments = SwigluForwardArguments;
   using Params = Arguments;
 
   template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args,
-                                                  void*) {
-    return args;
-  }
-  template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
     return args.y && args.probs && args.ends && args.ffn % kHalf == 0;
-  }
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
-    return 0;
-  }
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*,
-                                              cudaStream_t, cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
   }
 
   CUTLASS_HOST_DEVICE SwigluForwardNode() {}
   CUTLASS_HOST_DEVICE SwigluForwardNode(Params const& params, SharedStorage const&)
       : params(params) {}
   Params params;
-
-  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
-  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
-
-  template <class... Args>
-  CUTLASS_DEVICE auto get_producer_load_callbacks(
-      cutlass::epilogue::fusion::detail::ProducerLoadArgs<Args...> const&) {
-    return cutlass::epilogue::fusion::detail::EmptyProducerLoadCallbacks{};
-  }
 
   // Tensors are this thread's partition of the tile, (CPY,CPY_M,CPY_N,EPI_M,EPI_N): its
   // elements' coordinates in the tile and relative to the tile's first element, and per row
@@ -132,28 +111,7 @@ struct SwigluForwardNode {
     Residue residue;
     cutlass::Array<uint32_t, kGatePairs> gates;
 
-    CUTLASS_DEVICE void begin() {
-      Tensor prob = filter_zeros(tCrProb);
-      Tensor prob_gmem = filter_zeros(tCgProb);
-      Tensor coords = filter_zeros(tCcD, tCgProb.stride());
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(prob); ++i) {
-        prob(i) = elem_less(coords(i), residue) ? prob_gmem(i) : 0.0f;
-      }
-    }
-
-    // sigmoid(g) = (1 + tanh(g/2)) / 2 with the hardware's tanh (as sm90_swiglu_dgrad.cuh)
-    static CUTLASS_DEVICE float sigmoid(float g) {
-      float t;
-      asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(0.5f * g));
-      return 0.5f + 0.5f * t;
-    }
-
-    static CUTLASS_DEVICE uint32_t pack(Element a, Element b) {
-      return uint32_t(a.raw()) | (uint32_t(b.raw()) << 16);
-    }
-    static CUTLASS_DEVICE float low(uint32_t pair) { return __uint_as_float(pair << 16); }
-    static CUTLASS_DEVICE float high(uint32_t pair) { return __uint_as_float(pair & 0xffff0000u); }
+    CUTLASS_DEVICE void begin() { load_row_values(tCrProb, tCgProb, tCcD, residue); }
 
     template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
     CUTLASS_DEVICE cutlass::Array<float, FragmentSize> visit(
@@ -173,15 +131,16 @@ struct SwigluForwardNode {
         out[i] = float(frg_input[i]);
         out[i + 1] = float(frg_input[i + 1]);
         if (!up_half) {
-          gates[slot0 + j / 2] = pack(h0, h1);
+          gates[slot0 + j / 2] = bf16_pair(h0, h1);
         } else if (elem_less(coords(j), residue)) {
           uint32_t g = gates[slot0 + j / 2];
           float p = prob(j);
-          float g0 = low(g), g1 = high(g);
-          Element y0 = Element(g0 * sigmoid(g0) * float(h0) * p);
-          Element y1 = Element(g1 * sigmoid(g1) * float(h1) * p);
+          float g0 = bf16_low(g), g1 = bf16_high(g);
+          Element y0 = Element(g0 * swiglu_sigmoid(g0) * float(h0) * p);
+          Element y1 = Element(g1 * swiglu_sigmoid(g1) * float(h1) * p);
           int r = get<0>(tile_coords(j)), c = get<1>(tile_coords(j)) - kHalf;
-          *reinterpret_cast<uint32_t*>(y_tile + static_cast<int64_t>(r) * ffn + c) = pack(y0, y1);
+          *reinterpret_cast<uint32_t*>(y_tile + static_cast<int64_t>(r) * ffn + c) =
+              bf16_pair(y0, y1);
         }
       }
       return out;
