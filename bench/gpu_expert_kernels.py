@@ -65,7 +65,7 @@ SETTINGS = {
     "ping_pong_bwd": {"MONTA_GROUPED_GEMM": PING_PONG, "MONTA_FUSED_SWIGLU": "bwd"},
     # the default with Triton's fused fc1 wherever the default fuses it, not the sm90 one
     # (monta/csrc/sm90_swiglu_fc1.cuh)
-    "triton_fc1": {"MONTA_SM90_FUSED_FC1": "0", "MONTA_FUSED_SWIGLU": "fwd"},
+    "triton_fc1": {swiglu_gemm.SM90_FC1_VARIABLE: "0", "MONTA_FUSED_SWIGLU": "fwd"},
     # the large-expert kernels, SwiGLU·prob unfused
     "previous_unfused": {**PREVIOUS, "MONTA_FUSED_SWIGLU": "0"},
 }

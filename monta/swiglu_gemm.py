@@ -208,8 +208,11 @@ def sm90_fc1_config(x: torch.Tensor, w1: torch.Tensor,
         and w1.is_contiguous() and x.size(1) == hidden else None
 
 
+SM90_FC1_VARIABLE = "MONTA_SM90_FUSED_FC1"  # "0": Triton's fused fc1 even where the sm90 one runs
+
+
 def _sm90_fc1_allowed() -> bool:
-    return os.environ.get("MONTA_SM90_FUSED_FC1", "1") != "0"
+    return os.environ.get(SM90_FC1_VARIABLE, "1") != "0"
 
 
 def supported(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, passes: str = "fwd",

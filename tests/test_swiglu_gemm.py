@@ -73,6 +73,9 @@ def test_fwd_runs_on_the_sm90_fused_fc1_of_the_row_config_where_f_fits(monkeypat
 
     assert sm90_gemm.paired_width(config) == 64
     assert swiglu_gemm.sm90_fc1_config(x, w1(1408), ends) == config
+    monkeypatch.setenv(swiglu_gemm.SM90_FC1_VARIABLE, "0")  # Triton's, to compare
+    assert swiglu_gemm.sm90_fc1_config(x, w1(1408), ends) is None
+    monkeypatch.delenv(swiglu_gemm.SM90_FC1_VARIABLE)
     assert swiglu_gemm.sm90_fc1_config(x, w1(1400), ends) is None
     assert swiglu_gemm.sm90_fc1_config(x, w1(1408), None) is None
     assert swiglu_gemm.sm90_fc1_config(x, w1(1408).transpose(1, 2).contiguous().transpose(1, 2),

@@ -10,8 +10,10 @@ from monta.testing import run_distributed
 
 def test_settings_name_real_kernels_and_fusions():
     for env in bench.SETTINGS.values():
-        assert set(env) <= {"MONTA_GROUPED_GEMM", "MONTA_FUSED_SWIGLU"}
+        assert set(env) <= {"MONTA_GROUPED_GEMM", "MONTA_FUSED_SWIGLU",
+                            swiglu_gemm.SM90_FC1_VARIABLE}
         assert env.get("MONTA_FUSED_SWIGLU", "auto") in swiglu_gemm.FUSE_CHOICES
+        assert env.get(swiglu_gemm.SM90_FC1_VARIABLE, "1") in ("0", "1")
         pin = env.get("MONTA_GROUPED_GEMM", "default")
         slots = pin.removeprefix(expert_gemm.SM90).split(",") if pin.startswith("sm90:") else []
         assert all(c in sm90_gemm.CONFIGS for slot in slots
