@@ -287,7 +287,6 @@ def swiglu_dgrad(dout: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, probs: t
     [E, F, H] contiguous, ``h`` [n, 2F] (fc1's output, ``[gate | up]``), ``probs`` [n] or
     [n, 1]. Returns (dh [n, 2F] bf16, dp [n] fp32); ``d`` itself is never written. Rows past
     ``row_ends[-1]`` are left unwritten in ``dh`` and zero in ``dp``."""
-    library = _load()
     experts, ffn, hidden = w2.shape
     _require_fused(SWIGLU_DGRAD_KIND, config)
     if ffn % 8 or hidden % 8:
@@ -297,19 +296,10 @@ def swiglu_dgrad(dout: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, probs: t
         raise ValueError(f"h must be [{n}, {2 * ffn}] and dout [{n}, {hidden}], got "
                          f"{list(h.shape)} and {list(dout.shape)}")
     w2, h, dout = w2.contiguous(), _row_major(h), _row_major(dout)
-    probs = probs.reshape(n).to(torch.float32).contiguous()
-    if row_ends.dtype != torch.int32:
-        row_ends = row_ends.to(torch.int32)
     dh = torch.empty_like(h)
     dp = torch.zeros(n, device=h.device, dtype=torch.float32)
-    name = symbol(config, SWIGLU_DGRAD_KIND)
-    status = _run_with_workspace(
-        library, name, experts, h.device, dout.data_ptr(), w2.data_ptr(), h.data_ptr(),
-        dh.data_ptr(), probs.data_ptr(), dp.data_ptr(), row_ends.data_ptr(), experts, ffn,
-        hidden)
-    if status:
-        raise RuntimeError(f"MoNTA sm90 SwiGLU input gradient {name} ({experts} groups, F {ffn}, "
-                           f"H {hidden}, {n} rows): {ERRORS.get(status, status)}")
+    _run_fused(SWIGLU_DGRAD_KIND, config, (dout, w2, h, dh, _row_probs(probs, n), dp), row_ends,
+               experts, ffn, hidden)
     return dh, dp
 
 
@@ -321,7 +311,6 @@ def swiglu_fc1(x: torch.Tensor, w1: torch.Tensor, probs: torch.Tensor, row_ends:
     bf16, ``h`` *paired*: each run of 2·P columns (P = :func:`paired_width`) holds P gate
     columns and then the P up columns of the same y columns (:func:`monta.swiglu.unpair`
     gives megatron's layout). Rows past ``row_ends[-1]`` are left unwritten."""
-    library = _load()
     experts, hidden, width = w1.shape
     ffn, half = width // 2, paired_width(config)
     _require_fused(SWIGLU_FC1_KIND, config)
@@ -332,21 +321,36 @@ def swiglu_fc1(x: torch.Tensor, w1: torch.Tensor, probs: torch.Tensor, row_ends:
     if x.shape != (n, hidden):
         raise ValueError(f"x must be [n, {hidden}], got {list(x.shape)}")
     w1, x = w1.contiguous(), _row_major(x)
-    probs = probs.reshape(n).to(torch.float32).contiguous()
-    if row_ends.dtype != torch.int32:
-        row_ends = row_ends.to(torch.int32)
     h = torch.empty(n, width, device=x.device, dtype=x.dtype)
     y = torch.empty(n, ffn, device=x.device, dtype=x.dtype)
-    if n == 0:
-        return h, y
-    name = symbol(config, SWIGLU_FC1_KIND)
-    status = _run_with_workspace(
-        library, name, experts, x.device, x.data_ptr(), w1.data_ptr(), h.data_ptr(),
-        y.data_ptr(), probs.data_ptr(), row_ends.data_ptr(), experts, ffn, hidden)
-    if status:
-        raise RuntimeError(f"MoNTA sm90 fc1 with SwiGLU {name} ({experts} groups, F {ffn}, "
-                           f"H {hidden}, {n} rows): {ERRORS.get(status, status)}")
+    if n:
+        _run_fused(SWIGLU_FC1_KIND, config, (x, w1, h, y, _row_probs(probs, n)), row_ends,
+                   experts, ffn, hidden)
     return h, y
+
+
+def _row_probs(probs: torch.Tensor, rows: int) -> torch.Tensor:
+    """The router probabilities as the fused kernels read them: fp32, one per row, packed."""
+    return probs.reshape(rows).to(torch.float32).contiguous()
+
+
+def _int32(row_ends: torch.Tensor) -> torch.Tensor:
+    return row_ends if row_ends.dtype == torch.int32 else row_ends.to(torch.int32)
+
+
+def _run_fused(kind: str, config: str, tensors: tuple, row_ends: torch.Tensor, experts: int,
+               ffn: int, hidden: int) -> None:
+    """``config``'s instance of the fused ``kind`` on ``tensors`` (in its C argument order),
+    the row ends, and (groups, F, H); a RuntimeError naming it if it fails."""
+    name = symbol(config, kind)
+    first = tensors[0]
+    status = _run_with_workspace(_load(), name, experts, first.device,
+                                 *(t.data_ptr() for t in tensors), _int32(row_ends).data_ptr(),
+                                 experts, ffn, hidden)
+    if status:
+        raise RuntimeError(f"MoNTA sm90 {FUSED_KINDS[kind][0]} {name} ({experts} groups, "
+                           f"F {ffn}, H {hidden}, {first.size(0)} rows): "
+                           f"{ERRORS.get(status, status)}")
 
 
 def _require_fused(kind: str, config: str) -> None:
@@ -384,9 +388,7 @@ def _run_with_workspace(library, name: str, groups: int, device, *args) -> int:
 
 
 def _call(library, name, a, b, out, row_ends, groups, dim0, dim1, aligned=False):
-    if row_ends.dtype != torch.int32:
-        row_ends = row_ends.to(torch.int32)
-    pointers = (a.data_ptr(), b.data_ptr(), out.data_ptr(), row_ends.data_ptr())
+    pointers = (a.data_ptr(), b.data_ptr(), out.data_ptr(), _int32(row_ends).data_ptr())
     if aligned:  # the row capacity: a's rows (rows kind) or the reduction's (weight gradient)
         stream = torch.cuda.current_stream(a.device).cuda_stream
         status = getattr(library, f"{name}_run")(*pointers, groups, a.size(0), dim0, dim1,
