@@ -72,6 +72,51 @@ def test_the_fused_fc1_says_when_it_is_not_built_and_refuses_bad_shapes(no_libra
         sm90_gemm.swiglu_fc1(x[:, :8], w1, probs, ends, config)
 
 
+def test_the_fused_kinds_pass_their_c_arguments_in_order(no_library, monkeypatch):
+    """With the instances stood in, each fused wrapper hands the C function its tensors'
+    pointers in the header's order, then int32 row ends, groups, F and H; the probabilities
+    as packed fp32 rows; a failing status becomes an error naming the instance."""
+    calls, made = [], []
+
+    def run(library, name, groups, device, *args):
+        calls.append((name, groups, args))
+        return 0
+
+    def recorded(convert):
+        return lambda *a: made.append(convert(*a)) or made[-1]
+
+    monkeypatch.setattr(sm90_gemm, "_int32", recorded(sm90_gemm._int32))
+    monkeypatch.setattr(sm90_gemm, "_row_probs", recorded(sm90_gemm._row_probs))
+    monkeypatch.setattr(sm90_gemm, "_load", lambda: object())
+    monkeypatch.setattr(sm90_gemm, "_run_with_workspace", run)
+    monkeypatch.setattr(sm90_gemm, "_fused_built", {
+        sm90_gemm.SWIGLU_FC1_KIND: sm90_gemm.SWIGLU_FC1_CONFIGS,
+        sm90_gemm.SWIGLU_DGRAD_KIND: sm90_gemm.SWIGLU_DGRAD_CONFIGS})
+    x, w1, probs, ends = _swiglu_fc1_inputs()
+    ends64 = ends.to(torch.int64)
+    h, y = sm90_gemm.swiglu_fc1(x, w1, probs.double(), ends64, "128x128_pp_c1x2")
+    name, groups, args = calls.pop()
+    assert name == "monta_gg_128x128_pp_c1x2_swiglu_fc1" and groups == 2
+    assert args[:4] == (x.data_ptr(), w1.data_ptr(), h.data_ptr(), y.data_ptr())
+    assert args[6:] == (2, 64, 16) and h.shape == (4, 128) and y.shape == (4, 64)
+    probs32, ends32 = made[-2:]
+    assert args[4:6] == (probs32.data_ptr(), ends32.data_ptr())
+    assert probs32.dtype == torch.float32 and probs32.shape == (4,) and probs32.is_contiguous()
+    assert ends32.dtype == torch.int32 and ends32.tolist() == ends.tolist()
+    dout, w2, h_in, probs_in, ends_in = _swiglu_dgrad_inputs()
+    dh, dp = sm90_gemm.swiglu_dgrad(dout, w2, h_in, probs_in, ends_in, "128x176_pp_c1x2")
+    name, groups, args = calls.pop()
+    assert name == "monta_gg_128x176_pp_c1x2_swiglu_dgrad" and groups == 2
+    assert args[:4] == (dout.data_ptr(), w2.data_ptr(), h_in.data_ptr(), dh.data_ptr())
+    assert args[4:7] == (made[-2].data_ptr(), dp.data_ptr(), made[-1].data_ptr())
+    assert args[7:] == (2, 8, 16)
+    assert dp.dtype == torch.float32 and torch.count_nonzero(dp) == 0
+    monkeypatch.setattr(sm90_gemm, "_run_with_workspace", lambda *a: 3)
+    with pytest.raises(RuntimeError, match=r"fc1-with-SwiGLU monta_gg_128x128_pp_c1x2_swiglu_fc1 "
+                                           r"\(2 groups, F 64, H 16, 4 rows\): CUTLASS cannot"):
+        sm90_gemm.swiglu_fc1(x, w1, probs, ends, "128x128_pp_c1x2")
+
+
 def test_aligned_instances_for_configs_without_m_clusters():
     """A 2x1 cluster's two row tiles may belong to two experts; CUTLASS's ping-pong kernel
     gives every tile the whole reduction, so no per-expert weight gradient there."""
